@@ -1,0 +1,109 @@
+"""The one module that reads the environment.
+
+The seed's scripts configure the engine through `WSM_*` variables; they keep working because this
+module turns them into overrides of the typed config (flat leaf names of `worker.config`). The
+precedence is: dataclass default < `WSM_*` variable < suite YAML / `bench run` flag. The seed's base
+process settings (`OMP_NUM_THREADS=8`, `MALLOC_ARENA_MAX=2`) are applied to engine processes unless
+the user set them. Everything else that reads a variable (Ray address, results location) goes
+through a function here as well.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from worker.errors import UserError
+
+
+def _bool(name: str, raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise UserError(f"environment variable {name}={raw!r} must be 0 or 1")
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def _policy(name: str, raw: str) -> str:
+    return "rolling" if _bool(name, raw) else "pinned-subset"
+
+
+# WSM variable → (flat config field, parser). The seed's 16 switches, in the seed's order.
+WSM_SWITCHES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "WSM_CPU_ROLLING_MODE": ("cpu_policy", _policy),
+    "WSM_CPU_RING_OFFSET": ("cpu_ring_offset", _int),
+    "WSM_CPU_WRAP_AROUND": ("cpu_wrap_around", _bool),
+    "WSM_CPU_ROLL_STRIDE": ("cpu_roll_stride", _int),
+    "WSM_CPU_ROLL_SYNC": ("cpu_roll_sync", _bool),
+    "WSM_AGGRESSIVE_GPU_PREFETCH": ("aggressive_gpu_prefetch", _int),
+    "WSM_H2D_GROUP_BACKLOG_MAX": ("h2d_group_backlog_max", _int),
+    "WSM_GPU_MAX_GROUPS": ("gpu_max_groups", _int),
+    "WSM_SKIP_PRELOAD_WAIT": ("skip_preload_wait", _bool),
+    "WSM_EVICT_FINISHED": ("evict_finished", _bool),
+    "WSM_KV_THROTTLE_THRESHOLD": ("kv_throttle_threshold", _int),
+    "WSM_KV_THROTTLE_MS": ("kv_throttle_ms", _int),
+    "WSM_BALANCE_PREFETCH": ("balance_prefetch", _bool),
+    "WSM_BALANCE_TOL": ("balance_tol", _int),
+    "WSM_PAIR_AHEAD": ("pair_ahead", _int),
+    "WSM_KIND_AHEAD_CAP": ("kind_ahead_cap", _int),
+}
+
+# The seed's base process settings: applied to engine processes when the user has not set them.
+BASE_PROCESS_ENV = {"OMP_NUM_THREADS": "8", "MALLOC_ARENA_MAX": "2"}
+
+
+def wsm_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flat config overrides from the `WSM_*` variables that are set."""
+    env = os.environ if environ is None else environ
+    return {field: parse(name, env[name]) for name, (field, parse) in WSM_SWITCHES.items() if name in env}
+
+
+def apply_base_process_env() -> dict[str, str]:
+    """Set the seed's base variables where unset; return what was set (for the run record).
+
+    OMP_NUM_THREADS only takes effect before torch starts its thread pool, so engine processes call
+    this first; torch's intra-op threads are also set explicitly for the current process.
+    """
+    applied = {}
+    for key, value in BASE_PROCESS_ENV.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def omp_threads() -> int | None:
+    raw = os.environ.get("OMP_NUM_THREADS")
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def ray_address() -> str | None:
+    """The cluster address when `--address` is not given (Ray's own convention)."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def results_uri() -> str | None:
+    """Default results location when `--results` is not given."""
+    return os.environ.get("STREAMBENCH_RESULTS") or None
+
+
+def cache_dir() -> str:
+    """Where per-host caches (probe figures) live."""
+    return os.environ.get("STREAMBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "streambench")
+
+
+def snapshot(prefixes: tuple[str, ...] = ("WSM_", "OMP_", "MALLOC_", "CUDA_VISIBLE", "STREAMBENCH_")) -> dict[str, str]:
+    """Relevant variables as set now, for the run record."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}
+
+
+def set_vars(values: dict[str, str]) -> None:
+    """Set variables for child processes (Ray runtime_env building, tests); the one writer."""
+    os.environ.update(values)

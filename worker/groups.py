@@ -1,0 +1,69 @@
+"""Streaming groups: which checkpoint tensors travel together.
+
+A group is the unit the streamer moves: per layer an `attn` group (input norm, q, k, v, o) and an
+`ffn` group (post-attention norm, gate, up, down), plus one `resident` group (embeddings, final
+norm, lm_head). Checkpoint (HF) names are kept end to end; the forward addresses a group's tensors
+by their short name (`q_proj`, `input_layernorm`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+RESIDENT = "resident"
+KINDS = ("attn", "ffn")
+
+# short name → HF name suffix under `model.layers.{i}.`
+LAYER_TENSORS: dict[str, dict[str, str]] = {
+    "attn": {
+        "input_layernorm": "input_layernorm.weight",
+        "q_proj": "self_attn.q_proj.weight",
+        "k_proj": "self_attn.k_proj.weight",
+        "v_proj": "self_attn.v_proj.weight",
+        "o_proj": "self_attn.o_proj.weight",
+    },
+    "ffn": {
+        "post_attention_layernorm": "post_attention_layernorm.weight",
+        "gate_proj": "mlp.gate_proj.weight",
+        "up_proj": "mlp.up_proj.weight",
+        "down_proj": "mlp.down_proj.weight",
+    },
+}
+
+# short name → HF name; lm_head is absent when embeddings are tied.
+RESIDENT_TENSORS = {
+    "embed_tokens": "model.embed_tokens.weight",
+    "norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+
+
+class GroupKey(NamedTuple):
+    layer: int | None  # None for the resident group
+    kind: str  # "attn", "ffn" or "resident"
+
+    @property
+    def name(self) -> str:
+        return RESIDENT if self.layer is None else f"layers.{self.layer}.{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> GroupKey:
+        if name == RESIDENT:
+            return cls(None, RESIDENT)
+        _, layer, kind = name.split(".")
+        return cls(int(layer), kind)
+
+
+def group_tensors(key: GroupKey, tie_word_embeddings: bool = False) -> dict[str, str]:
+    """Short name → HF tensor name for one group, in pack order."""
+    if key.layer is None:
+        return {k: v for k, v in RESIDENT_TENSORS.items() if not (tie_word_embeddings and k == "lm_head")}
+    return {short: f"model.layers.{key.layer}.{suffix}" for short, suffix in LAYER_TENSORS[key.kind].items()}
+
+
+def all_groups(n_layers: int) -> list[GroupKey]:
+    """Every group in pack (and forward) order: resident first, then attn/ffn per layer."""
+    keys = [GroupKey(None, RESIDENT)]
+    for i in range(n_layers):
+        keys.extend(GroupKey(i, kind) for kind in KINDS)
+    return keys
