@@ -107,3 +107,17 @@ def snapshot(prefixes: tuple[str, ...] = ("WSM_", "OMP_", "MALLOC_", "CUDA_VISIB
 def set_vars(values: dict[str, str]) -> None:
     """Set variables for child processes (Ray runtime_env building, tests); the one writer."""
     os.environ.update(values)
+
+
+def engine_process_env() -> dict[str, str]:
+    """Variables for Ray engine processes: the seed's base settings, the caller's own values winning.
+
+    Ray sets OMP_NUM_THREADS in its workers before user code runs, so `apply_base_process_env` cannot
+    see whether the user set it; the orchestrator passes these through the actor's runtime_env instead.
+    """
+    return {key: os.environ.get(key, value) for key, value in BASE_PROCESS_ENV.items()}
+
+
+def ray_auth_mode() -> str | None:
+    """RAY_AUTH_MODE as set by the user (Ray's token authentication: "token" or "disabled")."""
+    return os.environ.get("RAY_AUTH_MODE") or None

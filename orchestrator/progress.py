@@ -1,0 +1,93 @@
+"""Progress of a suite run: counts per host, what each running run is doing, and how to draw it.
+
+The scheduler updates a `Progress`; the CLI draws it with `render_progress` inside a rich Live (only
+when stdout is a terminal) and `render_rows` at the end. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text  # cells are plain text: run ids, phases and errors hold brackets, not markup
+
+
+@dataclass
+class Progress:
+    queued: int = 0
+    names: dict[str, str] = field(default_factory=dict)  # node id → display name
+    running: dict[str, tuple[str, str]] = field(default_factory=dict)  # run id → (host, slot)
+    phases: dict[str, str] = field(default_factory=dict)  # run id → engine phase
+    host_of: dict[str, str] = field(default_factory=dict)  # run id → host of its last attempt
+    done: Counter = field(default_factory=Counter)  # host → ok runs
+    failed: Counter = field(default_factory=Counter)  # host → failed runs
+    retries: int = 0
+    skipped: int = 0
+    cancelled: int = 0
+
+    def start(self, run_id: str, host: str, slot: str) -> None:
+        self.running[run_id] = (host, slot)
+        self.host_of[run_id] = host
+        self.phases.pop(run_id, None)
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.running.pop(run_id, None)
+        host = self.host_of.get(run_id, "-")
+        (self.done if status == "ok" else self.failed)[host] += 1
+
+    def retry(self, run_id: str) -> None:
+        self.running.pop(run_id, None)
+        self.retries += 1
+
+    def skip(self, run_id: str) -> None:
+        self.skipped += 1
+
+    def load(self, node_id: str) -> int:
+        name = self.names.get(node_id)
+        return sum(1 for host, _ in self.running.values() if host == name)
+
+    @property
+    def finished(self) -> int:
+        return sum(self.done.values()) + sum(self.failed.values())
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+
+def render_progress(p: Progress, title: str = "") -> Table:
+    """Per host: ok / failed / running, and each running run with its slot and phase."""
+    t = Table(title=f"{title}  {p.finished}/{p.queued} finished"
+                    + (f", {p.retries} retried" if p.retries else "") + (f", {p.skipped} skipped" if p.skipped else ""),
+              title_justify="left")
+    for col in ("host", "ok", "failed", "running"):
+        t.add_column(col)
+    hosts = sorted(set(p.done) | set(p.failed) | {h for h, _ in p.running.values()})
+    for host in hosts:
+        runs = [f"{rid} @{slot} [{p.phases.get(rid, 'starting')}]" for rid, (h, slot) in sorted(p.running.items())
+                if h == host]
+        t.add_row(Text(host), str(p.done[host]), str(p.failed[host]), Text("\n".join(runs) or "-"))
+    return t
+
+
+RESULT_COLUMNS = ("run_id", "status", "host", "nvme_device", "model", "mode", "batch_size", "prompt_len",
+                  "ttft_ms", "decode_tok_s", "e2e_ms", "attainment_decode", "error")
+
+
+def render_rows(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESULT_COLUMNS, title: str = "") -> Table:
+    t = Table(title=title or None, title_justify="left")
+    for col in columns:
+        t.add_column(col, overflow="fold", max_width=60 if col == "error" else None)
+    for row in rows:
+        t.add_row(*(Text(_fmt(row.get(c))) for c in columns))
+    return t
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return str(value)

@@ -1,0 +1,264 @@
+"""Benchmark suites: a YAML document, validated whole before anything runs, expanded into RunSpecs.
+
+A suite names its models (a checkpoint path on the worker hosts, or a synthetic `make-model` preset
+materialised on each host), default run settings, and a matrix: a mapping of keys to lists whose
+cross product is the plan (or a list of such mappings, concatenated). Matrix keys are the run
+config's flat leaf names (`mode`, `batch_size`, `prompt_len`, `prefetch_distance`, ...), plus `model`
+(names from `models:`; default all) and `host` (selectors, see orchestrator.selector). Every point is
+resolved into a full RunConfig here, so a typo or an out-of-range value fails before submission with
+the file, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from orchestrator.selector import Selector
+from worker import envs
+from worker.config import RunConfig, flat_owners
+from worker.errors import UserError
+
+DEFAULT_SUITE = "smoke"
+KNOWN_PRESETS = ("tiny", "llama3.1-8b", "llama3.1-70b")
+# Set by the orchestrator per host and run, never by a suite.
+RESERVED_KEYS = {"checkpoints": "name the model under `models:` instead",
+                 "out_json": "results go to the Parquet dataset (`--results`)"}
+# Host-local paths and log switches: not part of what makes two runs comparable.
+NOT_IN_CONFIG_KEY = ("checkpoints", "out_json", "verbose", "pack_dir", "manifest", "raw_device")
+MATRIX_EXTRA_KEYS = ("model", "host")
+
+
+class ModelEntry(BaseModel):
+    """A model of the suite: `path` (an HF checkpoint dir on the worker hosts) or a synthetic `preset`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    path: str | None = None
+    preset: str | None = None
+    layers: int | None = Field(default=None, ge=1)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    seed: int = 0
+    overrides: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("give exactly one of `path` (checkpoint dir) or `preset` "
+                             f"({', '.join(presets())})")
+        if self.preset is not None and self.preset not in presets():
+            raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(presets())}")
+        if self.path is not None and (self.layers is not None or self.overrides is not None):
+            raise ValueError("`layers` and `overrides` apply to presets only")
+        return self
+
+
+class SuiteDoc(BaseModel):
+    """The YAML document."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    models: list[ModelEntry] = Field(min_length=1)
+    repeats: int = Field(default=1, ge=1)
+    retries: int = Field(default=2, ge=0, description="Extra attempts after an actor or node died.")
+    timeout_s: float = Field(default=3600.0, gt=0, description="Longest one run may take.")
+    on_no_host: Literal["fail", "skip"] = "fail"
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    matrix: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a run's checkpoint comes from; the worker turns it into a directory on its host."""
+
+    name: str
+    path: str | None = None
+    preset: str | None = None
+    layers: int | None = None
+    dtype: str = "bfloat16"
+    seed: int = 0
+    overrides: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the weights (the name is a label, not part of the identity)."""
+        d = self.to_dict()
+        d.pop("name")
+        return d
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the plan: everything a worker needs, and the keys that identify it.
+
+    spec_hash: the resolved config + model + host selector (unique within a suite; run_id derives from
+    it, so resubmitting the same suite finds the same run ids). config_key: config + model only, so
+    rows of the same work on different hardware, suites or nights can be compared.
+    """
+
+    suite: str
+    run_id: str
+    spec_hash: str
+    config_key: str
+    repeat: int
+    model: ModelSpec
+    selector: Selector
+    flat: dict[str, Any]
+    timeout_s: float
+
+    def config(self, checkpoints: str) -> RunConfig:
+        return RunConfig.from_flat({**self.flat, "checkpoints": checkpoints, "out_json": None},
+                                   where=f"suite {self.suite}: run {self.run_id}")
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    source: str
+    doc: SuiteDoc
+    specs: list[RunSpec]
+
+
+def presets() -> tuple[str, ...]:
+    try:
+        from worker import synth
+    except ImportError:
+        return KNOWN_PRESETS
+    found = getattr(synth, "PRESETS", None)
+    return tuple(found) if found else KNOWN_PRESETS
+
+
+def embedded_suites() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_suite(ref: str | None = None) -> Suite:
+    """Load and expand a suite: a YAML path, or the name of an embedded one (default: smoke)."""
+    ref = ref or DEFAULT_SUITE
+    path = Path(ref)
+    if path.is_file():
+        return parse_suite(path.read_text(), source=str(path))
+    if ref in embedded_suites():
+        text = resources.files("configs").joinpath(f"{ref}.yaml").read_text()
+        return parse_suite(text, source=f"configs/{ref}.yaml")
+    raise UserError(f"suite {ref!r} is neither a file nor an embedded suite ({', '.join(embedded_suites())})")
+
+
+def parse_suite(text: str, source: str = "suite.yaml") -> Suite:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a suite is a YAML mapping with keys {', '.join(SuiteDoc.model_fields)}")
+    try:
+        doc = SuiteDoc.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_describe(e, SuiteDoc)}") from None
+    return Suite(doc.name, source, doc, expand(doc, source))
+
+
+def expand(doc: SuiteDoc, source: str) -> list[RunSpec]:
+    """The plan: every matrix point × model × repeat, each resolved and validated."""
+    models = {m.name: ModelSpec(**m.model_dump()) for m in doc.models}
+    if len(models) != len(doc.models):
+        raise UserError(f"{source}: models: names must be unique")
+    blocks = doc.matrix if isinstance(doc.matrix, list) else [doc.matrix]
+    base = RunConfig.from_flat(envs.wsm_overrides(), where="WSM_* environment")
+    _check_keys(doc.defaults, f"{source}: defaults", allow_model=False)
+    specs: list[RunSpec] = []
+    seen: dict[str, str] = {}
+    for b, block in enumerate(blocks):
+        where = f"{source}: matrix" + (f"[{b}]" if isinstance(doc.matrix, list) else "")
+        _check_keys(block, where, allow_model=True)
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in block.items()}
+        axes.setdefault("model", list(models))
+        for key, values in axes.items():
+            if not values:
+                raise UserError(f"{where}.{key}: empty list; give at least one value")
+        for point in itertools.product(*axes.values()):
+            given = dict(zip(axes, point))
+            label = f"{where} point {({k: v for k, v in given.items() if k in block})}"
+            values = {**doc.defaults, **given}
+            model = _model(models, values.pop("model"), where)
+            selector = _selector(values.pop("host", None), f"{where}.host")
+            cfg = RunConfig.from_flat({**values, "checkpoints": "<model>", "out_json": None}, base=base, where=label)
+            flat = {k: v for k, v in cfg.to_flat().items() if k not in RESERVED_KEYS}
+            key_doc = {"config": {k: v for k, v in flat.items() if k not in NOT_IN_CONFIG_KEY},
+                       "model": model.identity()}
+            config_key = stable_hash(key_doc)
+            spec_hash = stable_hash({**key_doc, "host": selector.to_dict()})
+            if spec_hash in seen:
+                raise UserError(f"{label} repeats {seen[spec_hash]}; use `repeats:` for repetitions")
+            seen[spec_hash] = label
+            for r in range(doc.repeats):
+                specs.append(RunSpec(doc.name, f"{spec_hash[:12]}-r{r}", spec_hash, config_key, r, model, selector,
+                                     flat, doc.timeout_s))
+    return specs
+
+
+def _check_keys(values: dict[str, Any], where: str, allow_model: bool) -> None:
+    allowed = set(flat_owners()) - set(RESERVED_KEYS)
+    extra = set(MATRIX_EXTRA_KEYS) if allow_model else {"host"}
+    for key in values:
+        if key in RESERVED_KEYS:
+            raise UserError(f"{where}.{key}: not allowed in a suite; {RESERVED_KEYS[key]}")
+        if key not in allowed | extra:
+            raise UserError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(sorted(allowed | extra))}")
+
+
+def _model(models: dict[str, ModelSpec], name: Any, where: str) -> ModelSpec:
+    if name not in models:
+        raise UserError(f"{where}.model: unknown model {name!r}; models of this suite: {', '.join(models)}")
+    return models[name]
+
+
+def _selector(raw: Any, where: str) -> Selector:
+    if raw is None:
+        return Selector()
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: a selector is a mapping with keys "
+                        f"{', '.join(f.name for f in dataclasses.fields(Selector))} (got {raw!r})")
+    try:
+        return TypeAdapter(Selector).validate_python(raw)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_describe(e, Selector)}") from None
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _describe(e: ValidationError, model: Any) -> str:
+    """The first error as `key.path: what is wrong`, with the allowed keys for an unknown one."""
+    errors = e.errors()
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
+    loc = ".".join(str(p) for p in err["loc"]) or "document"
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {loc!r}; allowed keys here: {', '.join(_allowed_keys(model, err['loc']))}"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {err.get('input')!r})"
+
+
+def _allowed_keys(model: Any, loc: tuple) -> list[str]:
+    if loc[:1] == ("models",):
+        return list(ModelEntry.model_fields)
+    if dataclasses.is_dataclass(model):
+        return [f.name for f in dataclasses.fields(model)]
+    return list(model.model_fields)

@@ -1,0 +1,51 @@
+"""Shared fixtures: synthetic checkpoints made once per test session.
+
+`tiny_ckpt` is the tiny preset with 2 layers, float32 and a 1000-token vocabulary (the real 128256
+makes the embeddings, lm_head and tokenizer ~100x larger and every test slower). `make_ckpt(...)`
+makes any variant (`make_ckpt(dtype="bfloat16", num_key_value_heads=8, tie_word_embeddings=True)`)
+and caches it by its arguments, so tests asking for the same checkpoint share one directory.
+Treat the directories as read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+TINY_DEFAULTS: dict[str, Any] = {"preset": "tiny", "layers": 2, "dtype": "float32", "seed": 0,
+                                 "shard_max_gb": 5.0}
+TINY_OVERRIDES: dict[str, Any] = {"vocab_size": 1000}
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
+    """Factory: `make_ckpt(preset=, layers=, dtype=, seed=, shard_max_gb=, **config_overrides) -> Path`.
+
+    Defaults are those of `tiny_ckpt`; any other keyword is a config.json override (pass
+    `vocab_size=128256` for the real vocabulary). The same arguments return the same directory.
+    """
+    from worker.synth import make_model
+
+    root = tmp_path_factory.mktemp("ckpts")
+    made: dict[str, Path] = {}
+
+    def factory(**kwargs: Any) -> Path:
+        args = {k: kwargs.pop(k, v) for k, v in TINY_DEFAULTS.items()}
+        overrides = {**TINY_OVERRIDES, **kwargs}
+        key = json.dumps({**args, "overrides": overrides}, sort_keys=True, default=str)
+        if key not in made:
+            out = root / hashlib.sha1(key.encode()).hexdigest()[:12]
+            made[key] = make_model(out, overrides=overrides, **args)
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(make_ckpt) -> Path:
+    """The tiny preset: 2 layers, float32, vocabulary 1000 (hidden 256, 8 heads, 2 KV heads)."""
+    return make_ckpt()

@@ -1,0 +1,99 @@
+"""The worker side of a run as a plain class (no Ray): model materialisation, {nvme}, failures as outcomes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator import actor
+from orchestrator.actor import BenchWorker, PhaseBoard, materialise
+from orchestrator.suite import ModelSpec, parse_suite
+
+
+class Board:
+    """Stands in for the PhaseBoard actor handle: `board.set.remote(run_id, phase)`."""
+
+    def __init__(self):
+        self.real = PhaseBoard()
+        self.set = type("M", (), {"remote": staticmethod(self.real.set)})()
+
+
+def spec_for(ckpt: Path, matrix: str = "{mode: gpu}"):
+    return parse_suite(f"name: a\nmodels: [{{name: t, path: {ckpt}}}]\nmatrix: {matrix}\n").specs[0]
+
+
+def test_run_passes_the_resolved_config_and_reports_phases(tiny_ckpt):
+    seen = {}
+
+    def fake(cfg, on_phase=None):
+        seen["cfg"] = cfg
+        on_phase("decode")
+        return {"metrics": {}}
+
+    board = Board()
+    w = BenchWorker(nvme="nvme0n1", node_id="n1", board=board, run_fn=fake)
+    spec = spec_for(tiny_ckpt, "{raw_device: '/dev/{nvme}', manifest: /m.json, batch_size: 3}")
+    out = w.run(spec)
+    assert out.status == "ok" and out.error is None and out.node_id == "n1"
+    assert out.finished_at >= out.started_at and out.fingerprint["nvme_device"] == "nvme0n1"
+    cfg = seen["cfg"]
+    assert (cfg.checkpoints, cfg.raw_device, cfg.batch_size, cfg.out_json) == (str(tiny_ckpt), "/dev/nvme0n1", 3, None)
+    assert board.real.snapshot() == {spec.run_id: "ok"}  # start, decode, then the final status
+
+
+def test_failures_are_outcomes_with_the_reason(tiny_ckpt, tmp_path):
+    def boom(cfg, on_phase=None):
+        raise ValueError("bad shape")
+
+    w = BenchWorker(nvme=None, run_fn=boom)
+    out = w.run(spec_for(tiny_ckpt))
+    assert (out.status, out.error, out.result) == ("failed", "ValueError: bad shape", None)
+    out = w.run(spec_for(tiny_ckpt, "{raw_device: '/dev/{nvme}', manifest: /m.json}"))
+    assert out.status == "failed" and "raw_device use {nvme} but this host advertises no NVMe device" in out.error
+    out = w.run(spec_for(tmp_path / "nothing-here"))
+    assert out.status == "failed" and "no checkpoint at" in out.error
+
+
+def test_preset_models_are_made_once_per_host_even_when_raced(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path))
+    calls = []
+    real = __import__("worker.synth", fromlist=["make_model"]).make_model
+
+    def counting(*a, **kw):
+        calls.append(a[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr("worker.synth.make_model", counting)
+    model = ModelSpec("m", preset="tiny", layers=1, dtype="float32", overrides={"vocab_size": 1000})
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(materialise(model))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and (Path(paths[0]) / "config.json").is_file()
+    assert materialise(model) == paths[0] and len(calls) <= 3
+    made = len(calls)
+    materialise(model)
+    assert len(calls) == made  # cached: not made again
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # losers of the race cleaned up
+    other = materialise(ModelSpec("m", preset="tiny", layers=2, dtype="float32", overrides={"vocab_size": 1000}))
+    assert other != paths[0]
+
+
+def test_actor_module_does_not_import_ray():
+    import ast
+
+    tree = ast.parse(Path(actor.__file__).read_text())
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "ray" not in imported
+
+
+@pytest.mark.parametrize("nvme", ["nvme0n1", None])
+def test_fingerprint_taken_once_at_start(tiny_ckpt, nvme):
+    w = BenchWorker(nvme=nvme, run_fn=lambda cfg, on_phase=None: {})
+    assert w.info()["fingerprint"]["nvme_device"] == nvme

@@ -1,0 +1,75 @@
+"""Build the streaming engine for a run: a model, its weight source and its KV cache factory.
+
+Modes differ only in the weight source (and, later, the cache); the forward is the same object code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from worker.config import RunConfig
+from worker.errors import UserError
+from worker.kvcache import StaticKVCache
+from worker.model import Llama
+from worker.model_config import ModelConfig
+from worker.stream.plan import place
+from worker.stream.streamer import WeightStreamer
+from worker.weights import ResidentWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    cfg: ModelConfig
+    model: Llama
+    weights: Any
+    new_cache: Callable[[int, int], Any]  # (batch, max_seq) → cache
+
+    def io(self) -> dict[str, Any]:
+        stats = getattr(self.weights, "io_stats", None)
+        return stats() if stats else {}
+
+    def close(self) -> None:
+        close = getattr(self.weights, "close", None)
+        if close:
+            close()
+
+
+def build_engine(run: RunConfig, pack, device: torch.device) -> Engine:
+    cfg = pack.manifest.model_config
+    dtype = getattr(torch, pack.manifest.dtype)
+    mode = run.stream.mode
+    limit_gpu_memory(run.stream.gpu_memory_limit_gb, device)
+    placement = place(mode, cfg.num_hidden_layers, run.stream)
+    try:
+        if mode == "gpu":
+            weights = ResidentWeights.from_pack(pack, device)
+        else:
+            weights = WeightStreamer(pack, placement, run.stream, device)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"mode {mode}: the weights placed on the GPU do not fit in its memory"
+                        f"{_limit_note(run)}; lower --gpu-max-groups / --gpu-cached-layers or use a "
+                        "streaming mode") from None
+    log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
+    model = Llama(cfg, weights, device)
+    return Engine(cfg, model, weights, lambda b, s: StaticKVCache(cfg, b, s, device, dtype))
+
+
+def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:
+    """Make a big card act as a small one: cap what the caching allocator may hand out."""
+    if limit_gb is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if limit_gb * 1e9 > total:
+        raise UserError(f"gpu_memory_limit_gb={limit_gb} is more than the card's {total / 1e9:.1f} GB")
+    torch.cuda.set_per_process_memory_fraction(limit_gb * 1e9 / total, device)
+
+
+def _limit_note(run: RunConfig) -> str:
+    lim = run.stream.gpu_memory_limit_gb
+    return f" (capped at {lim} GB by --gpu-memory-limit-gb)" if lim else ""

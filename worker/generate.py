@@ -1,0 +1,116 @@
+"""Batched generation as in the seed: right-padded prompts in one tensor, prefill, then decode.
+
+Each row keeps its own positions, so every row computes what it would compute alone. Decode never
+waits on the host per token: the "all rows finished" flag is copied to pinned memory asynchronously
+and read one step later, and per-token times are CUDA events read after the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.kvcache import Step
+from worker.sampling import sample
+from worker.timing import Clock, host_ms
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]  # per row, generated tokens up to and including the first EOS
+    ttft_ms: float
+    prefill_ms: float
+    decode_ms: float
+    e2e_ms: float
+    decode_steps: int
+    itl_ms: list[float] = field(default_factory=list)  # one per decode step
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step (B, V) on the host, on request
+
+
+class _DoneFlag:
+    """Whether every row hit EOS, learned without stalling the device (one step late on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.known_done = False
+
+    def push(self, done: torch.Tensor) -> None:
+        if not self.cuda:
+            self.known_done = bool(done.all())
+            return
+        self.host.copy_(done.all().reshape(1), non_blocking=True)
+        self.event.record()
+
+    def poll(self) -> bool:
+        if self.cuda and not self.known_done and self.event.query():
+            self.known_done = bool(self.host.item())
+        return self.known_done
+
+
+def generate(model, cache, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+             top_p: float, seed: int, eos_ids: tuple[int, ...], pad_id: int, device: torch.device,
+             keep_logits: bool = False) -> Generation:
+    clock = Clock(device)
+    clock.sync()
+    t0 = time.perf_counter()
+    bsz = len(prompt_ids)
+    lens = torch.tensor([len(p) for p in prompt_ids])
+    width = int(lens.max())
+    tokens = torch.full((bsz, width), pad_id, dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        tokens[i, : len(ids)] = torch.as_tensor(ids)
+    tokens = tokens.to(device, non_blocking=True)
+    lens_dev = lens.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    eos = torch.tensor(eos_ids or (-1,), device=device)
+
+    p0 = clock.mark()
+    positions = torch.arange(width, device=device).expand(bsz, width)
+    logits = model.forward(tokens, Step(positions, width), cache, logits_at=lens_dev - 1)  # (B, V)
+    nxt = sample(logits, temperature, top_p, gen)
+    p1 = clock.mark()
+    trace = [logits.cpu()] if keep_logits else []
+    out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out[:, 0] = nxt
+    done = torch.isin(nxt, eos)
+    nxt.cpu()  # the first token on the host: TTFT
+    ttft = host_ms(t0)
+
+    flag = _DoneFlag(device)
+    flag.push(done)
+    marks = [clock.mark()]
+    pos = lens_dev.clone()  # position of the token fed next, per row
+    steps = 0
+    for t in range(1, max_new_tokens):
+        if flag.poll():
+            break
+        logits = model.forward(nxt[:, None], Step(pos[:, None], width + t), cache, logits_at=None)[:, 0]
+        if keep_logits:
+            trace.append(logits.cpu())
+        nxt = torch.where(done, pad_id, sample(logits, temperature, top_p, gen))
+        out[:, t] = nxt
+        done |= torch.isin(nxt, eos)
+        pos += 1
+        flag.push(done)
+        marks.append(clock.mark())
+        steps += 1
+    clock.sync()
+    e2e = host_ms(t0)
+    itl = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
+    return Generation(
+        token_ids=_cut_at_eos(out.tolist(), set(eos_ids)),
+        ttft_ms=ttft, prefill_ms=clock.ms(p0, p1), decode_ms=sum(itl), e2e_ms=e2e,
+        decode_steps=steps, itl_ms=itl, logits=trace,
+    )
+
+
+def _cut_at_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    out = []
+    for row in rows:
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+    return out

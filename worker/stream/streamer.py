@@ -1,0 +1,226 @@
+"""The weight streamer: the model's `WeightSource` for the cpu, ssd and mixed modes.
+
+The compute thread reads `wait(layer, kind) → compute → release(layer, kind)`. A fetch thread walks
+the streamed groups in the same order, cyclically across passes, at most `lookahead` groups ahead:
+acquire a GPU slot → make the copy stream wait for the slot's free event → copy the group's host
+pieces (RAM, ring or staging) → record the ready event. `wait` makes the compute stream wait for
+that event, so neither the compute nor the copies ever block on the device from the host; the host
+only waits where data is genuinely not there yet (an SSD read in progress).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from worker.config import StreamConfig
+from worker.groups import KINDS, RESIDENT, GroupKey
+from worker.stream.cpu_tier import FixedTier, RingTier
+from worker.stream.devsync import Sync
+from worker.stream.gpu_tier import Slot, SlotPool
+from worker.stream.hostmem import HostArena
+from worker.stream.iostats import Channel
+from worker.stream.plan import Placement, lookahead
+from worker.stream.ssd import SSDReader
+from worker.stream.staging import DirectStager
+
+log = logging.getLogger(__name__)
+
+
+class WeightStreamer:
+    def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device):
+        self.pack, self.placement, self.cfg, self.device = pack, placement, cfg, device
+        m = pack.manifest
+        self.sync = Sync(device)
+        self.order = placement.streamed()
+        self.ahead = lookahead(cfg)
+        self.arena = HostArena(pin=device.type == "cuda")
+        self.h2d = Channel("weight_h2d")
+        self._resident = {key: {k: t.to(device) for k, t in pack.read_group(key).items()}
+                         for key in [GroupKey(None, RESIDENT)] + [GroupKey(i, k) for i in placement.layers("gpu")
+                                                                   for k in KINDS]}
+        needs_ssd = any(h in ("ssd", "ring", "cpu") for h in placement.home)
+        self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
+        self.providers: dict[str, Any] = {}
+        if placement.layers("cpu"):
+            self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader)
+        if placement.layers("ring"):
+            self.providers["ring"] = RingTier(m, placement.layers("ring"), placement.ring_slots, self.arena,
+                                              self.reader, cfg.cpu_ring_offset, cfg.cpu_wrap_around,
+                                              cfg.cpu_roll_stride, cfg.cpu_roll_sync)
+        ssd_groups = [k for k in self.order if placement.home[k.layer] == "ssd"]
+        if ssd_groups:
+            biggest = max(m.group(k.name).nbytes for k in ssd_groups)
+            n_buf = max(2 * cfg.ssd_readers, -(-biggest // self.reader.chunk) + cfg.ssd_readers)
+            self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
+        capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
+        per_kind = max(1, cfg.gpu_max_groups // 2)
+        self.pool = SlotPool(capacity, {k: per_kind if capacity[k] else 0 for k in KINDS}, device,
+                             cfg.evict_finished)
+        self.ahead = min(self.ahead, 2 * per_kind - 1)
+        self._cond = threading.Condition()
+        self._fetched: collections.deque[tuple[GroupKey, Slot]] = collections.deque()
+        self._consumed = 0  # groups the compute has released
+        self._issued = 0  # groups the fetch thread has published
+        self._current: dict[GroupKey, Slot] = {}
+        self._stop = False
+        self._error: BaseException | None = None
+        self._copy_stream = self.sync.stream()
+        self._preload = max(self.ahead, min(2 * cfg.warmup_layers, 2 * per_kind - 1))
+        self._thread = threading.Thread(target=self._fetch_loop, name="h2d-fetch", daemon=True)
+        if self.order:
+            self._thread.start()
+            if not cfg.skip_preload_wait:
+                self._wait_preload()
+        log.info("streamer: %d streamed groups, %d+%d GPU slots (%.2f GB), lookahead %d, pinned %.2f GB",
+                 len(self.order), per_kind, per_kind, self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
+
+    # ---- the compute side (model.forward) -------------------------------------------------------
+
+    def resident(self) -> dict[str, torch.Tensor]:
+        return self._resident[GroupKey(None, RESIDENT)]
+
+    def begin_pass(self) -> None:
+        pass
+
+    def wait(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+        key = GroupKey(layer, kind)
+        if key in self._resident:
+            return self._resident[key]
+        with self._cond:
+            while not self._fetched:
+                if self._error:
+                    raise self._error
+                self._cond.wait(timeout=0.5)
+            got, slot = self._fetched.popleft()
+        assert got == key, f"streamer out of order: compute wants {key}, next fetched is {got}"
+        self.sync.wait(slot.ready_event)  # compute stream waits on the device, the host does not
+        self._current[key] = slot
+        return slot.views
+
+    def release(self, layer: int, kind: str) -> None:
+        key = GroupKey(layer, kind)
+        if key in self._resident:
+            return
+        slot = self._current.pop(key)
+        self.pool.release(slot, self.sync.record())
+        ring = self.providers.get("ring")
+        with self._cond:
+            if ring is not None and kind == KINDS[-1]:
+                ring.computed(layer, self._consumed // len(self.order))
+            self._consumed += 1
+            self._cond.notify_all()
+
+    # ---- the fetch thread -----------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        try:
+            if self.sync.cuda:
+                torch.cuda.set_device(self.device)
+            backlog: collections.deque = collections.deque()
+            for n, key in enumerate(itertools.cycle(self.order)):
+                limit = self._preload if self._consumed == 0 else self.ahead
+                with self._cond:
+                    while n - self._consumed > limit and not self._stop:
+                        self._cond.wait(timeout=0.5)
+                        limit = self._preload if self._consumed == 0 else self.ahead
+                    if self._stop:
+                        return
+                slot, hit = self.pool.acquire(key)
+                if not hit:
+                    self._copy_in(key, slot)
+                    backlog.append(slot.ready_event)
+                    while len(backlog) > self.cfg.h2d_group_backlog_max:
+                        backlog.popleft().synchronize()
+                with self._cond:
+                    self._fetched.append((key, slot))
+                    self._issued += 1
+                    self._cond.notify_all()
+        except BaseException as e:
+            if self._stop:
+                return  # a provider refused because the engine is closing
+            log.exception("fetch thread failed")
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def _copy_in(self, key: GroupKey, slot: Slot) -> None:
+        home = self.placement.home[key.layer]
+        with self.sync.use(self._copy_stream):
+            self.sync.wait(slot.free_event, self._copy_stream)
+            for piece in self.providers[home].pieces(key):
+                piece.wait_ready()
+                n = piece.host.numel()
+                dst = slot.buf[piece.offset:piece.offset + n]
+                if self.sync.cuda:
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record(self._copy_stream)
+                    dst.copy_(piece.host, non_blocking=True)
+                    end.record(self._copy_stream)
+                    self.h2d.add_device(n, start, end)
+                    done = end
+                else:
+                    self.h2d.begin()
+                    dst.copy_(piece.host)
+                    self.h2d.end(n)
+                    done = self.sync.event()
+                if piece.on_copied:
+                    piece.on_copied(done)
+            slot.ready_event = done
+        slot.views = self._views(key, slot.buf)
+
+    def _views(self, key: GroupKey, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        from worker.blob import TORCH_DTYPES
+
+        m = self.pack.manifest
+        base = m.group(key.name).offset
+        return {t.short: buf[t.offset - base:t.offset - base + t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
+                for t in m.group_tensors(key.name)}
+
+    def _wait_preload(self) -> None:
+        target = min(2 * self.cfg.warmup_layers, self._preload + 1, len(self.order))
+        if self.placement.ring_slots:
+            target = min(target, 2 * self.placement.ring_slots)  # the ring refills only as the compute moves
+        with self._cond:
+            while self._issued < target and not self._error:
+                self._cond.wait(timeout=0.5)
+        for _, slot in list(self._fetched):
+            slot.ready_event.synchronize()
+
+    # ---- accounting and shutdown ----------------------------------------------------------------
+
+    def reset_counters(self) -> None:
+        self.h2d.reset()
+        if self.reader:
+            self.reader.channel.reset()
+
+    def io_stats(self) -> dict[str, Any]:
+        return {
+            "ssd_read": self.reader.channel.stats() if self.reader else None,
+            "weight_h2d": self.h2d.stats(),
+            "pinned_host_bytes": self.arena.nbytes,
+            "gpu_slot_bytes": self.pool.nbytes,
+            "warnings": list(self.reader.warnings) if self.reader else [],
+        }
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self.pool.close()
+        for p in self.providers.values():
+            if hasattr(p, "close"):
+                p.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self.sync.cuda:
+            torch.cuda.synchronize(self.device)
+        if self.reader:
+            self.reader.close()
+        self.arena.close()
