@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from worker.bench import prompt_ids_for, resolve_config
+from worker.errors import UserError
 from worker.engine import build_engine
 from worker.generate import generate
 from worker.pack import ensure_pack
 from worker.tokenizer import load_tokenizer
 
-CPU = torch.device("cpu")
+# On a GPU host the same tests run on CUDA (streams, events, pinned buffers); in CI on the CPU.
+CPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _generate(ckpt, **flat):
@@ -100,3 +102,32 @@ def test_other_geometries(make_ckpt, geometry):
     ref, _ = _generate(ckpt, mode="gpu")
     for flat in (dict(mode="ssd", staging_mb=1), dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=1)):
         _assert_same(_generate(ckpt, **flat)[0], ref)
+
+
+@pytest.mark.parametrize("flat, msg", [
+    (dict(mode="mixed", gpu_cached_layers=6, cpu_cache_layers=0), "more than the model's 5 layers"),
+    (dict(mode="mixed", gpu_cached_layers=2, cpu_cache_layers=4), "lower --cpu-cache-layers to at most 3"),
+    (dict(mode="cpu", gpu_memory_limit_gb=0.001), r"less than one attn\+ffn group pair"),
+])
+def test_bad_budgets_are_clear_errors(ckpt, flat, msg):
+    with pytest.raises(UserError, match=msg):
+        _generate(ckpt, **flat)
+
+
+def test_wsm_switches_take_effect(ckpt, monkeypatch):
+    monkeypatch.setenv("WSM_GPU_MAX_GROUPS", "2")
+    monkeypatch.setenv("WSM_CPU_ROLLING_MODE", "0")
+    monkeypatch.setenv("WSM_KV_THROTTLE_MS", "3")
+    cfg = resolve_config({"checkpoints": str(ckpt), "mode": "mixed", "gpu_cached_layers": 1, "cpu_cache_layers": 1})
+    assert (cfg.stream.gpu_max_groups, cfg.stream.cpu_policy, cfg.kv.kv_throttle_ms) == (2, "pinned-subset", 3)
+    engine = build_engine(cfg, ensure_pack(cfg.checkpoints), CPU)
+    try:
+        assert engine.weights.pool.nbytes == sum(engine.weights.pool._capacity.values())  # one slot per kind
+        assert "ring" not in engine.weights.providers and "cpu" in engine.weights.providers
+    finally:
+        engine.close()
+    explicit = resolve_config({"checkpoints": str(ckpt), "gpu_max_groups": 6})
+    assert explicit.stream.gpu_max_groups == 6  # a flag beats the environment
+    monkeypatch.setenv("WSM_EVICT_FINISHED", "maybe")
+    with pytest.raises(UserError, match="WSM_EVICT_FINISHED"):
+        resolve_config({"checkpoints": str(ckpt)})

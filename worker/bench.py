@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 Phase = Callable[[str], None]
 
+# A warm-up round exists to load kernels, fill allocators and start the streaming threads: a prefill
+# and a couple of decode steps exercise every code path; more would only cost time on slow tiers.
+WARMUP_TOKENS = 3
+
 
 def resolve_config(flat: dict[str, Any], where: str = "bench run") -> RunConfig:
     """Defaults < WSM_* environment < explicit values."""
@@ -67,12 +71,14 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
     tok = load_tokenizer(cfg.checkpoints)
     prompt_ids = prompt_ids_for(tok, cfg)
     phase("load")
-    engine = build_engine(cfg, pack, device)
+    engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
     try:
         gen = _measure(engine, cfg, prompt_ids, tok, device, phase)
     finally:
         engine.close()
     result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied)
+    if cfg.roofline:
+        result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")
@@ -80,16 +86,16 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
 
 
 def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> Generation:
-    def once() -> Generation:
+    def once(new_tokens: int) -> Generation:
         cache = engine.new_cache(len(prompt_ids), cfg.max_seq_len)
-        return generate(engine.model, cache, prompt_ids, cfg.max_new_tokens, cfg.sampling.temperature,
+        return generate(engine.model, cache, prompt_ids, new_tokens, cfg.sampling.temperature,
                         cfg.sampling.top_p, cfg.sampling.seed, engine.cfg.eos_token_ids or eos_ids(tok),
                         pad_id(tok), device)
 
     for i in range(cfg.warmup_rounds):
         phase("warmup")
         log.info("warm-up round %d/%d", i + 1, cfg.warmup_rounds)
-        once()
+        once(min(cfg.max_new_tokens, WARMUP_TOKENS))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -97,7 +103,16 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
     if reset:
         reset()
     phase("measure")
-    return once()
+    return once(cfg.max_new_tokens)
+
+
+def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[str, Any] | None:
+    from worker.probe import probe_host
+    from worker.roofline import roofline
+
+    probe = probe_host(path=str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path), quick=True)
+    return roofline(pack.manifest, engine.placement, probe, metrics["batch_size"], metrics["prompt_len"],
+                    gen.prefill_ms, gen.decode_ms, gen.decode_steps)
 
 
 def prompt_ids_for(tok, cfg: RunConfig) -> list[list[int]]:

@@ -16,7 +16,7 @@ from worker.errors import UserError
 from worker.kvcache import StaticKVCache
 from worker.model import Llama
 from worker.model_config import ModelConfig
-from worker.stream.plan import place
+from worker.stream.plan import Placement, place
 from worker.stream.streamer import WeightStreamer
 from worker.weights import ResidentWeights
 
@@ -28,6 +28,7 @@ class Engine:
     cfg: ModelConfig
     model: Llama
     weights: Any
+    placement: Placement
     new_cache: Callable[[int, int], Any]  # (batch, max_seq) → cache
 
     def io(self) -> dict[str, Any]:
@@ -40,7 +41,8 @@ class Engine:
             close()
 
 
-def build_engine(run: RunConfig, pack, device: torch.device) -> Engine:
+def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int | None = None) -> Engine:
+    """`prompt_tokens` (the longest prompt fed) sizes the activation workspace; default the longest allowed."""
     cfg = pack.manifest.model_config
     dtype = getattr(torch, pack.manifest.dtype)
     mode = run.stream.mode
@@ -50,14 +52,14 @@ def build_engine(run: RunConfig, pack, device: torch.device) -> Engine:
         if mode == "gpu":
             weights = ResidentWeights.from_pack(pack, device)
         else:
-            weights = WeightStreamer(pack, placement, run.stream, device)
+            weights = WeightStreamer(pack, placement, run.stream, device, reserve_bytes=workspace_bytes(run, cfg, prompt_tokens))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"mode {mode}: the weights placed on the GPU do not fit in its memory"
                         f"{_limit_note(run)}; lower --gpu-max-groups / --gpu-cached-layers or use a "
                         "streaming mode") from None
     log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
     model = Llama(cfg, weights, device)
-    return Engine(cfg, model, weights, lambda b, s: StaticKVCache(cfg, b, s, device, dtype))
+    return Engine(cfg, model, weights, placement, lambda b, s: StaticKVCache(cfg, b, s, device, dtype))
 
 
 def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:
@@ -73,3 +75,13 @@ def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:
 def _limit_note(run: RunConfig) -> str:
     lim = run.stream.gpu_memory_limit_gb
     return f" (capped at {lim} GB by --gpu-memory-limit-gb)" if lim else ""
+
+
+def workspace_bytes(run: RunConfig, cfg: ModelConfig, prompt_tokens: int | None = None) -> int:
+    """What a run needs on the GPU besides weights: the KV cache and the largest activations (an
+    estimate used only to size the streaming slots under --gpu-memory-limit-gb)."""
+    item = 4 if run.dtype == "float32" or cfg.dtype == "float32" else 2
+    kv = 2 * cfg.num_hidden_layers * run.batch_size * cfg.num_key_value_heads * cfg.head_dim * run.max_seq_len * item
+    tokens = run.batch_size * (prompt_tokens or run.max_prompt_tokens)
+    act = tokens * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * item + run.batch_size * cfg.vocab_size * 4
+    return kv + act

@@ -38,6 +38,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def _embed(tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Gather embedding rows; a streaming engine may keep the table in host memory to save GPU memory
+    (a gather is exact, so where it runs does not change the result)."""
+    if table.device == tokens.device:
+        return F.embedding(tokens, table)
+    return F.embedding(tokens.to(table.device), table).to(tokens.device)
+
+
 class Llama:
     def __init__(self, cfg: ModelConfig, weights: WeightSource, device: torch.device):
         self.cfg = cfg
@@ -49,7 +57,7 @@ class Llama:
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → logits (B, V) at column `logits_at` (B,) of each row, or (B, T, V) if None."""
         res = self.weights.resident()
-        h = F.embedding(tokens, res["embed_tokens"])  # (B, T, D)
+        h = _embed(tokens, res["embed_tokens"])  # (B, T, D)
         cos, sin = rope.cos_sin(self.freq, step.positions, h.dtype)
         self.weights.begin_pass()
         for layer in range(self.cfg.num_hidden_layers):

@@ -247,19 +247,19 @@ def _write_groups(fd: int, groups: list[tuple[str, int, int]], tensors: list[Ten
     try:
         with ThreadPoolExecutor(FILLERS, thread_name_prefix="pack-fill") as fillers:
             for name, start, nbytes in groups:
-                writer.begin_group(name)
+                pending.append(("begin", name))
                 for ws, we, parts in _windows(start, nbytes, by_group[name]):
                     for t in {p[2].name: p[2] for p in parts if p[2] is not None}.values():
-                        src = index[t.name]
-                        if src.file not in sources:
-                            sources[src.file] = os.open(src.file, os.O_RDONLY)
-                    while len(pending) >= POOL_WINDOWS // 2:  # hand filled windows on before taking more
-                        _dispatch(writer, pending.popleft(), buffers)
+                        if index[t.name].file not in sources:
+                            sources[index[t.name].file] = os.open(index[t.name].file, os.O_RDONLY)
+                    while sum(item[0] == "window" for item in pending) >= POOL_WINDOWS // 2:
+                        _dispatch(writer, pending.popleft(), buffers)  # hand windows on before taking more
                     buf = buffers.get()
-                    pending.append((fillers.submit(_fill, buf, ws, we, parts, index, sources, dtype), ws, buf))
-                while pending:
-                    _dispatch(writer, pending.popleft(), buffers)
-                writer.end_group()
+                    fut = fillers.submit(_fill, buf, ws, we, parts, index, sources, dtype)
+                    pending.append(("window", fut, ws, buf))
+                pending.append(("end",))
+            while pending:
+                _dispatch(writer, pending.popleft(), buffers)
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -270,8 +270,14 @@ def _write_groups(fd: int, groups: list[tuple[str, int, int]], tensors: list[Ten
 
 
 def _dispatch(writer: BlobWriter, item: tuple, buffers: queue.Queue) -> None:
-    fut, offset, buf = item
-    writer.put(offset, fut.result(), release=lambda: buffers.put(buf))
+    """Hand the oldest pipeline item to the writer, in order: group begin, its windows, group end."""
+    if item[0] == "begin":
+        writer.begin_group(item[1])
+    elif item[0] == "end":
+        writer.end_group()
+    else:
+        _, fut, offset, buf = item
+        writer.put(offset, fut.result(), release=lambda: buffers.put(buf))
 
 
 def _windows(start: int, nbytes: int, tensors: list[TensorEntry]

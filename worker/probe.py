@@ -113,6 +113,7 @@ def measure(path: str | None, quick: bool = False) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     copies = measure_pcie(plan) if cuda else measure_memcpy(plan)
     hbm = measure_hbm(plan) if cuda else None
+    matmul = measure_matmul(plan) if cuda else None
     warnings = list(ssd.pop("warnings"))
     return {
         "schema": PROBE_SCHEMA,
@@ -126,8 +127,9 @@ def measure(path: str | None, quick: bool = False) -> dict[str, Any]:
         "h2d_pageable_gbps": (copies.get("h2d_pageable") or {}).get("gbps"),
         "d2h_gbps": (copies.get("d2h") or {}).get("gbps"),
         "hbm_gbps": hbm["gbps"] if hbm else None,
+        "matmul_tflops": matmul["tflops"] if matmul else None,
         "warnings": warnings,
-        "details": {"ssd": ssd, **copies, "hbm": hbm,
+        "details": {"ssd": ssd, **copies, "hbm": hbm, "matmul": matmul,
                     "device": torch.cuda.get_device_name() if cuda else "cpu"},
     }
 
@@ -339,6 +341,16 @@ def measure_hbm(plan: Plan) -> dict[str, Any]:
     del src, dst
     torch.cuda.empty_cache()
     return out
+
+
+def measure_matmul(plan: Plan, n: int = 8192) -> dict[str, Any]:
+    """Dense bf16 matrix-product rate on random data: the compute term of the roofline (prefill)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    times = _cuda_time(lambda: a @ b, plan.repeats)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"kind": f"bf16 {n}x{n}x{n}", "tflops": 2 * n ** 3 / statistics.median(times) / 1e12}
 
 
 def measure_memcpy(plan: Plan) -> dict[str, Any]:

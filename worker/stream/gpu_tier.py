@@ -31,6 +31,7 @@ class SlotPool:
     def __init__(self, capacity: dict[str, int], counts: dict[str, int], device: torch.device,
                  evict_finished: bool):
         self.evict_finished = evict_finished
+        self._capacity = capacity
         self._free = {k: [Slot(k, torch.empty(capacity[k], dtype=torch.uint8, device=device))
                           for _ in range(counts[k])] for k in counts}
         self.nbytes = sum(capacity[k] * counts[k] for k in counts)

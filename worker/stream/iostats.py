@@ -20,11 +20,12 @@ class Channel:
         self.reset()
 
     def reset(self) -> None:
+        """Start counting afresh; transfers in flight keep counting from now."""
         with self._lock:
             self.bytes = 0
             self.busy_s = 0.0
-            self._inflight = 0
-            self._since = 0.0
+            self._inflight = getattr(self, "_inflight", 0)
+            self._since = time.perf_counter()
             self._spans: list[tuple[Any, Any]] = []
 
     # host-timed transfers (SSD reads, CPU-device copies): overlapping spans count once

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from worker.config import StreamConfig
+from worker.errors import UserError
 from worker.groups import KINDS, RESIDENT, GroupKey
 from worker.stream.cpu_tier import FixedTier, RingTier
 from worker.stream.devsync import Sync
@@ -32,8 +33,35 @@ from worker.stream.staging import DirectStager
 log = logging.getLogger(__name__)
 
 
+def _load_resident(pack, placement: Placement, device: torch.device) -> dict[GroupKey, dict[str, torch.Tensor]]:
+    """GPU-resident layers and the resident group on the device, except an untied embedding table:
+    it is only gathered from, so it stays in host memory (2 GB of GPU memory saved at 70B)."""
+    tied = pack.manifest.model_config.tie_word_embeddings
+    keys = [GroupKey(None, RESIDENT)] + [GroupKey(i, k) for i in placement.layers("gpu") for k in KINDS]
+    return {key: {name: t if (name == "embed_tokens" and not tied) else t.to(device)
+                  for name, t in pack.read_group(key).items()} for key in keys}
+
+
+def slots_per_kind(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> int:
+    """GPU slots per group kind: half of gpu_max_groups, fewer if the memory limit leaves less room."""
+    want = max(1, cfg.gpu_max_groups // 2)
+    if cfg.gpu_memory_limit_gb is None:
+        return want
+    pair = capacity["attn"] + capacity["ffn"]
+    room = cfg.gpu_memory_limit_gb * 1e9 - used_bytes
+    fit = int(room // pair) if pair else want
+    if fit < 1:
+        raise UserError(f"gpu_memory_limit_gb={cfg.gpu_memory_limit_gb} leaves {max(room, 0) / 1e9:.2f} GB after "
+                        f"resident weights, KV cache and activations ({used_bytes / 1e9:.2f} GB): less than one "
+                        f"attn+ffn group pair ({pair / 1e9:.2f} GB); raise the limit or lower --gpu-cached-layers")
+    if fit < want:
+        log.warning("gpu_memory_limit_gb=%s fits %d GPU slots per group kind, not the %d of gpu_max_groups=%d",
+                    cfg.gpu_memory_limit_gb, fit, want, cfg.gpu_max_groups)
+    return min(fit, want)
+
+
 class WeightStreamer:
-    def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device):
+    def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int = 0):
         self.pack, self.placement, self.cfg, self.device = pack, placement, cfg, device
         m = pack.manifest
         self.sync = Sync(device)
@@ -41,9 +69,7 @@ class WeightStreamer:
         self.ahead = lookahead(cfg)
         self.arena = HostArena(pin=device.type == "cuda")
         self.h2d = Channel("weight_h2d")
-        self._resident = {key: {k: t.to(device) for k, t in pack.read_group(key).items()}
-                         for key in [GroupKey(None, RESIDENT)] + [GroupKey(i, k) for i in placement.layers("gpu")
-                                                                   for k in KINDS]}
+        self._resident = _load_resident(pack, placement, device)
         needs_ssd = any(h in ("ssd", "ring", "cpu") for h in placement.home)
         self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
         self.providers: dict[str, Any] = {}
@@ -59,7 +85,9 @@ class WeightStreamer:
             n_buf = max(2 * cfg.ssd_readers, -(-biggest // self.reader.chunk) + cfg.ssd_readers)
             self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
-        per_kind = max(1, cfg.gpu_max_groups // 2)
+        on_device = sum(t.numel() * t.element_size() for g in self._resident.values() for t in g.values()
+                        if t.device == device)
+        per_kind = slots_per_kind(capacity, cfg, on_device + reserve_bytes)
         self.pool = SlotPool(capacity, {k: per_kind if capacity[k] else 0 for k in KINDS}, device,
                              cfg.evict_finished)
         self.ahead = min(self.ahead, 2 * per_kind - 1)
