@@ -28,6 +28,8 @@ CONNECT_CHECK_S = 3.0
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
 
+NO_CLUSTER_HINT = ("start one with `ray start --head --resources '{\"nvme:DEV\": 1}'` or leave out "
+                   "--address/RAY_ADDRESS to run on an embedded local Ray")
 AUTH_HINT = ("if the cluster uses token authentication (Ray writes ~/.ray/auth_token on first use), run with "
              "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN), or use "
              "--address auto on the head node, or start the head with RAY_AUTH_MODE=disabled")
@@ -47,9 +49,7 @@ def check_reachable(address: str, timeout_s: float = CONNECT_CHECK_S) -> None:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as e:
-        raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one with "
-                        "`ray start --head --resources '{\"nvme:DEV\": 1}'` or leave out --address/RAY_ADDRESS "
-                        "to run on an embedded local Ray") from None
+        raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); {NO_CLUSTER_HINT}") from None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -84,11 +84,12 @@ def ray_session(address: str | None = None) -> Iterator[str]:
         where = "embedded local Ray"
     else:
         check_reachable(address)
-        _prefer_token_auth()
+        prefer_token_auth()
         try:
             ray.init(address=address, namespace=NAMESPACE, configure_logging=False, log_to_driver=True)
         except ConnectionError as e:
-            raise UserError(f"could not connect to the Ray cluster at {address} ({e}); {AUTH_HINT}") from None
+            hint = NO_CLUSTER_HINT if "Could not find any running Ray instance" in str(e) else AUTH_HINT
+            raise UserError(f"could not connect to the Ray cluster at {address} ({e}); {hint}") from None
         where = f"Ray cluster at {address}"
     try:
         yield where
@@ -96,7 +97,7 @@ def ray_session(address: str | None = None) -> Iterator[str]:
         ray.shutdown()
 
 
-def _prefer_token_auth() -> bool:
+def prefer_token_auth() -> bool:
     """Connect in token mode when a token is available and the user did not choose a mode.
 
     Uses Ray's own check (token file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), which also refreshes Ray's
@@ -109,7 +110,13 @@ def _prefer_token_auth() -> bool:
             maybe_enable_token_auth_if_token_available)
     except ImportError:  # a Ray without token authentication
         return False
-    enabled = maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "enabled for this Ray cluster" warning is meant for cluster starts
+    try:
+        enabled = maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
     if enabled:
         log.debug("a Ray auth token is available: connecting with RAY_AUTH_MODE=token")
     return enabled

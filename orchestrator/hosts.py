@@ -4,7 +4,9 @@ A host is a Ray node. Its NVMe devices are custom resources `nvme:<dev>` (or a l
 `nvme=<dev>[,<dev>]`), its GPUs Ray's `GPU` resource. A slot is one (host, GPU, NVMe device) triple:
 the unit one actor holds, so no two runs share a GPU or an SSD. GPUs and devices pair up one to one
 (a host with 8 GPUs and 2 NVMe devices has 2 slots); a host with GPUs and no advertised device has a
-slot per GPU; a CPU-only host has a slot per device, or one.
+slot per GPU; a CPU-only host has a slot per device, or one. A device named only by a label is no Ray
+resource, so Ray cannot reserve it: its exclusivity holds within one submission only (advertise devices
+as resources on clusters that several people submit to).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from orchestrator.cluster import _prefer_token_auth  # noqa: E402
+from orchestrator.cluster import prefer_token_auth  # noqa: E402
 from orchestrator.results import read_results  # noqa: E402
 from orchestrator.submit import submit  # noqa: E402
 from orchestrator.suite import parse_suite  # noqa: E402
@@ -38,7 +38,7 @@ def cluster(tmp_path_factory):
         env.setenv(key, value)
     env.delenv("RAY_AUTH_MODE", raising=False)  # restored at teardown
     # Token auth on whenever a token exists, as `ray start` does (and as `bench` connects: see the trap test)
-    auth = _prefer_token_auth()
+    auth = prefer_token_auth()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = {
         "A": c.add_node(num_cpus=2, num_gpus=2, resources={"nvme:a0": 1, "nvme:a1": 1, "accelerator_type:H100": 1}),

@@ -84,6 +84,9 @@ def test_failed_row_without_a_host_has_only_what_is_known():
                 "n_params", "git_commit"):
         assert row[col] is None, col
     assert (row["mode"], row["batch_size"], row["max_new_tokens"]) == ("mixed", 2, 32)
+    on_host = build_row(spec, "sr-1", RunOutcome("failed", "OOM", None, FP, "node-1", 1.0, 2.0))
+    assert on_host["hardware_key"] == hardware_key(FP) and on_host["nvme_model"] == FP["nvme_model"]
+    assert on_host["ttft_ms"] is None and on_host["started_at"].timestamp() == 1.0
     assert json.loads(row["config_json"])["batch_size"] == 2  # the resolved config even without a result
 
 

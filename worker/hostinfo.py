@@ -39,6 +39,7 @@ def host_fingerprint(nvme_device: str | None = None) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         **gpu,
         "torch_version": _torch_version(),
+        "engine_version": engine_version(),
         "cpu_model": cpu_model(),
         "ram_gb": ram_gb(),
         "nvme_device": nvme_device,
