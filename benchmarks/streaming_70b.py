@@ -116,12 +116,11 @@ def table(results: dict) -> None:
     print(f"\nprobe: SSD O_DIRECT {fmt(probe.get('ssd_gbps'))} GB/s, pinned H2D {fmt(probe.get('h2d_gbps'))} GB/s, "
           f"HBM {fmt(probe.get('hbm_gbps'))} GB/s, bf16 matmul {fmt(probe.get('matmul_tflops'))} TFLOP/s")
     head = (f"{'config':22} {'prefill s':>9} {'decode s/tok':>12} {'floor s/tok':>11} {'bound':>6} "
-            f"{'att.prefill':>11} {'att.decode':>10} {'SSD GB/s':>8} {'H2D GB/s':>8} {'H2D busy':>8} "
+            f"{'att.prefill':>11} {'att.decode':>10} {'SSD GB/s':>8} {'H2D GB/s':>8} "
             f"{'vs peer':>7} {'= gpu':>5}")
     print(head)
     for name, r in results.items():
         m, io, roof = r["metrics"], r["io"], r.get("roofline") or {}
-        wall = (m["prefill_ms"] + m["decode_ms"]) / 1e3
         h2d = io.get("weight_h2d") or {}
         same = (r["outputs"][0]["token_ids"] == ref["outputs"][0]["token_ids"]) if ref and "prefill" not in name \
             else None
@@ -129,7 +128,6 @@ def table(results: dict) -> None:
               f"{fmt(roof.get('floor_decode_s'), 3):>11} {str(roof.get('bound_decode') or '—'):>6} "
               f"{fmt(roof.get('attainment_prefill')):>11} {fmt(roof.get('attainment_decode')):>10} "
               f"{fmt((io.get('ssd_read') or {}).get('gbps')):>8} {fmt(h2d.get('gbps')):>8} "
-              f"{fmt(h2d['busy_s'] / wall if h2d else None):>8} "
               f"{fmt(peer_tok / per_token(r) if peer_tok and per_token(r) else None, 1):>7} "
               f"{'—' if same is None else ('yes' if same else 'NO'):>5}")
 

@@ -42,10 +42,10 @@ def _generate(ckpt, **flat):
 
 def _assert_same(got, ref):
     for g, r in zip(got, ref):
-        assert g.token_ids == r.token_ids
         assert len(g.logits) == len(r.logits)
-        for a, b in zip(g.logits, r.logits):
-            assert torch.equal(a, b)
+        for step, (a, b) in enumerate(zip(g.logits, r.logits)):
+            assert torch.equal(a, b), f"step {step}: max |diff| {(a - b).abs().max().item():.3e}"
+        assert g.token_ids == r.token_ids
 
 
 @pytest.fixture(scope="module")

@@ -102,8 +102,11 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
     reset = getattr(engine.weights, "reset_counters", None)
     if reset:
         reset()
+    prefetched = getattr(engine.weights, "prefetched", dict)()
     phase("measure")
-    return once(cfg.max_new_tokens)
+    gen = once(cfg.max_new_tokens)
+    gen.prefetched = prefetched
+    return gen
 
 
 def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[str, Any] | None:
@@ -112,7 +115,7 @@ def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[st
 
     probe = probe_host(path=str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path), quick=True)
     return roofline(pack.manifest, engine.placement, probe, metrics["batch_size"], metrics["prompt_len"],
-                    gen.prefill_ms, gen.decode_ms, gen.decode_steps)
+                    gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched)
 
 
 def prompt_ids_for(tok, cfg: RunConfig) -> list[list[int]]:

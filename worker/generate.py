@@ -27,6 +27,7 @@ class Generation:
     decode_steps: int
     itl_ms: list[float] = field(default_factory=list)  # one per decode step
     logits: list[torch.Tensor] = field(default_factory=list)  # per step (B, V) on the host, on request
+    prefetched: dict[str, int] = field(default_factory=dict)  # bytes fetched ahead before the round (see roofline)
 
 
 class _DoneFlag:

@@ -54,18 +54,23 @@ def floor_s(nbytes: dict[str, int], fl: float, probe: dict[str, Any]) -> tuple[f
 
 
 def roofline(manifest, placement: Placement, probe: dict[str, Any] | None, batch: int, prompt_len: int,
-             prefill_ms: float, decode_ms: float, decode_steps: int) -> dict[str, Any] | None:
+             prefill_ms: float, decode_ms: float, decode_steps: int,
+             credit: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """`credit`: bytes the streamer had already fetched when the measured round began; the prefill
+    did not have to move them, so its floor leaves them out (decode is steady state: no credit)."""
     if not probe:
         return None
     cfg = manifest.model_config
     nb = pass_bytes(manifest, placement)
-    fp, bound_p = floor_s(nb, flops(cfg, batch * prompt_len, prompt_len // 2), probe)
+    credit = credit or {}
+    nb_prefill = {k: max(0, v - credit.get(k, 0)) for k, v in nb.items()}
+    fp, bound_p = floor_s(nb_prefill, flops(cfg, batch * prompt_len, prompt_len // 2), probe)
     fd, bound_d = floor_s(nb, flops(cfg, batch, prompt_len + decode_steps // 2), probe)
     per_token_s = decode_ms / 1e3 / decode_steps if decode_steps else None
     return {
         "ssd_gbps": probe.get("ssd_gbps"), "h2d_gbps": probe.get("h2d_gbps"), "hbm_gbps": probe.get("hbm_gbps"),
         "matmul_tflops": probe.get("matmul_tflops"), "probe_measured_at": probe.get("measured_at"),
-        "pass_bytes": nb,
+        "pass_bytes": nb, "prefill_prefetched_bytes": credit,
         "floor_prefill_s": fp, "bound_prefill": bound_p,
         "floor_decode_s": fd, "bound_decode": bound_d,
         "attainment_prefill": fp / (prefill_ms / 1e3) if fp and prefill_ms else None,

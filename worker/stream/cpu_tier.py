@@ -159,6 +159,13 @@ class RingTier:
 
         return [Piece(slot.buf[start:start + g.nbytes], 0, slot.loaded, copied)]
 
+    def staged_bytes(self) -> int:
+        """Bytes of layers loaded into ring slots and not yet copied to the GPU."""
+        with self._cond:
+            slots = [s for s in self._by_step.values() if s.loaded is not None and s.loaded.done()]
+        return sum(self.manifest.group(GroupKey(s.layer, k).name).nbytes
+                   for s in slots for k in KINDS if k not in s.copied)
+
     def computed(self, layer: int, passes: int) -> None:
         """The compute released `layer`'s ffn group in pass `passes`."""
         with self._cond:

@@ -62,6 +62,12 @@ class DirectStager:
     def _returner(self, buf: torch.Tensor):
         return lambda event: self._free.put((buf, event))
 
+    def staged_bytes(self) -> int:
+        """Bytes read ahead and waiting in staging buffers."""
+        with self._out.mutex:
+            items = list(self._out.queue)
+        return sum(it[2].host.numel() for it in items if not isinstance(it, BaseException) and it[2].ready.done())
+
     def pieces(self, key: GroupKey):
         """The group's pieces in order, yielded as they are dispatched."""
         while True:

@@ -228,6 +228,17 @@ class WeightStreamer:
         if self.reader:
             self.reader.channel.reset()
 
+    def prefetched(self) -> dict[str, int]:
+        """Bytes already fetched ahead of the compute (GPU slots, staged SSD reads, loaded ring slots):
+        work a round starting now does not have to do, credited in its prefill floor."""
+        m = self.pack.manifest
+        with self._cond:
+            keys = [k for k, _ in self._fetched]
+        h2d = sum(m.group(k.name).nbytes for k in keys)
+        ssd = sum(m.group(k.name).nbytes for k in keys if self.placement.home[k.layer] in ("ssd", "ring"))
+        ssd += sum(getattr(p, "staged_bytes", lambda: 0)() for p in self.providers.values())
+        return {"h2d": h2d, "ssd": ssd}
+
     def io_stats(self) -> dict[str, Any]:
         return {
             "ssd_read": self.reader.channel.stats() if self.reader else None,
