@@ -390,6 +390,10 @@ def main() -> None:
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
+    except click.UsageError as e:  # one line, like every other bad input
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from orchestrator.metrics import check_thresholds
 from orchestrator.selector import Selector
 from worker import envs
 from worker.config import RunConfig, flat_owners
@@ -77,6 +78,14 @@ class SuiteDoc(BaseModel):
     on_no_host: Literal["fail", "skip"] = "fail"
     defaults: dict[str, Any] = Field(default_factory=dict)
     matrix: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+    thresholds: dict[str, float | None] = Field(default_factory=dict, description=(
+        "`bench regress`: relative change per metric that counts as a regression (0.2 = 20%; null = not "
+        "checked); see orchestrator.metrics for the metrics and their defaults."))
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        return check_thresholds(value)
 
 
 @dataclass(frozen=True)

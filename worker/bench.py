@@ -16,6 +16,7 @@ from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate
+from worker.model_config import ModelConfig
 from worker.results_json import build_result, write_json
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,13 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
     from worker.pack import ensure_pack
     from worker.tokenizer import load_tokenizer
 
+    if not cfg.manifest:
+        ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
+    tok = load_tokenizer(cfg.checkpoints)
+    prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
     phase("pack")
     pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest,
                        raw_device=cfg.raw_device, dtype=None if cfg.dtype == "auto" else cfg.dtype)
-    tok = load_tokenizer(cfg.checkpoints)
-    prompt_ids = prompt_ids_for(tok, cfg)
     phase("load")
     engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
     try:
