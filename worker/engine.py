@@ -43,6 +43,8 @@ class Engine:
 
 def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int | None = None) -> Engine:
     """`prompt_tokens` (the longest prompt fed) sizes the activation workspace; default the longest allowed."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     cfg = pack.manifest.model_config
     dtype = getattr(torch, pack.manifest.dtype)
     mode = run.stream.mode

@@ -62,8 +62,6 @@ def slots_per_kind(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int)
 
 class WeightStreamer:
     def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int = 0):
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # threads need an explicit index
         self.pack, self.placement, self.cfg, self.device = pack, placement, cfg, device
         m = pack.manifest
         self.sync = Sync(device)
