@@ -5,8 +5,9 @@ baseline is earlier successful runs of exactly that pair — never another host'
 another config — chosen by `Baseline` (the last N suite runs, the last D days, one commit, or one
 explicit suite run). Each metric the gate checks is tested with the robust z-score of
 orchestrator.stats; a change is a regression only when it is beyond the metric's relative
-threshold in the worse direction AND its z-score is beyond `gate.z`. The same in the better
-direction is an improvement. A pair whose runs all failed tonight while its baseline ran is a
+threshold in the worse direction AND its z-score is beyond the critical value calibrated for
+`gate.z` (the noise). The same in the better direction is an improvement; beyond the threshold
+but within the noise is reported as "noisy" and does not fail the gate. A pair whose runs all failed tonight while its baseline ran is a
 regression too: a gate that passes when everything crashes is no gate.
 
 Exit codes: 0 no regression, 1 regression, 3 not enough data (nothing could be compared, or with
@@ -19,7 +20,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 
@@ -42,7 +43,7 @@ class Baseline:
     before or after, but never the candidate itself); otherwise the last `window` suite runs before
     the candidate, within `days` when given."""
 
-    window: int | None = 7
+    window: int | None = 14
     days: float | None = None
     commit: str | None = None
     suite_run_id: str | None = None
@@ -133,20 +134,24 @@ class RegressReport:
 
 
 def regress(uri: str | None, *, suite: str | None = None, suite_run_id: str | None = None,
-            baseline: Baseline = Baseline(), gate: Gate = Gate(), strict: bool = False) -> RegressReport:
-    """Read the dataset at `uri` and check one suite run (default: the newest of `suite`, or overall)."""
+            baseline: Baseline = Baseline(), gate: Gate | Callable[[str | None], Gate] = Gate(),
+            strict: bool = False) -> RegressReport:
+    """Read the dataset at `uri` and check one suite run (default: the newest of `suite`, or overall).
+
+    `gate` may be a function of the candidate's suite name (its thresholds live in the suite). One
+    pass over the dataset: every filter of read_results scans every file anyway, and the baseline
+    may come from any suite that ran the same config on the same hardware.
+    """
+    rows = to_rows(read_results(uri, columns=list(COLUMNS)))
     if suite_run_id is None:
-        heads = to_rows(read_results(uri, suite=suite, columns=["suite_run_id", "started_at", "finished_at"]))
-        suite_run_id = newest_suite_run(heads)
-        if suite_run_id is None:
-            return RegressReport(suite, None, [], None, baseline, gate, strict)
-    candidate = to_rows(read_results(uri, suite_run_id=suite_run_id, columns=list(COLUMNS)))
-    if not candidate:
+        suite_run_id = newest_suite_run([r for r in rows if suite is None or r["suite"] == suite])
+    elif not any(r["suite_run_id"] == suite_run_id for r in rows):
         raise UserError(f"suite run {suite_run_id!r} is not in the results dataset; `bench results` lists them")
-    keys = {(r["config_key"], r["hardware_key"]) for r in candidate if r["hardware_key"]}
-    history = to_rows(read_results(uri, status="ok", config_key=sorted({c for c, _ in keys}),
-                                   hardware_key=sorted({h for _, h in keys}), columns=list(COLUMNS)))
-    return check(candidate + history, suite_run_id, baseline=baseline, gate=gate, strict=strict)
+    of_suite = next((r["suite"] for r in rows if r["suite_run_id"] == suite_run_id), suite)
+    gate = gate(of_suite) if callable(gate) else gate
+    if suite_run_id is None:
+        return RegressReport(suite, None, [], None, baseline, gate, strict)
+    return check(rows, suite_run_id, baseline=baseline, gate=gate, strict=strict)
 
 
 def check(rows: list[dict[str, Any]] | pa.Table, suite_run_id: str, *, baseline: Baseline = Baseline(),
@@ -159,9 +164,8 @@ def check(rows: list[dict[str, Any]] | pa.Table, suite_run_id: str, *, baseline:
         raise UserError(f"suite run {suite_run_id!r} has no rows")
     starts = [r["started_at"] or r["finished_at"] for r in candidate if (r["started_at"] or r["finished_at"])]
     start = min(starts) if starts else None
-    report = RegressReport(candidate[0]["suite"], suite_run_id, sorted({r["git_commit"] for r in candidate
-                                                                         if r["git_commit"]}),
-                           start, baseline, gate, strict)
+    commits = sorted({r["git_commit"] for r in candidate if r["git_commit"]})
+    report = RegressReport(candidate[0]["suite"], suite_run_id, commits, start, baseline, gate, strict)
     labels = labels or config_labels(candidate)
     pool = _baseline_pool(rows, suite_run_id, start, baseline)
     by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -206,27 +210,30 @@ def _check_pair(ck: str, hk: str, label: str, runs: list[dict[str, Any]], pool: 
     order = sorted(by_run, key=lambda s: max(r["finished_at"] or r["started_at"] for r in by_run[s]))
     if baseline.window and not baseline.suite_run_id:
         order = order[-baseline.window:]
-    check = PairCheck(ck, hk, label, "no-baseline", len(ok), len(failed), order,
-                      errors=sorted({r["error"] or "failed (no reason recorded)" for r in failed}))
+    pc = PairCheck(ck, hk, label, "no-baseline", len(ok), len(failed), order,
+                   errors=sorted({r["error"] or "failed (no reason recorded)" for r in failed}))
     if not ok:
-        check.status = "failed" if order else "no-baseline"
-        return check
+        pc.status = "failed" if order else "no-baseline"
+        return pc
+    # nights are the unit; an explicit baseline of fewer runs than a night-level test needs: its repeats
+    explicit = baseline.suite_run_id or baseline.commit
+    unit = "repeat" if explicit and len(order) < gate.min_runs else "run"
     for name, threshold in gate.thresholds.items():
         m = METRICS[name]
-        change = assess([[r[name] for r in by_run[s]] for s in order], [r[name] for r in ok], m.sign,
-                        min_runs=gate.min_runs, min_values=gate.min_values, noise_floor=gate.noise_floor)
+        change = assess([[r[name] for r in by_run[s]] for s in order], [r[name] for r in ok], m.sign, z=gate.z,
+                        unit=unit, min_runs=gate.min_runs, min_values=gate.min_values, noise_floor=gate.noise_floor)
         if change is not None:
-            check.findings.append(Finding(m, threshold, change, verdict(change, threshold, gate.z)))
-    if check.findings:
-        check.status = "checked"
-    return check
+            pc.findings.append(Finding(m, threshold, change, verdict(change, threshold)))
+    if pc.findings:
+        pc.status = "checked"
+    return pc
 
 
-def verdict(change: Change, threshold: float, z: float) -> Verdict:
+def verdict(change: Change, threshold: float) -> Verdict:
     """Both conditions, in the same direction: beyond the relative threshold and beyond the noise."""
-    if change.worse > threshold and change.z > z:
+    if change.worse > threshold and change.z > change.critical:
         return "regression"
-    if -change.worse > threshold and -change.z > z:
+    if -change.worse > threshold and -change.z > change.critical:
         return "improvement"
     if abs(change.worse) > threshold:
         return "noisy"

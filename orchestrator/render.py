@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
+from orchestrator.stats import tail
+
 if TYPE_CHECKING:
     from orchestrator.regress import Finding, PairCheck, RegressReport
 
@@ -50,20 +52,21 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str =
     return "\n".join(lines)
 
 
-def _z(z: float) -> str:
-    return "∞" if math.isinf(z) else f"{z:+.1f}"
+def _z(z: float, critical: float) -> str:
+    return ("∞" if math.isinf(z) else f"{z:+.1f}") + f" (±{critical:.1f})"
 
 
 def finding_row(p: PairCheck, f: Finding) -> list[str]:
     c = f.change
     base = f"{num(c.baseline.median)} ± {num(c.noise)} (n={c.baseline.n} {c.unit}s)"
     return [p.label, p.hardware_key, f"`{f.metric.name}` ({f.metric.better} is better)", base,
-            f"{num(c.current.median)} (n={c.current.n})", pct(c.rel), pct(f.threshold, signed=False), _z(c.z)]
+            f"{num(c.current.median)} (n={c.current.n})", pct(c.rel), pct(f.threshold, signed=False),
+            _z(c.z, c.critical)]
 
 
 FINDING_ALIGN = "lllrrrrr"
 FINDING_HEADERS = ("config", "hardware", "metric", "baseline (median ± σ)", "now (median)", "change",
-                   "threshold", "z")
+                   "threshold", "z (critical)")
 
 
 def regress_markdown(report: RegressReport) -> str:
@@ -81,17 +84,20 @@ def regress_markdown(report: RegressReport) -> str:
            f"**{verdict}** — {len(regs)} regressed metrics, {len(report.failed_pairs)} failed configs, "
            f"{len(imps)} improvements; {len(checked)} of {len(report.pairs)} (config, hardware) pairs compared, "
            f"{len(no_base)} without baseline.", "",
-           f"- commit: {commits}" + (f" · started {report.started_at:%Y-%m-%d %H:%M} UTC" if report.started_at else ""),
+           f"- commit: {commits}" + (f" · started {report.started_at:%Y-%m-%d %H:%M} UTC"
+                                     if report.started_at else ""),
            f"- baseline: {report.baseline.describe()}, same config key and hardware key only",
-           f"- rule: beyond the metric's threshold in its worse direction **and** robust z > {gate.z:g} "
-           f"(median/MAD over baseline nights; repeats when fewer than {gate.min_runs} nights)",
+           f"- rule: beyond the metric's threshold in its worse direction **and** beyond the baseline's noise: "
+           f"robust z (median, winsorized SD of ≥ {gate.min_runs} baseline nights) above the critical value "
+           f"calibrated for a {tail(gate.z) * 100:.2g}% false-alarm rate per comparison (z = {gate.z:g})",
            f"- thresholds ({' < '.join(gate.sources)}): "
            + ", ".join(f"`{k}` {pct(v, signed=False)}" for k, v in gate.thresholds.items())]
     sections = [("Regressions", regs), ("Improvements", imps),
                 ("Beyond the threshold but within the noise (not flagged)", noisy)]
     for title, items in sections:
         if items:
-            out += ["", f"### {title}", "", md_table(FINDING_HEADERS, [finding_row(p, f) for p, f in items[:MAX_LISTED]], FINDING_ALIGN)]
+            rows = [finding_row(p, f) for p, f in items[:MAX_LISTED]]
+            out += ["", f"### {title}", "", md_table(FINDING_HEADERS, rows, FINDING_ALIGN)]
             out += [f"\n… and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
     if report.failed_pairs:
         out += ["", "### Failed in every repeat (ran in the baseline)", "",
@@ -109,6 +115,7 @@ def regress_markdown(report: RegressReport) -> str:
     every = [(p, f) for p in checked for f in p.findings]
     if every:
         out += ["", f"<details><summary>All {len(every)} comparisons</summary>", "",
-                md_table((*FINDING_HEADERS, "verdict"), [[*finding_row(p, f), f.verdict] for p, f in every], FINDING_ALIGN + "l"),
+                md_table((*FINDING_HEADERS, "verdict"), [[*finding_row(p, f), f.verdict] for p, f in every],
+                         FINDING_ALIGN + "l"),
                 "", "</details>"]
     return "\n".join(out) + "\n"

@@ -5,7 +5,7 @@ pushed down to the dataset); commit and host filters are applied here because th
 or by GPU model. Rows are plain dicts of the columns these commands use.
 
 Labels: a config key is a hash, so rows are shown as `model · mode · b<batch> · p<prompt>→<new>`
-plus every other config value that differs between the configs on screen (`topk_blk=8`). A hardware
+plus the config values that tell apart configs sharing those (`topk_blk=8`). A hardware
 key already starts with the GPU model (`h100-80gb-hbm3x1-…`); `hardware_info` adds what the rows
 say about it (GPU, NVMe, CPU, RAM, host names, probe figures).
 """
@@ -131,7 +131,7 @@ def flat_config(row: dict[str, Any]) -> dict[str, Any]:
         flat.update(v if isinstance(v, dict) else {k: v})
     for k in NOT_IN_CONFIG_KEY:
         flat.pop(k, None)
-    for k in LABEL_FIELDS:  # configured values win (a failed row's prompt_len column is configured, an ok one's measured)
+    for k in LABEL_FIELDS:  # configured values win (an ok row's prompt_len column is the measured one)
         if flat.get(k) is None or k == "model":
             flat[k] = row.get(k)
     return flat

@@ -7,9 +7,9 @@ flags. A value is the relative change in the worse direction that counts (0.2 = 
 
 A thresholds file (see configs/thresholds/default.yaml):
 
-    z: 3.0                    # robust z-score a change must also exceed (orchestrator.stats)
-    min_baseline_runs: 3      # baseline suite runs for the night-level test; fewer: test the repeats
-    min_baseline_values: 3    # fewer baseline values than this: not enough data
+    z: 3.0                    # nominal z: a 0.13% false-alarm rate per comparison (orchestrator.stats)
+    min_baseline_runs: 5      # fewer earlier suite runs than this: not enough data
+    min_baseline_values: 3    # explicit baseline (one run or commit): fewer repeats than this: not enough
     noise_floor: 0.005        # σ is at least this fraction of the baseline median
     thresholds: {decode_tok_s: 0.15, itl_p99_ms: 0.3, e2e_ms: null}
 """
@@ -33,7 +33,7 @@ class Gate:
 
     thresholds: dict[str, float] = field(default_factory=default_thresholds)
     z: float = 3.0
-    min_runs: int = 3
+    min_runs: int = 5
     min_values: int = 3
     noise_floor: float = 0.005
     sources: tuple[str, ...] = ("defaults",)
@@ -122,3 +122,34 @@ def resolve_gate(suite_thresholds: dict[str, float | None] | None = None, file: 
         settings["z"] = z
     return Gate(thresholds={k: float(v) for k, v in merged.items() if v is not None}, sources=tuple(sources),
                 **settings)
+
+
+def suite_thresholds(ref: str | None) -> tuple[str | None, dict[str, float | None] | None]:
+    """(suite name, its `thresholds:`) for a suite reference: a YAML file or an embedded suite's name,
+    or just the name of a suite in the dataset (no thresholds). Only the name and the thresholds are
+    read and checked: the rest of the suite is `bench submit`'s business, and validating it would
+    import the engine (torch) for nothing."""
+    if ref is None:
+        return None, None
+    from importlib import resources
+
+    from orchestrator.suite import embedded_suites
+
+    path = Path(ref)
+    if path.is_file():
+        text, source = path.read_text(), str(path)
+    elif ref in embedded_suites():
+        text, source = resources.files("configs").joinpath(f"{ref}.yaml").read_text(), f"configs/{ref}.yaml"
+    else:
+        return ref, None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a suite is a YAML mapping")
+    try:
+        thresholds = check_thresholds(dict(raw.get("thresholds") or {}))
+    except ValueError as e:
+        raise UserError(f"{source}: thresholds: {e}") from None
+    return str(raw.get("name") or ref), thresholds

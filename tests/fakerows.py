@@ -31,8 +31,8 @@ models: [{name: llama3.1-8b, preset: llama3.1-8b}]
 repeats: 3
 defaults: {max_new_tokens: 32, prompt_len: 512, max_seq_len: 2048, temperature: 0}
 matrix:
-  - {mode: [gpu, mixed], batch_size: [1, 8]}
-  - {mode: mixed, batch_size: 1, topk_blk: 8}
+  - {mode: [gpu, mixed], batch_size: [1, 8], host: &gpus [{gpu: H100}, {gpu: H200}, {gpu: L40S}]}
+  - {mode: mixed, batch_size: 1, topk_blk: 8, host: *gpus}
 """
 START = datetime(2026, 11, 1, 1, 0, tzinfo=timezone.utc)
 COMMITS = [f"{i:x}" * 40 for i in range(1, 16)]
@@ -69,13 +69,14 @@ def suite(text: str = SUITE_YAML) -> Suite:
 def night(s: Suite, host: str, suite_run_id: str, when: datetime, rng: np.random.Generator, *,
           commit: str = COMMITS[0], noise: float = 0.03, night_sd: float = 0.02,
           slow: float | dict[str, float] = 1.0, fail: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """All runs of suite `s` on `host` in one suite run: one row per spec (configs × repeats).
+    """The runs of suite `s` that `host` takes in one suite run: one row per spec whose selector
+    names the host's GPU model (configs × repeats).
 
     `slow`: time factor for all configs, or per config key. `fail`: config key → error of failed runs.
     """
     shared = math.exp(rng.normal(0.0, night_sd))
     rows = []
-    for i, spec in enumerate(s.specs):
+    for i, spec in enumerate(specs_for(s, host)):
         t0 = when + timedelta(seconds=20 * i)
         if fail and spec.config_key in fail:
             outcome = RunOutcome("failed", fail[spec.config_key], None, HOSTS[host][0], f"node-{host}",
@@ -91,6 +92,17 @@ def night(s: Suite, host: str, suite_run_id: str, when: datetime, rng: np.random
     return rows
 
 
+def config_key(s: Suite, mode: str, batch_size: int, topk_blk: int = 0) -> str:
+    """The config key of a point of the suite's matrix."""
+    return next(sp.config_key for sp in s.specs if (sp.flat["mode"], sp.flat["batch_size"], sp.flat["topk_blk"])
+                == (mode, batch_size, topk_blk))
+
+
+def specs_for(s: Suite, host: str) -> list[RunSpec]:
+    gpu = HOSTS[host][0]["gpu_name"] or ""
+    return [sp for sp in s.specs if sp.selector.gpu is None or sp.selector.gpu.lower() in gpu.lower()]
+
+
 def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: float, noise: float) -> dict[str, Any]:
     """A result document as worker.bench.run returns it, from the performance model."""
     fp, speed, (ssd_bw, h2d_bw, hbm_bw) = HOSTS[host]
@@ -100,8 +112,9 @@ def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: fl
     ideal_prefill = PREFILL_US[mode] * plen * batch / 1e3 / speed
     prefill = ideal_prefill * factor * math.exp(rng.normal(0.0, noise))
     itl = step_ms * factor * math.exp(rng.normal(0.0, noise)) * np.exp(rng.normal(0.0, 0.02, new - 1))
-    itl[rng.random(new - 1) < 0.03] *= 2.5  # the odd slow step
+    itl[rng.random(new - 1) < 0.01] *= 2.0  # the odd slow step
     decode = float(itl.sum())
+    p50, p90, p99 = (_percentile(sorted(itl.tolist()), q) for q in (50, 90, 99))
     streamed = mode in ("ssd", "mixed")
     weight_bytes = 16_060_000_000
     io_ssd = {"bytes": weight_bytes // 2, "busy_s": decode / 1e3, "gbps": ssd_bw * 0.9 / factor} if streamed else None
@@ -116,8 +129,7 @@ def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: fl
                                       "torch_version", "cpu_model", "ram_gb", "engine_version")},
         "metrics": {"ttft_ms": prefill + 0.4, "prefill_ms": prefill, "decode_ms": decode,
                     "decode_tok_s": batch * (new - 1) / (decode / 1e3), "e2e_ms": prefill + 0.4 + decode,
-                    "itl_ms": itl.tolist(), "itl_p50_ms": float(np.percentile(itl, 50)),
-                    "itl_p90_ms": float(np.percentile(itl, 90)), "itl_p99_ms": float(np.percentile(itl, 99)),
+                    "itl_ms": itl.tolist(), "itl_p50_ms": p50, "itl_p90_ms": p90, "itl_p99_ms": p99,
                     "batch_size": batch, "prompt_len": plen, "generated_tokens": batch * new,
                     "gpu_max_allocated_gb": 17.5 if mode == "gpu" else 6.0 + 0.2 * batch,
                     "gpu_max_reserved_gb": 18.0 if mode == "gpu" else 7.0 + 0.2 * batch, "host_rss_gb": 12.0,
@@ -125,18 +137,20 @@ def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: fl
         "io": {"ssd_read": io_ssd, "weight_h2d": io_h2d, "kv_h2d": kv, "kv_d2h": kv},
         "roofline": {"ssd_gbps": ssd_bw, "h2d_gbps": h2d_bw, "hbm_gbps": hbm_bw,
                      "floor_prefill_s": ideal_prefill / 1e3 * 0.9, "floor_decode_s": floor_decode,
-                     "attainment_prefill": ideal_prefill * 0.9 / prefill, "attainment_decode": floor_decode * 1e3 / decode},
+                     "attainment_prefill": ideal_prefill * 0.9 / prefill,
+                     "attainment_decode": floor_decode * 1e3 / decode},
         "warnings": [], "outputs": [{"token_ids": [7] * new} for _ in range(batch)],
     }
 
 
 def history(s: Suite, hosts: list[str], nights: int, seed: int = 0, *, start: datetime = START,
             noise: float = 0.03, night_sd: float = 0.02, step: dict[str, Any] | None = None,
-            outliers: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
+            bad_nights: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
     """`nights` nightly suite runs, one a day, each on every host in `hosts`.
 
     step: {"night": first night affected, "host": host or None for all, "slow": factor or {config_key: factor},
-    "commit": commit from that night on}. outliers: (night, host) → time factor of that night's first run.
+    "commit": commit from that night on}. bad_nights: (night, host) → time factor of every run of that
+    night on that host (a hiccup: a neighbour job, a throttled SSD).
     """
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
@@ -146,13 +160,10 @@ def history(s: Suite, hosts: list[str], nights: int, seed: int = 0, *, start: da
         for host in hosts:
             stepped = step is not None and n >= step["night"] and step.get("host") in (None, host)
             commit = step.get("commit", COMMITS[1]) if stepped else COMMITS[0]
-            got = night(s, host, sr, when, rng, commit=commit, noise=noise, night_sd=night_sd,
-                        slow=step["slow"] if stepped else 1.0)
-            if outliers and (n, host) in outliers:
-                k = outliers[(n, host)]
-                got[0] = {**got[0], "decode_tok_s": got[0]["decode_tok_s"] / k, "decode_ms": got[0]["decode_ms"] * k,
-                          "e2e_ms": got[0]["e2e_ms"] * k, "ttft_ms": got[0]["ttft_ms"] * k}
-            rows += got
+            slow = step["slow"] if stepped else 1.0
+            if bad_nights and (n, host) in bad_nights:
+                slow = bad_nights[(n, host)]
+            rows += night(s, host, sr, when, rng, commit=commit, noise=noise, night_sd=night_sd, slow=slow)
     return rows
 
 
@@ -182,7 +193,40 @@ def write_old_schema(uri: str, rows: list[dict[str, Any]], version: int = 0) -> 
         pq.write_table(pa.Table.from_pylist([{**row, "schema_version": version}], schema=schema), path, filesystem=fs)
 
 
+def _percentile(x: list[float], q: float) -> float:
+    """numpy's default (linear) percentile of a sorted list, without numpy's per-call overhead."""
+    pos = (len(x) - 1) * q / 100
+    lo = int(pos)
+    return x[lo] + (x[min(lo + 1, len(x) - 1)] - x[lo]) * (pos - lo)
+
+
 def _config(spec: RunSpec) -> dict[str, Any]:
     if spec.spec_hash not in _CONFIGS:
         _CONFIGS[spec.spec_hash] = spec.config(f"preset:{spec.model.preset}").to_dict()
     return _CONFIGS[spec.spec_hash]
+
+
+def demo_dataset(uri: str, nights: int = 12) -> list[dict[str, Any]]:
+    """The dataset behind tests/test_report.py and docs/report.png: three GPU models, `nights` nights,
+    a 30% slowdown of one config on the H100 box in the last night (a new commit), one config out
+    of memory on the L40S that night, and the first two nights written by an older schema version.
+
+        python -c "from tests import fakerows; fakerows.demo_dataset('/tmp/demo')"
+        bench report --results /tmp/demo --out /tmp/demo.html
+    """
+    s = suite()
+    gpu_b8 = config_key(s, "gpu", 8)
+    rows = history(s, ["h100-a", "h200", "l40s"], nights, seed=42,
+                   step={"night": nights - 1, "host": "h100-a", "slow": {gpu_b8: 1.3}, "commit": COMMITS[2]})
+    last = rows[-1]["suite_run_id"]
+    oom = config_key(s, "mixed", 8)
+    rows = [r for r in rows if not (r["suite_run_id"] == last and r["host"] == "gpu-l40s-a" and r["config_key"] == oom)]
+    when = START + timedelta(days=nights - 1, hours=1)
+    failed = night(s, "l40s", last, when, np.random.default_rng(7), commit=COMMITS[2],
+                   fail={oom: "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 44.39 GiB total capacity)\n"
+                               "  File \"worker/kvcache.py\", line 212, in <module> & spill()"})
+    rows += [r for r in failed if r["status"] != "ok"]
+    old_dates = {f"{START + timedelta(days=d):%Y-%m-%d}" for d in range(2)}
+    write_old_schema(uri, [r for r in rows if r["date"] in old_dates])
+    write(uri, [r for r in rows if r["date"] not in old_dates])
+    return rows

@@ -102,9 +102,7 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    reset = getattr(engine.weights, "reset_counters", None)
-    if reset:
-        reset()
+    engine.reset_counters()
     prefetched = getattr(engine.weights, "prefetched", dict)()
     phase("measure")
     gen = once(cfg.max_new_tokens)
@@ -117,8 +115,9 @@ def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[st
     from worker.roofline import roofline
 
     probe = probe_host(path=str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path), quick=True)
+    kv_step = engine.kv_step_bytes(metrics["batch_size"], metrics["prompt_len"] + gen.decode_steps // 2)
     return roofline(pack.manifest, engine.placement, probe, metrics["batch_size"], metrics["prompt_len"],
-                    gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched)
+                    gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched, kv_step=kv_step)
 
 
 def prompt_ids_for(tok, cfg: RunConfig) -> list[list[int]]:

@@ -1,6 +1,8 @@
 """Build the streaming engine for a run: a model, its weight source and its KV cache factory.
 
-Modes differ only in the weight source (and, later, the cache); the forward is the same object code.
+Modes differ only in the weight source and the cache; the forward is the same object code. The KV
+side (`worker.kv`) is validated and its global block tracker created before the model is built, in
+the seed's order.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 
 from worker.config import RunConfig
 from worker.errors import UserError
-from worker.kvcache import StaticKVCache
+from worker.kv.factory import KVFactory, merge_io, tier_bytes
+from worker.kv.tracker import init_global_tracker
 from worker.model import Llama
 from worker.model_config import ModelConfig
 from worker.stream.plan import Placement, place
@@ -29,16 +32,28 @@ class Engine:
     model: Llama
     weights: Any
     placement: Placement
-    new_cache: Callable[[int, int], Any]  # (batch, max_seq) → cache
+    new_cache: Callable[[int, int], Any]  # (batch, max_seq) → cache (a KVFactory)
 
     def io(self) -> dict[str, Any]:
         stats = getattr(self.weights, "io_stats", None)
-        return stats() if stats else {}
+        kv = getattr(self.new_cache, "io_stats", None)
+        return merge_io(stats() if stats else {}, kv() if kv else {})
+
+    def reset_counters(self) -> None:
+        for part in (self.weights, self.new_cache):
+            reset = getattr(part, "reset_counters", None)
+            if reset:
+                reset()
+
+    def kv_step_bytes(self, batch: int, context: int) -> dict[str, int] | None:
+        step = getattr(self.new_cache, "step_bytes", None)
+        return step(batch, context) if step else None
 
     def close(self) -> None:
-        close = getattr(self.weights, "close", None)
-        if close:
-            close()
+        for part in (self.new_cache, self.weights):
+            close = getattr(part, "close", None)
+            if close:
+                close()
 
 
 def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int | None = None) -> Engine:
@@ -50,6 +65,10 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
     mode = run.stream.mode
     limit_gpu_memory(run.stream.gpu_memory_limit_gb, device)
     placement = place(mode, cfg.num_hidden_layers, run.stream)
+    tracker = init_global_tracker(max_batch=run.batch_size, layers=cfg.num_hidden_layers,
+                                  n_blocks=-(-run.max_seq_len // run.kv.kv_block_tokens))  # before the model
+    kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
+                   spill_dir=pack.manifest_path.parent)
     try:
         if mode == "gpu":
             weights = ResidentWeights.from_pack(pack, device)
@@ -61,7 +80,7 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
                         "streaming mode") from None
     log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
     model = Llama(cfg, weights, device)
-    return Engine(cfg, model, weights, placement, lambda b, s: StaticKVCache(cfg, b, s, device, dtype))
+    return Engine(cfg, model, weights, placement, kv)
 
 
 def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:
@@ -83,7 +102,7 @@ def workspace_bytes(run: RunConfig, cfg: ModelConfig, prompt_tokens: int | None 
     """What a run needs on the GPU besides weights: the KV cache and the largest activations (an
     estimate used only to size the streaming slots under --gpu-memory-limit-gb)."""
     item = 4 if run.dtype == "float32" or cfg.dtype == "float32" else 2
-    kv = 2 * cfg.num_hidden_layers * run.batch_size * cfg.num_key_value_heads * cfg.head_dim * run.max_seq_len * item
+    kv = tier_bytes(run.kv, cfg, run.batch_size, run.max_seq_len, item)["gpu"]
     tokens = run.batch_size * (prompt_tokens or run.max_prompt_tokens)
     act = tokens * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * item + run.batch_size * cfg.vocab_size * 4
     return kv + act

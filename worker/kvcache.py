@@ -23,10 +23,15 @@ class Step:
     right-padded); a decode step (T == 1) has each row at its own position. kv_len (host int) is the
     number of cache positions the step's attention must cover: max position + 1, known on the host so
     no device sync is needed.
+
+    lens (optional, prefill only): each row's real prompt length on the host. A paged cache with a
+    host tier plans block moves from host-known positions; given lens it never reads positions back,
+    otherwise it reads them once, at the first decode step.
     """
 
     positions: torch.Tensor
     kv_len: int
+    lens: tuple[int, ...] | None = None
 
     @property
     def is_prefill(self) -> bool:

@@ -54,6 +54,13 @@ def memory(device: torch.device, pinned_bytes: int | None) -> dict[str, Any]:
     }
 
 
+def kv_tiers(io: dict[str, Any]) -> dict[str, Any]:
+    """The KV cache's bytes per tier (GPU, pinned CPU, SSD spill) and its write-back throttling."""
+    tiers, throttle = io.get("kv_bytes") or {}, io.get("kv_throttle") or {}
+    return {**{f"kv_{t}_gb": tiers[t] / GB if t in tiers else None for t in ("gpu", "cpu", "ssd")},
+            "kv_write_backoffs": throttle.get("backoffs")}
+
+
 def build_result(cfg: RunConfig, engine, pack, device: torch.device, gen: Generation,
                  prompt_ids: list[list[int]], tok, base_env: dict[str, str]) -> dict[str, Any]:
     mc = engine.cfg
@@ -73,7 +80,8 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
                     io: dict[str, Any]) -> dict[str, Any]:
     """The document around one measured generation; shared by the streaming engine and the peer.
 
-    `io` is the engine's `io()` dict (channels, pinned_host_bytes, roofline, warnings); missing
+    `io` is the engine's `io()` dict (channels, pinned_host_bytes, roofline, warnings, and the KV
+    cache's bytes per tier `kv_bytes` {gpu, cpu, ssd} and write throttle `kv_throttle`); missing
     channels are None (the accelerate peer exposes none).
     """
     bsz = len(prompt_ids)
@@ -94,6 +102,7 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
         "generated_tokens": sum(len(t) for t in gen.token_ids),
         "decode_steps": gen.decode_steps,
         **memory(device, io.get("pinned_host_bytes")),
+        **kv_tiers(io),
     }
     return {
         "schema": RESULT_SCHEMA,
@@ -103,7 +112,8 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
         "model": model,
         "system": system_info(device),
         "metrics": metrics,
-        "io": {ch: io.get(ch) for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h")},
+        "io": {ch: io.get(ch) for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h", "kv_ssd")
+               if ch != "kv_ssd" or io.get(ch) is not None},  # kv_ssd only when the KV cache spilled
         "roofline": io.get("roofline"),
         "warnings": io.get("warnings", []),
         "outputs": [

@@ -5,6 +5,8 @@ Per pass (one forward over all layers) the placement fixes the bytes each tier m
 reads (every weight the compute touches once). With the host probe's measured bandwidths,
 `floor = max(ssd_bytes / ssd_bw, h2d_bytes / pcie_bw, hbm_bytes / hbm_bw, flops / matmul_rate)`
 and `attainment = floor / measured`. Terms whose bandwidth was not measured are left out, never guessed.
+A decode step also moves KV bytes (read by the attention; fetched back when offloaded), passed in by
+the engine's KV cache and added to the decode floor.
 """
 
 from __future__ import annotations
@@ -55,22 +57,25 @@ def floor_s(nbytes: dict[str, int], fl: float, probe: dict[str, Any]) -> tuple[f
 
 def roofline(manifest, placement: Placement, probe: dict[str, Any] | None, batch: int, prompt_len: int,
              prefill_ms: float, decode_ms: float, decode_steps: int,
-             credit: dict[str, int] | None = None) -> dict[str, Any] | None:
+             credit: dict[str, int] | None = None, kv_step: dict[str, int] | None = None) -> dict[str, Any] | None:
     """`credit`: bytes the streamer had already fetched when the measured round began; the prefill
-    did not have to move them, so its floor leaves them out (decode is steady state: no credit)."""
+    did not have to move them, so its floor leaves them out (decode is steady state: no credit).
+    `kv_step`: KV bytes one decode step moves per tier (HBM reads by the attention, offloaded blocks
+    fetched H2D, SSD spill traffic), added to the decode floor's weight bytes."""
     if not probe:
         return None
     cfg = manifest.model_config
     nb = pass_bytes(manifest, placement)
     credit = credit or {}
     nb_prefill = {k: max(0, v - credit.get(k, 0)) for k, v in nb.items()}
+    nb_decode = {k: v + (kv_step or {}).get(k, 0) for k, v in nb.items()}
     fp, bound_p = floor_s(nb_prefill, flops(cfg, batch * prompt_len, prompt_len // 2), probe)
-    fd, bound_d = floor_s(nb, flops(cfg, batch, prompt_len + decode_steps // 2), probe)
+    fd, bound_d = floor_s(nb_decode, flops(cfg, batch, prompt_len + decode_steps // 2), probe)
     per_token_s = decode_ms / 1e3 / decode_steps if decode_steps else None
     return {
         "ssd_gbps": probe.get("ssd_gbps"), "h2d_gbps": probe.get("h2d_gbps"), "hbm_gbps": probe.get("hbm_gbps"),
         "matmul_tflops": probe.get("matmul_tflops"), "probe_measured_at": probe.get("measured_at"),
-        "pass_bytes": nb, "prefill_prefetched_bytes": credit,
+        "pass_bytes": nb, "prefill_prefetched_bytes": credit, "kv_step_bytes": kv_step,
         "floor_prefill_s": fp, "bound_prefill": bound_p,
         "floor_decode_s": fd, "bound_decode": bound_d,
         "attainment_prefill": fp / (prefill_ms / 1e3) if fp and prefill_ms else None,

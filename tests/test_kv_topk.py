@@ -1,0 +1,156 @@
+"""Top-k block attention: what it selects, that its bound is a bound, and that it is exact when the
+blocks it keeps hold all the attention mass (and bit-exact when k covers every block)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from worker.config import KVConfig
+from worker.kv.factory import KVFactory
+from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks, upper_bounds
+from worker.kv.tracker import BlockTracker
+from worker.kvcache import StaticKVCache, Step
+
+DEV = torch.device("cpu")
+CFG = types.SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=8, num_attention_heads=4)
+
+
+def test_selection_keeps_sink_and_recent_blocks():
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    frontier = torch.tensor([11, 6, 3, 1])
+    scores = torch.rand(4, n, generator=g)
+    scores[:, 0] = -50.0  # the sink and the recent blocks score worst...
+    for b, f in enumerate(frontier.tolist()):
+        scores[b, max(f - 1, 0):f + 1] = -40.0
+    for k in (2, 3, 4, 6):
+        sel, valid = select_blocks(scores, k, frontier, recent=recent_blocks(k))
+        for b, f in enumerate(frontier.tolist()):
+            chosen = sel[b][valid[b]].tolist()
+            assert chosen == sorted(chosen) and len(set(chosen)) == len(chosen)
+            assert 0 in chosen and f in chosen  # ... and are kept anyway
+            if k >= 4 and f >= 1:
+                assert f - 1 in chosen
+            assert all(j <= f for j in chosen)  # never a block after the frontier (no keys yet)
+            assert len(chosen) == min(k, f + 1)
+            rest = [j for j in range(1, f + 1) if j not in (f, f - 1 if k >= 4 else f)]
+            best = sorted(rest, key=lambda j: -scores[b, j].item())[:len(chosen) - len(set(chosen) - set(rest))]
+            assert set(best) <= set(chosen)  # the others are the best scored
+
+
+def test_selection_only_uses_available_blocks():
+    scores = torch.arange(10.0)[None].repeat(2, 1)  # later blocks score higher
+    avail = torch.ones(2, 10, dtype=torch.bool)
+    avail[:, 7:9] = False  # e.g. offloaded and not prefetched
+    sel, valid = select_blocks(scores, 4, torch.tensor([9, 9]), avail, recent=1)
+    assert sel[0].tolist() == [0, 5, 6, 9] and bool(valid.all())
+
+
+def test_key_bound_is_an_upper_bound():
+    g = torch.Generator().manual_seed(1)
+    b, n, kv, bt, hd, h = 2, 5, 2, 4, 8, 4
+    blocks = torch.randn(b, n, kv, bt, hd, generator=g)
+    q = torch.randn(b, h, 1, hd, generator=g)
+    kmin, kmax = block_bounds(blocks)
+    ub = upper_bounds(q, kmin, kmax)  # (B, H, n)
+    keys = blocks.repeat_interleave(h // kv, dim=2)  # (B, n, H, bt, hd)
+    true = torch.einsum("bhd,bnhtd->bhnt", q[:, :, 0], keys).amax(-1) * hd ** -0.5  # (B, H, n)
+    assert bool((ub >= true - 1e-5).all())
+    # the partial bound of the block being written ignores positions not written yet
+    lo, hi = block_bounds(blocks[:, :1], torch.tensor([1, 2]))
+    assert torch.equal(hi[0, 0], blocks[0, 0, :, 0]) and torch.equal(lo[0, 0], blocks[0, 0, :, 0])
+    s = block_scores(q, kmin, kmax, torch.tensor([2, 4]))
+    assert torch.isinf(s[0, 3:]).all() and torch.isfinite(s[1]).all()
+
+
+def _massive(lens, steps, important, seed=0, a=24.0):
+    """Decode inputs where every query only sees keys of `important` blocks (and its own new keys).
+
+    Channel 0 of every query is `a`; other keys have -a there, which puts their scores ~200 below the
+    rest: their softmax weight is exactly 0 in float32, and their key bound ranks them last."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, bt = len(lens), max(lens), 4
+    kv, hd, h = CFG.num_key_value_heads, CFG.head_dim, CFG.num_attention_heads
+
+    def keys(n, far):
+        k = torch.randn(b, kv, n, hd, generator=g)
+        k[..., 0] = torch.where(far, -a, 0.0)[None, None, :]
+        return k
+
+    def query():
+        q = torch.randn(b, h, 1, hd, generator=g)
+        q[..., 0] = a
+        return q
+
+    far = torch.tensor([p // bt not in important for p in range(t)])
+    prefill = [(torch.randn(b, h, t, hd, generator=g), keys(t, far), torch.randn(b, kv, t, hd, generator=g))
+               for _ in range(CFG.num_hidden_layers)]
+    decode = [[(query(), keys(1, torch.tensor([False])), torch.randn(b, kv, 1, hd, generator=g))
+               for _ in range(CFG.num_hidden_layers)] for _ in range(steps)]
+    return prefill, decode
+
+
+def _run(cache, lens, prefill, decode):
+    b, t = len(lens), max(lens)
+    outs = []
+    for layer, (q, k, v) in enumerate(prefill):
+        cache.attend(layer, q, k, v, Step(torch.arange(t).expand(b, t), t))
+    pos = torch.tensor(lens)
+    for i, per_layer in enumerate(decode):
+        for layer, (q, k, v) in enumerate(per_layer):
+            outs.append(cache.attend(layer, q, k, v, Step(pos[:, None].clone(), t + i + 1)))
+        pos = pos + 1
+    return outs
+
+
+@pytest.mark.parametrize("kv", [dict(kv_offload="none"), dict(kv_offload="cpu", kv_gpu_blocks=1),
+                                dict(kv_offload="cpu", kv_gpu_blocks=2), dict(kv_offload="ssd", kv_gpu_blocks=1)],
+                         ids=["resident", "cpu-one-block", "cpu-two-blocks", "ssd-one-block"])
+def test_topk_equals_exact_when_selected_blocks_hold_all_mass(tmp_path, kv):
+    lens, steps, important = [40, 30], 8, {3, 7}
+    prefill, decode = _massive(lens, steps, important)
+    ref = _run(StaticKVCache(CFG, 2, 64, DEV, torch.float32), lens, prefill, decode)
+    tracker = BlockTracker(2, CFG.num_hidden_layers, 16)
+    f = KVFactory(CFG, KVConfig(kv_block_tokens=4, topk_blk=5, **kv), DEV, torch.float32, 64, 2, tracker, tmp_path)
+    try:
+        got = _run(f(2, 64), lens, prefill, decode)
+    finally:
+        f.close()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    hits = tracker.snapshot()["hits"]  # (B, L, blocks)
+    assert bool((hits[:, :, sorted(important)] == steps).all())  # the mass-holding blocks, every step
+    assert bool((hits[:, :, 0] == steps).all())  # the sink, always
+    # row 0 (frontier blocks 10, 11): k = 5 is exactly the sink, two recent blocks and the two that matter
+    assert int(hits[0, :, [1, 2, 4, 5, 6, 8]].sum()) == 0
+
+
+def test_topk_without_mass_concentration_is_approximate(tmp_path):
+    """With random keys (attention spread over every block) top-k must differ from exact attention."""
+    lens = [40, 30]
+    g = torch.Generator().manual_seed(3)
+    prefill = [(torch.randn(2, 4, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g),
+                torch.randn(2, 2, 40, 8, generator=g)) for _ in range(2)]
+    decode = [[(torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g),
+                torch.randn(2, 2, 1, 8, generator=g)) for _ in range(2)] for _ in range(4)]
+    ref = _run(StaticKVCache(CFG, 2, 64, DEV, torch.float32), lens, prefill, decode)
+    f = KVFactory(CFG, KVConfig(kv_block_tokens=4, topk_blk=3), DEV, torch.float32, 64, 2)
+    got = _run(f(2, 64), lens, prefill, decode)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) > 1e-2
+
+
+@pytest.mark.parametrize("kv", [dict(kv_offload="none"), dict(kv_offload="cpu", kv_gpu_blocks=1)])
+def test_k_covering_every_block_is_bit_exact(tmp_path, kv):
+    lens, steps = [40, 30], 8
+    prefill, decode = _massive(lens, steps, {1}, seed=5, a=1.0)
+    ref = _run(StaticKVCache(CFG, 2, 64, DEV, torch.float32), lens, prefill, decode)
+    k = -(-(max(lens) + steps) // 4)  # blocks of the longest row at the last step
+    f = KVFactory(CFG, KVConfig(kv_block_tokens=4, topk_blk=k, **kv), DEV, torch.float32, 64, 2)
+    try:
+        got = _run(f(2, 64), lens, prefill, decode)
+    finally:
+        f.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))

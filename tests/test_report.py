@@ -1,0 +1,141 @@
+"""`bench report`: a self-contained HTML file that renders offline, over data other readers see too."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from orchestrator.regress import Baseline
+from orchestrator.render import num
+from orchestrator.history import history_flags, ordered_suite_runs
+from orchestrator.report import build_report, latest_rows
+from orchestrator.selection import Selection, config_labels, select
+from orchestrator.stats import summarize
+from orchestrator.thresholds import Gate
+from tests import fakerows
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    uri = str(root / "results")
+    rows = fakerows.demo_dataset(uri)
+    info = build_report(uri, root / "out" / "report.html", title="nightly <test>")
+    return uri, rows, info, Path(info.path).read_text()
+
+
+@pytest.fixture(scope="module")
+def read_back(made):
+    return select(made[0])
+
+
+def test_report_is_self_contained(made):
+    uri, rows, info, page = made
+    assert info.rows == len(rows) and info.failed == 3 and info.suite_runs == 12 and info.exit_code == 1
+    assert [p.name for p in Path(info.path).parent.iterdir()] == ["report.html"]  # no temp file left behind
+    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    images = re.findall(r'<img alt="?[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    images += re.findall(r"<img alt='[^']*' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) >= 6 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "<title>nightly &lt;test&gt;</title>" in page
+
+
+def test_report_shows_the_sections_the_nightly_reader_needs(made):
+    uri, rows, info, page = made
+    for title in ("Regression check: nightly-", "Throughput and attainment", "Latency breakdown: TTFT, prefill, decode",
+                  "I/O bandwidth against the host&#x27;s probe", "History over nights", "Failed runs (3)", "Hardware"):
+        assert title in page, title
+    assert "<div class=v>regression</div>" in page
+    assert 'tr class="regression"' in page and "llama3.1-8b · gpu · b8 · p512→32" in page
+    # errors are listed, escaped, newest first
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in page and "in &lt;module&gt; &amp; spill()" in page
+    for hw in {r["hardware_key"] for r in rows}:
+        assert hw in page
+    assert "probe GB/s" in page and "6.80" in page  # the H100 box's SSD probe figure
+
+
+def test_history_marks_the_night_of_the_regression(made, read_back):
+    uri, rows, info, page = made
+    got = read_back
+    runs = ordered_suite_runs(got)
+    flags = history_flags(got, runs, config_labels(got), Baseline(), Gate())
+    gpu_b8 = fakerows.config_key(fakerows.suite(), "gpu", 8)
+    h100 = next(r["hardware_key"] for r in rows if r["host"] == "gpu-h100-a")
+    assert flags[(runs[-1], gpu_b8, h100, "decode_tok_s")] == "regression"
+    assert {(k[0], k[1], k[2]) for k, v in flags.items() if v == "regression"} == {(runs[-1], gpu_b8, h100)}
+
+
+def test_pandas_and_duckdb_read_the_dataset_the_report_was_made_from(made, read_back):
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    uri, rows, info, page = made
+    df = pd.read_parquet(uri)
+    assert len(df) == info.rows and (df["status"] == "failed").sum() == info.failed
+    assert df["suite_run_id"].nunique() == info.suite_runs and set(df["schema_version"]) == {0, 1}
+    con = duckdb.connect()
+    files = f"read_parquet('{uri}/**/*.parquet', hive_partitioning = true, union_by_name = true)"
+    n, failed = con.sql(f"select count(*), count(*) filter (where status = 'failed') from {files}").fetchall()[0]
+    assert (n, failed) == (info.rows, info.failed)
+    # the medians the report prints are the ones DuckDB computes from the same files
+    latest = latest_rows(read_back)
+    pair = next(r for r in latest if r["host"] == "gpu-h200-a")
+    median = summarize([r["decode_tok_s"] for r in latest if (r["config_key"], r["hardware_key"]) ==
+                        (pair["config_key"], pair["hardware_key"]) and r["status"] == "ok"]).median
+    sql = (f"select median(decode_tok_s) from read_parquet('{uri}/**/*.parquet', hive_partitioning = true, "
+           f"union_by_name = true) where suite_run_id = '{pair['suite_run_id']}' and config_key = "
+           f"'{pair['config_key']}' and hardware_key = '{pair['hardware_key']}' and status = 'ok'")
+    assert con.sql(sql).fetchall()[0][0] == pytest.approx(median)
+    assert num(median) in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (CI has none); docs/report.png is the committed render")
+def test_report_renders_in_headless_chromium(made, tmp_path):
+    from PIL import Image
+
+    uri, rows, info, page = made
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1400,2400",
+                           Path(info.path).as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1400, 2400)
+    colors = image.resize((140, 240)).getcolors(maxcolors=100_000)
+    assert colors is not None and len(colors) > 200  # text, tables and plots, not a blank or error page
+
+
+def test_cli_report_follows_the_selection(tmp_path):
+    uri = str(tmp_path / "results")
+    s = fakerows.suite()
+    rows = fakerows.history(s, ["h200", "l40s"], 3, seed=5, step={"night": 2, "host": "l40s", "slow": 2.0})
+    fakerows.write(uri, rows)
+    runner = CliRunner()
+    out = runner.invoke(cli.bench, ["report", "--results", uri, "--out", str(tmp_path / "r.html"), "--host", "h200",
+                                    "--suite", "nightly"], terminal_width=250)
+    assert out.exit_code == 0, out.output
+    # the L40S regressed that night, but the report is about the H200 (and 2 earlier nights are not enough)
+    assert "r.html (45 runs, 0 failed, 3 suite runs; newest suite run: not enough data)" in out.output
+    html = (tmp_path / "r.html").read_text()
+    assert "gpu-h200-a" in html and "gpu-l40s-a" not in html and "host=h200" in html
+    out = runner.invoke(cli.bench, ["report", "--results", str(tmp_path / "none"), "--out", str(tmp_path / "e.html")])
+    assert out.exit_code == 0 and "(0 runs" in out.output
+    assert "No runs match" in (tmp_path / "e.html").read_text()
+
+
+def test_one_suite_run_has_no_history_yet(tmp_path):
+    uri = str(tmp_path / "one")
+    fakerows.write(uri, fakerows.history(fakerows.suite(), ["h200"], 1))
+    info = build_report(uri, tmp_path / "one.html", Selection())
+    page = Path(info.path).read_text()
+    assert info.exit_code == 3 and "history starts with the second" in page and "not enough data" in page

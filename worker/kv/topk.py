@@ -1,0 +1,77 @@
+"""Top-k block selection: score every block by a cheap bound on q·k, keep the k best.
+
+Each block keeps the per-channel minimum and maximum of its keys, (KV, hd) each. For a query q the
+largest q·k any key of the block can reach is sum_c max(q_c * max_c, q_c * min_c), an upper bound
+(Quest-style) computed in O(hd) per block instead of O(bt * hd). Per query head the bounds are
+turned into log-softmax estimates over the row's blocks, and a block's score is its best estimate
+over heads: a block that matters to any head is kept. The first block (attention sink) and the most
+recent block(s) are always kept. Everything here runs on the device with static shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INF = float("inf")
+
+
+def recent_blocks(k: int) -> int:
+    """Most recent blocks always kept: the block being written, plus the one before it once k > 3."""
+    return 1 if k <= 3 else 2
+
+
+def block_bounds(blocks_k: torch.Tensor, n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks_k (B, n, KV, bt, hd) → per-channel (min, max) (B, n, KV, hd).
+
+    n_valid (B,) limits every block to its first n_valid positions (the block being written)."""
+    if n_valid is None:
+        return blocks_k.amin(3), blocks_k.amax(3)
+    bt = blocks_k.shape[3]
+    ok = (torch.arange(bt, device=blocks_k.device)[None, :] < n_valid[:, None])[:, None, None, :, None]  # (B,1,1,bt,1)
+    lo = torch.where(ok, blocks_k, torch.tensor(INF, dtype=blocks_k.dtype, device=blocks_k.device)).amin(3)
+    hi = torch.where(ok, blocks_k, torch.tensor(-INF, dtype=blocks_k.dtype, device=blocks_k.device)).amax(3)
+    return lo, hi
+
+
+def upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """q (B, H, 1, hd), kmin/kmax (B, n, KV, hd) → (B, H, n) float32: for each query head and block, a
+    bound no scaled score q·k / sqrt(hd) of a key in the block exceeds."""
+    b, h, _, hd = q.shape
+    kv = kmin.shape[2]
+    qg = q[:, :, 0].float().view(b, kv, h // kv, hd)  # (B, KV, G, hd): head h reads kv head h // G
+    ub = (torch.einsum("bkgd,bnkd->bkgn", qg.clamp(min=0), kmax.float())
+          + torch.einsum("bkgd,bnkd->bkgn", qg.clamp(max=0), kmin.float()))  # (B, KV, G, n)
+    return ub.reshape(b, h, -1) * hd ** -0.5
+
+
+def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, frontier: torch.Tensor) -> torch.Tensor:
+    """q (B, H, 1, hd), kmin/kmax (B, n, KV, hd), frontier (B,) → scores (B, n) float32.
+
+    Blocks after a row's frontier (the block its current token is in) hold no keys yet: -inf."""
+    ub = upper_bounds(q, kmin, kmax)  # (B, H, n)
+    live = torch.arange(ub.shape[2], device=q.device)[None, :] <= frontier[:, None]  # (B, n)
+    ub = ub.masked_fill(~live[:, None, :], -INF)
+    est = ub - torch.logsumexp(ub, dim=-1, keepdim=True)  # log-softmax over the row's blocks, per head
+    return est.amax(dim=1)  # (B, n)
+
+
+def select_blocks(scores: torch.Tensor, k: int, frontier: torch.Tensor, available: torch.Tensor | None = None,
+                  recent: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k blocks to attend over per row, in position order.
+
+    scores (B, n), frontier (B,), available (B, n) bool (blocks that can be read now; None = all; the
+    planner makes sure the forced blocks are available).
+    Returns sel (B, k) block ids ascending and valid (B, k); a row with fewer than k candidate blocks
+    gets invalid entries (id 0, valid False) at the end."""
+    n = scores.shape[1]
+    j = torch.arange(n, device=scores.device)[None, :]  # (1, n)
+    live = j <= frontier[:, None]
+    forced = live & ((j == 0) | (j > frontier[:, None] - recent))
+    s = torch.where(forced, INF, scores)
+    ok = live if available is None else live & available
+    s = torch.where(ok, s, -INF)
+    top, idx = s.topk(k, dim=1)  # (B, k)
+    valid = top > -INF
+    idx = torch.where(valid, idx, n).sort(dim=1).values  # invalid ones last
+    valid = idx < n
+    return torch.where(valid, idx, 0), valid
