@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from worker.cli_options import given, run_options
 from worker.errors import UserError
+from worker.presets import PRESETS
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -79,7 +80,7 @@ def run_summary(result: dict):
 
 @bench.command("make-model")
 @click.argument("out_dir", type=click.Path())
-@click.option("--preset", type=click.Choice(["tiny", "llama3.1-8b", "llama3.1-70b"]), default="tiny",
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny",
               show_default=True, help="Geometry: tiny (CPU tests) or the real Llama-3.1 8B / 70B shapes.")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of layers [default: the preset's].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",

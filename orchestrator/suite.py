@@ -30,7 +30,6 @@ from worker.config import RunConfig, flat_owners
 from worker.errors import UserError
 
 DEFAULT_SUITE = "smoke"
-KNOWN_PRESETS = ("tiny", "llama3.1-8b", "llama3.1-70b")
 # Set by the orchestrator per host and run, never by a suite.
 RESERVED_KEYS = {"checkpoints": "name the model under `models:` instead",
                  "out_json": "results go to the Parquet dataset (`--results`)"}
@@ -143,12 +142,9 @@ class Suite:
 
 
 def presets() -> tuple[str, ...]:
-    try:
-        from worker import synth
-    except ImportError:
-        return KNOWN_PRESETS
-    found = getattr(synth, "PRESETS", None)
-    return tuple(found) if found else KNOWN_PRESETS
+    from worker.presets import PRESETS
+
+    return tuple(PRESETS)
 
 
 def embedded_suites() -> list[str]:
