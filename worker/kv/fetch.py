@@ -80,6 +80,9 @@ def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: 
         rows = [(b, lo) for b, lo in enumerate(plan.lo) if lo > 0]
         pairs += [(stage[b, :lo].view(-1), src) for (b, lo), src in zip(rows, store.prefix(L, rows, p))]
         return m.upload(pairs, p)
+    if plan.max_lo == 0:  # nothing offloaded yet: every candidate slot stays empty
+        bufs.cand_host[p].fill_(-1)
+        return m.upload(pairs, p, untimed=[(bufs.cand[p], bufs.cand_host[p])])
     host = None
     if scores is not None:
         buf, n, ev = scores
