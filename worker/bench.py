@@ -15,7 +15,7 @@ import torch
 from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
-from worker.generate import Generation, generate
+from worker.generate import Generation, decode_spans, generate
 from worker.model_config import ModelConfig
 from worker.results_json import build_result, write_json
 
@@ -77,11 +77,11 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
     engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
     try:
         gen = _measure(engine, cfg, prompt_ids, tok, device, phase)
+        result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied)
+        if cfg.roofline:
+            result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
     finally:
         engine.close()
-    result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied)
-    if cfg.roofline:
-        result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")
@@ -89,16 +89,20 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
 
 
 def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> Generation:
+    cache = engine.new_cache(len(prompt_ids), cfg.max_seq_len)  # reused: every round starts with a prefill
+    graphs = _graphs(engine, cfg, cache, len(prompt_ids), device)
+
     def once(new_tokens: int) -> Generation:
-        cache = engine.new_cache(len(prompt_ids), cfg.max_seq_len)
         return generate(engine.model, cache, prompt_ids, new_tokens, cfg.sampling.temperature,
                         cfg.sampling.top_p, cfg.sampling.seed, engine.cfg.eos_token_ids or eos_ids(tok),
-                        pad_id(tok), device)
+                        pad_id(tok), device, decode=graphs)
 
     for i in range(cfg.warmup_rounds):
         phase("warmup")
         log.info("warm-up round %d/%d", i + 1, cfg.warmup_rounds)
         once(min(cfg.max_new_tokens, WARMUP_TOKENS))
+    if graphs is not None:  # capture every span the measured round will use, outside its timing
+        graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,6 +112,18 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
     gen = once(cfg.max_new_tokens)
     gen.prefetched = prefetched
     return gen
+
+
+def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
+    """CUDA-graphed decode for all-resident weights and the plain cache on CUDA, else None (eager)."""
+    from worker.graphs import GraphedDecode
+    from worker.kvcache import StaticKVCache
+    from worker.weights import ResidentWeights
+
+    if (cfg.cuda_graphs and device.type == "cuda" and isinstance(engine.weights, ResidentWeights)
+            and isinstance(cache, StaticKVCache)):
+        return GraphedDecode(engine.model, cache, batch, device)
+    return None
 
 
 def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[str, Any] | None:

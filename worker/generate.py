@@ -52,9 +52,26 @@ class _DoneFlag:
         return self.known_done
 
 
+# Decode attends over a KV span rounded up to this many positions (masked beyond each row's end): the
+# shapes, hence the kernels, change once per bucket instead of every token, so a CUDA graph per bucket
+# can replay them and lazily loaded kernel variants stop costing time in the decode loop.
+KV_BUCKET = 256
+
+
+def kv_span(width: int, t: int, max_new_tokens: int, bucket: int = KV_BUCKET) -> int:
+    """Cache positions decode step `t` (1-based) attends over, for prompts right-padded to `width`."""
+    return min(-(-(width + t) // bucket) * bucket, width + max_new_tokens)
+
+
+def decode_spans(width: int, max_new_tokens: int) -> list[int]:
+    """Every span a generation's decode steps use (to prepare one CUDA graph per span)."""
+    return sorted({kv_span(width, t, max_new_tokens) for t in range(1, max_new_tokens)})
+
+
 def generate(model, cache, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
              top_p: float, seed: int, eos_ids: tuple[int, ...], pad_id: int, device: torch.device,
-             keep_logits: bool = False) -> Generation:
+             keep_logits: bool = False, decode=None) -> Generation:
+    """`decode(tokens (B, 1), step) -> logits (B, V)` replaces the eager decode forward (CUDA graphs)."""
     clock = Clock(device)
     clock.sync()
     t0 = time.perf_counter()
@@ -71,7 +88,8 @@ def generate(model, cache, prompt_ids: list[list[int]], max_new_tokens: int, tem
 
     p0 = clock.mark()
     positions = torch.arange(width, device=device).expand(bsz, width)
-    logits = model.forward(tokens, Step(positions, width), cache, logits_at=lens_dev - 1)  # (B, V)
+    logits = model.forward(tokens, Step(positions, width, tuple(lens.tolist())), cache,
+                           logits_at=lens_dev - 1)  # (B, V)
     nxt = sample(logits, temperature, top_p, gen)
     p1 = clock.mark()
     trace = [logits.cpu()] if keep_logits else []
@@ -89,7 +107,8 @@ def generate(model, cache, prompt_ids: list[list[int]], max_new_tokens: int, tem
     for t in range(1, max_new_tokens):
         if flag.poll():
             break
-        logits = model.forward(nxt[:, None], Step(pos[:, None], width + t), cache, logits_at=None)[:, 0]
+        step = Step(pos[:, None], kv_span(width, t, max_new_tokens))
+        logits = decode(nxt[:, None], step) if decode else model.forward(nxt[:, None], step, cache)[:, 0]
         if keep_logits:
             trace.append(logits.cpu())
         nxt = torch.where(done, pad_id, sample(logits, temperature, top_p, gen))

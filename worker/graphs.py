@@ -37,6 +37,12 @@ class GraphedDecode:
         graph.replay()
         return out
 
+    def prepare(self, spans: list[int]) -> None:
+        """Capture graphs for these spans now (capturing runs one step: call before a prefill)."""
+        for n in spans:
+            if n not in self.graphs:
+                self.graphs[n] = self._capture(n)
+
     def _eager(self, kv_len: int) -> torch.Tensor:
         return self.model.forward(self.tokens, Step(self.positions, kv_len), self.cache)[:, 0]
 

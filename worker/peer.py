@@ -198,14 +198,19 @@ class PeerCache:
         self.keep = torch.tensor(keep, device=device)  # (K,)
         self.cols = torch.tensor([keep.index(n - 1) for n in lens], device=device)  # (B,) index into keep
 
-    def mask_for(self, step: Step) -> torch.Tensor:
-        """The (B, kv_len) mask of this step: real prompt tokens and every generated token."""
+    def advance(self, step: Step) -> int:
+        """Slots filled after this step. HF's cache grows one slot per step; the engine's `kv_len` is a
+        bucketed attention span (see worker.generate.kv_span), so the length is counted here."""
+        self.length = step.positions.shape[1] if step.is_prefill else self.length + 1
+        return self.length
+
+    def mask_for(self, step: Step, length: int) -> torch.Tensor:
+        """The (B, length) mask of this step: real prompt tokens and every generated token."""
         if step.is_prefill:
-            t = step.positions.shape[1]
-            self.mask[:, :t] = torch.arange(t, device=self.mask.device)[None, :] < self.lens[:, None]
+            self.mask[:, :length] = torch.arange(length, device=self.mask.device)[None, :] < self.lens[:, None]
         else:
-            self.mask[:, step.kv_len - 1] = True
-        return self.mask[:, :step.kv_len]
+            self.mask[:, length - 1] = True
+        return self.mask[:, :length]
 
 
 class HFForward:
@@ -222,11 +227,12 @@ class HFForward:
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → logits (B, V) at each row's last prompt token (prefill) or (B, T, V)."""
         t = tokens.shape[1]
+        length = cache.advance(step)
         kw: dict[str, Any] = {self._cache_kw: cache.kv}
         if self._cache_position:
-            kw["cache_position"] = torch.arange(step.kv_len - t, step.kv_len, device=tokens.device)
+            kw["cache_position"] = torch.arange(length - t, length, device=tokens.device)
         keep = cache.keep if logits_at is not None else 0
-        out = self.model(input_ids=tokens, attention_mask=cache.mask_for(step), position_ids=step.positions,
+        out = self.model(input_ids=tokens, attention_mask=cache.mask_for(step, length), position_ids=step.positions,
                          use_cache=True, logits_to_keep=keep, **kw)
         if logits_at is None:
             return out.logits  # (B, T, V)
