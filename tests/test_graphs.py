@@ -14,13 +14,20 @@ from worker.pack import ensure_pack
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_graph_replay_equals_eager_bit_for_bit(make_ckpt):
-    ckpt = make_ckpt(layers=3)
+@pytest.mark.parametrize("geometry", [
+    dict(layers=3),  # the tiny preset in float32
+    dict(layers=2, dtype="bfloat16", hidden_size=2048, intermediate_size=7168, num_attention_heads=16,
+         num_key_value_heads=4, vocab_size=32000),  # bf16 at a size where cuBLAS picks split-K kernels
+])
+def test_graph_replay_equals_eager_bit_for_bit(make_ckpt, geometry):
+    ckpt = make_ckpt(**geometry)
     dev = torch.device("cuda", torch.cuda.current_device())
     engine = build_engine(resolve_config({"checkpoints": str(ckpt), "mode": "gpu"}), ensure_pack(ckpt), dev)
     prompts = [list(range(5, 300)), list(range(7, 40))]  # spans cross a 256-position bucket boundary
     cache = engine.new_cache(2, 512)
     eager = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True)
+    again = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager.logits, again.logits)), "eager decode is not deterministic"
     graphs = GraphedDecode(engine.model, cache, 2, dev)
     graphs.prepare(decode_spans(300, 40))
     replay = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True, decode=graphs)

@@ -49,11 +49,15 @@ class Engine:
         step = getattr(self.new_cache, "step_bytes", None)
         return step(batch, context) if step else None
 
+    device: torch.device | None = None
+
     def close(self) -> None:
         for part in (self.new_cache, self.weights):
             close = getattr(part, "close", None)
             if close:
                 close()
+        if self.device is not None:
+            lift_gpu_memory_limit(self.device)
 
 
 def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int | None = None) -> Engine:
@@ -67,20 +71,25 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
     placement = place(mode, cfg.num_hidden_layers, run.stream)
     tracker = init_global_tracker(max_batch=run.batch_size, layers=cfg.num_hidden_layers,
                                   n_blocks=-(-run.max_seq_len // run.kv.kv_block_tokens))  # before the model
-    kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
-                   spill_dir=pack.manifest_path.parent)
     try:
+        kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
+                       spill_dir=pack.manifest_path.parent)
         if mode == "gpu":
             weights = ResidentWeights.from_pack(pack, device)
         else:
-            weights = WeightStreamer(pack, placement, run.stream, device, reserve_bytes=workspace_bytes(run, cfg, prompt_tokens))
+            weights = WeightStreamer(pack, placement, run.stream, device,
+                                     reserve_bytes=workspace_bytes(run, cfg, prompt_tokens))
     except torch.cuda.OutOfMemoryError:
+        lift_gpu_memory_limit(device)
         raise UserError(f"mode {mode}: the weights placed on the GPU do not fit in its memory"
                         f"{_limit_note(run)}; lower --gpu-max-groups / --gpu-cached-layers or use a "
                         "streaming mode") from None
+    except BaseException:
+        lift_gpu_memory_limit(device)  # the cap is process-wide: never leave it behind a failed build
+        raise
     log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
     model = Llama(cfg, weights, device)
-    return Engine(cfg, model, weights, placement, kv)
+    return Engine(cfg, model, weights, placement, kv, device)
 
 
 def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:
@@ -91,6 +100,12 @@ def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:
     if limit_gb * 1e9 > total:
         raise UserError(f"gpu_memory_limit_gb={limit_gb} is more than the card's {total / 1e9:.1f} GB")
     torch.cuda.set_per_process_memory_fraction(limit_gb * 1e9 / total, device)
+
+
+def lift_gpu_memory_limit(device: torch.device) -> None:
+    """Undo `limit_gpu_memory`: the fraction is process-wide, and a worker process runs many runs."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def _limit_note(run: RunConfig) -> str:

@@ -50,6 +50,8 @@ class Channel:
 
     def stats(self) -> dict[str, float] | None:
         with self._lock:
+            for _, end in self._spans:
+                end.synchronize()  # copies fetched ahead may still be in flight when stats are read
             busy = self.busy_s + sum(s.elapsed_time(e) for s, e in self._spans) / 1e3
             if self.bytes == 0:
                 return None

@@ -62,6 +62,14 @@ def slots_per_kind(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int)
 
 class WeightStreamer:
     def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int = 0):
+        self.reader, self.providers, self.pool, self._thread = None, {}, None, None
+        try:
+            self._build(pack, placement, cfg, device, reserve_bytes)
+        except BaseException:
+            self.close()  # unpin what was pinned, stop what was started
+            raise
+
+    def _build(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int):
         self.pack, self.placement, self.cfg, self.device = pack, placement, cfg, device
         m = pack.manifest
         self.sync = Sync(device)
@@ -249,17 +257,21 @@ class WeightStreamer:
         }
 
     def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self.pool.close()
+        if hasattr(self, "_cond"):
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+        if self.pool:
+            self.pool.close()
         for p in self.providers.values():
             if hasattr(p, "close"):
                 p.close()
-        if self._thread.is_alive():
+        if self._thread and self._thread.is_alive():
             self._thread.join(timeout=5)
-        if self.sync.cuda:
+        if hasattr(self, "sync") and self.sync.cuda:
             torch.cuda.synchronize(self.device)
         if self.reader:
             self.reader.close()
-        self.arena.close()
+            self.reader = None
+        if hasattr(self, "arena"):
+            self.arena.close()
