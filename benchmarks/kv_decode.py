@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--long", type=int, default=8192)
+    ap.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -81,23 +82,39 @@ def main() -> None:
                     str(ckpt / ".streambench-pack")], check=True, capture_output=True)
     base = ["--checkpoints", str(ckpt), "--warmup-rounds", "1"]
 
+    summary = {}
+    if "a" in args.parts:
+        summary["a"] = part_a(work, base, ckpt, args.new_tokens)
+    if "b" in args.parts:
+        summary["b"] = part_b(work, base)
+    if "c" in args.parts:
+        summary["c"] = part_c(work, base, args.long)
+    (work / "summary.json").write_text(json.dumps(summary, default=str))
+
+
+def part_a(work: Path, base: list[str], ckpt: Path, new_tokens: int) -> dict:
     print("\n(a) gpu mode, batch 1, prompt 512, bf16", flush=True)
+    variants = {"compiled+graphs": [], "graphs": ["--no-compile"], "eager": ["--no-compile", "--no-cuda-graphs"]}
     a = {name: bench_run(work / f"a-{name}.json", *base, "--mode", "gpu", "--prompt-len", "512",
-                         "--max-new-tokens", str(args.new_tokens), flag)
-         for name, flag in (("graphs", "--cuda-graphs"), ("eager", "--no-cuda-graphs"))}
-    hf_ms, hf_tokens = hf_ms_per_token(ckpt, a["graphs"]["outputs"][0]["prompt_token_ids"], args.new_tokens)
+                         "--max-new-tokens", str(new_tokens), *flags) for name, flags in variants.items()}
+    args_new_tokens = new_tokens
+    hf_ms, hf_tokens = hf_ms_per_token(ckpt, a["graphs"]["outputs"][0]["prompt_token_ids"], args_new_tokens)
     roof = a["graphs"]["roofline"]
-    print(f"{'engine':24} {'ms/token':>9} {'HBM floor ms':>12} {'attainment':>10}")
+    print(f"{'engine':26} {'ms/token':>9} {'HBM floor ms':>12} {'attainment':>10}")
     for name, r in a.items():
-        print(f"{'streambench ' + name:24} {per_token_ms(r):>9.3f} {roof['floor_decode_s'] * 1e3:>12.3f} "
+        print(f"{'streambench ' + name:26} {per_token_ms(r):>9.3f} {roof['floor_decode_s'] * 1e3:>12.3f} "
               f"{roof['floor_decode_s'] * 1e3 / per_token_ms(r):>10.2f}")
-    print(f"{'HF generate (eager)':24} {hf_ms:>9.3f} {roof['floor_decode_s'] * 1e3:>12.3f} "
+    print(f"{'HF generate (eager)':26} {hf_ms:>9.3f} {roof['floor_decode_s'] * 1e3:>12.3f} "
           f"{roof['floor_decode_s'] * 1e3 / hf_ms:>10.2f}")
     ours = a["graphs"]["outputs"][0]["token_ids"]
     agree = next((i for i, (x, y) in enumerate(zip(ours, hf_tokens)) if x != y), len(ours))
-    print(f"graphs == eager tokens: {a['graphs']['outputs'] == a['eager']['outputs']}; "
+    print(f"graphs == eager tokens: {a['graphs']['outputs'] == a['eager']['outputs']}; compiled == eager: "
+          f"{a['compiled+graphs']['outputs'] == a['eager']['outputs']}; "
           f"greedy agreement with HF: {agree}/{len(ours)} (bf16, different attention kernels)")
+    return {"runs": {k: v["metrics"] for k, v in a.items()}, "hf_ms": hf_ms}
 
+
+def part_b(work: Path, base: list[str]) -> dict:
     print("\n(b) cpu mode (weights streamed from pinned RAM), prompt 512, 8 new tokens", flush=True)
     b = {bs: bench_run(work / f"b-{bs}.json", *base, "--mode", "cpu", "--prompt-len", "512",
                        "--max-new-tokens", "8", "--batch-size", str(bs)) for bs in (1, 4, 16)}
@@ -106,11 +123,14 @@ def main() -> None:
         m = r["metrics"]
         print(f"{bs:>5} {per_token_ms(r) / 1e3:>8.3f} {m['decode_tok_s']:>8.2f} "
               f"{m['decode_tok_s'] / b[1]['metrics']['decode_tok_s']:>9.2f} {r['roofline']['attainment_decode']:>10.2f}")
+    return {k: v["metrics"] for k, v in b.items()}
 
-    print(f"\n(c) long context: prompt {args.long}, KV offloaded to CPU (64 blocks of 16 on the GPU), 32 new",
+
+def part_c(work: Path, base: list[str], long_len: int) -> dict:
+    print(f"\n(c) long context: prompt {long_len}, KV offloaded to CPU (64 blocks of 16 on the GPU), 32 new",
           flush=True)
-    long = ["--mode", "gpu", "--prompt-len", str(args.long), "--max-new-tokens", "32", "--max-seq-len",
-            str(args.long + 64), "--kv-offload", "cpu", "--kv-block-tokens", "16", "--kv-gpu-blocks", "64"]
+    long = ["--mode", "gpu", "--prompt-len", str(long_len), "--max-new-tokens", "32", "--max-seq-len",
+            str(long_len + 64), "--kv-offload", "cpu", "--kv-block-tokens", "16", "--kv-gpu-blocks", "64"]
     c = {k: bench_run(work / f"c-topk{k}.json", *base, *long, "--topk-blk", str(k)) for k in (0, 8)}
     c["resident"] = bench_run(work / "c-resident.json", *base, *long[:-6])
     exact = c[0]["outputs"][0]["token_ids"]
@@ -122,10 +142,7 @@ def main() -> None:
         name = {0: "offload exact", 8: "offload top-k 8", "resident": "all on GPU"}[k]
         print(f"{name:18} {r['metrics']['prefill_ms'] / 1e3:>9.3f} {per_token_ms(r):>9.2f} "
               f"{'—' if kv is None else f'{kv:.1f}':>11} {agree:>10}/{len(toks)}")
-    (work / "summary.json").write_text(json.dumps({"a": {k: v["metrics"] for k, v in a.items()}, "hf_ms": hf_ms,
-                                                   "b": {k: v["metrics"] for k, v in b.items()},
-                                                   "c": {str(k): {"metrics": v["metrics"], "io": v["io"]}
-                                                         for k, v in c.items()}}, default=str))
+    return {str(k): {"metrics": v["metrics"], "io": v["io"]} for k, v in c.items()}
 
 
 if __name__ == "__main__":

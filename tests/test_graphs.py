@@ -23,14 +23,15 @@ def test_graph_replay_equals_eager_bit_for_bit(make_ckpt, geometry):
     ckpt = make_ckpt(**geometry)
     dev = torch.device("cuda", torch.cuda.current_device())
     engine = build_engine(resolve_config({"checkpoints": str(ckpt), "mode": "gpu"}), ensure_pack(ckpt), dev)
-    prompts = [list(range(5, 300)), list(range(7, 40))]  # spans cross a 256-position bucket boundary
+    prompts = [list(range(5, 245)), list(range(7, 40))]  # width 240
     cache = engine.new_cache(2, 512)
-    eager = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True)
-    again = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True)
+    eager = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True, capacity=512)
+    again = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True, capacity=512)
     assert all(torch.equal(a, b) for a, b in zip(eager.logits, again.logits)), "eager decode is not deterministic"
     graphs = GraphedDecode(engine.model, cache, 2, dev)
-    graphs.prepare(decode_spans(300, 40))
-    replay = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True, decode=graphs)
+    graphs.prepare(decode_spans(240, 40, 512))
+    replay = generate(engine.model, cache, prompts, 40, 0.0, 1.0, 0, (), 0, dev, keep_logits=True,
+                      decode=graphs, capacity=512)
     assert len(graphs.graphs) == 2
     for a, b in zip(eager.logits, replay.logits):
         assert torch.equal(a, b)

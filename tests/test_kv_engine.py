@@ -98,9 +98,9 @@ def test_tracker_is_made_before_the_model_and_sized_from_the_config(ckpt, monkey
     seen = {}
     real = engine_mod.Llama
 
-    def spy(cfg, weights, device):
+    def spy(cfg, weights, device, **kw):
         seen["tracker"] = tracker_mod.get_global_tracker()
-        return real(cfg, weights, device)
+        return real(cfg, weights, device, **kw)
 
     tracker_mod.init_global_tracker(1, 80, 128)  # a stale seed-sized one must be replaced
     monkeypatch.setattr(engine_mod, "Llama", spy)

@@ -95,14 +95,14 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
     def once(new_tokens: int) -> Generation:
         return generate(engine.model, cache, prompt_ids, new_tokens, cfg.sampling.temperature,
                         cfg.sampling.top_p, cfg.sampling.seed, engine.cfg.eos_token_ids or eos_ids(tok),
-                        pad_id(tok), device, decode=graphs)
+                        pad_id(tok), device, decode=graphs, capacity=cfg.max_seq_len)
 
     for i in range(cfg.warmup_rounds):
         phase("warmup")
         log.info("warm-up round %d/%d", i + 1, cfg.warmup_rounds)
         once(min(cfg.max_new_tokens, WARMUP_TOKENS))
     if graphs is not None:  # capture every span the measured round will use, outside its timing
-        graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens))
+        graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens, cfg.max_seq_len))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

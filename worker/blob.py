@@ -185,8 +185,8 @@ class Pack:
         except OSError as e:
             log.warning("cannot record the verification of %s (%s): it will be verified again", self.manifest_path, e)
 
-    def read_group(self, key: GroupKey | str) -> dict[str, torch.Tensor]:
-        """Short name → CPU tensor (pack dtype and shape), all views of one aligned buffer."""
+    def read_raw(self, key: GroupKey | str) -> torch.Tensor:
+        """The group's whole extent as one aligned uint8 CPU buffer."""
         name = key if isinstance(key, str) else key.name
         g = self.manifest.group(name)
         buf = aligned_empty(g.nbytes)  # (extent bytes,)
@@ -195,11 +195,22 @@ class Pack:
         except EOFError as e:
             raise UserError(f"blob {self.blob_path} is shorter than its manifest says ({e}): "
                             "re-pack with `bench pack`") from None
-        out = {}
-        for t in self.manifest.group_tensors(name):
-            rel = t.offset - g.offset
-            out[t.short] = buf[rel:rel + t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
-        return out
+        return buf
+
+    def read_group(self, key: GroupKey | str) -> dict[str, torch.Tensor]:
+        """Short name → CPU tensor (pack dtype and shape), all views of one aligned buffer."""
+        name = key if isinstance(key, str) else key.name
+        return group_views(self.manifest, name, self.read_raw(name))
+
+
+def group_views(manifest: Manifest, name: str, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Short name → a typed view of the group's extent held in `buf` (CPU or GPU, uint8)."""
+    base = manifest.group(name).offset
+    out = {}
+    for t in manifest.group_tensors(name):
+        rel = t.offset - base
+        out[t.short] = buf[rel:rel + t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
+    return out
 
 
 def extent_checksum(fd: int, offset: int, nbytes: int) -> str:

@@ -146,6 +146,7 @@ class RunConfig:
     dtype: DType = _f("auto", "Compute dtype; auto = the checkpoint's.")
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
+    compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
     cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (--no-cuda-graphs: eager).")
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")
     out_json: str | None = _f("bench_results.json", "Where the run's JSON goes.")

@@ -88,7 +88,7 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
         lift_gpu_memory_limit(device)  # the cap is process-wide: never leave it behind a failed build
         raise
     log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
-    model = Llama(cfg, weights, device)
+    model = Llama(cfg, weights, device, compile=run.compile and device.type == "cuda")
     return Engine(cfg, model, weights, placement, kv, device)
 
 

@@ -58,20 +58,23 @@ class _DoneFlag:
 KV_BUCKET = 256
 
 
-def kv_span(width: int, t: int, max_new_tokens: int, bucket: int = KV_BUCKET) -> int:
-    """Cache positions decode step `t` (1-based) attends over, for prompts right-padded to `width`."""
-    return min(-(-(width + t) // bucket) * bucket, width + max_new_tokens)
+def kv_span(width: int, t: int, capacity: int, bucket: int = KV_BUCKET) -> int:
+    """Cache positions decode step `t` (1-based) attends over, for prompts right-padded to `width`.
+    It depends on the cache capacity, not on how many tokens a round generates, so a short warm-up
+    round uses (and loads the kernels of) the same shapes as the measured round."""
+    return min(-(-(width + t) // bucket) * bucket, capacity)
 
 
-def decode_spans(width: int, max_new_tokens: int) -> list[int]:
+def decode_spans(width: int, max_new_tokens: int, capacity: int) -> list[int]:
     """Every span a generation's decode steps use (to prepare one CUDA graph per span)."""
-    return sorted({kv_span(width, t, max_new_tokens) for t in range(1, max_new_tokens)})
+    return sorted({kv_span(width, t, capacity) for t in range(1, max_new_tokens)})
 
 
 def generate(model, cache, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
              top_p: float, seed: int, eos_ids: tuple[int, ...], pad_id: int, device: torch.device,
-             keep_logits: bool = False, decode=None) -> Generation:
-    """`decode(tokens (B, 1), step) -> logits (B, V)` replaces the eager decode forward (CUDA graphs)."""
+             keep_logits: bool = False, decode=None, capacity: int | None = None) -> Generation:
+    """`decode(tokens (B, 1), step) -> logits (B, V)` replaces the eager decode forward (CUDA graphs);
+    `capacity` is the cache's length (default: just long enough for this generation)."""
     clock = Clock(device)
     clock.sync()
     t0 = time.perf_counter()
@@ -107,7 +110,7 @@ def generate(model, cache, prompt_ids: list[list[int]], max_new_tokens: int, tem
     for t in range(1, max_new_tokens):
         if flag.poll():
             break
-        step = Step(pos[:, None], kv_span(width, t, max_new_tokens))
+        step = Step(pos[:, None], kv_span(width, t, capacity or width + max_new_tokens))
         logits = decode(nxt[:, None], step) if decode else model.forward(nxt[:, None], step, cache)[:, 0]
         if keep_logits:
             trace.append(logits.cpu())

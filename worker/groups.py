@@ -67,3 +67,21 @@ def all_groups(n_layers: int) -> list[GroupKey]:
     for i in range(n_layers):
         keys.extend(GroupKey(i, kind) for kind in KINDS)
     return keys
+
+
+# Projections that read the same input and sit back to back in a packed group: one GEMM over a view
+# spanning them replaces three (or two), with no copy. Order matters: it is the pack order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused(group: dict) -> dict:
+    """Add zero-copy fused views where a group's projections are adjacent in memory (packed groups)."""
+    for name, parts in FUSED.items():
+        ts = [group.get(p) for p in parts]
+        if any(t is None for t in ts) or not all(t.is_contiguous() for t in ts):
+            continue
+        adjacent = all(b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(ts, ts[1:]))
+        if adjacent and len({t.shape[1] for t in ts}) == 1:
+            rows = sum(t.shape[0] for t in ts)
+            group[name] = ts[0].as_strided((rows, ts[0].shape[1]), (ts[0].shape[1], 1))  # (rows, in)
+    return group

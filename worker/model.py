@@ -46,44 +46,70 @@ def _embed(tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return F.embedding(tokens.to(table.device), table).to(tokens.device)
 
 
+def attn_in(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            eps: float, heads: int, kv_heads: int, head_dim: int):
+    """Pre-attention norm, the q|k|v projection and RoPE: h (B, T, D) → q (B, H, T, hd), k, v (B, KV, T, hd)."""
+    b, t, _ = h.shape
+    qkv = F.linear(rms_norm(h, norm_w, eps), w_qkv)  # (B, T, (H + 2 KV) hd)
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q = q.reshape(b, t, heads, head_dim).transpose(1, 2)
+    k = k.reshape(b, t, kv_heads, head_dim).transpose(1, 2)
+    v = v.reshape(b, t, kv_heads, head_dim).transpose(1, 2)
+    return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+
+
+def attn_out(h: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """Residual + output projection of the attention o (B, H, T, hd) → (B, T, D)."""
+    b, _, t, _ = o.shape
+    return h + F.linear(o.transpose(1, 2).reshape(b, t, -1), w_o)
+
+
+def ffn(h: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+        eps: float) -> torch.Tensor:
+    """Residual + SwiGLU MLP over the packed gate|up projection: (B, T, D) → (B, T, D)."""
+    gate, up = F.linear(rms_norm(h, norm_w, eps), w_gate_up).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, w_down)
+
+
+def _joined(g: Group, fused_name: str, parts: tuple[str, ...]) -> torch.Tensor:
+    """A group's fused projection: the zero-copy view of a packed group, else a concatenation (groups
+    built from separate tensors, e.g. a state dict in tests)."""
+    w = g.get(fused_name)
+    return w if w is not None else torch.cat([g[p] for p in parts])
+
+
 class Llama:
-    def __init__(self, cfg: ModelConfig, weights: WeightSource, device: torch.device):
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, device: torch.device, compile: bool = False):
         self.cfg = cfg
         self.weights = weights
         self.freq = rope.inv_freq(cfg, device)
+        # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels:
+        # at batch 1 a decode step is hundreds of tiny kernels otherwise. Every mode runs these same
+        # compiled functions, so modes stay bit-identical to each other.
+        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        self.attn_in, self.attn_out, self.ffn = wrap(attn_in), wrap(attn_out), wrap(ffn)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step, cache: KVCacheLike,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → logits (B, V) at column `logits_at` (B,) of each row, or (B, T, V) if None."""
+        c = self.cfg
         res = self.weights.resident()
         h = _embed(tokens, res["embed_tokens"])  # (B, T, D)
         cos, sin = rope.cos_sin(self.freq, step.positions, h.dtype)
         self.weights.begin_pass()
-        for layer in range(self.cfg.num_hidden_layers):
+        for layer in range(c.num_hidden_layers):
             g = self.weights.wait(layer, "attn")
-            h = h + self._attention(layer, g, h, cos, sin, step, cache)
+            q, k, v = self.attn_in(h, g["input_layernorm"], _joined(g, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                   cos, sin, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads,
+                                   c.head_dim)
+            h = self.attn_out(h, cache.attend(layer, q, k, v, step), g["o_proj"])
             self.weights.release(layer, "attn")
             g = self.weights.wait(layer, "ffn")
-            h = h + self._mlp(g, h)
+            h = self.ffn(h, g["post_attention_layernorm"], _joined(g, "gate_up_proj", ("gate_proj", "up_proj")),
+                         g["down_proj"], c.rms_norm_eps)
             self.weights.release(layer, "ffn")
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, D)
-        h = rms_norm(h, res["norm"], self.cfg.rms_norm_eps)
+        h = rms_norm(h, res["norm"], c.rms_norm_eps)
         return F.linear(h, res.get("lm_head", res["embed_tokens"]))
-
-    def _attention(self, layer: int, g: Group, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   step: Step, cache: KVCacheLike) -> torch.Tensor:
-        c = self.cfg
-        b, t, _ = h.shape
-        x = rms_norm(h, g["input_layernorm"], c.rms_norm_eps)
-        q = F.linear(x, g["q_proj"]).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = F.linear(x, g["k_proj"]).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = F.linear(x, g["v_proj"]).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)  # (B, H|KV, T, hd)
-        o = cache.attend(layer, q, k, v, step)  # (B, H, T, hd)
-        return F.linear(o.transpose(1, 2).reshape(b, t, -1), g["o_proj"])
-
-    def _mlp(self, g: Group, h: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(h, g["post_attention_layernorm"], self.cfg.rms_norm_eps)
-        return F.linear(F.silu(F.linear(x, g["gate_proj"])) * F.linear(x, g["up_proj"]), g["down_proj"])

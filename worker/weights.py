@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from worker.groups import RESIDENT, GroupKey, all_groups, group_tensors
+from worker.blob import group_views
+from worker.groups import RESIDENT, GroupKey, all_groups, fused, group_tensors
 from worker.model import Group
 
 
@@ -19,7 +20,8 @@ class ResidentWeights:
     @classmethod
     def from_pack(cls, pack, device: torch.device) -> ResidentWeights:
         n = pack.manifest.model_config.num_hidden_layers
-        return cls({key: {k: t.to(device) for k, t in pack.read_group(key).items()} for key in all_groups(n)})
+        return cls({key: fused(group_views(pack.manifest, key.name, pack.read_raw(key).to(device)))
+                    for key in all_groups(n)})
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], n_layers: int, tied: bool,

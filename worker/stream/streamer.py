@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from worker.blob import group_views
 from worker.config import StreamConfig
 from worker.errors import UserError
-from worker.groups import KINDS, RESIDENT, GroupKey
+from worker.groups import KINDS, RESIDENT, GroupKey, fused
 from worker.stream.cpu_tier import FixedTier, RingTier
 from worker.stream.devsync import Sync
 from worker.stream.gpu_tier import Slot, SlotPool
@@ -38,8 +39,14 @@ def _load_resident(pack, placement: Placement, device: torch.device) -> dict[Gro
     it is only gathered from, so it stays in host memory (2 GB of GPU memory saved at 70B)."""
     tied = pack.manifest.model_config.tie_word_embeddings
     keys = [GroupKey(None, RESIDENT)] + [GroupKey(i, k) for i in placement.layers("gpu") for k in KINDS]
-    return {key: {name: t if (name == "embed_tokens" and not tied) else t.to(device)
-                  for name, t in pack.read_group(key).items()} for key in keys}
+    out = {}
+    for key in keys:
+        if key.layer is None:
+            out[key] = {name: t if (name == "embed_tokens" and not tied) else t.to(device)
+                        for name, t in pack.read_group(key).items()}
+        else:  # one copy of the whole extent keeps q/k/v and gate/up adjacent (fused views)
+            out[key] = fused(group_views(pack.manifest, key.name, pack.read_raw(key).to(device)))
+    return out
 
 
 def slots_per_kind(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> int:
@@ -212,12 +219,7 @@ class WeightStreamer:
         slot.views = self._views(key, slot.buf)
 
     def _views(self, key: GroupKey, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        from worker.blob import TORCH_DTYPES
-
-        m = self.pack.manifest
-        base = m.group(key.name).offset
-        return {t.short: buf[t.offset - base:t.offset - base + t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
-                for t in m.group_tensors(key.name)}
+        return fused(group_views(self.pack.manifest, key.name, buf))
 
     def _wait_preload(self) -> None:
         target = min(2 * self.cfg.warmup_layers, self._preload + 1, len(self.order))
