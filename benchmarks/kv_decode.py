@@ -94,7 +94,8 @@ def main() -> None:
 
 def part_a(work: Path, base: list[str], ckpt: Path, new_tokens: int) -> dict:
     print("\n(a) gpu mode, batch 1, prompt 512, bf16", flush=True)
-    variants = {"compiled+graphs": [], "graphs": ["--no-compile"], "eager": ["--no-compile", "--no-cuda-graphs"]}
+    variants = {"compiled+graphs": [], "compiled+graphs again": [], "graphs": ["--no-compile"],
+                "eager": ["--no-compile", "--no-cuda-graphs"]}
     a = {name: bench_run(work / f"a-{name}.json", *base, "--mode", "gpu", "--prompt-len", "512",
                          "--max-new-tokens", str(new_tokens), *flags) for name, flags in variants.items()}
     args_new_tokens = new_tokens
@@ -109,7 +110,8 @@ def part_a(work: Path, base: list[str], ckpt: Path, new_tokens: int) -> dict:
     ours = a["graphs"]["outputs"][0]["token_ids"]
     agree = next((i for i, (x, y) in enumerate(zip(ours, hf_tokens)) if x != y), len(ours))
     print(f"graphs == eager tokens: {a['graphs']['outputs'] == a['eager']['outputs']}; compiled == eager: "
-          f"{a['compiled+graphs']['outputs'] == a['eager']['outputs']}; "
+          f"{a['compiled+graphs']['outputs'] == a['eager']['outputs']}; two processes of compiled+graphs equal: "
+          f"{a['compiled+graphs']['outputs'] == a['compiled+graphs again']['outputs']}; "
           f"greedy agreement with HF: {agree}/{len(ours)} (bf16, different attention kernels)")
     return {"runs": {k: v["metrics"] for k, v in a.items()}, "hf_ms": hf_ms}
 

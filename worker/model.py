@@ -1,7 +1,7 @@
 """The Llama forward (as HF `LlamaForCausalLM`), over weights and a KV cache it does not own.
 
-Per layer the loop reads `wait(layer, kind) → compute → release(layer, kind)`: the weight source
-(all-resident or a streamer) hands out a group's tensors on the compute device and learns when the
+Per layer the loop reads `wait(attn) → attention → wait(ffn) → rest of the layer → release`: the
+weight source (all-resident or a streamer) hands out a group's tensors on the compute device and learns when the
 compute that reads them has been issued, so it can prefetch ahead and reuse slots. Every mode runs
 exactly these kernels on the same shapes, which is why streaming modes equal `gpu` mode bit for bit.
 """
@@ -58,15 +58,13 @@ def attn_in(h: torch.Tensor, norm_w: torch.Tensor, w_qkv: torch.Tensor, cos: tor
     return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
 
 
-def attn_out(h: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
-    """Residual + output projection of the attention o (B, H, T, hd) → (B, T, D)."""
+def attn_out_ffn(h: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor, norm_w: torch.Tensor,
+                 w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    """The rest of a layer after attention: output projection + residual, then the SwiGLU MLP over
+    the packed gate|up projection + residual. o (B, H, T, hd), h (B, T, D) → (B, T, D). One function,
+    so a compiled layer fuses the residual into the norm across the attn/ffn boundary."""
     b, _, t, _ = o.shape
-    return h + F.linear(o.transpose(1, 2).reshape(b, t, -1), w_o)
-
-
-def ffn(h: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-        eps: float) -> torch.Tensor:
-    """Residual + SwiGLU MLP over the packed gate|up projection: (B, T, D) → (B, T, D)."""
+    h = h + F.linear(o.transpose(1, 2).reshape(b, t, -1), w_o)
     gate, up = F.linear(rms_norm(h, norm_w, eps), w_gate_up).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w_down)
 
@@ -86,8 +84,12 @@ class Llama:
         # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels:
         # at batch 1 a decode step is hundreds of tiny kernels otherwise. Every mode runs these same
         # compiled functions, so modes stay bit-identical to each other.
+        if compile:
+            # one compiled variant per (batch, tokens) shape and geometry; a worker process running many
+            # runs sees many, and falling back to eager silently would break mode-to-mode exactness
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4096)
         wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
-        self.attn_in, self.attn_out, self.ffn = wrap(attn_in), wrap(attn_out), wrap(ffn)
+        self.attn_in, self.attn_out_ffn = wrap(attn_in), wrap(attn_out_ffn)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step, cache: KVCacheLike,
@@ -99,15 +101,16 @@ class Llama:
         cos, sin = rope.cos_sin(self.freq, step.positions, h.dtype)
         self.weights.begin_pass()
         for layer in range(c.num_hidden_layers):
-            g = self.weights.wait(layer, "attn")
-            q, k, v = self.attn_in(h, g["input_layernorm"], _joined(g, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            a = self.weights.wait(layer, "attn")
+            q, k, v = self.attn_in(h, a["input_layernorm"], _joined(a, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                                    cos, sin, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads,
                                    c.head_dim)
-            h = self.attn_out(h, cache.attend(layer, q, k, v, step), g["o_proj"])
+            o = cache.attend(layer, q, k, v, step)  # (B, H, T, hd)
+            f = self.weights.wait(layer, "ffn")
+            h = self.attn_out_ffn(h, o, a["o_proj"], f["post_attention_layernorm"],
+                                  _joined(f, "gate_up_proj", ("gate_proj", "up_proj")), f["down_proj"],
+                                  c.rms_norm_eps)
             self.weights.release(layer, "attn")
-            g = self.weights.wait(layer, "ffn")
-            h = self.ffn(h, g["post_attention_layernorm"], _joined(g, "gate_up_proj", ("gate_proj", "up_proj")),
-                         g["down_proj"], c.rms_norm_eps)
             self.weights.release(layer, "ffn")
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, D)
