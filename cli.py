@@ -133,7 +133,8 @@ def pack_cmd(checkpoints: str, out_dir: str | None, raw_device: str | None, mani
              force: bool) -> None:
     """Pack a checkpoint into an aligned, grouped blob + runtime manifest (what streaming reads)."""
     from worker.blob import Pack
-    from worker.pack import ensure_pack, pack_checkpoint
+    from worker.pack import pack_checkpoint
+    from worker.pack_cache import ensure_pack
 
     if raw_device and out_dir:
         raise UserError("--raw-device and --out-dir are exclusive: a pack goes to a directory or onto a device")
@@ -155,7 +156,7 @@ def pack_cmd(checkpoints: str, out_dir: str | None, raw_device: str | None, mani
 def verify_cmd(manifest: str, raw_device: str | None) -> None:
     """Check every group of a pack against its checksum; exit 1 listing the bad groups."""
     from worker.blob import Pack
-    from worker.pack import verify_pack
+    from worker.pack_cache import verify_pack
 
     with Pack.open(manifest, blob_path=raw_device) as pack:
         bad = verify_pack(pack)
@@ -357,12 +358,16 @@ def results_cmd(results: str | None, suite: tuple[str, ...], suite_run_id: tuple
 @bench.command("status")
 @click.argument("job_id", required=False)
 @address_option
-def status_cmd(job_id: str | None, address: str | None) -> None:
-    """Status of a detached suite (its job id is the suite run id), or of all of them."""
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+def status_cmd(job_id: str | None, address: str | None, as_json: bool) -> None:
+    """Status of a detached suite (its job id is the suite run id; ID.2, ... when resubmitted), or of all."""
     from orchestrator.jobs import job_status
     from orchestrator.progress import render_rows
 
     rows = job_status(job_id, address)
+    if as_json:
+        echo_json(rows)
+        return
     console.print(render_rows(rows, columns=("job", "status", "message", "start_time", "end_time"),
                               title=f"{len(rows)} detached suites"))
 

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from worker.bench import resolve_config
 from worker.engine import build_engine
 from worker.kvcache import Step
-from worker.pack import ensure_pack
+from worker.pack_cache import ensure_pack
 from worker.synth import make_model
 
 

@@ -52,7 +52,7 @@ def hf_generate(ckpt: Path, dtype: torch.dtype, prompt_ids: list[list[int]], new
 def engine_prefill_logits(ckpt: Path, prompt: list[int], dtype: str) -> torch.Tensor:
     from worker.engine import build_engine
     from worker.kvcache import Step
-    from worker.pack import ensure_pack
+    from worker.pack_cache import ensure_pack
 
     cfg = resolve_config({"checkpoints": str(ckpt), "mode": "gpu", "dtype": dtype})
     engine = build_engine(cfg, ensure_pack(ckpt, dtype=dtype), torch.device(DEV))

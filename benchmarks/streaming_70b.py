@@ -69,7 +69,7 @@ def main() -> None:
 
         make_model(ckpt, preset="llama3.1-70b", layers=layers, dtype="bfloat16", seed=0)
     print(f"  [{time.perf_counter() - t0:6.1f} s] checkpoint {ckpt}", flush=True)
-    from worker.pack import ensure_pack
+    from worker.pack_cache import ensure_pack
 
     t0 = time.perf_counter()
     ensure_pack(ckpt)  # packs

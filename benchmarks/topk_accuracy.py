@@ -35,7 +35,7 @@ from worker.engine import build_engine
 from worker.kv import paged
 from worker.kv.factory import KVFactory
 from worker.kvcache import Step
-from worker.pack import ensure_pack
+from worker.pack_cache import ensure_pack
 from worker.synth import make_model
 
 DEV = torch.device("cpu")

@@ -84,6 +84,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("weight_h2d_bytes", _I64, ""),
     ("kv_h2d_gbps", _F64, ""),
     ("kv_d2h_gbps", _F64, ""),
+    ("kv_ssd_gbps", _F64, "KV spill file, writes and reads together"),
+    ("kv_ssd_bytes", _I64, "KV bytes written to and read back from the SSD spill file"),
+    ("kv_gpu_gb", _F64, "KV cache held on the GPU (blocks + working buffers)"),
+    ("kv_cpu_gb", _F64, "KV cache held in pinned CPU memory"),
+    ("kv_ssd_gb", _F64, "KV cache spill file size"),
+    ("kv_write_backoffs", _I64, "KV write-back throttle back-offs"),
     ("gpu_alloc_gb", _F64, "GPU max allocated"),
     ("gpu_reserved_gb", _F64, "GPU max reserved"),
     ("host_rss_gb", _F64, ""),
@@ -161,11 +167,12 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
               "ram_gb", "nvme_device", "nvme_model"):
         row[k] = system.get(k)
     for k in ("generated_tokens", "ttft_ms", "prefill_ms", "decode_ms", "decode_tok_s", "e2e_ms", "itl_p50_ms",
-              "itl_p90_ms", "itl_p99_ms", "host_rss_gb", "pinned_host_gb", "itl_ms"):
+              "itl_p90_ms", "itl_p99_ms", "host_rss_gb", "pinned_host_gb", "itl_ms", "kv_gpu_gb", "kv_cpu_gb",
+              "kv_ssd_gb", "kv_write_backoffs"):
         row[k] = metrics.get(k)
     for k in ("floor_prefill_s", "floor_decode_s", "attainment_prefill", "attainment_decode"):
         row[k] = roof.get(k)
-    for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h"):
+    for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h", "kv_ssd"):  # kv_ssd: absent unless the KV spilled
         stats = io.get(ch) or {}
         row[f"{ch}_gbps"] = stats.get("gbps")
         if f"{ch}_bytes" in COLUMN_NAMES:

@@ -163,13 +163,19 @@ def load_suite(ref: str | None = None) -> Suite:
     raise UserError(f"suite {ref!r} is neither a file nor an embedded suite ({', '.join(embedded_suites())})")
 
 
-def parse_suite(text: str, source: str = "suite.yaml") -> Suite:
+def yaml_mapping(text: str, source: str) -> dict:
+    """A suite document's raw mapping, or a one-line error naming the file."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a suite is a YAML mapping with keys {', '.join(SuiteDoc.model_fields)}")
+    return raw
+
+
+def parse_suite(text: str, source: str = "suite.yaml") -> Suite:
+    raw = yaml_mapping(text, source)
     try:
         doc = SuiteDoc.model_validate(raw)
     except ValidationError as e:

@@ -133,7 +133,7 @@ def suite_thresholds(ref: str | None) -> tuple[str | None, dict[str, float | Non
         return None, None
     from importlib import resources
 
-    from orchestrator.suite import embedded_suites
+    from orchestrator.suite import embedded_suites, yaml_mapping
 
     path = Path(ref)
     if path.is_file():
@@ -142,12 +142,7 @@ def suite_thresholds(ref: str | None) -> tuple[str | None, dict[str, float | Non
         text, source = resources.files("configs").joinpath(f"{ref}.yaml").read_text(), f"configs/{ref}.yaml"
     else:
         return ref, None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UserError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: a suite is a YAML mapping")
+    raw = yaml_mapping(text, source)
     try:
         thresholds = check_thresholds(dict(raw.get("thresholds") or {}))
     except ValueError as e:

@@ -17,7 +17,8 @@ from worker import blockdev
 from worker.blob import Pack
 from worker.blockdev import block_device_of_mount, check_target, find_signature, mounted_at
 from worker.errors import UserError
-from worker.pack import pack_checkpoint, verify_pack
+from worker.pack import pack_checkpoint
+from worker.pack_cache import verify_pack
 
 PROBE = 128 * 1024
 

@@ -15,7 +15,7 @@ from worker.engine import build_engine
 from worker.bench import resolve_config
 from worker.generate import generate
 from worker.kvcache import Step
-from worker.pack import ensure_pack
+from worker.pack_cache import ensure_pack
 
 CPU = torch.device("cpu")
 

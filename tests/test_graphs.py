@@ -9,7 +9,7 @@ from worker.bench import resolve_config
 from worker.engine import build_engine
 from worker.generate import decode_spans, generate
 from worker.graphs import GraphedDecode
-from worker.pack import ensure_pack
+from worker.pack_cache import ensure_pack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

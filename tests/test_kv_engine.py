@@ -21,7 +21,7 @@ from worker.kv.factory import KVFactory
 from worker.kv.offload import Throttle
 from worker.kv.paged import PagedKVCache
 from worker.kvcache import StaticKVCache
-from worker.pack import ensure_pack
+from worker.pack_cache import ensure_pack
 from worker.roofline import roofline
 from worker.tokenizer import load_tokenizer
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 import cli
 from orchestrator.results import read_results, write_row
 from orchestrator.schema import build_row
+from worker.errors import UserError
 
 BENCH = [sys.executable, "-c", "import cli; cli.main()"]
 
@@ -51,21 +53,18 @@ def test_invalid_suite_names_the_key_exit_2(tmp_path):
     assert "batch_size" in done.stderr
 
 
-def test_detach_without_ray_default_says_how_to_install(tmp_path):
-    try:
-        import aiohttp  # noqa: F401
-
-        pytest.skip("ray[default] is installed here")
-    except ImportError:
-        pass
+def test_detach_without_ray_default_says_how_to_install(tmp_path, monkeypatch):
+    """Plain `ray` (no dashboard HTTP stack), simulated by hiding aiohttp: one line, before any connection."""
     from orchestrator.jobs import client
     from worker.errors import UserError
 
+    monkeypatch.setitem(sys.modules, "aiohttp", None)
     with pytest.raises(UserError) as e:
-        client(None)
+        client("http://127.0.0.1:1")
     assert str(e.value) == "Ray Jobs need the dashboard: pip install 'ray[default]'"
-    done = bench("submit", "--detach", tmp_path=tmp_path)
-    # (cli.main renders messages as rich markup, which currently drops "[default]"; reported to the lead)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['aiohttp'] = None; import cli; cli.main()",
+                           "submit", "--detach"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: Ray Jobs need the dashboard: pip install 'ray")
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -117,15 +116,21 @@ def test_default_submit_runs_the_smoke_suite_on_an_embedded_local_ray(tmp_path):
 
 
 def test_detach_submits_bench_submit_as_a_ray_job(tmp_path, monkeypatch):
+    """The request as sent (tests/test_jobs.py runs it on a real Jobs server); no address is contacted."""
     import ray.job_submission
 
     from orchestrator import jobs
 
-    submitted = {}
+    submitted, existing = {}, {}
 
     class FakeJobs:
         def __init__(self, url):
             submitted["url"] = url
+
+        def get_job_info(self, job_id):
+            if job_id not in existing:
+                raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+            return existing[job_id]
 
         def submit_job(self, **kw):
             submitted.update(kw)
@@ -134,15 +139,26 @@ def test_detach_submits_bench_submit_as_a_ray_job(tmp_path, monkeypatch):
             return kw["submission_id"]
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobs)
+    monkeypatch.setattr(jobs, "check_dashboard", lambda url: None)
+    monkeypatch.setattr(jobs, "prefer_token_auth", lambda: False)  # leaves this process's Ray auth mode alone
     suite = tmp_path / "mine.yaml"
     suite.write_text("name: mine\nmodels: [{name: t, preset: tiny}]\n")
     job = jobs.submit_detached(str(suite), suite, "res", "mine-1", "10.0.0.5:6379")
     assert job == "mine-1" and submitted["url"] == "http://10.0.0.5:8265"
-    assert submitted["entrypoint"] == f"bench submit suite.yaml --results {Path('res').resolve()} --suite-run-id mine-1"
-    assert submitted["suite_text"] == suite.read_text()
+    prefix = f"COLUMNS=160 PATH=\"$PATH\":{Path(sys.executable).parent} bench submit "
+    assert submitted["entrypoint"] == prefix + f"suite.yaml --results {Path('res').resolve()} --suite-run-id mine-1"
+    assert submitted["suite_text"] == suite.read_text() and submitted["metadata"]["suite_run_id"] == "mine-1"
+    assert not Path(submitted["runtime_env"]["working_dir"]).exists()  # uploaded by submit_job, then removed
     jobs.submit_detached("nightly", None, "s3://bucket/bench", "n-1", "http://head:8265")
-    assert submitted["entrypoint"] == "bench submit nightly --results s3://bucket/bench --suite-run-id n-1"
+    assert submitted["entrypoint"] == prefix + "nightly --results s3://bucket/bench --suite-run-id n-1"
     assert submitted["runtime_env"] is None and submitted["url"] == "http://head:8265"
+    # a suite run resubmitted after its job ended: the next free job id; while it runs: refused
+    existing["n-1"] = existing["n-1.2"] = SimpleNamespace(status="FAILED")
+    assert jobs.submit_detached("nightly", None, "s3://b", "n-1", "http://head:8265") == "n-1.3"
+    assert submitted["entrypoint"].endswith("--suite-run-id n-1")
+    existing["n-1.3"] = SimpleNamespace(status="RUNNING")
+    with pytest.raises(UserError, match=r"suite run n-1 is already running as job n-1.3 \(RUNNING\)"):
+        jobs.submit_detached("nightly", None, "s3://b", "n-1", "http://head:8265")
 
 
 @pytest.mark.parametrize("address, expected", [

@@ -19,7 +19,9 @@ from worker.blob import Pack, aligned_empty, open_blob, read_extent
 from worker.errors import UserError
 from worker.groups import all_groups, group_tensors
 from worker.manifest import Manifest
-from worker.pack import ensure_pack, pack_checkpoint, pack_paths, verify_pack
+from worker import pack_cache
+from worker.pack import pack_checkpoint
+from worker.pack_cache import ensure_pack, pack_paths, verify_pack
 
 BENCH = "/work/venv/bin/bench"
 
@@ -165,7 +167,7 @@ def test_o_direct_refused_for_writing_falls_back(ckpt, tmp_path, monkeypatch, ca
         return real_open(path, flags, *a)
 
     monkeypatch.setattr(os, "open", no_direct)
-    with caplog.at_level(logging.INFO, logger="worker.pack"):
+    with caplog.at_level(logging.INFO, logger="worker"):
         pack = pack_to(ckpt, tmp_path / "p")
     assert "writing through the page cache" in caplog.text
     assert verify_pack(pack) == []
@@ -185,7 +187,7 @@ def test_disk_full_is_a_user_error_and_leaves_nothing(ckpt, tmp_path, monkeypatc
 
 
 def test_cache_reuses_and_repacks_when_checkpoint_changes(ckpt, caplog):
-    caplog.set_level(logging.INFO, logger="worker.pack")
+    caplog.set_level(logging.INFO, logger="worker")
     first = ensure_pack(ckpt)
     assert first.manifest_path == ckpt / ".streambench-pack" / "bfloat16.manifest.json"
     mtime = first.blob_path.stat().st_mtime_ns
@@ -217,8 +219,8 @@ def test_cache_keeps_one_pack_per_dtype(ckpt, tmp_path):
 
 def test_checksums_verified_once_per_pack(ckpt, tmp_path, monkeypatch):
     calls = []
-    real = pack_mod.verify_pack
-    monkeypatch.setattr(pack_mod, "verify_pack", lambda p: calls.append(p) or real(p))
+    real = pack_cache.verify_pack
+    monkeypatch.setattr(pack_cache, "verify_pack", lambda p: calls.append(p) or real(p))
     pack = ensure_pack(ckpt)
     assert pack.verified and calls == []  # a fresh pack's checksums are of the bytes just written
     marker = pack.manifest_path.with_name(pack.manifest_path.name + ".verified")
@@ -231,7 +233,7 @@ def test_checksums_verified_once_per_pack(ckpt, tmp_path, monkeypatch):
 def test_corrupt_cached_pack_is_repacked(ckpt, caplog):
     pack = ensure_pack(ckpt)
     _flip_byte(pack.blob_path, pack.manifest.group("layers.1.attn").offset + 10)
-    caplog.set_level(logging.INFO, logger="worker.pack")
+    caplog.set_level(logging.INFO, logger="worker")
     again = ensure_pack(ckpt)
     assert "checksums do not match" in caplog.text
     assert verify_pack(again) == []

@@ -38,9 +38,10 @@ def engine_result(spec, itl=(10.0, 11.0, 30.0)) -> dict:
         "metrics": {"ttft_ms": 50.0, "prefill_ms": 49.0, "decode_ms": 51.0, "decode_tok_s": 117.6, "e2e_ms": 101.0,
                     "itl_ms": list(itl), "itl_p50_ms": 11.0, "itl_p90_ms": 26.2, "itl_p99_ms": 29.8, "batch_size": 2,
                     "prompt_len": 128, "generated_tokens": 8, "gpu_max_allocated_gb": 1.5, "gpu_max_reserved_gb": 2.0,
-                    "host_rss_gb": 3.0, "pinned_host_gb": None},
+                    "host_rss_gb": 3.0, "pinned_host_gb": None, "kv_gpu_gb": 0.5, "kv_cpu_gb": 2.0, "kv_ssd_gb": 0.0,
+                    "kv_write_backoffs": 3},
         "io": {"ssd_read": {"bytes": 10**9, "busy_s": 0.2, "gbps": 5.0}, "weight_h2d": None, "kv_h2d": None,
-               "kv_d2h": {"bytes": 10, "busy_s": 1.0, "gbps": 1e-8}},
+               "kv_d2h": {"bytes": 10, "busy_s": 1.0, "gbps": 1e-8}},  # no kv_ssd: the KV cache did not spill
         "roofline": None,
         "warnings": ["page cache was warm"],
         "outputs": [{"prompt_token_ids": [1, 2], "token_ids": [5, 6, 7, 8], "text": "x"},
@@ -73,7 +74,17 @@ def test_row_maps_the_engine_result_and_leaves_unknowns_null():
     assert row["output_token_ids"] == [[5, 6, 7, 8], [9, 9, 9, 9]] and row["warnings"] == ["page cache was warm"]
     assert json.loads(row["config_json"])["stream"]["mode"] == "gpu" and row["config_key"] == spec.config_key
     assert (row["model"], row["n_layers"], row["mode"], row["batch_size"], row["prompt_len"]) == ("tiny", 4, "gpu", 2, 128)
+    assert (row["kv_gpu_gb"], row["kv_cpu_gb"], row["kv_ssd_gb"], row["kv_write_backoffs"]) == (0.5, 2.0, 0.0, 3)
+    assert row["kv_ssd_gbps"] is None and row["kv_ssd_bytes"] is None  # no spill channel: null, not 0
     pa.Table.from_pylist([row], schema=FILE_SCHEMA)  # types fit the schema
+    spilled = ok_outcome(spec)
+    spilled.result["io"]["kv_ssd"] = {"bytes": 3 * 10**8, "busy_s": 0.1, "gbps": 3.0}
+    spilled.result["metrics"].update(kv_ssd_gb=1.25, kv_write_backoffs=0)
+    row = build_row(spec, "sr-1", spilled)
+    kv = (row["kv_ssd_gbps"], row["kv_ssd_bytes"], row["kv_ssd_gb"], row["kv_write_backoffs"])
+    assert kv == (3.0, 3 * 10**8, 1.25, 0)
+    table = pa.Table.from_pylist([row], schema=FILE_SCHEMA)
+    assert table.column("kv_ssd_bytes").type == pa.int64() and table.column("kv_ssd_gb").to_pylist() == [1.25]
 
 
 def test_failed_row_without_a_host_has_only_what_is_known():
@@ -150,6 +161,7 @@ def test_older_schema_files_read_with_missing_columns_null(tmp_path):
     old_row = [r for r in table.to_pylist() if r["suite_run_id"] == "old"][0]
     assert old_row["ttft_ms"] == 42.0 and old_row["schema_version"] == 0
     assert old_row["decode_tok_s"] is None and old_row["itl_ms"] is None and old_row["date"] == "2026-01-01"
+    assert old_row["kv_ssd_bytes"] is None and old_row["kv_gpu_gb"] is None  # columns added later read as null
 
 
 def test_filters_and_columns(tmp_path):

@@ -14,7 +14,7 @@ from worker.bench import prompt_ids_for, resolve_config
 from worker.errors import UserError
 from worker.engine import build_engine
 from worker.generate import generate
-from worker.pack import ensure_pack
+from worker.pack_cache import ensure_pack
 from worker.tokenizer import load_tokenizer
 
 # On a GPU host the same tests run on CUDA (streams, events, pinned buffers); in CI on the CPU.

@@ -63,7 +63,7 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
         return run_peer(cfg, device, phase, base_env=applied)
 
     from worker.engine import build_engine
-    from worker.pack import ensure_pack
+    from worker.pack_cache import ensure_pack
     from worker.tokenizer import load_tokenizer
 
     if not cfg.manifest:

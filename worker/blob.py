@@ -51,16 +51,25 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     return raw[shift:shift + nbytes]  # (nbytes,)
 
 
-def open_blob(path: str | Path, direct: bool = True) -> int:
-    """Open a blob read-only; with `direct`, try O_DIRECT and fall back to buffered where refused."""
-    if direct and hasattr(os, "O_DIRECT"):
+def open_direct(path: str | Path, flags: int, mode: int = 0o600) -> tuple[int, bool]:
+    """Open with O_DIRECT where the filesystem allows it (tmpfs refuses with EINVAL): (fd, direct)."""
+    if hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            return os.open(path, flags | os.O_DIRECT, mode), True
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            log.warning("%s: O_DIRECT refused by the filesystem (%s); using buffered reads", path, e.strerror)
-    return os.open(path, os.O_RDONLY)
+    return os.open(path, flags, mode), False
+
+
+def open_blob(path: str | Path, direct: bool = True) -> int:
+    """Open a blob read-only; with `direct`, try O_DIRECT and fall back to buffered where refused."""
+    if not direct:
+        return os.open(path, os.O_RDONLY)
+    fd, is_direct = open_direct(path, os.O_RDONLY)
+    if not is_direct:
+        log.warning("%s: O_DIRECT refused by the filesystem; using buffered reads", path)
+    return fd
 
 
 def read_extent(fd: int, offset: int, nbytes: int, out: torch.Tensor) -> None:

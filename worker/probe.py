@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from worker import envs
-from worker.blob import blob_size
+from worker.blob import blob_size, open_direct
 from worker.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,7 @@ def _read_point(fd: int, path: Path, size: int, threads: int, req: int, seconds:
 
 def _open(path: Path, flags: int) -> tuple[int, bool]:
     """Open with O_DIRECT where the filesystem allows it; (fd, direct)."""
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, flags | os.O_DIRECT, 0o600), True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-    return os.open(path, flags, 0o600), False
+    return open_direct(path, flags)
 
 
 def _aligned(nbytes: int) -> mmap.mmap:

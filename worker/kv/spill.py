@@ -10,17 +10,15 @@ The file is the cache's own (not the weights blob), sized up front and removed o
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from worker.blob import pwrite_all, read_extent
+from worker.blob import open_direct, pwrite_all, read_extent
 from worker.kv.layout import Geometry
 from worker.kv.offload import wait_for
 from worker.stream.hostmem import HostArena
@@ -34,14 +32,7 @@ SLOTS = 8  # outbox slots: write-backs in flight to the SSD
 
 def open_rw(path: Path) -> tuple[int, bool]:
     """Open (create) for O_DIRECT read/write; fall back to buffered I/O where refused (tmpfs)."""
-    flags = os.O_RDWR | os.O_CREAT
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, flags | os.O_DIRECT, 0o600), True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-    return os.open(path, flags, 0o600), False
+    return open_direct(path, os.O_RDWR | os.O_CREAT)
 
 
 class SpillStore:
