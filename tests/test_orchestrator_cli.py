@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from orchestrator.commands import RESULT_VIEW
 from orchestrator.results import read_results, write_row
 from orchestrator.schema import build_row
 from worker.errors import UserError
@@ -86,7 +87,7 @@ def test_results_command_formats(tmp_path):
     out = runner.invoke(cli.bench, ["results", "--results", str(tmp_path), "--format", "json"])
     rows = json.loads(out.output)
     assert out.exit_code == 0 and len(rows) == 2 and {r["status"] for r in rows} == {"ok", "failed"}
-    assert set(rows[0]) == set(cli.RESULT_VIEW)
+    assert set(rows[0]) == set(RESULT_VIEW)
     out = runner.invoke(cli.bench, ["results", "--results", str(tmp_path), "--format", "csv", "--status", "failed",
                                     "--columns", "run_id,error,itl_ms"])
     assert out.output.splitlines() == ["run_id,error,itl_ms", f"{b.run_id},it broke,"]
