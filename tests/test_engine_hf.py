@@ -96,3 +96,17 @@ def test_sampling_is_seeded_and_top_p_truncates():
     draws = [sample(logits.expand(64, 4), 0.6, 0.9, torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1]) and set(draws[0].tolist()) <= {0, 1}
     assert sample(logits, 0.0, 0.9).item() == 0
+
+
+def test_chunked_argmax_is_argmax_including_ties():
+    """The two-stage greedy (CUDA's path) picks what torch.argmax picks: the first of equal maxima."""
+    from worker.sampling import chunked_argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-50, 50, (6, 4096), generator=g).to(torch.bfloat16)  # many ties in every row
+    x[0, 3000], x[0, 17] = 99, 99  # the max in two chunks: the earlier wins
+    x[1, 700], x[1, 650] = 99, 99  # twice in one chunk
+    x[2] = 0  # all equal
+    for chunk in (128, 512):
+        assert torch.equal(chunked_argmax(x, chunk), torch.argmax(x, dim=-1))
+    assert chunked_argmax(x, 512)[:3].tolist() == [17, 650, 0]

@@ -71,9 +71,10 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
     placement = place(mode, cfg.num_hidden_layers, run.stream)
     tracker = init_global_tracker(max_batch=run.batch_size, layers=cfg.num_hidden_layers,
                                   n_blocks=-(-run.max_seq_len // run.kv.kv_block_tokens))  # before the model
+    compiled = run.compile and device.type == "cuda"
     try:
         kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
-                       spill_dir=pack.manifest_path.parent)
+                       spill_dir=pack.manifest_path.parent, compiled=compiled)
         if mode == "gpu":
             weights = ResidentWeights.from_pack(pack, device)
         else:
@@ -88,7 +89,7 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
         lift_gpu_memory_limit(device)  # the cap is process-wide: never leave it behind a failed build
         raise
     log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
-    model = Llama(cfg, weights, device, compile=run.compile and device.type == "cuda")
+    model = Llama(cfg, weights, device, compile=compiled)
     return Engine(cfg, model, weights, placement, kv, device)
 
 

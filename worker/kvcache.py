@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from worker import attention
 from worker.model_config import ModelConfig
 
 
@@ -39,12 +40,14 @@ class Step:
 
 
 class StaticKVCache:
-    def __init__(self, cfg: ModelConfig, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq: int, device: torch.device, dtype: torch.dtype,
+                 compiled: bool = False):
         shape = (batch, cfg.num_key_value_heads, max_seq, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.rows = torch.arange(batch, device=device)
         self.max_seq = max_seq
+        self.attention, self.store = attention.kernels(compiled)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -59,9 +62,6 @@ class StaticKVCache:
             # right padding: a real token never sees a pad, so plain causal attention is exact per row
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         pos = step.positions[:, 0]  # (B,)
-        kc[self.rows, :, pos] = k[:, :, 0]
-        vc[self.rows, :, pos] = v[:, :, 0]
+        self.store(kc, vc, self.rows, pos, k, v)
         n = step.kv_len
-        visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # (B, n)
-        return F.scaled_dot_product_attention(q, kc[:, :, :n], vc[:, :, :n],
-                                              attn_mask=visible[:, None, None, :], enable_gqa=True)
+        return self.attention(q, kc[:, :, :n], vc[:, :, :n], pos)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from worker import rope
+from worker.compiled import compiled
 from worker.kvcache import Step
 from worker.model_config import ModelConfig
 
@@ -69,6 +70,11 @@ def attn_out_ffn(h: torch.Tensor, o: torch.Tensor, w_o: torch.Tensor, norm_w: to
     return h + F.linear(F.silu(gate) * up, w_down)
 
 
+def head(h: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Final norm and the vocabulary projection: h (..., D) → logits (..., V)."""
+    return F.linear(rms_norm(h, norm_w, eps), w)
+
+
 def _joined(g: Group, fused_name: str, parts: tuple[str, ...]) -> torch.Tensor:
     """A group's fused projection: the zero-copy view of a packed group, else a concatenation (groups
     built from separate tensors, e.g. a state dict in tests)."""
@@ -84,12 +90,9 @@ class Llama:
         # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels:
         # at batch 1 a decode step is hundreds of tiny kernels otherwise. Every mode runs these same
         # compiled functions, so modes stay bit-identical to each other.
-        if compile:
-            # one compiled variant per (batch, tokens) shape and geometry; a worker process running many
-            # runs sees many, and falling back to eager silently would break mode-to-mode exactness
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4096)
-        wrap = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compile else (lambda f: f)
+        wrap = compiled if compile else (lambda f: f)
         self.attn_in, self.attn_out_ffn = wrap(attn_in), wrap(attn_out_ffn)
+        self.cos_sin, self.head = wrap(rope.cos_sin), wrap(head)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step, cache: KVCacheLike,
@@ -98,7 +101,7 @@ class Llama:
         c = self.cfg
         res = self.weights.resident()
         h = _embed(tokens, res["embed_tokens"])  # (B, T, D)
-        cos, sin = rope.cos_sin(self.freq, step.positions, h.dtype)
+        cos, sin = self.cos_sin(self.freq, step.positions, h.dtype)
         self.weights.begin_pass()
         for layer in range(c.num_hidden_layers):
             a = self.weights.wait(layer, "attn")
@@ -114,5 +117,4 @@ class Llama:
             self.weights.release(layer, "ffn")
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, D)
-        h = rms_norm(h, res["norm"], c.rms_norm_eps)
-        return F.linear(h, res.get("lm_head", res["embed_tokens"]))
+        return self.head(h, res["norm"], res.get("lm_head", res["embed_tokens"]), c.rms_norm_eps)

@@ -18,10 +18,29 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) → (B,) argmax, first index among equal maxima, as `torch.argmax`. On CUDA a single-row
+    argmax over a 128k vocabulary is one long serial reduction (~35 us on an H200, most of a
+    percent of a batch-1 decode step); reducing chunks first and then their maxima spreads it over the
+    card. Chunks are taken in index order, so the first maximum stays the first."""
+    chunk = next((c for c in (512, 256, 128) if logits.shape[1] % c == 0 and logits.shape[1] // c >= 8), 0)
+    if logits.device.type != "cuda" or not chunk:
+        return torch.argmax(logits, dim=-1)
+    return chunked_argmax(logits, chunk)
+
+
+def chunked_argmax(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`greedy` in two stages; V must be a multiple of `chunk`."""
+    b, v = logits.shape
+    best, at = logits.view(b, v // chunk, chunk).max(dim=-1)  # (B, V / chunk) each chunk's max, first index
+    c = torch.argmax(best, dim=-1, keepdim=True)  # (B, 1) the first chunk holding the overall max
+    return (c * chunk + at.gather(1, c)).squeeze(1)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits → (B,) next token ids; greedy when temperature == 0."""
     if temperature == 0:
-        return torch.argmax(logits, dim=-1)
+        return greedy(logits)
     probs = logits_to_probs(logits, temperature, top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -96,8 +96,10 @@ class KVFactory:
     """`factory(batch, max_seq)` → a KV cache for the run's KVConfig; also its channels and byte counts."""
 
     def __init__(self, cfg: ModelConfig, kv: KVConfig, device: torch.device, dtype: torch.dtype, max_seq: int,
-                 batch: int = 1, tracker: BlockTracker | None = None, spill_dir: str | os.PathLike | None = None):
+                 batch: int = 1, tracker: BlockTracker | None = None, spill_dir: str | os.PathLike | None = None,
+                 compiled: bool = False):
         self.cfg, self.kv, self.device, self.dtype = cfg, kv, device, dtype
+        self.compiled = compiled  # decode attention through torch.compile (worker.attention)
         self.item = torch.empty((), dtype=dtype).element_size()
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         validate(kv, cfg, batch, max_seq, self.item, self.spill_dir)
@@ -120,7 +122,7 @@ class KVFactory:
         if kv.kv_offload != "none" or kv.kv_gpu_blocks is not None or kv.topk_blk:
             validate(kv, self.cfg, batch, max_seq, self.item, self.spill_dir)
         if not kv.topk_blk and not offloads(kv, max_seq):
-            cache = StaticKVCache(self.cfg, batch, max_seq, self.device, self.dtype)
+            cache = StaticKVCache(self.cfg, batch, max_seq, self.device, self.dtype, self.compiled)
             self._last = {"gpu": cache.nbytes(), "cpu": 0, "ssd": 0}
             return cache
         if self._live is not None:
@@ -129,7 +131,7 @@ class KVFactory:
             self._release()
             self._bufs = self._allocate(Geometry.of(self.cfg, batch, max_seq, kv.kv_block_tokens, self.dtype))
             self._key = (batch, max_seq)
-        self._live = PagedKVCache(self._bufs, kv.topk_blk, Sync(self.device), self.tracker)
+        self._live = PagedKVCache(self._bufs, kv.topk_blk, Sync(self.device), self.tracker, self.compiled)
         self._last = tier_bytes(kv, self.cfg, batch, max_seq, self.item)
         return self._live
 

@@ -69,7 +69,7 @@ def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: 
     m.sync.wait(stage_free, m.stream)  # the compute that read this stage parity last has run
     m.wait_uploaded(plan.parity)  # ... and the pinned buffers of this parity are free again
     geo, bufs, store = cache.geo, cache.bufs, m.store
-    bb, ext, L, p = geo.block_bytes, store.ext, plan.layer, plan.parity
+    bb, L, p = geo.block_bytes, plan.layer, plan.parity
     pairs = []
     if plan.fill:
         ring_raw = bufs.ring[L].view(geo.batch, bufs.ring_blocks, bb // geo.item).view(torch.uint8)  # (B, R, bb)

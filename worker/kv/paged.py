@@ -9,8 +9,8 @@ prefill), so dropping a block from the ring needs no copy.
 
 Exactness: prefill attends over the fresh keys exactly as `StaticKVCache` does. An exact decode step
 assembles the row's blocks, in position order, into a (B, KV, J * bt, hd) buffer (fetched blocks
-from the stage, ring blocks over them) and runs the very SDPA call of `StaticKVCache` on the same
-shapes (kv_len columns, the same mask). Visible columns hold the same values, masked columns hold
+from the stage, ring blocks over them) and runs the very attention function of `StaticKVCache`
+(`worker.attention`) on the same shapes (kv_len columns, the same positions). Visible columns hold the same values, masked columns hold
 finite values whose weight is exactly 0, so the result is the same bit for bit.
 
 Top-k decode (k < live blocks): score every block by its key bounds (`topk`), keep the sink and the
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker import attention
 from worker.kv.fetch import make_plan, run_fetch
 from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks
@@ -57,8 +58,10 @@ class PagedBuffers:
 
 
 class PagedKVCache:
-    def __init__(self, bufs: PagedBuffers, topk: int, sync: Sync, tracker: BlockTracker | None = None):
+    def __init__(self, bufs: PagedBuffers, topk: int, sync: Sync, tracker: BlockTracker | None = None,
+                 compiled: bool = False):
         self.bufs, self.geo, self.sync = bufs, bufs.geo, sync
+        self.attention = attention.kernels(compiled)[0]  # the resident cache's very attention
         self.bt, self.R, self.k = bufs.geo.block_tokens, bufs.ring_blocks, topk
         self.recent = recent_blocks(topk) if topk else 0
         self.mover = bufs.mover
@@ -170,9 +173,7 @@ class PagedKVCache:
             vv[self.rows[:, None], jw] = src[:, :, 1]
         if self.k:
             self._score(layer, q, self.nbk)
-        visible = torch.arange(span, device=q.device)[None, :] <= self.pos_d[:, None]  # (B, span)
-        return F.scaled_dot_product_attention(q, self.bufs.wb_k[:, :, :span], self.bufs.wb_v[:, :, :span],
-                                              attn_mask=visible[:, None, None, :], enable_gqa=True)
+        return self.attention(q, self.bufs.wb_k[:, :, :span], self.bufs.wb_v[:, :, :span], self.pos_d)
 
     def _score(self, layer: int, q, n: int, record: bool = True) -> torch.Tensor:
         sc = block_scores(q, self.bufs.smin[layer][:, :n], self.bufs.smax[layer][:, :n], self.f_d)  # (B, n)
