@@ -131,3 +131,21 @@ def test_wsm_switches_take_effect(ckpt, monkeypatch):
     monkeypatch.setenv("WSM_EVICT_FINISHED", "maybe")
     with pytest.raises(UserError, match="WSM_EVICT_FINISHED"):
         resolve_config({"checkpoints": str(ckpt)})
+
+
+def test_resident_layers_count_once_against_the_memory_limit(ckpt):
+    """A GPU-cached layer's tensors (and its fused qkv / gate_up views) share one extent: the memory
+    limit must be charged its size once (counted per view it was charged ~2x, and a 70B mixed run
+    with one cached layer under 6 GiB was refused)."""
+    from worker.stream.plan import place
+    from worker.stream.streamer import _load_resident, device_bytes
+
+    cfg = resolve_config({"checkpoints": str(ckpt), "mode": "mixed", "gpu_cached_layers": 2, "cpu_cache_layers": 1})
+    pack = ensure_pack(cfg.checkpoints)
+    resident = _load_resident(pack, place("mixed", 5, cfg.stream), CPU)
+    layer_groups = [g for k, g in resident.items() if k.layer is not None]
+    assert any("qkv_proj" in g for g in layer_groups)  # the fused views are there...
+    extents = sum(pack.manifest.group(k.name).nbytes for k in resident if k.layer is not None)
+    others = sum(t.numel() * t.element_size() for k, g in resident.items() if k.layer is None for t in g.values()
+                 if t.device == CPU)
+    assert device_bytes(resident.values(), CPU) == pytest.approx(extents + others, rel=0.01)  # ...counted once

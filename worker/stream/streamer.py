@@ -49,6 +49,14 @@ def _load_resident(pack, placement: Placement, device: torch.device) -> dict[Gro
     return out
 
 
+def device_bytes(groups, device: torch.device) -> int:
+    """GPU memory the groups' tensors occupy on `device`: storages counted once, since a resident
+    layer's tensors are views of one extent and the fused qkv / gate_up views overlap their parts."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for g in groups for t in g.values() if t.device == device}
+    return sum(storages.values())
+
+
 def slots_per_kind(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> int:
     """GPU slots per group kind: half of gpu_max_groups, fewer if the memory limit leaves less room."""
     want = max(1, cfg.gpu_max_groups // 2)
@@ -100,8 +108,7 @@ class WeightStreamer:
             n_buf = max(2 * cfg.ssd_readers, -(-biggest // self.reader.chunk) + cfg.ssd_readers)
             self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
-        on_device = sum(t.numel() * t.element_size() for g in self._resident.values() for t in g.values()
-                        if t.device == device)
+        on_device = device_bytes(self._resident.values(), device)
         per_kind = slots_per_kind(capacity, cfg, on_device + reserve_bytes)
         self.pool = SlotPool(capacity, {k: per_kind if capacity[k] else 0 for k in KINDS}, device,
                              cfg.evict_finished)
