@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--only", nargs="*", default=None, help="run only these configurations")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse run JSONs already in --work (an earlier invocation cut short) instead of rerunning")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work)
@@ -76,7 +78,7 @@ def main() -> None:
     ensure_pack(ckpt).close()  # verifies checksums once, so no timed run pays for it
     pack_dir = ckpt / ".streambench-pack"
     print(f"  [{time.perf_counter() - t0:6.1f} s] pack + verify in {pack_dir}", flush=True)
-    bench("probe", "--path", str(pack_dir), "--refresh")
+    bench("probe", "--path", str(pack_dir), *([] if args.resume else ["--refresh"]))
 
     half = max(1, (layers - 1) // 2)
     common = ["--checkpoints", str(ckpt), "--temperature", "0", "--batch-size", "1", "--max-seq-len", "4096",
@@ -100,7 +102,10 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out = work / f"run-{name}.json"
-        bench("run", *common, *extra, "--out-json", str(out))
+        if args.resume and out.exists():
+            print(f"  [ reused ] {out}", flush=True)
+        else:
+            bench("run", *common, *extra, "--out-json", str(out))
         results[name] = json.loads(out.read_text())
     (work / "summary.json").write_text(json.dumps({k: {kk: v[kk] for kk in ("metrics", "io", "roofline", "system",
                                                                             "config", "warnings")}
