@@ -114,11 +114,16 @@ def _limit_note(run: RunConfig) -> str:
     return f" (capped at {lim} GB by --gpu-memory-limit-gb)" if lim else ""
 
 
+HEADROOM_BYTES = 256 << 20  # allocator fragmentation, cuBLAS workspace, compiled kernels' scratch
+
+
 def workspace_bytes(run: RunConfig, cfg: ModelConfig, prompt_tokens: int | None = None) -> int:
-    """What a run needs on the GPU besides weights: the KV cache and the largest activations (an
-    estimate used only to size the streaming slots under --gpu-memory-limit-gb)."""
+    """What a run needs on the GPU besides weights: the KV cache, the largest activations (the layer's
+    tensors in the activation dtype plus the norms' float32 copies) and a fixed headroom. An estimate
+    used only to size the streaming slots under --gpu-memory-limit-gb; without the headroom a 70B
+    2048-token prefill under 6 GiB was given two slots per kind and ran out of memory by ~0.1 GB."""
     item = 4 if run.dtype == "float32" or cfg.dtype == "float32" else 2
     kv = tier_bytes(run.kv, cfg, run.batch_size, run.max_seq_len, item)["gpu"]
     tokens = run.batch_size * (prompt_tokens or run.max_prompt_tokens)
-    act = tokens * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * item + run.batch_size * cfg.vocab_size * 4
-    return kv + act
+    act = tokens * ((6 * cfg.hidden_size + 3 * cfg.intermediate_size) * item + 2 * cfg.hidden_size * 4)
+    return kv + act + run.batch_size * cfg.vocab_size * 4 + HEADROOM_BYTES
