@@ -53,6 +53,8 @@ class Channel:
             for _, end in self._spans:
                 end.synchronize()  # copies fetched ahead may still be in flight when stats are read
             busy = self.busy_s + sum(s.elapsed_time(e) for s, e in self._spans) / 1e3
+            if self._inflight > 0:  # a channel that never went idle (the bottleneck) is busy until now
+                busy += time.perf_counter() - self._since
             if self.bytes == 0:
                 return None
             return {"bytes": self.bytes, "busy_s": busy, "gbps": self.bytes / busy / 1e9 if busy > 0 else None}
