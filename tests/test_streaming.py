@@ -149,3 +149,25 @@ def test_resident_layers_count_once_against_the_memory_limit(ckpt):
     others = sum(t.numel() * t.element_size() for k, g in resident.items() if k.layer is None for t in g.values()
                  if t.device == CPU)
     assert device_bytes(resident.values(), CPU) == pytest.approx(extents + others, rel=0.01)  # ...counted once
+
+
+def test_slot_sizing_leaves_room_for_a_long_prefill():
+    """70B geometry, 15 layers, cpu mode, 6 GiB: a 2048-token prefill must get one slot per kind (two
+    slots left ~0.1 GB and ran out of memory on an H200); a 512-token run still gets two."""
+    from worker.engine import HEADROOM_BYTES, workspace_bytes
+    from worker.model_config import ModelConfig
+    from worker.presets import LLAMA31_COMMON, PRESETS
+    from worker.stream.streamer import slots_per_kind
+
+    cfg = ModelConfig.from_hf({**LLAMA31_COMMON, **PRESETS["llama3.1-70b"], "num_hidden_layers": 15,
+                               "torch_dtype": "bfloat16"})
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kv_heads, hd = cfg.num_key_value_heads, cfg.head_dim
+    capacity = {"attn": (d * (cfg.num_attention_heads + 2 * kv_heads) * hd + d * d) * 2, "ffn": 3 * d * f * 2}
+    lm_head = cfg.vocab_size * d * 2
+    run = resolve_config({"checkpoints": "x", "mode": "cpu", "gpu_memory_limit_gb": 6.442, "max_seq_len": 4096,
+                          "gpu_max_groups": 4})
+    long, short = workspace_bytes(run, cfg, 2048), workspace_bytes(run, cfg, 512)
+    assert long - short > HEADROOM_BYTES // 2  # activations grow with the prompt, on top of the headroom
+    assert slots_per_kind(capacity, run.stream, lm_head + long) == 1
+    assert slots_per_kind(capacity, run.stream, lm_head + short) == 2
