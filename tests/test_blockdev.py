@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_pack import BENCH, bits, checkpoint_tensors, make_checkpoint
+from benchcli import bench
+from packhelp import bits, checkpoint_tensors, make_checkpoint
 from worker import blockdev
 from worker.blob import Pack
 from worker.blockdev import block_device_of_mount, check_target, find_signature, mounted_at
@@ -112,8 +113,8 @@ def test_mounted_root_device_cli_exits_2(tmp_path):
     if dev is None:
         pytest.skip("/ is not on a block device here")
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    r = subprocess.run([BENCH, "pack", "--checkpoints", str(ckpt), "--raw-device", str(dev), "--manifest",
-                        str(tmp_path / "m.json"), "--force"], capture_output=True, text=True, timeout=120)
+    r = bench("pack", "--checkpoints", str(ckpt), "--raw-device", str(dev), "--manifest", str(tmp_path / "m.json"),
+              "--force")
     assert r.returncode == 2 and "is mounted at /" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py")]
+import benchcli
+
 
 
 def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*BENCH, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return benchcli.bench(*args, cwd=cwd, timeout=300)
 
 
 def test_run_writes_the_seed_json(tiny_ckpt, tmp_path):

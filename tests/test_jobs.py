@@ -28,11 +28,11 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="ray[default] (the dashboard and Ray Jobs) is not installed")
 
+import benchcli  # noqa: E402
 from orchestrator.results import read_results  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-BENCH = [sys.executable, "-c", "import cli; cli.main()"]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 SUITE = """name: detached
 models: [{name: t, preset: tiny, layers: 2, overrides: {vocab_size: 1000}}]
@@ -122,7 +122,7 @@ def live_session_members(sid: int) -> list[int]:
 
 
 def bench(*args: str, env: dict, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return benchcli.bench(*args, timeout=timeout, env=env, cwd=cwd)
 
 
 def test_detached_suite_runs_as_a_ray_job_and_is_followed_by_status_and_logs(head, tmp_path):

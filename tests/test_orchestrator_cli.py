@@ -14,20 +14,19 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
+import benchcli
 import cli
 from orchestrator.commands import RESULT_VIEW
 from orchestrator.results import read_results, write_row
 from orchestrator.schema import build_row
 from worker.errors import UserError
 
-BENCH = [sys.executable, "-c", "import cli; cli.main()"]
-
 
 def bench(*args: str, tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "STREAMBENCH_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    return benchcli.bench(*args, timeout=timeout, env=env, cwd=tmp_path)
 
 
 def closed_port() -> int:

@@ -1,4 +1,5 @@
-"""The weight pack: round trips bit for bit, layout invariants, the cache, and every mismatch error."""
+"""The weight pack: round trips bit for bit, layout invariants, every mismatch error, the CLI (the cache
+next to a checkpoint: test_pack_cache.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,48 +19,16 @@ from worker.blob import Pack, aligned_empty, open_blob, read_extent
 from worker.errors import UserError
 from worker.groups import all_groups, group_tensors
 from worker.manifest import Manifest
-from worker import pack_cache
 from worker.pack import pack_checkpoint
 from worker.pack_cache import ensure_pack, pack_paths, verify_pack
 
-BENCH = "/work/venv/bin/bench"
-
-
-def make_checkpoint(path: Path, dtype=torch.bfloat16, tied=False, layers=2, shard="60KB", seed=0) -> Path:
-    """A tiny Llama in the real HF format (config.json, sharded safetensors + index), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tied)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()  # norms too: all-ones weights would hide a swapped tensor
-    model.to(dtype).save_pretrained(path, max_shard_size=shard)
-    return path
-
-
-def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+from benchcli import bench
+from packhelp import bits, checkpoint_tensors, flip_byte, make_checkpoint, pack_to
 
 
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
     return make_checkpoint(tmp_path / "ckpt")
-
-
-def pack_to(ckpt: Path, out: Path, **kw) -> Pack:
-    out.mkdir(exist_ok=True)
-    pack_checkpoint(ckpt, out / "w.blob", out / "w.json", **kw)
-    return Pack.open(out / "w.json")
 
 
 # ---- round trip and layout -----------------------------------------------------------------------
@@ -183,86 +151,12 @@ def test_disk_full_is_a_user_error_and_leaves_nothing(ckpt, tmp_path, monkeypatc
     assert list((tmp_path / "p").iterdir()) == []
 
 
-# ---- the cache ----------------------------------------------------------------------------------
-
-
-def test_cache_reuses_and_repacks_when_checkpoint_changes(ckpt, caplog):
-    caplog.set_level(logging.INFO, logger="worker")
-    first = ensure_pack(ckpt)
-    assert first.manifest_path == ckpt / ".streambench-pack" / "bfloat16.manifest.json"
-    mtime = first.blob_path.stat().st_mtime_ns
-    caplog.clear()
-    second = ensure_pack(ckpt, dtype="auto")
-    assert second.blob_path.stat().st_mtime_ns == mtime and "using cached pack" in caplog.text
-    assert "packing" not in caplog.text
-    # the checkpoint changes (re-download): new weights, new mtime → re-pack, new contents
-    shard = sorted(ckpt.glob("*.safetensors"))[0]
-    tensors = load_file(shard)
-    name = next(iter(tensors))
-    tensors[name] = tensors[name] + 1
-    save_file(tensors, shard, metadata={"format": "pt"})
-    caplog.clear()
-    third = ensure_pack(ckpt)
-    assert "checkpoint changed" in caplog.text
-    assert third.manifest.source.fingerprint != first.manifest.source.fingerprint
-    t = next(t for t in third.manifest.tensors if t.name == name)
-    got = third.read_group(t.group)[t.short]
-    assert torch.equal(bits(got), bits(tensors[name]))
-
-
-def test_cache_keeps_one_pack_per_dtype(ckpt, tmp_path):
-    a = ensure_pack(ckpt, pack_dir=tmp_path / "cache")
-    b = ensure_pack(ckpt, pack_dir=tmp_path / "cache", dtype="float32")
-    assert (a.manifest.dtype, b.manifest.dtype) == ("bfloat16", "float32")
-    assert a.manifest_path.exists() and b.manifest_path.exists() and not (ckpt / ".streambench-pack").exists()
-
-
-def test_checksums_verified_once_per_pack(ckpt, tmp_path, monkeypatch):
-    calls = []
-    real = pack_cache.verify_pack
-    monkeypatch.setattr(pack_cache, "verify_pack", lambda p: calls.append(p) or real(p))
-    pack = ensure_pack(ckpt)
-    assert pack.verified and calls == []  # a fresh pack's checksums are of the bytes just written
-    marker = pack.manifest_path.with_name(pack.manifest_path.name + ".verified")
-    marker.unlink()
-    ensure_pack(ckpt)
-    ensure_pack(ckpt, manifest=pack.manifest_path)
-    assert len(calls) == 1
-
-
-def test_corrupt_cached_pack_is_repacked(ckpt, caplog):
-    pack = ensure_pack(ckpt)
-    _flip_byte(pack.blob_path, pack.manifest.group("layers.1.attn").offset + 10)
-    caplog.set_level(logging.INFO, logger="worker")
-    again = ensure_pack(ckpt)
-    assert "checksums do not match" in caplog.text
-    assert verify_pack(again) == []
-
-
-def test_explicit_manifest_is_used_as_is(ckpt, tmp_path):
-    pack = pack_to(ckpt, tmp_path / "p")
-    got = ensure_pack(None, manifest=pack.manifest_path)
-    assert got.blob_path == pack.blob_path
-    with pytest.raises(UserError, match="holds bfloat16 weights but dtype float32"):
-        ensure_pack(ckpt, manifest=pack.manifest_path, dtype="float32")
-    with pytest.raises(UserError, match="--raw-device needs --manifest"):
-        ensure_pack(ckpt, raw_device=pack.blob_path)
-
-
 # ---- mismatches and failures --------------------------------------------------------------------
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def test_checksum_mismatch_names_the_group(ckpt, tmp_path):
     pack = pack_to(ckpt, tmp_path / "p")
-    _flip_byte(pack.blob_path, pack.manifest.group("layers.1.attn").offset + 123)
+    flip_byte(pack.blob_path, pack.manifest.group("layers.1.attn").offset + 123)
     assert not pack.verified  # the blob's mtime changed
     assert verify_pack(pack) == ["layers.1.attn"]
     with pytest.raises(UserError, match=r"fails its checksums in 1 group\(s\) \(layers.1.attn\)"):
@@ -364,10 +258,6 @@ def test_failure_mid_write_leaves_nothing_and_keeps_the_old_pack(ckpt, tmp_path,
 # ---- CLI ----------------------------------------------------------------------------------------
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BENCH, *args], capture_output=True, text=True, timeout=120)
-
-
 def test_cli_pack_and_verify(ckpt, tmp_path):
     r = bench("pack", "--checkpoints", str(ckpt), "--out-dir", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
@@ -375,7 +265,7 @@ def test_cli_pack_and_verify(ckpt, tmp_path):
     assert str(manifest) in r.stdout and blob_path.exists()
     r = bench("verify", "--manifest", str(manifest))
     assert r.returncode == 0 and "ok" in r.stdout
-    _flip_byte(blob_path, Manifest.load(manifest).group("layers.0.ffn").offset)
+    flip_byte(blob_path, Manifest.load(manifest).group("layers.0.ffn").offset)
     r = bench("verify", "--manifest", str(manifest))
     assert r.returncode == 1 and "layers.0.ffn" in r.stderr and "Traceback" not in r.stderr
 

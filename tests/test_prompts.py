@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, processors
 
 import cli
+from benchcli import bench
 from worker.errors import UserError
 from worker.prompts import (encode_batch, encode_texts, make_prompts, read_prompt_file, select_prompts,
                             synth_prompts, word_pool)
 from worker.tokenizer import build_tokenizer, load_tokenizer
 
-BENCH = Path(sys.executable).with_name("bench")
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +173,7 @@ def test_cli_make_prompts(tiny_ckpt, tok, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_missing_checkpoint_exits_2_without_traceback(tmp_path):
-    res = subprocess.run([str(BENCH), "make-prompts", "--checkpoints", str(tmp_path / "nope"), "--out",
-                          str(tmp_path / "p.txt")], capture_output=True, text=True, timeout=120)
+    res = bench("make-prompts", "--checkpoints", str(tmp_path / "nope"), "--out", str(tmp_path / "p.txt"))
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("error:") and "make-model" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr

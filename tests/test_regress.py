@@ -6,7 +6,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from benchcli import BENCH
 
 from orchestrator.metrics import METRICS, default_thresholds
 from orchestrator.regress import Baseline, check, regress
@@ -26,7 +26,6 @@ from tests import fakerows
 from worker.errors import UserError
 
 SUITE = fakerows.suite()
-BENCH = str(Path(sys.executable).with_name("bench"))  # the console script of this environment
 DEFAULT_THRESHOLDS = Path(__file__).resolve().parent.parent / "configs" / "thresholds" / "default.yaml"
 GPU_B1 = fakerows.config_key(SUITE, "gpu", 1)
 
@@ -241,12 +240,10 @@ def test_regress_reads_old_schema_rows(tmp_path):
 def bench(*args: str, cwd) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200"}
     env.pop("STREAMBENCH_RESULTS", None)
-    return subprocess.Popen([BENCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    return subprocess.Popen([*BENCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
 
 
 def test_cli_exit_codes(tmp_path):
-    if not os.path.exists(BENCH):
-        pytest.skip(f"{BENCH} is not installed")
     regressed, clean, short = (str(tmp_path / n) for n in ("regressed", "clean", "short"))
     fakerows.write(regressed, fakerows.history(SUITE, ["h200"], 7, seed=12, step={"night": 6, "slow": 1.4}))
     fakerows.write(clean, fakerows.history(SUITE, ["h200"], 7, seed=12))

@@ -6,7 +6,7 @@ shapes, which is what keeps an offloading cache bit-identical to the resident on
 Two forms of one attention (column j of row b visible iff j <= pos[b]):
 - eager (`sdpa_decode_attention`, CPU and --no-compile): `F.scaled_dot_product_attention` with a
   boolean mask. With grouped KV heads and a mask it runs SDPA's math path, about ten kernels per
-  layer, which in eager mode is still fewer launches than writing it out.
+  layer; eager code pays per launch, and the written-out form below is no shorter there.
 - compiled (`decode_attention`, CUDA): the query heads grouped over their KV head (no copies of K and
   V), the mask derived from the positions inside the function; `torch.compile` turns it into two
   cuBLAS products and one fused masked softmax. HF's eager math: scores in the activation dtype,

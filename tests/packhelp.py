@@ -1,0 +1,51 @@
+"""Helpers of the pack tests: a tiny HF checkpoint, its tensors, bit views, packing to a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from worker.blob import Pack
+from worker.pack import pack_checkpoint
+
+
+def make_checkpoint(path: Path, dtype=torch.bfloat16, tied=False, layers=2, shard="60KB", seed=0) -> Path:
+    """A tiny Llama in the real HF format (config.json, sharded safetensors + index), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # norms too: all-ones weights would hide a swapped tensor
+    model.to(dtype).save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def pack_to(ckpt: Path, out: Path, **kw) -> Pack:
+    out.mkdir(exist_ok=True)
+    pack_checkpoint(ckpt, out / "w.blob", out / "w.json", **kw)
+    return Pack.open(out / "w.json")
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
