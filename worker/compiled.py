@@ -18,13 +18,13 @@ from typing import TypeVar
 
 import torch
 
-F = TypeVar("F", bound=Callable)
+Fn = TypeVar("Fn", bound=Callable)
 
 RECOMPILE_LIMIT = 4096
 DETERMINISTIC = True  # module-level so a benchmark can measure its cost (benchmarks/decode_profile.py)
 
 
-def compiled(fn: F) -> F:
+def compiled(fn: Fn) -> Fn:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     import torch._inductor.config as inductor
 

@@ -10,8 +10,9 @@ prefill), so dropping a block from the ring needs no copy.
 Exactness: prefill attends over the fresh keys exactly as `StaticKVCache` does. An exact decode step
 assembles the row's blocks, in position order, into a (B, KV, J * bt, hd) buffer (fetched blocks
 from the stage, ring blocks over them) and runs the very attention function of `StaticKVCache`
-(`worker.attention`) on the same shapes (kv_len columns, the same positions). Visible columns hold the same values, masked columns hold
-finite values whose weight is exactly 0, so the result is the same bit for bit.
+(`worker.attention`) on the same shapes (kv_len columns, the same positions). Visible columns hold
+the same values, masked columns hold finite values whose weight is exactly 0, so the result is the
+same bit for bit.
 
 Top-k decode (k < live blocks): score every block by its key bounds (`topk`), keep the sink and the
 most recent block(s) and the best of the rest among the blocks on the GPU (the ring and the blocks
