@@ -62,6 +62,8 @@ CASES = {
     "cpu": dict(mode="cpu"),
     "cpu-one-slot-per-kind": dict(mode="cpu", gpu_max_groups=2, group_prefetch_depth=1),
     "cpu-single-slot-budget": dict(mode="cpu", gpu_max_groups=1, aggressive_gpu_prefetch=0),
+    "cpu-odd-slot-to-ffn": dict(mode="cpu", gpu_max_groups=3, group_prefetch_depth=4, skip_preload_wait=False,
+                                warmup_layers=3),
     "ssd": dict(mode="ssd"),
     "ssd-chunked-one-reader": dict(mode="ssd", staging_mb=1, ssd_readers=1, gpu_max_groups=2),
     "mixed-subset": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=2, cpu_policy="pinned-subset"),
@@ -114,6 +116,28 @@ def test_bad_budgets_are_clear_errors(ckpt, flat, msg):
         _generate(ckpt, **flat)
 
 
+def test_slot_counts_split_and_fill():
+    """gpu_max_groups is split between the kinds, the odd slot to ffn; under a memory limit the room
+    after whole pairs buys ffn slots first, then attn; less than one pair is refused."""
+    from worker.config import StreamConfig
+    from worker.stream.streamer import fillable, slot_counts
+    from worker.groups import GroupKey
+
+    cap = {"attn": 3, "ffn": 10}
+    assert slot_counts(cap, StreamConfig(gpu_max_groups=5), 0) == {"attn": 2, "ffn": 3}
+    assert slot_counts(cap, StreamConfig(gpu_max_groups=1), 0) == {"attn": 1, "ffn": 1}
+    limited = StreamConfig(gpu_max_groups=10, gpu_memory_limit_gb=40e-9)  # 40 bytes of room
+    assert slot_counts(cap, limited, 0) == {"attn": 3, "ffn": 3}  # 3 pairs = 39
+    assert slot_counts(cap, limited, 12) == {"attn": 2, "ffn": 2}  # 28 left: 2 pairs = 26, 2 buys nothing
+    assert slot_counts(cap, limited, 4) == {"attn": 2, "ffn": 3}  # 36 left: 2 pairs + one more ffn
+    assert slot_counts(cap, limited, 11) == {"attn": 3, "ffn": 2}  # 29 left: 2 pairs, 3 < ffn, one attn
+    with pytest.raises(UserError, match="less than one attn"):
+        slot_counts(cap, limited, 28)
+    order = [GroupKey(i, k) for i in range(3) for k in ("attn", "ffn")]
+    assert fillable(order, {"attn": 1, "ffn": 2}) == 2  # the second attn waits for the first to be freed
+    assert fillable(order, {"attn": 5, "ffn": 5}) == 6
+
+
 def test_wsm_switches_take_effect(ckpt, monkeypatch):
     monkeypatch.setenv("WSM_GPU_MAX_GROUPS", "2")
     monkeypatch.setenv("WSM_CPU_ROLLING_MODE", "0")
@@ -152,12 +176,13 @@ def test_resident_layers_count_once_against_the_memory_limit(ckpt):
 
 
 def test_slot_sizing_leaves_room_for_a_long_prefill():
-    """70B geometry, 15 layers, cpu mode, 6 GiB: a 2048-token prefill must get one slot per kind (two
-    slots left ~0.1 GB and ran out of memory on an H200); a 512-token run still gets two."""
+    """70B geometry, 15 layers, cpu mode, 6 GiB: a 2048-token prefill must not get two slots per kind
+    (that left ~0.1 GB and ran out of memory on an H200) but gets the second ffn slot its copies hide
+    under; a 512-token run still gets two of each."""
     from worker.engine import HEADROOM_BYTES, workspace_bytes
     from worker.model_config import ModelConfig
     from worker.presets import LLAMA31_COMMON, PRESETS
-    from worker.stream.streamer import slots_per_kind
+    from worker.stream.streamer import slot_counts
 
     cfg = ModelConfig.from_hf({**LLAMA31_COMMON, **PRESETS["llama3.1-70b"], "num_hidden_layers": 15,
                                "torch_dtype": "bfloat16"})
@@ -169,5 +194,7 @@ def test_slot_sizing_leaves_room_for_a_long_prefill():
                           "gpu_max_groups": 4})
     long, short = workspace_bytes(run, cfg, 2048), workspace_bytes(run, cfg, 512)
     assert long - short > HEADROOM_BYTES // 2  # activations grow with the prompt, on top of the headroom
-    assert slots_per_kind(capacity, run.stream, lm_head + long) == 1
-    assert slots_per_kind(capacity, run.stream, lm_head + short) == 2
+    assert slot_counts(capacity, run.stream, lm_head + long) == {"attn": 1, "ffn": 2}
+    assert slot_counts(capacity, run.stream, lm_head + short) == {"attn": 2, "ffn": 2}
+    room = run.stream.gpu_memory_limit_gb * 1e9 - lm_head - long
+    assert room - capacity["attn"] - 2 * capacity["ffn"] >= 0  # the extra ffn slot is inside the limit

@@ -57,22 +57,53 @@ def device_bytes(groups, device: torch.device) -> int:
     return sum(storages.values())
 
 
-def slots_per_kind(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> int:
-    """GPU slots per group kind: half of gpu_max_groups, fewer if the memory limit leaves less room."""
-    want = max(1, cfg.gpu_max_groups // 2)
+def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> dict[str, int]:
+    """GPU slots per group kind: gpu_max_groups split between the kinds, fewer where the memory limit
+    leaves less room.
+
+    The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: in a
+    long prefill an ffn group's compute is long (~6 ms for 2048 tokens of a 70B layer), and with one
+    ffn slot the copy of the next ffn group waits behind it every layer; a second ffn slot lets that
+    copy run underneath."""
+    kinds = sorted((k for k in KINDS if capacity.get(k)), key=lambda k: -capacity[k])
+    counts = {k: 0 for k in KINDS}
+    if not kinds:
+        return counts
+    total = max(len(kinds), cfg.gpu_max_groups)
+    want = {k: total // len(kinds) + (i < total % len(kinds)) for i, k in enumerate(kinds)}
     if cfg.gpu_memory_limit_gb is None:
-        return want
-    pair = capacity["attn"] + capacity["ffn"]
+        return {**counts, **want}
+    pair = sum(capacity[k] for k in kinds)
     room = cfg.gpu_memory_limit_gb * 1e9 - used_bytes
-    fit = int(room // pair) if pair else want
+    fit = int(room // pair)
     if fit < 1:
         raise UserError(f"gpu_memory_limit_gb={cfg.gpu_memory_limit_gb} leaves {max(room, 0) / 1e9:.2f} GB after "
                         f"resident weights, KV cache and activations ({used_bytes / 1e9:.2f} GB): less than one "
                         f"attn+ffn group pair ({pair / 1e9:.2f} GB); raise the limit or lower --gpu-cached-layers")
-    if fit < want:
-        log.warning("gpu_memory_limit_gb=%s fits %d GPU slots per group kind, not the %d of gpu_max_groups=%d",
-                    cfg.gpu_memory_limit_gb, fit, want, cfg.gpu_max_groups)
-    return min(fit, want)
+    got = {k: min(fit, want[k]) for k in kinds}
+    left = room - sum(got[k] * capacity[k] for k in kinds)
+    for k in kinds:  # biggest first
+        while got[k] < want[k] and left >= capacity[k]:
+            got[k] += 1
+            left -= capacity[k]
+    if got != want:
+        log.warning("gpu_memory_limit_gb=%s fits %s GPU slots, not the %s of gpu_max_groups=%d",
+                    cfg.gpu_memory_limit_gb, _slots(got), _slots(want), cfg.gpu_max_groups)
+    return {**counts, **got}
+
+
+def _slots(counts: dict[str, int]) -> str:
+    return " + ".join(f"{n} {k}" for k, n in counts.items() if n)
+
+
+def fillable(order: list[GroupKey], counts: dict[str, int]) -> int:
+    """How many groups of `order` the fetch thread can put in slots before the compute frees one."""
+    free = dict(counts)
+    for n, key in enumerate(order):
+        if free.get(key.kind, 0) == 0:
+            return n
+        free[key.kind] -= 1
+    return len(order)
 
 
 class WeightStreamer:
@@ -109,10 +140,9 @@ class WeightStreamer:
             self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
         on_device = device_bytes(self._resident.values(), device)
-        per_kind = slots_per_kind(capacity, cfg, on_device + reserve_bytes)
-        self.pool = SlotPool(capacity, {k: per_kind if capacity[k] else 0 for k in KINDS}, device,
-                             cfg.evict_finished)
-        self.ahead = min(self.ahead, 2 * per_kind - 1)
+        self.slot_counts = counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
+        self.pool = SlotPool(capacity, counts, device, cfg.evict_finished)
+        self.ahead = min(self.ahead, sum(counts.values()) - 1)
         self._cond = threading.Condition()
         self._fetched: collections.deque[tuple[GroupKey, Slot]] = collections.deque()
         self._consumed = 0  # groups the compute has released
@@ -121,14 +151,15 @@ class WeightStreamer:
         self._stop = False
         self._error: BaseException | None = None
         self._copy_stream = self.sync.stream()
-        self._preload = max(self.ahead, min(2 * cfg.warmup_layers, 2 * per_kind - 1))
+        self._preload = max(self.ahead, min(2 * cfg.warmup_layers, sum(counts.values()) - 1))
+        self._fillable = fillable(self.order, counts)
         self._thread = threading.Thread(target=self._fetch_loop, name="h2d-fetch", daemon=True)
         if self.order:
             self._thread.start()
             if not cfg.skip_preload_wait:
                 self._wait_preload()
-        log.info("streamer: %d streamed groups, %d+%d GPU slots (%.2f GB), lookahead %d, pinned %.2f GB",
-                 len(self.order), per_kind, per_kind, self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
+        log.info("streamer: %d streamed groups, GPU slots %s (%.2f GB), lookahead %d, pinned %.2f GB",
+                 len(self.order), _slots(counts), self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
 
     # ---- the compute side (model.forward) -------------------------------------------------------
 
@@ -229,7 +260,7 @@ class WeightStreamer:
         return fused(group_views(self.pack.manifest, key.name, buf))
 
     def _wait_preload(self) -> None:
-        target = min(2 * self.cfg.warmup_layers, self._preload + 1, len(self.order))
+        target = min(2 * self.cfg.warmup_layers, self._preload + 1, self._fillable)
         if self.placement.ring_slots:
             target = min(target, 2 * self.placement.ring_slots)  # the ring refills only as the compute moves
         with self._cond:
