@@ -51,9 +51,11 @@ def _load_resident(pack, placement: Placement, device: torch.device) -> dict[Gro
 
 def device_bytes(groups, device: torch.device) -> int:
     """GPU memory the groups' tensors occupy on `device`: storages counted once, since a resident
-    layer's tensors are views of one extent and the fused qkv / gate_up views overlap their parts."""
+    layer's tensors are views of one extent and the fused qkv / gate_up views overlap their parts.
+    A `device` without an index ("cuda") matches every tensor of its type."""
+    on = (lambda d: d == device) if device.index is not None else (lambda d: d.type == device.type)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for g in groups for t in g.values() if t.device == device}
+                for g in groups for t in g.values() if on(t.device)}
     return sum(storages.values())
 
 
