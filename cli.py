@@ -173,8 +173,8 @@ def verify_cmd(manifest: str, raw_device: str | None) -> None:
 
 @bench.command("probe")
 @click.option("--path", type=click.Path(), default=None,
-              help="Disk to measure: a file or raw block device (read only) or a directory (a scratch file is "
-                   "written there) [default: the cache directory].")
+              help="Disk to measure: a file or raw block device (read only) or a directory (its pack blob is read "
+                   "if it holds one, else a scratch file is written there) [default: the cache directory].")
 @click.option("--refresh", is_flag=True, help="Measure again even if this host has cached figures.")
 @click.option("--quick", is_flag=True, help="A small, fast probe (seconds; rough figures).")
 @click.option("--json", "as_json", is_flag=True, help="Print the probe document as JSON.")

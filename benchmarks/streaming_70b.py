@@ -82,7 +82,7 @@ def main() -> None:
     ensure_pack(ckpt).close()  # verifies checksums once, so no timed run pays for it
     pack_dir = ckpt / ".streambench-pack"
     print(f"  [{time.perf_counter() - t0:6.1f} s] pack + verify in {pack_dir}", flush=True)
-    bench("probe", "--path", str(pack_dir), *([] if args.resume else ["--refresh"]))
+    bench("probe", "--path", str(pack_dir), *([] if args.resume else ["--refresh"]))  # reads the blob
 
     half = max(1, (layers - 1) // 2)
     common = ["--checkpoints", str(ckpt), "--temperature", "0", "--batch-size", "1", "--max-seq-len", "4096",

@@ -149,3 +149,20 @@ def test_cli_probe(cache, quick_doc, monkeypatch):
     assert json.loads(res.output)["ssd_gbps"] == quick_doc["ssd_gbps"]
     res = CliRunner().invoke(cli.bench, ["probe", "--quick"])
     assert res.exit_code == 0 and "SSD read" in res.output and "memcpy" in res.output
+
+
+def test_a_directory_holding_a_pack_is_probed_by_reading_its_blob(tmp_path):
+    """No scratch is written where a pack blob is already there: it is what the SSD tier reads, and
+    a freshly written scratch read slower on a virtual disk still flushing it."""
+    cache = tmp_path / ".streambench-pack"
+    cache.mkdir()
+    blob = cache / "bfloat16.blob"
+    data = os.urandom(probe.QUICK.scratch_bytes)
+    blob.write_bytes(data)
+    ssd = probe.measure_ssd(str(tmp_path), probe.QUICK)
+    assert ssd["read"] == str(blob) and not ssd["scratch"] and _finite(ssd["gbps"])
+    assert blob.read_bytes() == data and sorted(p.name for p in cache.iterdir()) == ["bfloat16.blob"]
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "x.blob").write_bytes(b"0" * 4096)  # too small to measure a disk: a scratch file instead
+    assert probe.measure_ssd(str(small), probe.QUICK)["scratch"]
