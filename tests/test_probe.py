@@ -39,9 +39,7 @@ def test_quick_probe_gives_positive_finite_figures(quick_doc):
     ssd = doc["details"]["ssd"]
     assert ssd["scratch"] and ssd["bytes"] == probe.QUICK.scratch_bytes
     assert len(ssd["sweep"]) == len(probe.QUICK.threads) * len(probe.QUICK.request_mib)
-    best = max(ssd["sweep"], key=lambda p: p["gbps"])
-    assert ssd["best"] == best and len(ssd["sustained"]) == 3  # the best point, read again
-    assert ssd["gbps"] == sorted(ssd["sustained"])[1] == doc["ssd_gbps"]  # their median is the figure
+    assert ssd["gbps"] == max(p["gbps"] for p in ssd["sweep"]) == doc["ssd_gbps"]
     assert isinstance(doc["ssd_direct"], bool)
     assert not list(Path(doc["ssd_path"]).iterdir())  # the scratch file is gone
 
@@ -152,8 +150,7 @@ def test_cli_probe(cache, quick_doc, monkeypatch):
 
 
 def test_a_directory_holding_a_pack_is_probed_by_reading_its_blob(tmp_path):
-    """No scratch is written where a pack blob is already there: it is what the SSD tier reads, and
-    a freshly written scratch read slower on a virtual disk still flushing it."""
+    """No scratch is written where a pack blob is already there: the blob is what the SSD tier reads."""
     cache = tmp_path / ".streambench-pack"
     cache.mkdir()
     blob = cache / "bfloat16.blob"
