@@ -194,8 +194,9 @@ def probe_cmd(path: str | None, refresh: bool, quick: bool, as_json: bool) -> No
     t = Table(title=f"probe · {doc['hostname']} · {d.get('device')} · {doc['measured_at']}", show_header=False)
     how = ("O_DIRECT" if doc["ssd_direct"] else "buffered") + ("" if ssd.get("reliable") else ", unreliable")
     t.add_row(f"SSD read ({how})",
-              f"{fmt(doc['ssd_gbps'])}  best of {len(ssd['sweep'])}: {ssd['best']['threads']} thread(s) × "
-              f"{ssd['best']['request_mib']:g} MiB · {ssd.get('read', doc['ssd_path'])} ({ssd.get('fs_type')})")
+              f"{fmt(doc['ssd_gbps'])}  best of {len(ssd['sweep'])} (lowest {min(p['gbps'] for p in ssd['sweep']):,.2f}"
+              f"): {ssd['best']['threads']} thread(s) × {ssd['best']['request_mib']:g} MiB · "
+              f"{ssd.get('read', doc['ssd_path'])} ({ssd.get('fs_type')})")
     t.add_row("H2D" if doc["hbm_gbps"] is not None else "H2D (host memcpy, no CUDA)", fmt(doc["h2d_gbps"]))
     t.add_row("H2D pageable", fmt(doc["h2d_pageable_gbps"]))
     t.add_row("D2H", fmt(doc["d2h_gbps"]))
