@@ -122,7 +122,8 @@ def main() -> None:
     pack = ensure_pack(ckpt)
     pack.close()
     probe = probe_host(path=str(ckpt / ".streambench-pack"))
-    print(f"{args.preset} geometry, {args.layers} layers, cpu mode, prompt {args.prompt_len}, budget {args.budget_gib} GiB; "
+    print(f"{args.preset} geometry, {args.layers} layers, cpu mode, prompt {args.prompt_len}, "
+          f"budget {args.budget_gib} GiB; "
           f"probe H2D {probe['h2d_gbps']:.2f} GB/s", flush=True)
     for groups in args.groups:
         cfg = resolve_config({"checkpoints": str(ckpt), "mode": "cpu", "temperature": 0, "batch_size": 1,

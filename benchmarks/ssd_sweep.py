@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from worker.stream.hostmem import HostArena
 from worker.stream.ssd import SSDReader
 
 MIB = 1 << 20
@@ -30,7 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     size = os.path.getsize(args.path)
     ext = args.extent_mb * MIB
-    buf = torch.empty(2 * ext, dtype=torch.uint8).pin_memory()
+    arena = HostArena(pin=torch.cuda.is_available())  # the tier's own aligned (pinned on CUDA) buffers
+    buf = arena.empty(2 * ext)
     offset = 0
     print(f"{args.path}: {size / 1e9:.1f} GB; {args.gb} GB per configuration in {args.extent_mb} MiB extents")
     for c in args.configs:
@@ -53,8 +55,10 @@ def main() -> None:
                 f.result()
         dt = time.perf_counter() - t0
         reader.close()
-        print(f"  {threads:2d} threads x {chunk_mb:3d} MiB: {n * ext / dt / 1e9:5.2f} GB/s  ({n * ext / 1e9:.1f} GB in {dt:.1f} s)",
+        gb = n * ext / 1e9
+        print(f"  {threads:2d} threads x {chunk_mb:3d} MiB: {gb / dt:5.2f} GB/s  ({gb:.1f} GB in {dt:.1f} s)",
               flush=True)
+    arena.close()
 
 
 if __name__ == "__main__":

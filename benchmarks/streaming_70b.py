@@ -124,7 +124,8 @@ def table(results: dict) -> None:
     peer_tok = per_token(peer) if peer else None
     ref = results.get("gpu")
     probe = next((r["roofline"] for r in results.values() if r.get("roofline")), {}) or {}
-    print(f"\nprobe (the first run's; SSD-bound runs each had a fresh one, their floor and /probe use it): SSD O_DIRECT {fmt(probe.get('ssd_gbps'))} GB/s, pinned H2D {fmt(probe.get('h2d_gbps'))} GB/s, "
+    print(f"\nprobe (the first run's; each SSD-bound run had a fresh one, used by its floor and /probe): "
+          f"SSD O_DIRECT {fmt(probe.get('ssd_gbps'))} GB/s, pinned H2D {fmt(probe.get('h2d_gbps'))} GB/s, "
           f"HBM {fmt(probe.get('hbm_gbps'))} GB/s, bf16 matmul {fmt(probe.get('matmul_tflops'))} TFLOP/s")
     head = (f"{'config':22} {'prefill s':>9} {'decode s/tok':>12} {'floor s/tok':>11} {'bound':>6} "
             f"{'att.prefill':>11} {'att.decode':>10} {'SSD GB/s':>8} {'/probe':>6} {'H2D GB/s':>8} "
@@ -134,12 +135,13 @@ def table(results: dict) -> None:
         m, io, roof = r["metrics"], r["io"], r.get("roofline") or {}
         h2d = io.get("weight_h2d") or {}
         ssd_gbps = (io.get("ssd_read") or {}).get("gbps")
+        of_probe = ssd_gbps / roof["ssd_gbps"] if ssd_gbps and roof.get("ssd_gbps") else None
         same = (r["outputs"][0]["token_ids"] == ref["outputs"][0]["token_ids"]) if ref and "prefill" not in name \
             else None
         print(f"{name:22} {m['prefill_ms'] / 1e3:>9.3f} {fmt(per_token(r), 3):>12} "
               f"{fmt(roof.get('floor_decode_s'), 3):>11} {str(roof.get('bound_decode') or '—'):>6} "
               f"{fmt(roof.get('attainment_prefill')):>11} {fmt(roof.get('attainment_decode')):>10} "
-              f"{fmt(ssd_gbps):>8} {fmt(ssd_gbps / roof['ssd_gbps'] if ssd_gbps and roof.get('ssd_gbps') else None):>6} "
+              f"{fmt(ssd_gbps):>8} {fmt(of_probe):>6} "
               f"{fmt(h2d.get('gbps')):>8} "
               f"{fmt(peer_tok / per_token(r) if peer_tok and per_token(r) else None, 1):>7} "
               f"{'—' if same is None else ('yes' if same else 'NO'):>5}")

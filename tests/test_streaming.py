@@ -177,8 +177,8 @@ def test_resident_layers_count_once_against_the_memory_limit(ckpt):
 
 def test_slot_sizing_leaves_room_for_a_long_prefill():
     """70B geometry, 15 layers, cpu mode, 6 GiB: a 2048-token prefill must not get two slots per kind
-    (that left ~0.1 GB and ran out of memory on an H200) but gets the second ffn slot its copies hide
-    under; a 512-token run still gets two of each."""
+    (that left ~0.1 GB and ran out of memory on an H200), but the room left buys a second ffn slot;
+    a 512-token run still gets two of each."""
     from worker.engine import HEADROOM_BYTES, workspace_bytes
     from worker.model_config import ModelConfig
     from worker.presets import LLAMA31_COMMON, PRESETS

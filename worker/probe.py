@@ -4,10 +4,9 @@ A run's I/O floor is `max(ssd_bytes / ssd_gbps, h2d_bytes / h2d_gbps, compute fl
 measures what the engine's tiers can get at best, the way the engine uses them:
 
 - SSD: O_DIRECT `preadv` into 4 KiB-aligned buffers, large requests, several threads in flight
-  (a threads × request-size sweep; the best point is the figure, as a floor wants the best rate the
-  disk showed: the median of three longer reads at that point was tried and put the SSD tier at
-  1.2–1.5× the "floor" on the lent GPU machine's virtual disk, whose rate wanders by ±30% from one
-  second to the next and 1.5–2.0 GB/s from one minute to the next). Never the page cache: a
+  (a threads × request-size sweep; the best point is the figure: a floor wants the best rate the disk
+  showed, and on a noisy virtual disk a median of re-reads put the SSD tier 1.2–1.5× above it). Never
+  the page cache: a
   directory holding a pack is measured by reading its blob, else a scratch file is written with
   O_DIRECT (or flushed and dropped from the cache), and where O_DIRECT is
   refused or the file lives on a memory-backed filesystem the figure is flagged unreliable.
@@ -93,7 +92,8 @@ def probe_host(path: str | None = None, refresh: bool = False, quick: bool = Fal
     """This host's bandwidths: the cached figures when they answer the question, else measured and cached.
 
     `path`: the disk to measure — a file or raw block device (read only, never written) or a directory
-    (a scratch file is written there and removed). Default: a scratch file in the cache directory.
+    (its pack blob is read if it holds one, else a scratch file is written there and removed).
+    Default: a scratch file in the cache directory.
     A cached full probe answers a quick request; a cached quick probe does not answer a full one.
     """
     target = str(Path(path).resolve()) if path else None
@@ -147,12 +147,9 @@ def measure_ssd(path: str, plan: Plan) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"probe --path {path!r} does not exist: give a file, a block device or a directory")
-    scratch = None
-    if p.is_dir():
-        read_path = _existing_blob(p, plan.scratch_bytes) or _write_scratch(p, plan.scratch_bytes)
-        scratch = None if read_path.suffix == ".blob" else read_path
-    else:
-        read_path = p
+    blob = _existing_blob(p, plan.scratch_bytes) if p.is_dir() else None
+    scratch = _write_scratch(p, plan.scratch_bytes) if p.is_dir() and blob is None else None
+    read_path = blob or scratch or p
     try:
         return _sweep(read_path, plan, str(p.resolve()), scratch is not None)
     finally:

@@ -63,10 +63,11 @@ def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) ->
     """GPU slots per group kind: gpu_max_groups split between the kinds, fewer where the memory limit
     leaves less room.
 
-    The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: in a
-    long prefill an ffn group's compute is long (~6 ms for 2048 tokens of a 70B layer), and with one
-    ffn slot the copy of the next ffn group waits behind it every layer; a second ffn slot lets that
-    copy run underneath."""
+    The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: with
+    one ffn slot the next ffn copy waits for this layer's MLP, hidden only while the attn copy in
+    between lasts longer than the MLP. In a 70B 2048-token prefill it does (MLP ~4 ms, attn copy 5.5 ms):
+    1+1 and 1+2 slots measured alike (0.91 / 0.90, benchmarks/results/prefill_profile.txt); longer
+    prompts or batches make the MLP outlast it."""
     kinds = sorted((k for k in KINDS if capacity.get(k)), key=lambda k: -capacity[k])
     counts = {k: 0 for k in KINDS}
     if not kinds:
@@ -142,7 +143,7 @@ class WeightStreamer:
             self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
         on_device = device_bytes(self._resident.values(), device)
-        self.slot_counts = counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
+        counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
         self.pool = SlotPool(capacity, counts, device, cfg.evict_finished)
         self.ahead = min(self.ahead, sum(counts.values()) - 1)
         self._cond = threading.Condition()
