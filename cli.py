@@ -15,9 +15,9 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from worker.cli_options import given, run_options
+from orchestrator.cli.options import given, run_options
 from worker.errors import UserError
-from worker.presets import PRESETS
+from worker.synth.presets import PRESETS
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -43,7 +43,7 @@ def bench(log_level: str) -> None:
 @run_options
 def run_cmd(**params) -> None:
     """Run one benchmark on this host (the seed's bench_infer.py) and write its JSON."""
-    from worker import bench as runner
+    from worker import run as runner
 
     result = runner.run_from_overrides(given(params))
     console.print(run_summary(result))
@@ -94,7 +94,7 @@ def run_summary(result: dict):
 def make_model_cmd(out_dir: str, preset: str, layers: int | None, dtype: str, seed: int, tie_embeddings: bool,
                    shard_max_gb: float, force: bool) -> None:
     """Write a random-weight Llama-3.1 checkpoint (HF format + local tokenizer) for tests and benchmarks."""
-    from worker.synth import dir_size, make_model
+    from worker.synth.checkpoints import dir_size, make_model
 
     overrides = {"tie_word_embeddings": True} if tie_embeddings else None
     path = make_model(out_dir, preset=preset, layers=layers, dtype=dtype, seed=seed, overrides=overrides,
@@ -133,9 +133,9 @@ def make_prompts_cmd(checkpoints: str, n: int, length: int, out_path: str, seed:
 def pack_cmd(checkpoints: str, out_dir: str | None, raw_device: str | None, manifest: str | None, dtype: str,
              force: bool) -> None:
     """Pack a checkpoint into an aligned, grouped blob + runtime manifest (what streaming reads)."""
-    from worker.blob import Pack
-    from worker.pack import pack_checkpoint
-    from worker.pack_cache import ensure_pack
+    from worker.pack.blob import Pack
+    from worker.pack.cache import ensure_pack
+    from worker.pack.packer import pack_checkpoint
 
     if raw_device and out_dir:
         raise UserError("--raw-device and --out-dir are exclusive: a pack goes to a directory or onto a device")
@@ -156,8 +156,8 @@ def pack_cmd(checkpoints: str, out_dir: str | None, raw_device: str | None, mani
 @click.option("--raw-device", type=click.Path(), default=None, help="The blob, if not where the manifest says.")
 def verify_cmd(manifest: str, raw_device: str | None) -> None:
     """Check every group of a pack against its checksum; exit 1 listing the bad groups."""
-    from worker.blob import Pack
-    from worker.pack_cache import verify_pack
+    from worker.pack.blob import Pack
+    from worker.pack.cache import verify_pack
 
     with Pack.open(manifest, blob_path=raw_device) as pack:
         bad = verify_pack(pack)
@@ -182,7 +182,7 @@ def probe_cmd(path: str | None, refresh: bool, quick: bool, as_json: bool) -> No
     """Measure this host's SSD (O_DIRECT), PCIe H2D/D2H and HBM bandwidth once, and cache it (the roofline)."""
     from rich.table import Table
 
-    from worker.probe import cache_path, probe_host
+    from worker.host.probe import cache_path, probe_host
 
     doc = probe_host(path, refresh=refresh, quick=quick)
     if as_json:
@@ -211,7 +211,7 @@ def probe_cmd(path: str | None, refresh: bool, quick: bool, as_json: bool) -> No
 
 
 def _add_cluster_commands() -> None:
-    from orchestrator.commands import COMMANDS
+    from orchestrator.cli.commands import COMMANDS
 
     for command in COMMANDS:
         bench.add_command(command)

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from worker.bench import resolve_config
 from worker.engine import build_engine
-from worker.graphs import GraphedDecode
-from worker.kvcache import Step
-from worker.pack_cache import ensure_pack
-from worker.synth import make_model
+from worker.model.graphs import GraphedDecode
+from worker.model.step import Step
+from worker.pack.cache import ensure_pack
+from worker.run import resolve_config
+from worker.synth.checkpoints import make_model
 
 GEMM = ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "splitk")
 FLAGS = {"eager": dict(compile=False, cuda_graphs=False), "graphs": dict(compile=False, cuda_graphs=True),
@@ -44,9 +44,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["eager", "graphs", "compiled+graphs"], choices=list(FLAGS))
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
-    import worker.compiled
-
-    worker.compiled.DETERMINISTIC = not args.no_deterministic
+    import worker.model.compiled
+    worker.model.compiled.DETERMINISTIC = not args.no_deterministic
     ckpt = Path(args.work) / f"{args.preset}-{args.layers}L-{args.dtype}"
     if not (ckpt / "config.json").exists():
         make_model(ckpt, preset=args.preset, layers=args.layers, dtype=args.dtype)
@@ -87,7 +86,7 @@ def main() -> None:
         ev = kernel_events(prof)
         total = sum(e.time_range.elapsed_us() for e in ev) / prof_steps / 1e3
         gemm = sum(e.time_range.elapsed_us() for e in ev if any(g in e.name.lower() for g in GEMM)) / prof_steps / 1e3
-        print(f"\n== {name} (deterministic {worker.compiled.DETERMINISTIC}), "
+        print(f"\n== {name} (deterministic {worker.model.compiled.DETERMINISTIC}), "
               f"{args.layers} layers {args.dtype}, context {n}: {ms:.3f} ms/step (CUDA events); "
               f"weights {weights / 1e9:.2f} GB; kernels per step {len(ev) / prof_steps:.0f}, kernel time "
               f"{total:.3f} ms: matmul {gemm:.3f} ms, other {total - gemm:.3f} ms", flush=True)

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from worker.bench import resolve_config, run
-from worker.synth import make_model
-
+from worker.run import resolve_config, run
+from worker.synth.checkpoints import make_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,8 +50,8 @@ def hf_generate(ckpt: Path, dtype: torch.dtype, prompt_ids: list[list[int]], new
 
 def engine_prefill_logits(ckpt: Path, prompt: list[int], dtype: str) -> torch.Tensor:
     from worker.engine import build_engine
-    from worker.kvcache import Step
-    from worker.pack_cache import ensure_pack
+    from worker.model.step import Step
+    from worker.pack.cache import ensure_pack
 
     cfg = resolve_config({"checkpoints": str(ckpt), "mode": "gpu", "dtype": dtype})
     engine = build_engine(cfg, ensure_pack(ckpt, dtype=dtype), torch.device(DEV))

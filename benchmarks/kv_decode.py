@@ -70,8 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from worker.pack_cache import ensure_pack
-    from worker.synth import make_model
+    from worker.pack.cache import ensure_pack
+    from worker.synth.checkpoints import make_model
 
     ckpt = work / f"llama3.1-8b-{args.layers}L"
     if not (ckpt / "config.json").exists():

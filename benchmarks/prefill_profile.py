@@ -21,7 +21,7 @@ import torch
 from torch.autograd import DeviceType
 
 import worker.stream.streamer as streamer
-from worker.bench import resolve_config, run
+from worker.run import resolve_config, run
 
 GIB = 1024 ** 3
 
@@ -112,9 +112,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=6, help="largest copy-idle gaps to list")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from worker.pack_cache import ensure_pack
-    from worker.probe import probe_host
-    from worker.synth import make_model
+    from worker.host.probe import probe_host
+    from worker.pack.cache import ensure_pack
+    from worker.synth.checkpoints import make_model
 
     ckpt = Path(args.work) / f"{args.preset}-{args.layers}L"
     if not (ckpt / "config.json").exists():

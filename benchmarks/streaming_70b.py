@@ -71,11 +71,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if not (ckpt / "config.json").exists():
-        from worker.synth import make_model
+        from worker.synth.checkpoints import make_model
 
         make_model(ckpt, preset="llama3.1-70b", layers=layers, dtype="bfloat16", seed=0)
     print(f"  [{time.perf_counter() - t0:6.1f} s] checkpoint {ckpt}", flush=True)
-    from worker.pack_cache import ensure_pack
+    from worker.pack.cache import ensure_pack
 
     t0 = time.perf_counter()
     ensure_pack(ckpt)  # packs

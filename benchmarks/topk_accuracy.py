@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from worker.bench import resolve_config
 from worker.config import KVConfig
 from worker.engine import build_engine
 from worker.kv import paged
 from worker.kv.factory import KVFactory
-from worker.kvcache import Step
-from worker.pack_cache import ensure_pack
-from worker.synth import make_model
+from worker.model.step import Step
+from worker.pack.cache import ensure_pack
+from worker.run import resolve_config
+from worker.synth.checkpoints import make_model
 
 DEV = torch.device("cpu")
 

@@ -22,8 +22,8 @@ import torch
 import worker.kv.fetch as fetch
 import worker.kv.offload as offload
 import worker.kv.paged as paged
-import worker.bench
-from worker.bench import resolve_config, run
+import worker.run
+from worker.run import resolve_config, run
 
 TOTALS: collections.Counter = collections.Counter()
 LOCK = threading.Lock()
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--preset", default="llama3.1-8b")
     args = ap.parse_args()
-    from worker.synth import make_model
+    from worker.synth.checkpoints import make_model
 
     ckpt = Path(args.work) / f"{args.preset}-{args.layers}L"
     if not (ckpt / "config.json").exists():
@@ -62,13 +62,13 @@ def main() -> None:
     paged.PagedKVCache._topk = timed("compute thread: _topk (score, select, gather, attend)", paged.PagedKVCache._topk)
     paged.PagedKVCache._exact = timed("compute thread: _exact (assemble, attend)", paged.PagedKVCache._exact)
     paged.PagedKVCache._decode = timed("compute thread: _decode (all of a layer's KV work)", paged.PagedKVCache._decode)
-    generate = worker.bench.generate
+    generate = worker.run.generate
 
     def measured_only(*a, **kw):  # every round restarts the timers: what is left is the measured round's
         TOTALS.clear()
         return generate(*a, **kw)
 
-    worker.bench.generate = measured_only
+    worker.run.generate = measured_only
     for k in (0, args.k):
         cfg = resolve_config({"checkpoints": str(ckpt), "mode": "gpu", "prompt_len": args.prompt,
                               "max_new_tokens": args.new_tokens, "max_seq_len": args.prompt + 64,

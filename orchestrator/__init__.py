@@ -1,7 +1,8 @@
-"""What the cluster does: suites → RunSpecs → pinned Ray actors → one Parquet row per run.
+"""What the cluster does: suites → RunSpecs → pinned Ray actors → one Parquet row per run → gate.
 
-Modules, in the order data flows: `suite` (YAML → validated RunSpecs), `selector` / `hosts` (Ray nodes
-→ (host, GPU, NVMe) slots), `actor` (the per-slot worker calling `worker.bench.run`), `scheduler`
-(dispatch, wait, retry), `schema` / `results` (the versioned Arrow schema, atomic Parquet writes and
-`read_results`), `submit` / `cluster` / `jobs` (what `bench submit` does), `progress` (the live view).
+In the order data flows: `suite/` (YAML → validated RunSpecs, host selectors), `cluster/` (Ray
+connection, hosts and slots, the per-slot actor, the scheduler, `bench submit`, detached jobs,
+live progress), `results/` (the versioned Arrow schema, the Parquet store, queries), `regress/`
+(metrics, robust statistics, comparison tables, the nightly gate), `report/` (the HTML report) and
+`cli/` (the `bench` command line's pieces; `cli.py` holds the group).
 """

@@ -28,7 +28,7 @@ def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
     Defaults are those of `tiny_ckpt`; any other keyword is a config.json override (pass
     `vocab_size=128256` for the real vocabulary). The same arguments return the same directory.
     """
-    from worker.synth import make_model
+    from worker.synth.checkpoints import make_model
 
     root = tmp_path_factory.mktemp("ckpts")
     made: dict[str, Path] = {}

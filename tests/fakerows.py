@@ -1,8 +1,8 @@
 """Realistic result rows for tests of compare / regress / report, without running the engine.
 
 Rows come from the real pipeline: a real suite (`parse_suite`) gives the specs and their config keys,
-a synthetic engine result document goes through `orchestrator.schema.build_row`, and `write` stores
-rows with the real `orchestrator.results.write_row`. Only the numbers are invented, from a small
+a synthetic engine result document goes through `orchestrator.results.schema.build_row`, and `write` stores
+rows with the real `orchestrator.results.store.write_row`. Only the numbers are invented, from a small
 performance model so that the metrics agree with each other: a per-token decode time by mode and
 batch, scaled by the host's speed; prefill proportional to prompt tokens; I/O bandwidth below the
 host's probe figures; attainment = floor / measured. Noise is lognormal: `noise` per run, `night_sd`
@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from orchestrator.suite.spec import RunSpec
 
-from orchestrator.actor import RunOutcome
-from orchestrator.results import open_uri, run_file, write_row
-from orchestrator.schema import FILE_SCHEMA, SCHEMA, build_row
-from orchestrator.suite import RunSpec, Suite, parse_suite
+from orchestrator.cluster.actor import RunOutcome
+from orchestrator.results.schema import FILE_SCHEMA, SCHEMA, build_row
+from orchestrator.results.store import open_uri, run_file, write_row
+from orchestrator.suite.load import Suite, parse_suite
 
 SUITE_YAML = """
 name: nightly
@@ -104,7 +105,7 @@ def specs_for(s: Suite, host: str) -> list[RunSpec]:
 
 
 def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: float, noise: float) -> dict[str, Any]:
-    """A result document as worker.bench.run returns it, from the performance model."""
+    """A result document as worker.run.run returns it, from the performance model."""
     fp, speed, (ssd_bw, h2d_bw, hbm_bw) = HOSTS[host]
     f = spec.flat
     mode, batch, plen, new = f["mode"], f["batch_size"], f["prompt_len"], f["max_new_tokens"]

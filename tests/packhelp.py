@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from worker.blob import Pack
-from worker.pack import pack_checkpoint
+from worker.pack.blob import Pack
+from worker.pack.packer import pack_checkpoint
 
 
 def make_checkpoint(path: Path, dtype=torch.bfloat16, tied=False, layers=2, shard="60KB", seed=0) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from worker.attention import decode_attention, sdpa_decode_attention
+from worker.model.attention import decode_attention, sdpa_decode_attention
 
 
 def test_both_forms_equal_sdpa_over_each_rows_visible_columns():

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from benchcli import bench
 from packhelp import bits, checkpoint_tensors, make_checkpoint
-from worker import blockdev
-from worker.blob import Pack
-from worker.blockdev import block_device_of_mount, check_target, find_signature, mounted_at
+
 from worker.errors import UserError
-from worker.pack import pack_checkpoint
-from worker.pack_cache import verify_pack
+from worker.pack import blockdev
+from worker.pack.blob import Pack
+from worker.pack.blockdev import block_device_of_mount, check_target, find_signature, mounted_at
+from worker.pack.cache import verify_pack
+from worker.pack.packer import pack_checkpoint
 
 PROBE = 128 * 1024
 

@@ -10,10 +10,8 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import benchcli
-
+import pytest
 
 
 def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from orchestrator.compare import compare, resolve_ref, to_csv, to_markdown, to_rich
-from orchestrator.selection import Selection, config_labels, select
+from orchestrator.regress.compare import compare, resolve_ref, to_csv, to_markdown, to_rich
+from orchestrator.results.query import Selection, config_labels, select
 from tests import fakerows
 from worker.errors import UserError
 

@@ -12,10 +12,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from worker.engine import build_engine
-from worker.bench import resolve_config
 from worker.generate import generate
-from worker.kvcache import Step
-from worker.pack_cache import ensure_pack
+from worker.model.step import Step
+from worker.pack.cache import ensure_pack
+from worker.run import resolve_config
 
 CPU = torch.device("cpu")
 

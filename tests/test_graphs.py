@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.bench import resolve_config
 from worker.engine import build_engine
 from worker.generate import decode_spans, generate
-from worker.graphs import GraphedDecode
-from worker.pack_cache import ensure_pack
+from worker.model.graphs import GraphedDecode
+from worker.pack.cache import ensure_pack
+from worker.run import resolve_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

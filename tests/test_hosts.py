@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.hosts import Slot, display_names, slots_of
-from orchestrator.selector import NodeFacts, Selector
-from worker import hostinfo
+from orchestrator.cluster.hosts import Slot, display_names, slots_of
+from orchestrator.suite.selector import NodeFacts, Selector
+from worker.host import hostinfo
 
 
 def node(node_id="n1", hostname="gpu-1", gpus=0, nvme=(), labels=None, accel=None, **extra) -> NodeFacts:
@@ -125,7 +125,7 @@ def test_git_commit_of_the_source_tree():
     else:
         assert hostinfo.git_commit() == expected.stdout.strip()
         assert isinstance(hostinfo.git_dirty(), bool)
-    assert (Path(root) / "worker" / "hostinfo.py").is_file()
+    assert (Path(root) / "worker" / "host" / "hostinfo.py").is_file()
 
 
 def test_no_git_checkout_means_none(tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ import pytest
 pytest.importorskip("aiohttp", reason="ray[default] (the dashboard and Ray Jobs) is not installed")
 
 import benchcli  # noqa: E402
-from orchestrator.results import read_results  # noqa: E402
+
+from orchestrator.results.store import read_results  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

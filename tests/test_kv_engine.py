@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from worker import engine as engine_mod
-from worker.bench import prompt_ids_for, resolve_config, run
 from worker.config import KVConfig
 from worker.engine import build_engine
 from worker.errors import UserError
 from worker.generate import generate
+from worker.host.roofline import roofline
 from worker.kv import tracker as tracker_mod
 from worker.kv.factory import KVFactory
 from worker.kv.offload import Throttle
 from worker.kv.paged import PagedKVCache
-from worker.kvcache import StaticKVCache
-from worker.pack_cache import ensure_pack
-from worker.roofline import roofline
+from worker.kv.static import StaticKVCache
+from worker.pack.cache import ensure_pack
+from worker.run import prompt_ids_for, resolve_config, run
 from worker.tokenizer import load_tokenizer
 
 CPU = torch.device("cpu")

@@ -14,7 +14,8 @@ import torch
 
 from worker.config import KVConfig
 from worker.kv.factory import KVFactory
-from worker.kvcache import StaticKVCache, Step
+from worker.kv.static import StaticKVCache
+from worker.model.step import Step
 
 DEV = torch.device("cpu")
 CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8, num_attention_heads=4)

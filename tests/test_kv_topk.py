@@ -10,9 +10,10 @@ import torch
 
 from worker.config import KVConfig
 from worker.kv.factory import KVFactory
+from worker.kv.static import StaticKVCache
 from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks, upper_bounds
 from worker.kv.tracker import BlockTracker
-from worker.kvcache import StaticKVCache, Step
+from worker.model.step import Step
 
 DEV = torch.device("cpu")
 CFG = types.SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=8, num_attention_heads=4)

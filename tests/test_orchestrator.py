@@ -20,10 +20,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from orchestrator.cluster import prefer_token_auth  # noqa: E402
-from orchestrator.results import read_results  # noqa: E402
-from orchestrator.submit import submit  # noqa: E402
-from orchestrator.suite import parse_suite  # noqa: E402
+from orchestrator.cluster.connect import prefer_token_auth  # noqa: E402
+from orchestrator.cluster.submit import submit  # noqa: E402
+from orchestrator.results.store import read_results  # noqa: E402
+from orchestrator.suite.load import parse_suite  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -55,7 +55,7 @@ def cluster(tmp_path_factory):
 
 
 def fake_engine(sleep_s: float):
-    """A stand-in for worker.bench.run: reports phases, sleeps, returns a minimal result document."""
+    """A stand-in for worker.run.run: reports phases, sleeps, returns a minimal result document."""
 
     def run(cfg, on_phase=None):
         import time as _time

@@ -6,10 +6,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from orchestrator.suite.spec import ModelSpec
 
-from orchestrator import actor
-from orchestrator.actor import BenchWorker, PhaseBoard, materialise
-from orchestrator.suite import ModelSpec, parse_suite
+from orchestrator.cluster import actor
+from orchestrator.cluster.actor import BenchWorker, PhaseBoard, materialise
+from orchestrator.suite.load import parse_suite
 
 
 class Board:
@@ -59,13 +60,13 @@ def test_failures_are_outcomes_with_the_reason(tiny_ckpt, tmp_path):
 def test_preset_models_are_made_once_per_host_even_when_raced(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path))
     calls = []
-    real = __import__("worker.synth", fromlist=["make_model"]).make_model
+    real = __import__("worker.synth.checkpoints", fromlist=["make_model"]).make_model
 
     def counting(*a, **kw):
         calls.append(a[0])
         return real(*a, **kw)
 
-    monkeypatch.setattr("worker.synth.make_model", counting)
+    monkeypatch.setattr("worker.synth.checkpoints.make_model", counting)
     model = ModelSpec("m", preset="tiny", layers=1, dtype="float32", overrides={"vocab_size": 1000})
     paths = []
     threads = [threading.Thread(target=lambda: paths.append(materialise(model))) for _ in range(3)]

@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import benchcli
 import pytest
 from click.testing import CliRunner
 
-import benchcli
 import cli
-from orchestrator.commands import RESULT_VIEW
-from orchestrator.results import read_results, write_row
-from orchestrator.schema import build_row
+from orchestrator.cli.commands import RESULT_VIEW
+from orchestrator.results.schema import build_row
+from orchestrator.results.store import read_results, write_row
 from worker.errors import UserError
 
 
@@ -55,7 +55,7 @@ def test_invalid_suite_names_the_key_exit_2(tmp_path):
 
 def test_detach_without_ray_default_says_how_to_install(tmp_path, monkeypatch):
     """Plain `ray` (no dashboard HTTP stack), simulated by hiding aiohttp: one line, before any connection."""
-    from orchestrator.jobs import client
+    from orchestrator.cluster.jobs import client
     from worker.errors import UserError
 
     monkeypatch.setitem(sys.modules, "aiohttp", None)
@@ -119,7 +119,7 @@ def test_detach_submits_bench_submit_as_a_ray_job(tmp_path, monkeypatch):
     """The request as sent (tests/test_jobs.py runs it on a real Jobs server); no address is contacted."""
     import ray.job_submission
 
-    from orchestrator import jobs
+    from orchestrator.cluster import jobs
 
     submitted, existing = {}, {}
 
@@ -166,6 +166,6 @@ def test_detach_submits_bench_submit_as_a_ray_job(tmp_path, monkeypatch):
     ("ray://head", ("head", 10001)), ("[::1]:6380", ("::1", 6380)),
 ])
 def test_split_address(address, expected):
-    from orchestrator.cluster import split_address
+    from orchestrator.cluster.connect import split_address
 
     assert split_address(address) == expected

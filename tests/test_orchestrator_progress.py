@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from orchestrator.progress import Progress, render_progress, render_rows
+from orchestrator.cluster.progress import Progress, render_progress, render_rows
 
 
 def draw(renderable) -> str:

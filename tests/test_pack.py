@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from worker import blob as blob_mod
-from worker import pack as pack_mod
-from worker.blob import Pack, aligned_empty, open_blob, read_extent
-from worker.errors import UserError
-from worker.groups import all_groups, group_tensors
-from worker.manifest import Manifest
-from worker.pack import pack_checkpoint
-from worker.pack_cache import ensure_pack, pack_paths, verify_pack
-
 from benchcli import bench
 from packhelp import bits, checkpoint_tensors, flip_byte, make_checkpoint, pack_to
+from safetensors.torch import load_file, save_file
+
+from worker.errors import UserError
+from worker.pack import blob as blob_mod
+from worker.pack import packer as pack_mod
+from worker.pack.blob import Pack, aligned_empty, open_blob, read_extent
+from worker.pack.cache import ensure_pack, pack_paths, verify_pack
+from worker.pack.groups import all_groups, group_tensors
+from worker.pack.manifest import Manifest
+from worker.pack.packer import pack_checkpoint
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def test_o_direct_refused_falls_back_with_warning(ckpt, tmp_path, monkeypatch, c
 
     pack = pack_to(ckpt, tmp_path / "p")
     monkeypatch.setattr(blob_mod.os, "open", no_direct)
-    with caplog.at_level(logging.WARNING, logger="worker.blob"), pack:
+    with caplog.at_level(logging.WARNING, logger="worker.pack.blob"), pack:
         got = pack.read_group("resident")
     assert "O_DIRECT refused" in caplog.text
     src = checkpoint_tensors(ckpt)

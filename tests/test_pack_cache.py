@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from packhelp import bits, flip_byte, make_checkpoint, pack_to
 from safetensors.torch import load_file, save_file
 
-from packhelp import bits, flip_byte, make_checkpoint, pack_to
-from worker import pack_cache
 from worker.errors import UserError
-from worker.pack_cache import ensure_pack, verify_pack
+from worker.pack import cache as pack_cache
+from worker.pack.cache import ensure_pack, verify_pack
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from worker.bench import resolve_config
 from worker.config import RunConfig, SamplingConfig
 from worker.errors import UserError
-from worker.model_config import ModelConfig
+from worker.model.geometry import ModelConfig
 from worker.peer import checkpoint_tensors, module_bytes, peer_generate, plan_placement, run_peer
+from worker.run import resolve_config
 
 CPU = torch.device("cpu")
 PAD = 0
@@ -157,7 +157,7 @@ def test_run_has_the_streaming_row_shape_and_its_tokens(tiny_ckpt, tmp_path, mon
     m = peer["metrics"]
     assert m["decode_steps"] == 5 and len(m["itl_ms"]) == 5 and m["prefill_ms"] > 0 and m["ttft_ms"] > 0
 
-    from worker import bench
+    from worker import run as bench
 
     ours = bench.run(resolve_config({**flat, "out_json": None}))
     assert ours["roofline"] is not None and peer["roofline"] is None  # the peer's floor is not modelled

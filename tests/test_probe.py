@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from worker import probe
 from worker.errors import UserError
+from worker.host import probe
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_o_direct_refused_falls_back_with_a_warning(tmp_path, monkeypatch, caplo
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(probe.os, "open", no_direct)
-    with caplog.at_level(logging.WARNING, logger="worker.probe"):
+    with caplog.at_level(logging.WARNING, logger="worker.host.probe"):
         ssd = probe.measure_ssd(str(tmp_path), probe.QUICK)
     assert ssd["direct"] is False and ssd["reliable"] is False and _finite(ssd["gbps"])
     assert any("O_DIRECT refused" in w for w in ssd["warnings"])

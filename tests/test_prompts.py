@@ -6,15 +6,21 @@ import sys
 import time
 
 import pytest
+from benchcli import bench
 from tokenizers import Tokenizer, processors
 
 import cli
-from benchcli import bench
 from worker.errors import UserError
-from worker.prompts import (encode_batch, encode_texts, make_prompts, read_prompt_file, select_prompts,
-                            synth_prompts, word_pool)
+from worker.prompts import (
+    encode_batch,
+    encode_texts,
+    make_prompts,
+    read_prompt_file,
+    select_prompts,
+    synth_prompts,
+    word_pool,
+)
 from worker.tokenizer import build_tokenizer, load_tokenizer
-
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchcli import BENCH
 from click.testing import CliRunner
 
 import cli
-from benchcli import BENCH
-
-from orchestrator.metrics import METRICS, default_thresholds
-from orchestrator.regress import Baseline, check, regress
-from orchestrator.render import regress_markdown
-from orchestrator.stats import assess, critical, summarize
-from orchestrator.suite import parse_suite
-from orchestrator.thresholds import Gate, load_file, parse_override, resolve_gate
+from orchestrator.regress.check import Baseline, check, regress
+from orchestrator.regress.gate import Gate, load_file, parse_override, resolve_gate
+from orchestrator.regress.metrics import METRICS, default_thresholds
+from orchestrator.regress.render import regress_markdown
+from orchestrator.regress.stats import assess, critical, summarize
+from orchestrator.suite.load import parse_suite
 from tests import fakerows
 from worker.errors import UserError
 

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from orchestrator.regress import Baseline
-from orchestrator.render import num
-from orchestrator.history import history_flags, ordered_suite_runs
-from orchestrator.report import build_report, latest_rows
-from orchestrator.selection import Selection, config_labels, select
-from orchestrator.stats import summarize
-from orchestrator.thresholds import Gate
+from orchestrator.regress.check import Baseline
+from orchestrator.regress.gate import Gate
+from orchestrator.regress.history import history_flags, ordered_suite_runs
+from orchestrator.regress.render import num
+from orchestrator.regress.stats import summarize
+from orchestrator.report.build import build_report, latest_rows
+from orchestrator.results.query import Selection, config_labels, select
 from tests import fakerows
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

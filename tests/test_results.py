@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import results
-from orchestrator.actor import RunOutcome
-from orchestrator.results import read_results, recorded, write_row
-from orchestrator.schema import COLUMN_NAMES, FILE_SCHEMA, SCHEMA, SCHEMA_VERSION, build_row
-from orchestrator.suite import parse_suite
+from orchestrator.cluster.actor import RunOutcome
+from orchestrator.results import store as results
+from orchestrator.results.schema import COLUMN_NAMES, FILE_SCHEMA, SCHEMA, SCHEMA_VERSION, build_row
+from orchestrator.results.store import read_results, recorded, write_row
+from orchestrator.suite.load import parse_suite
 from worker.errors import UserError
-from worker.hostinfo import hardware_key
+from worker.host.hostinfo import hardware_key
 
 SUITE = parse_suite("name: s\nmodels: [{name: tiny, preset: tiny}]\nmatrix: {mode: [gpu, mixed], batch_size: 2}\n")
 FP = {"hostname": "gpu-7", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1, "gpu_mem_gb": 79.1, "gpu_pcie": None,
@@ -26,7 +26,7 @@ FP = {"hostname": "gpu-7", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1, 
 
 
 def engine_result(spec, itl=(10.0, 11.0, 30.0)) -> dict:
-    """A result document as worker.bench.run returns it (the contract's keys)."""
+    """A result document as worker.run.run returns it (the contract's keys)."""
     cfg = spec.config("/models/tiny")
     return {
         "schema": "streambench.run/1", "status": "ok", "config": cfg.to_dict(),

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.bench import prompt_ids_for, resolve_config
-from worker.errors import UserError
 from worker.engine import build_engine
+from worker.errors import UserError
 from worker.generate import generate
-from worker.pack_cache import ensure_pack
+from worker.pack.cache import ensure_pack
+from worker.run import prompt_ids_for, resolve_config
 from worker.tokenizer import load_tokenizer
 
 # On a GPU host the same tests run on CUDA (streams, events, pinned buffers); in CI on the CPU.
@@ -120,8 +120,8 @@ def test_slot_counts_split_and_fill():
     """gpu_max_groups is split between the kinds, the odd slot to ffn; under a memory limit the room
     after whole pairs buys ffn slots first, then attn; less than one pair is refused."""
     from worker.config import StreamConfig
+    from worker.pack.groups import GroupKey
     from worker.stream.streamer import fillable, slot_counts
-    from worker.groups import GroupKey
 
     cap = {"attn": 3, "ffn": 10}
     assert slot_counts(cap, StreamConfig(gpu_max_groups=5), 0) == {"attn": 2, "ffn": 3}
@@ -180,9 +180,9 @@ def test_slot_sizing_leaves_room_for_a_long_prefill():
     (that left ~0.1 GB and ran out of memory on an H200), but the room left buys a second ffn slot;
     a 512-token run still gets two of each."""
     from worker.engine import HEADROOM_BYTES, workspace_bytes
-    from worker.model_config import ModelConfig
-    from worker.presets import LLAMA31_COMMON, PRESETS
+    from worker.model.geometry import ModelConfig
     from worker.stream.streamer import slot_counts
+    from worker.synth.presets import LLAMA31_COMMON, PRESETS
 
     cfg = ModelConfig.from_hf({**LLAMA31_COMMON, **PRESETS["llama3.1-70b"], "num_hidden_layers": 15,
                                "torch_dtype": "bfloat16"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.suite import embedded_suites, load_suite, parse_suite
+from orchestrator.suite.load import embedded_suites, load_suite, parse_suite
 from worker.config import RunConfig
 from worker.errors import UserError
 
@@ -69,7 +69,7 @@ def test_wsm_environment_is_the_base_and_the_suite_wins(monkeypatch):
                                           "resources, labels"),
     ("matrix: {model: [huge]}\n", "t.yaml: matrix.model: unknown model 'huge'; models of this suite: tiny"),
     ("matrix: {mode: []}\n", "t.yaml: matrix.mode: empty list"),
-    ("repeats: 0\n", "t.yaml: repeats: Input should be greater than or equal to 1"),
+    ("repeats: 0\n", "t.yaml: repeats must be >= 1 (got 0)"),
     ("on_no_host: ignore\n", "t.yaml: on_no_host: Input should be 'fail' or 'skip'"),
     ("matrix:\n  - {mode: gpu}\n  - {mode: gpu}\n", "repeats t.yaml: matrix[0] point {'mode': 'gpu'}; use `repeats:`"),
     ("matrix: {max_new_tokens: 4000}\n", "max_new_tokens must be < max_seq_len (2048)"),

@@ -12,11 +12,10 @@ import torch
 from safetensors import safe_open
 
 import cli
-from worker import synth
 from worker.errors import UserError
-from worker.model_config import ModelConfig
-from worker.tokenizer import (build_tokenizer, load_tokenizer, save_tokenizer, special_layout,
-                              special_token_policy)
+from worker.model.geometry import ModelConfig
+from worker.synth import checkpoints as synth
+from worker.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_layout, special_token_policy
 
 TEXTS = ["Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\r\nlines", "héllo wörld — ünïcödé",
          "漢字とかな 🙂👍🏽", "x=1; y = x**2 # don't", "<|begin_of_text|> is only text here", ""]

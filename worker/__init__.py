@@ -1,3 +1,13 @@
-"""streambench engine: what one GPU host does."""
+"""streambench engine: what one GPU host does. Never imports Ray.
+
+In the order a run flows: `config` (the typed run config; `envs` is the one reader of the
+environment, `errors` the one-line user errors) → `run` (one benchmark run: pack, build, warm up,
+measure) → `tokenizer` and `prompts` (the batch as fed) → `pack/` (checkpoint → aligned blob +
+manifest) → `engine` (model + weight source + KV cache for a mode) over `model/` (the Llama forward),
+`stream/` (weights SSD → pinned CPU → GPU) and `kv/` (the paged, offloading KV cache) → `generate`
+with `sampling` (prefill, then decode) → `host/` (fingerprint, probe, roofline, clocks) → `result`
+(the run's JSON document). `peer` runs the same spec on HF transformers + accelerate; `synth/` makes
+synthetic checkpoints.
+"""
 
 __version__ = "0.1.0"

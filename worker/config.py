@@ -4,18 +4,21 @@ One path for every setting: dataclass defaults, then the seed's `WSM_*` environm
 (`worker.envs`), then suite YAML or `bench run` flags. Leaf field names are unique across the
 sub-configs, so a suite's matrix, the CLI and `RunConfig.from_flat` all use the same flat names
 (`prefetch_distance`, `kv_offload`, ...). Each field's `help` metadata is its documentation and the
-CLI's help text. Values are range-checked once, in `__post_init__`, with a `UserError` naming the field.
+CLI's help text. Values are checked where they enter: pydantic validates types and `Field` bounds (on
+construction too: these are pydantic dataclasses), `__post_init__` the rules that tie fields
+together, and `RunConfig.from_dict` turns a failure into a one-line `UserError` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import field
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
-from worker.errors import UserError
+from worker.errors import UserError, one_line
 
 Mode = Literal["gpu", "cpu", "ssd", "mixed"]
 CpuPolicy = Literal["rolling", "pinned-subset"]
@@ -25,6 +28,8 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cuda", "cpu"]
 
 _STRICT = ConfigDict(extra="forbid")
+Count = Annotated[int, Field(ge=0)]  # zero allowed
+Positive = Annotated[int, Field(ge=1)]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -32,102 +37,68 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _check(cond: bool, name: str, msg: str, value: Any) -> None:
-    if not cond:
-        raise UserError(f"{name} {msg} (got {value!r})")
-
-
-@dataclass
+@dataclass(config=_STRICT)
 class StreamConfig:
     """How weights move SSD → pinned CPU → GPU (the seed's WSM)."""
 
-    __pydantic_config__ = _STRICT
-
     mode: Mode = _f("gpu", "Where weights live: gpu (all resident), cpu (pinned RAM, streamed H2D), "
                     "ssd (streamed from the SSD tier), mixed (GPU layers + CPU cache + SSD).")
-    prefetch_distance: int = _f(6, "Layers the GPU tier prefetches ahead of the compute.")
-    group_prefetch_depth: int = _f(4, "Groups (attn/ffn) the GPU tier keeps in flight ahead.")
-    gpu_cached_layers: int = _f(4, "Layers kept resident on the GPU in mixed mode.")
-    cpu_cache_layers: int = _f(40, "Layers held in pinned CPU memory in mixed mode.")
+    prefetch_distance: Count = _f(6, "Layers the GPU tier prefetches ahead of the compute.")
+    group_prefetch_depth: Count = _f(4, "Groups (attn/ffn) the GPU tier keeps in flight ahead.")
+    gpu_cached_layers: Count = _f(4, "Layers kept resident on the GPU in mixed mode.")
+    cpu_cache_layers: Count = _f(40, "Layers held in pinned CPU memory in mixed mode.")
     cpu_policy: CpuPolicy = _f("pinned-subset", "CPU tier policy: a pinned subset of layers (default: reads "
                                "fewer SSD bytes per token, measured 2x faster) or the seed's rolling window.")
-    cpu_ring_offset: int = _f(0, "Rolling window anchor: current layer + this offset (WSM_CPU_RING_OFFSET).")
+    cpu_ring_offset: Count = _f(0, "Rolling window anchor: current layer + this offset (WSM_CPU_RING_OFFSET).")
     cpu_wrap_around: bool = _f(True, "Rolling window wraps from the last layer to layer 0 (WSM_CPU_WRAP_AROUND).")
-    cpu_roll_stride: int = _f(1, "Layers the rolling window advances per step (WSM_CPU_ROLL_STRIDE).")
+    cpu_roll_stride: Positive = _f(1, "Layers the rolling window advances per step (WSM_CPU_ROLL_STRIDE).")
     cpu_roll_sync: bool = _f(True, "Rolling window advances in step with the compute (WSM_CPU_ROLL_SYNC).")
-    aggressive_gpu_prefetch: int = _f(2, "Groups prefetched eagerly: 2 = current ffn + next attn "
-                                      "(WSM_AGGRESSIVE_GPU_PREFETCH).")
-    h2d_group_backlog_max: int = _f(1, "Most H2D group copies queued at once (WSM_H2D_GROUP_BACKLOG_MAX).")
-    gpu_max_groups: int = _f(10, "GPU group slots preallocated for streamed weights (WSM_GPU_MAX_GROUPS).")
+    aggressive_gpu_prefetch: Count = _f(2, "Groups prefetched eagerly: 2 = current ffn + next attn "
+                                        "(WSM_AGGRESSIVE_GPU_PREFETCH).")
+    h2d_group_backlog_max: Positive = _f(1, "Most H2D group copies queued at once (WSM_H2D_GROUP_BACKLOG_MAX).")
+    gpu_max_groups: Positive = _f(10, "GPU group slots preallocated for streamed weights (WSM_GPU_MAX_GROUPS).")
     skip_preload_wait: bool = _f(True, "Start computing without waiting for the warm-up preload "
                                  "(WSM_SKIP_PRELOAD_WAIT).")
     evict_finished: bool = _f(True, "Free a group slot as soon as its compute finished (WSM_EVICT_FINISHED).")
-    balance_prefetch: bool = _f(True, "Balance attn/ffn groups in flight (WSM_BALANCE_PREFETCH).")
-    balance_tol: int = _f(1, "Allowed attn/ffn imbalance in flight (WSM_BALANCE_TOL).")
-    pair_ahead: int = _f(2, "Layers searched ahead for the nearest group to prefetch (WSM_PAIR_AHEAD).")
-    kind_ahead_cap: int = _f(2, "Most layers one group kind may run ahead (WSM_KIND_AHEAD_CAP).")
-    warmup_layers: int = _f(4, "Layers preloaded to the GPU before the first forward.")
-    staging_mb: int = _f(64, "Size of each pinned staging buffer of the SSD tier, MiB.")
-    ssd_readers: int = _f(8, "Reader threads of the SSD tier.")
-    gpu_memory_limit_gb: float | None = _f(None, "Cap on GPU memory the engine may use, GB "
-                                           "(lets a big card act as a small one).")
-
-    def __post_init__(self) -> None:
-        for name in ("prefetch_distance", "group_prefetch_depth", "gpu_cached_layers", "cpu_cache_layers",
-                     "cpu_ring_offset", "aggressive_gpu_prefetch", "balance_tol", "pair_ahead",
-                     "warmup_layers"):
-            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
-        for name in ("cpu_roll_stride", "h2d_group_backlog_max", "gpu_max_groups", "kind_ahead_cap",
-                     "staging_mb", "ssd_readers"):
-            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        if self.gpu_memory_limit_gb is not None:
-            _check(self.gpu_memory_limit_gb > 0, "gpu_memory_limit_gb", "must be > 0", self.gpu_memory_limit_gb)
+    balance_prefetch: bool = _f(True, "Balance attn/ffn groups in flight (WSM_BALANCE_PREFETCH). No effect: groups "
+                                "are fetched strictly in consumption order, so attn and ffn alternate by construction.")
+    balance_tol: Count = _f(1, "Allowed attn/ffn imbalance in flight (WSM_BALANCE_TOL). No effect: fetching in "
+                            "consumption order keeps the imbalance at most 1 by construction.")
+    pair_ahead: Count = _f(2, "Layers searched ahead for the nearest group to prefetch (WSM_PAIR_AHEAD). No effect: "
+                           "the next group fetched is always the nearest one the compute needs.")
+    kind_ahead_cap: Positive = _f(2, "Most layers one group kind may run ahead (WSM_KIND_AHEAD_CAP).")
+    warmup_layers: Count = _f(4, "Layers preloaded to the GPU before the first forward.")
+    staging_mb: Positive = _f(64, "Size of each pinned staging buffer of the SSD tier, MiB.")
+    ssd_readers: Positive = _f(8, "Reader threads of the SSD tier.")
+    gpu_memory_limit_gb: Annotated[float, Field(gt=0)] | None = _f(
+        None, "Cap on GPU memory the engine may use, GB (lets a big card act as a small one).")
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class KVConfig:
     """The paged KV cache: block size, GPU budget, offload tier, top-k block attention."""
 
-    __pydantic_config__ = _STRICT
-
     kv_offload: KvOffload = _f("none", "Where KV blocks beyond the GPU budget go: none, cpu or ssd.")
-    kv_block_tokens: int = _f(16, "Tokens per KV block.")
-    kv_gpu_blocks: int | None = _f(None, "KV blocks kept on the GPU per (batch row, layer); unset = all.")
-    topk_blk: int = _f(0, "Attend only to the k most relevant KV blocks in decode; 0 = exact.")
-    kv_throttle_threshold: int = _f(8, "Most queued KV offload writes before back-off "
-                                    "(WSM_KV_THROTTLE_THRESHOLD).")
-    kv_throttle_ms: int = _f(16, "Back-off when the KV write queue is full, ms (WSM_KV_THROTTLE_MS).")
-
-    def __post_init__(self) -> None:
-        _check(self.kv_block_tokens >= 1, "kv_block_tokens", "must be >= 1", self.kv_block_tokens)
-        if self.kv_gpu_blocks is not None:
-            _check(self.kv_gpu_blocks >= 1, "kv_gpu_blocks", "must be >= 1", self.kv_gpu_blocks)
-        _check(self.topk_blk >= 0, "topk_blk", "must be >= 0", self.topk_blk)
-        _check(self.kv_throttle_threshold >= 1, "kv_throttle_threshold", "must be >= 1",
-               self.kv_throttle_threshold)
-        _check(self.kv_throttle_ms >= 0, "kv_throttle_ms", "must be >= 0", self.kv_throttle_ms)
+    kv_block_tokens: Positive = _f(16, "Tokens per KV block.")
+    kv_gpu_blocks: Positive | None = _f(None, "KV blocks kept on the GPU per (batch row, layer); unset = all.")
+    topk_blk: Count = _f(0, "Attend only to the k most relevant KV blocks in decode; 0 = exact.")
+    kv_throttle_threshold: Positive = _f(8, "Most queued KV offload writes before back-off "
+                                         "(WSM_KV_THROTTLE_THRESHOLD).")
+    kv_throttle_ms: Count = _f(16, "Back-off when the KV write queue is full, ms (WSM_KV_THROTTLE_MS).")
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class SamplingConfig:
     """Token sampling; temperature 0 is greedy."""
 
-    __pydantic_config__ = _STRICT
-
-    temperature: float = _f(0.6, "Sampling temperature; 0 = greedy.")
-    top_p: float = _f(0.9, "Nucleus sampling mass.")
+    temperature: Annotated[float, Field(ge=0)] = _f(0.6, "Sampling temperature; 0 = greedy.")
+    top_p: Annotated[float, Field(gt=0, le=1)] = _f(0.9, "Nucleus sampling mass.")
     seed: int = _f(0, "Seed for prompt synthesis and sampling.")
 
-    def __post_init__(self) -> None:
-        _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
 
-
-@dataclass
+@dataclass(config=_STRICT)
 class RunConfig:
     """One benchmark run: the seed's `bench_infer.py` flags, plus the sub-configs."""
-
-    __pydantic_config__ = _STRICT
 
     checkpoints: str = _f("", "HF checkpoint directory (config.json, *.safetensors, tokenizer).")
     engine: Engine = _f("streaming", "streaming (this engine) or accelerate (the HF peer).")
@@ -138,11 +109,11 @@ class RunConfig:
     prompts: str | None = _f(None, "Prompt file: one prompt per line.")
     prompt_len: int | None = _f(None, "Synthesize prompts of exactly this many tokens "
                                 "(used when neither --prompt nor --prompts is given; default 128).")
-    batch_size: int = _f(1, "Prompts per batch.")
-    max_new_tokens: int = _f(32, "Tokens to generate per prompt.")
-    max_seq_len: int = _f(2048, "Longest sequence (prompt + generated); prompts keep their last "
-                          "max_seq_len - max_new_tokens tokens.")
-    warmup_rounds: int = _f(1, "Untimed generate rounds before the measured one.")
+    batch_size: Positive = _f(1, "Prompts per batch.")
+    max_new_tokens: Positive = _f(32, "Tokens to generate per prompt.")
+    max_seq_len: Positive = _f(2048, "Longest sequence (prompt + generated); prompts keep their last "
+                               "max_seq_len - max_new_tokens tokens.")
+    warmup_rounds: Count = _f(1, "Untimed generate rounds before the measured one.")
     dtype: DType = _f("auto", "Compute dtype; auto = the checkpoint's.")
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
@@ -155,17 +126,15 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
-        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
-        _check(self.max_new_tokens < self.max_seq_len, "max_new_tokens",
-               f"must be < max_seq_len ({self.max_seq_len}) so the prompt keeps at least one token",
-               self.max_new_tokens)
-        _check(self.warmup_rounds >= 0, "warmup_rounds", "must be >= 0", self.warmup_rounds)
+        if self.max_new_tokens >= self.max_seq_len:
+            raise ValueError(f"max_new_tokens must be < max_seq_len ({self.max_seq_len}) so the prompt keeps at least "
+                             f"one token (got {self.max_new_tokens})")
         given = [n for n in ("prompt", "prompts", "prompt_len") if getattr(self, n) is not None]
-        _check(len(given) <= 1, "prompt/prompts/prompt_len", "are exclusive: give one", given)
-        if self.prompt_len is not None:
-            _check(1 <= self.prompt_len <= self.max_prompt_tokens, "prompt_len",
-                   f"must be in [1, max_seq_len - max_new_tokens = {self.max_prompt_tokens}]", self.prompt_len)
+        if len(given) > 1:
+            raise ValueError(f"prompt/prompts/prompt_len are exclusive: give one (got {given})")
+        if self.prompt_len is not None and not 1 <= self.prompt_len <= self.max_prompt_tokens:
+            raise ValueError(f"prompt_len must be in [1, max_seq_len - max_new_tokens = {self.max_prompt_tokens}] "
+                             f"(got {self.prompt_len})")
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -198,7 +167,7 @@ class RunConfig:
         try:
             return _ADAPTER.validate_python(nested)
         except ValidationError as e:
-            raise UserError(f"{where}: {_describe(e)}") from None
+            raise UserError(f"{where}: {one_line(e, leaf=True)}") from None
 
 
 def _leaves(cfg: RunConfig):
@@ -229,16 +198,6 @@ def flat_fields() -> list[dataclasses.Field]:
     for f in dataclasses.fields(RunConfig):
         out.extend(dataclasses.fields(_SUBCONFIGS[f.name]) if f.name in _SUBCONFIGS else [f])
     return out
-
-
-def _describe(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = str(err["loc"][-1]) if err["loc"] else "value"  # leaf names are unique
-    if err["type"] == "value_error":  # raised by __post_init__: already names the field
-        return str(err["ctx"]["error"])
-    if err["type"] == "unexpected_keyword_argument":
-        return f"unknown key {loc!r}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
 
 
 _SUBCONFIGS = {"stream": StreamConfig, "kv": KVConfig, "sampling": SamplingConfig}

@@ -17,11 +17,11 @@ from worker.config import RunConfig
 from worker.errors import UserError
 from worker.kv.factory import KVFactory, merge_io, tier_bytes
 from worker.kv.tracker import init_global_tracker
-from worker.model import Llama
-from worker.model_config import ModelConfig
+from worker.model.geometry import ModelConfig
+from worker.model.llama import Llama
 from worker.stream.plan import Placement, place
+from worker.stream.resident import ResidentWeights
 from worker.stream.streamer import WeightStreamer
-from worker.weights import ResidentWeights
 
 log = logging.getLogger(__name__)
 

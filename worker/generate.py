@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.kvcache import Step
+from worker.host.timing import Clock, host_ms
+from worker.model.step import Step
 from worker.sampling import sample
-from worker.timing import Clock, host_ms
 
 
 @dataclass

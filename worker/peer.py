@@ -39,9 +39,9 @@ from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate
-from worker.kvcache import Step
-from worker.model_config import ModelConfig
-from worker.results_json import assemble_result, write_json
+from worker.model.geometry import ModelConfig
+from worker.model.step import Step
+from worker.result import assemble_result, write_json
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def load_model(ckpt: str, plan: Placement, dtype: torch.dtype, offload_dir: str)
 def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
              base_env: dict[str, str] | None = None) -> dict[str, Any]:
     """`bench run --engine accelerate`: the run's spec on HF + accelerate, as a `streambench.run/1` dict."""
-    from worker import bench as single
+    from worker import run as single
     from worker.tokenizer import load_tokenizer
 
     cfg = dataclasses.replace(cfg, engine="accelerate")

@@ -28,9 +28,9 @@ from worker.kv.layout import Geometry
 from worker.kv.offload import CpuStore, KVMover, Throttle
 from worker.kv.paged import PagedBuffers, PagedKVCache
 from worker.kv.spill import SLOT_BYTES, SLOTS, SpillStore, check_spill_dir
+from worker.kv.static import StaticKVCache
 from worker.kv.tracker import BlockTracker
-from worker.kvcache import StaticKVCache
-from worker.model_config import ModelConfig
+from worker.model.geometry import ModelConfig
 from worker.stream.devsync import Sync
 from worker.stream.hostmem import HostArena
 from worker.stream.iostats import Channel

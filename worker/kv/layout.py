@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.model_config import ModelConfig
+from worker.model.geometry import ModelConfig
 
 PAGE = 4096
 

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker import attention
 from worker.kv.fetch import make_plan, run_fetch
 from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks
 from worker.kv.tracker import BlockTracker
-from worker.kvcache import Step
+from worker.model import attention
+from worker.model.step import Step
 from worker.stream.devsync import Sync
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from worker.blob import open_direct, pwrite_all, read_extent
 from worker.kv.layout import Geometry
 from worker.kv.offload import wait_for
+from worker.pack.blob import open_direct, pwrite_all, read_extent
 from worker.stream.hostmem import HostArena
 from worker.stream.iostats import Channel
 

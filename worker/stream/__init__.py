@@ -1,7 +1,10 @@
-"""Weight streaming: SSD → pinned CPU → GPU tiers (the seed's WSM, done as small parts).
+"""Weight sources: all-resident, or streamed SSD → pinned CPU → GPU (the seed's WSM, done as small parts).
 
+`resident` is `gpu` mode's source and the reference the others equal bit for bit. For the streamer:
 `plan` decides where each layer lives, `hostmem` allocates page-locked buffers, `ssd` reads extents
-with O_DIRECT on a thread pool, `cpu_tier` keeps layers in RAM (fixed subset or rolling ring),
-`gpu_tier` owns the preallocated group slots, and `streamer` runs the loop
-prefetch → wait → compute → release that the model drives.
+with O_DIRECT on a thread pool, `staging` feeds SSD-homed groups through pinned buffers, `cpu_tier`
+keeps layers in RAM (fixed subset or rolling ring), `pieces` is what the GPU tier copies, `gpu_tier`
+owns the preallocated group slots, `devsync` gives CPU stand-ins for streams and events, `iostats`
+counts bytes and busy time, and `streamer` runs the loop prefetch → wait → compute → release that
+the model drives.
 """

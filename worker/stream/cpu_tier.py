@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 import torch
 
-from worker.groups import KINDS, GroupKey
+from worker.pack.groups import KINDS, GroupKey
 from worker.stream.hostmem import HostArena
 from worker.stream.pieces import Piece
 from worker.stream.ssd import SSDReader

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from worker.groups import GroupKey
+from worker.pack.groups import GroupKey
 
 
 @dataclass

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from worker.blob import aligned_empty
+from worker.pack.blob import aligned_empty
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from worker.config import StreamConfig
 from worker.errors import UserError
-from worker.groups import KINDS, GroupKey
+from worker.pack.groups import KINDS, GroupKey
 
 
 @dataclass(frozen=True)

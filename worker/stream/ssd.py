@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from worker.blob import open_blob, read_extent
+from worker.pack.blob import open_blob, read_extent
 from worker.stream.iostats import Channel
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from worker.groups import GroupKey
+from worker.pack.groups import GroupKey
 from worker.stream.hostmem import HostArena
 from worker.stream.pieces import Piece
 from worker.stream.ssd import SSDReader

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from worker.blob import group_views
 from worker.config import StreamConfig
 from worker.errors import UserError
-from worker.groups import KINDS, RESIDENT, GroupKey, fused
+from worker.pack.blob import group_views
+from worker.pack.groups import KINDS, RESIDENT, GroupKey, fused
 from worker.stream.cpu_tier import FixedTier, RingTier
 from worker.stream.devsync import Sync
 from worker.stream.gpu_tier import Slot, SlotPool

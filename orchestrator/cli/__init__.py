@@ -1,0 +1,4 @@
+"""The pieces of the `bench` command line that `cli.py` assembles: `options` (flags generated from the
+run config, and the options commands share), `console` (the one pair of consoles and JSON output),
+`commands` (the cluster commands) and `analysis` (compare, regress, report).
+"""

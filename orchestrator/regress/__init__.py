@@ -1,0 +1,5 @@
+"""Comparing runs: `metrics` (which way is better), `stats` (robust summaries and the calibrated noise
+test), `compare` (hosts or commits side by side), `gate` (what counts as a regression), `check`
+(`bench regress`), `history` (every night judged against its own past) and `render` (numbers and
+markdown).
+"""

@@ -1,0 +1,252 @@
+"""`bench report`: one self-contained HTML file over the results dataset.
+
+Everything is inline (CSS, PNG figures as data URIs, no script, no link), so the file opens offline
+and can be mailed or attached to a CI run. Sections: the regression check of the newest suite run,
+tokens/s and attainment per host and config, the TTFT / prefill / decode breakdown, I/O bandwidth
+per channel against each host's probe figures, history over nights with regression markers, failed
+runs with their errors, and the hardware. "Latest" sections show, for each (config, hardware) pair,
+the rows of its newest suite run; history uses every selected row.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from orchestrator.regress.check import Baseline, RegressReport, check, regress
+from orchestrator.regress.compare import compare
+from orchestrator.regress.gate import Gate
+from orchestrator.regress.history import history_section
+from orchestrator.regress.metrics import CHANNELS
+from orchestrator.regress.render import num, pct, regress_markdown
+from orchestrator.regress.stats import summarize
+from orchestrator.report import plots
+from orchestrator.report.html import PAGE, section, table_html
+from orchestrator.results.query import Selection, config_labels, hardware_info, newest_suite_run, select, short_commit
+from orchestrator.results.store import default_uri
+
+log = logging.getLogger(__name__)
+
+BREAKDOWN_METRICS = ("ttft_ms", "prefill_ms", "decode_ms", "e2e_ms")
+
+
+@dataclass(frozen=True)
+class ReportInfo:
+    path: str
+    rows: int
+    failed: int
+    suite_runs: int
+    exit_code: int | None  # the regression check of the newest suite run (None: no runs)
+
+
+def build_report(uri: str | None, out: str | Path, sel: Selection = Selection(), *, gate: Gate = Gate(),
+                 baseline: Baseline = Baseline(), title: str | None = None) -> ReportInfo:
+    """Write the report for the rows of `uri` matching `sel` to `out` (temp file + rename)."""
+    rows = select(uri, sel)
+    newest = newest_suite_run(rows)
+    check_now = None
+    if newest and sel == Selection():  # the whole dataset is in hand: no second read
+        check_now = check(rows, newest, baseline=baseline, gate=gate)
+    elif newest:  # the baseline may lie outside the selection; the pairs checked may not
+        check_now = regress(uri, suite_run_id=newest, baseline=baseline, gate=gate)
+        keys = {(r["config_key"], r["hardware_key"]) for r in rows}
+        check_now.pairs = [p for p in check_now.pairs if (p.config_key, p.hardware_key) in keys]
+        run_ids = {r["run_id"] for r in rows if r["suite_run_id"] == newest}
+        check_now.unkeyed_failures = [r for r in check_now.unkeyed_failures if r["run_id"] in run_ids]
+    body = render(rows, check_now, gate=gate, baseline=baseline, uri=uri or default_uri(), sel=sel)
+    page = PAGE.format(title=html.escape(title or "streambench report"), body=body,
+                       generated=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.debug("wrote %s", out)
+    failed = sum(r["status"] != "ok" for r in rows)
+    return ReportInfo(str(out), len(rows), failed, len({r["suite_run_id"] for r in rows}),
+                      check_now.exit_code if check_now else None)
+
+
+def render(rows: list[dict[str, Any]], now: RegressReport | None, *, gate: Gate, baseline: Baseline, uri: str,
+           sel: Selection) -> str:
+    """The report's body (HTML) for `rows`."""
+    if not rows:
+        return f"<p class=note>No runs match ({html.escape(sel.describe())}) in <code>{html.escape(uri)}</code>.</p>"
+    labels = config_labels(rows)
+    hw = hardware_info(rows)
+    order = list(hw)
+    latest = latest_rows(rows)
+    parts = [overview(rows, now, uri, sel), regress_section(now)]
+    parts.append(section("Throughput and attainment", "latest suite run of each config on each host; bars are "
+                         "medians over repeats, whiskers min–max", throughput_figure(latest, labels, order),
+                         compare_tables(latest, ("decode_tok_s", "attainment_decode"))))
+    parts.append(section("Latency breakdown: TTFT, prefill, decode", "medians of the latest suite run",
+                         breakdown_figure(latest, labels, order), compare_tables(latest, BREAKDOWN_METRICS)))
+    parts.append(section("I/O bandwidth against the host's probe", "every run of the latest suite runs; red: the "
+                         "probe figure the roofline used (KV D2H is drawn against the H2D probe)",
+                         io_figure(latest, order), io_table(latest, hw)))
+    parts.append(history_section(rows, labels, order, gate, baseline))
+    parts.append(failures_section(rows, labels))
+    parts.append(section("Hardware", "", "", table_html(
+        ["hardware key", "GPU", "NVMe", "CPU", "RAM GB", "hosts", "probe SSD / H2D / HBM GB/s"],
+        [[k, h.gpu, h.nvme, h.cpu, num(h.ram_gb), ", ".join(h.hosts),
+          " / ".join(num(h.probe[c]) for c in ("probe_ssd_gbps", "probe_h2d_gbps", "probe_hbm_gbps"))]
+         for k, h in hw.items()])))
+    u = html.escape(uri)
+    parts.append(section("The data", "", "", f"""<p>Made from <code>{u}</code> ({len(rows)} rows,
+        {html.escape(sel.describe())}). Read the same dataset with pandas:
+        <code>pandas.read_parquet("{u}")</code>, or DuckDB:
+        <code>select * from read_parquet('{u}/**/*.parquet', hive_partitioning = true, union_by_name = true)</code>
+        (union_by_name: files of older schema versions have fewer columns).</p>"""))
+    return "\n".join(parts)
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (config, hardware) pair, the rows of its newest suite run."""
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["hardware_key"]:
+            by_pair[(r["config_key"], r["hardware_key"])].append(r)
+    out = []
+    for pair_rows in by_pair.values():
+        newest = newest_suite_run(pair_rows)
+        out += [r for r in pair_rows if r["suite_run_id"] == newest]
+    return out
+
+
+def overview(rows: list[dict[str, Any]], now: RegressReport | None, uri: str, sel: Selection) -> str:
+    times = [r["finished_at"] for r in rows if r["finished_at"]]
+    commits = sorted({short_commit(r["git_commit"]) for r in rows if r["git_commit"]})
+    failed = sum(r["status"] != "ok" for r in rows)
+    verdict = {0: ("ok", "no regression"), 1: ("bad", "regression"), 3: ("warn", "not enough data")}
+    cls, text = verdict[now.exit_code] if now else ("warn", "no suite run")
+    cards = [("newest suite run", f"{now.suite_run_id}" if now else "—"), ("regression check", text),
+             ("runs", f"{len(rows)} ({failed} failed)"), ("suite runs", str(len({r['suite_run_id'] for r in rows}))),
+             ("hosts", str(len({r['host'] for r in rows if r['host']}))),
+             ("from – to", f"{min(times):%Y-%m-%d} – {max(times):%Y-%m-%d}" if times else "—"),
+             ("commits", ", ".join(commits[-3:]) + (f" (+{len(commits) - 3})" if len(commits) > 3 else ""))]
+    html_cards = "".join(f"<div class='card{' ' + cls if k == 'regression check' else ''}'>"
+                         f"<div class=k>{html.escape(k)}</div><div class=v>{html.escape(v)}</div></div>"
+                         for k, v in cards)
+    return f"<div class=cards>{html_cards}</div><p class=note>dataset <code>{html.escape(uri)}</code> · " \
+           f"{html.escape(sel.describe())}</p>"
+
+
+def regress_section(now: RegressReport | None) -> str:
+    if now is None:
+        return ""
+    items = [(p, f) for v in ("regression", "improvement", "noisy") for p, f in now.findings(v)]
+    rows = [[f.verdict, p.label, p.hardware_key, f.metric.name, num(f.change.baseline.median),
+             num(f.change.current.median), pct(f.change.rel), f"{f.change.z:+.1f} / {f.change.critical:.1f}", ""]
+            for p, f in items]
+    rows += [["failed", p.label, p.hardware_key, f"all {p.n_failed} repeats", "", "", "", "",
+              "; ".join(e.splitlines()[0][:100] for e in p.errors)] for p in now.failed_pairs]
+    table = table_html(["verdict", "config", "hardware", "metric", "baseline", "now", "change", "z / critical",
+                        "note"], rows, row_class=lambda r: r[0]) if rows else "<p>No metric beyond its threshold.</p>"
+    md = html.escape(regress_markdown(now))
+    return section(f"Regression check: {now.suite_run_id}", f"baseline: {now.baseline.describe()}; "
+                   f"{len([p for p in now.pairs if p.status == 'checked'])} of {len(now.pairs)} pairs compared",
+                   "", table + f"<details><summary>markdown summary (as printed by bench regress)</summary>"
+                               f"<pre>{md}</pre></details>")
+
+
+def per_pair(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], Any]:
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok" and r["hardware_key"]:
+            groups[(r["config_key"], r["hardware_key"])].append(r[metric])
+    return {k: summarize(v) for k, v in groups.items()}
+
+
+def throughput_figure(latest: list[dict[str, Any]], labels: dict[str, str], order: list[str]) -> str:
+    tok, att = per_pair(latest, "decode_tok_s"), per_pair(latest, "attainment_decode")
+    configs = [c for c in labels if any(k[0] == c and v for k, v in tok.items())]
+    if not configs:
+        return ""
+    hws = [h for h in order if any(k[1] == h for k in tok)]
+    return plots.throughput([labels[c] for c in configs], {h: [tok.get((c, h)) for c in configs] for h in hws},
+                            {h: [att.get((c, h)) for c in configs] for h in hws}, order)
+
+
+def breakdown_figure(latest: list[dict[str, Any]], labels: dict[str, str], order: list[str]) -> str:
+    s = {m: per_pair(latest, m) for m in BREAKDOWN_METRICS}
+    pairs = sorted((k for k, v in s["e2e_ms"].items() if v and s["prefill_ms"].get(k) and s["decode_ms"].get(k)),
+                   key=lambda k: (labels.get(k[0], k[0]), order.index(k[1])))
+    if not pairs:
+        return ""
+    med = lambda m, k: s[m][k].median if s[m].get(k) else 0.0  # noqa: E731
+    return plots.breakdown([f"{labels.get(c, c)} @ {h.split('-')[0]}" for c, h in pairs],
+                           [med("prefill_ms", k) for k in pairs], [med("decode_ms", k) for k in pairs],
+                           [med("ttft_ms", k) for k in pairs], [plots.color(order.index(h)) for _, h in pairs])
+
+
+def io_figure(latest: list[dict[str, Any]], order: list[str]) -> str:
+    measured: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    probe: dict[str, dict[str, float | None]] = defaultdict(dict)
+    for r in latest:
+        if r["status"] != "ok" or not r["hardware_key"]:
+            continue
+        for ch, pc in CHANNELS:
+            if r[ch] is not None:
+                measured[ch][r["hardware_key"]].append(r[ch])
+            if r[pc] is not None:
+                probe[ch][r["hardware_key"]] = r[pc]
+    if not any(measured.values()):
+        return ""
+    return plots.io_vs_probe([ch for ch, _ in CHANNELS], measured, probe, order)
+
+
+def io_table(latest: list[dict[str, Any]], hw: dict[str, Any]) -> str:
+    rows = []
+    for key in hw:
+        mine = [r for r in latest if r["hardware_key"] == key and r["status"] == "ok"]
+        for ch, pc in CHANNELS:
+            s = summarize([r[ch] for r in mine])
+            limit = summarize([r[pc] for r in mine])
+            if s is None:
+                continue
+            best = s.hi / limit.median if limit and limit.median else None
+            rows.append([key, ch.removesuffix("_gbps"), num(s.median), num(s.hi), num(limit.median if limit else None),
+                         "—" if best is None else f"{best:.2f}"])
+    return table_html(["hardware", "channel", "median GB/s", "best GB/s", "probe GB/s", "best / probe"], rows)
+
+
+def compare_tables(latest: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
+    comp = compare(latest, metrics)
+    out = []
+    for t in comp.tables:
+        head = ["config"] + [c.split("-")[0] + ("  (ref)" if c == t.ref else "") for c in t.columns]
+        body = []
+        for row in t.rows:
+            cells = []
+            for c in t.columns:
+                cell = t.cells.get((row, c))
+                if cell is None:
+                    cells.append("—")
+                    continue
+                ratio = "" if c == t.ref or cell.ratio is None else f" ×{cell.ratio:.2f}"
+                cells.append(f"{num(cell.summary.median)} ±{cell.summary.spread * 100:.0f}% n={cell.summary.n}{ratio}")
+            body.append([t.labels[row], *cells])
+        out.append(f"<h3>{html.escape(t.metric.name)} <span class=note>{html.escape(t.metric.describe())}</span></h3>"
+                   + table_html(head, body))
+    return "".join(out)
+
+
+def failures_section(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    failed = [r for r in rows if r["status"] != "ok"]
+    if not failed:
+        return section("Failed runs", "", "", "<p>None.</p>")
+    body = [[f"{r['finished_at']:%Y-%m-%d %H:%M}" if r["finished_at"] else "—", r["suite_run_id"], r["run_id"],
+             r["host"] or "(no host)", labels.get(r["config_key"], r["config_key"] or "?"), r["attempts"],
+             r["error"] or "(no reason recorded)"] for r in reversed(failed)]
+    return section(f"Failed runs ({len(failed)})", "newest first", "", table_html(
+        ["finished", "suite run", "run", "host", "config", "attempts", "error"], body, pre_last=True))

@@ -1,0 +1,172 @@
+"""The results dataset: one Parquet file per finished run, hive-partitioned by date and suite.
+
+Layout: `<uri>/date=YYYY-MM-DD/suite=NAME/<suite_run_id>__<run_id>.parquet`, on any pyarrow filesystem
+(a local path, file://, s3://, gs://, hdfs://). A row is written as a hidden temp file (readers skip
+names starting with "."; DuckDB's `*.parquet` glob does not match `.tmp`) and renamed into place, so a
+reader never sees half a file and a failed write leaves nothing. The file name is the run's identity:
+rewriting a run (a failed run resubmitted) replaces its row instead of adding one.
+
+`read_results` is the public reader the comparison and regression code builds on.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from orchestrator.results.schema import FILE_SCHEMA, SCHEMA
+from worker import envs
+from worker.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "./bench-results"
+_PARTITIONING = ds.partitioning(pa.schema([("date", pa.string()), ("suite", pa.string())]), flavor="hive")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A run already in the dataset."""
+
+    run_id: str
+    status: str
+    path: str
+
+
+def default_uri() -> str:
+    return envs.results_uri() or DEFAULT_URI
+
+
+def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, base path) for a local path or a filesystem URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise UserError(f"--results {uri!r}: not a usable filesystem URI ({e})") from None
+
+
+def run_file(base: str, date: str, suite: str, suite_run_id: str, run_id: str) -> str:
+    return f"{base}/date={date}/suite={suite}/{suite_run_id}__{run_id}.parquet"
+
+
+def write_row(uri: str, row: dict[str, Any], suite: str, date: str) -> str:
+    """Write one run's row atomically; return its path. Replaces an earlier row of the same run."""
+    fs, base = open_uri(uri)
+    path = run_file(base, date, suite, row["suite_run_id"], row["run_id"])
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    table = pa.Table.from_pylist([row], schema=FILE_SCHEMA)
+    table = table.replace_schema_metadata({**(FILE_SCHEMA.metadata or {}), b"streambench.suite": suite.encode()})
+    try:
+        fs.create_dir(parent, recursive=True)
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, path)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+    log.debug("wrote %s", path)
+    return path
+
+
+def recorded(uri: str, suite: str, suite_run_id: str) -> dict[str, Recorded]:
+    """Runs of one suite run already in the dataset, by run id (reads only that suite's partitions)."""
+    fs, base = open_uri(uri)
+    prefix = f"{suite_run_id}__"
+    out: dict[str, Recorded] = {}
+    for day in _list(fs, base, recursive=False):
+        if day.type != pafs.FileType.Directory or not day.base_name.startswith("date="):
+            continue
+        for info in _list(fs, f"{day.path}/suite={suite}", recursive=False):
+            if info.type == pafs.FileType.File and info.base_name.startswith(prefix) and info.base_name.endswith(
+                    ".parquet"):
+                row = pq.read_table(info.path, columns=["run_id", "status"], filesystem=fs).to_pylist()[0]
+                out[row["run_id"]] = Recorded(row["run_id"], row["status"], info.path)
+    return out
+
+
+def remove(uri: str, path: str) -> None:
+    fs, _ = open_uri(uri)
+    _delete_quietly(fs, path)
+
+
+def read_results(uri: str | None = None, *, suite: str | Iterable[str] | None = None,
+                 suite_run_id: str | Iterable[str] | None = None, status: str | None = None,
+                 config_key: str | Iterable[str] | None = None, hardware_key: str | Iterable[str] | None = None,
+                 since: datetime | None = None, until: datetime | None = None,
+                 filter: pc.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every row of the dataset at `uri` (default: --results default) as one Table in SCHEMA.
+
+    Files of older schema versions read with the columns they lack as nulls. Filters combine with AND;
+    string filters accept one value or several; `since`/`until` bound `finished_at`; `filter` is any
+    pyarrow compute expression. Rows are sorted by finished_at, then run_id. A missing dataset reads as
+    an empty table.
+    """
+    fs, base = open_uri(uri or default_uri())
+    schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in _known(columns)])
+    try:
+        info = fs.get_file_info(base)
+    except OSError as e:
+        raise UserError(f"results {uri!r}: cannot read ({e})") from None
+    if info.type != pafs.FileType.Directory:
+        return schema.empty_table()
+    dataset = ds.dataset(base, filesystem=fs, format="parquet", schema=SCHEMA, partitioning=_PARTITIONING,
+                         exclude_invalid_files=False)
+    expr = _filters(suite=suite, suite_run_id=suite_run_id, status=status, config_key=config_key,
+                    hardware_key=hardware_key)
+    if since is not None:
+        expr = _and(expr, pc.field("finished_at") >= pa.scalar(since, SCHEMA.field("finished_at").type))
+    if until is not None:
+        expr = _and(expr, pc.field("finished_at") < pa.scalar(until, SCHEMA.field("finished_at").type))
+    expr = _and(expr, filter)
+    table = dataset.to_table(filter=expr, columns=schema.names)
+    keys = [(k, "ascending") for k in ("finished_at", "run_id") if k in table.column_names]
+    return table.sort_by(keys) if keys and table.num_rows else table
+
+
+def _known(columns: list[str]) -> list[str]:
+    unknown = [c for c in columns if c not in SCHEMA.names]
+    if unknown:
+        raise UserError(f"unknown result column {unknown[0]!r}; columns: {', '.join(SCHEMA.names)}")
+    return columns
+
+
+def _filters(**values: str | Iterable[str] | None) -> pc.Expression | None:
+    expr = None
+    for name, value in values.items():
+        if value is None:
+            continue
+        wanted = [value] if isinstance(value, str) else list(value)
+        expr = _and(expr, pc.field(name).isin(wanted))
+    return expr
+
+
+def _and(a: pc.Expression | None, b: pc.Expression | None) -> pc.Expression | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _list(fs: pafs.FileSystem, path: str, recursive: bool) -> list[pafs.FileInfo]:
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass

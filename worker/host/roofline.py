@@ -1,0 +1,83 @@
+"""The run's floor: the least time its bytes and FLOPs can take on this host, and how close it came.
+
+Per pass (one forward over all layers) the placement fixes the bytes each tier must move: SSD reads
+(groups homed on the SSD or refilled through the ring), H2D copies (every streamed group) and HBM
+reads (every weight the compute touches once). With the host probe's measured bandwidths,
+`floor = max(ssd_bytes / ssd_bw, h2d_bytes / pcie_bw, hbm_bytes / hbm_bw, flops / matmul_rate)`
+and `attainment = floor / measured`. Terms whose bandwidth was not measured are left out, never guessed.
+A decode step also moves KV bytes (read by the attention; fetched back when offloaded), passed in by
+the engine's KV cache and added to the decode floor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.pack.groups import KINDS, RESIDENT, GroupKey
+from worker.stream.plan import Placement
+
+GB = 1e9
+
+
+def pass_bytes(manifest, placement: Placement) -> dict[str, int]:
+    """Bytes per forward pass from each tier (the embedding table is gathered, not streamed through)."""
+    ext = {g.name: g.nbytes for g in manifest.groups}
+    ssd = h2d = 0
+    for layer, home in enumerate(placement.home):
+        size = sum(ext[GroupKey(layer, k).name] for k in KINDS)
+        h2d += 0 if home == "gpu" else size
+        ssd += size if home in ("ssd", "ring") else 0
+    tensors = {t.short: t.nbytes for t in manifest.group_tensors(RESIDENT)}
+    head = tensors.get("lm_head", tensors["embed_tokens"]) + tensors["norm"]
+    layers = sum(ext[GroupKey(i, k).name] for i in range(len(placement.home)) for k in KINDS)
+    return {"ssd": ssd, "h2d": h2d, "hbm": layers + head}
+
+
+def flops(cfg, tokens: int, context: int) -> float:
+    """Matmul FLOPs of one pass over `tokens` new tokens attending to `context` positions on average."""
+    h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    per_token_layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * f) + 4 * context * cfg.num_attention_heads * cfg.head_dim
+    return tokens * (cfg.num_hidden_layers * per_token_layer + 2 * h * cfg.vocab_size)
+
+
+def floor_s(nbytes: dict[str, int], fl: float, probe: dict[str, Any]) -> tuple[float | None, str | None]:
+    terms = {
+        "ssd": (nbytes["ssd"], probe.get("ssd_gbps")),
+        "h2d": (nbytes["h2d"], probe.get("h2d_gbps")),
+        "hbm": (nbytes["hbm"], probe.get("hbm_gbps")),
+    }
+    times = {k: b / (bw * GB) for k, (b, bw) in terms.items() if b and bw}
+    if probe.get("matmul_tflops"):
+        times["compute"] = fl / (probe["matmul_tflops"] * 1e12)
+    if not times:
+        return None, None
+    bound = max(times, key=times.get)
+    return times[bound], bound
+
+
+def roofline(manifest, placement: Placement, probe: dict[str, Any] | None, batch: int, prompt_len: int,
+             prefill_ms: float, decode_ms: float, decode_steps: int,
+             credit: dict[str, int] | None = None, kv_step: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """`credit`: bytes the streamer had already fetched when the measured round began; the prefill
+    did not have to move them, so its floor leaves them out (decode is steady state: no credit).
+    `kv_step`: KV bytes one decode step moves per tier (HBM reads by the attention, offloaded blocks
+    fetched H2D, SSD spill traffic), added to the decode floor's weight bytes."""
+    if not probe:
+        return None
+    cfg = manifest.model_config
+    nb = pass_bytes(manifest, placement)
+    credit = credit or {}
+    nb_prefill = {k: max(0, v - credit.get(k, 0)) for k, v in nb.items()}
+    nb_decode = {k: v + (kv_step or {}).get(k, 0) for k, v in nb.items()}
+    fp, bound_p = floor_s(nb_prefill, flops(cfg, batch * prompt_len, prompt_len // 2), probe)
+    fd, bound_d = floor_s(nb_decode, flops(cfg, batch, prompt_len + decode_steps // 2), probe)
+    per_token_s = decode_ms / 1e3 / decode_steps if decode_steps else None
+    return {
+        "ssd_gbps": probe.get("ssd_gbps"), "h2d_gbps": probe.get("h2d_gbps"), "hbm_gbps": probe.get("hbm_gbps"),
+        "matmul_tflops": probe.get("matmul_tflops"), "probe_measured_at": probe.get("measured_at"),
+        "pass_bytes": nb, "prefill_prefetched_bytes": credit, "kv_step_bytes": kv_step,
+        "floor_prefill_s": fp, "bound_prefill": bound_p,
+        "floor_decode_s": fd, "bound_decode": bound_d,
+        "attainment_prefill": fp / (prefill_ms / 1e3) if fp and prefill_ms else None,
+        "attainment_decode": fd / per_token_s if fd and per_token_s else None,
+    }

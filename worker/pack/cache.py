@@ -1,0 +1,133 @@
+"""The pack cache `bench run` uses: one pack per checkpoint and dtype, re-packed only when stale.
+
+`ensure_pack` is the entry point: an explicit manifest is used as is; otherwise the cache next to the
+checkpoint (or `--pack-dir`) is reused while the checkpoint's fingerprint matches, and rebuilt when it
+does not. Checksums are verified once per pack (a marker ties the verification to the exact blob),
+never on the hot path; `verify_pack` is `bench verify`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from worker.errors import UserError
+from worker.model.geometry import ModelConfig
+from worker.pack.blob import Pack, extent_checksum
+from worker.pack.manifest import checkpoint_source
+from worker.pack.packer import pack_checkpoint, resolve_dtype
+from worker.pack.source import read_index
+
+log = logging.getLogger(__name__)
+
+CACHE_DIRNAME = ".streambench-pack"
+
+
+def pack_paths(pack_dir: str | Path, dtype: str) -> tuple[Path, Path]:
+    """(manifest, blob) of the `dtype` pack in a pack directory."""
+    d = Path(pack_dir)
+    return d / f"{dtype}.manifest.json", d / f"{dtype}.blob"
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialize packers sharing a directory (two runs on one host), across processes."""
+    with open(directory / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None = None,
+                manifest: str | Path | None = None, raw_device: str | Path | None = None,
+                dtype: str | None = None, repack: bool = False) -> Pack:
+    """The pack `bench run` uses: an explicit manifest as is, else a cached pack, (re-)packed when stale.
+
+    The cache (`<checkpoint>/.streambench-pack/` or `pack_dir`) holds one pack per dtype and is rebuilt
+    only when the checkpoint's fingerprint changed (or `repack`). Checksums are verified once per pack.
+    """
+    dtype = None if dtype == "auto" else dtype
+    if manifest is not None:
+        pack = Pack.open(manifest, blob_path=raw_device)
+        if dtype and pack.manifest.dtype != dtype:
+            raise UserError(f"manifest {manifest} holds {pack.manifest.dtype} weights but dtype {dtype} was asked; "
+                            f"re-pack with `bench pack --dtype {dtype}` or drop --dtype")
+        if checkpoint_dir and Path(checkpoint_dir).is_dir():
+            if checkpoint_source(checkpoint_dir).fingerprint != pack.manifest.source.fingerprint:
+                log.warning("checkpoint %s changed since manifest %s was packed; using the pack as is",
+                            checkpoint_dir, manifest)
+        _verify_once(pack, strict=True)
+        return pack
+    if raw_device is not None:
+        raise UserError("--raw-device needs --manifest FILE: pack onto the device first with "
+                        "`bench pack --raw-device DEV --manifest FILE`")
+    if not checkpoint_dir:
+        raise UserError("no checkpoint: pass --checkpoints DIR (or --manifest FILE of an existing pack)")
+    root = Path(checkpoint_dir)
+    ModelConfig.from_hf_dir(root)  # a clear error for a bad checkpoint before touching the cache
+    cache = Path(pack_dir) if pack_dir else root / CACHE_DIRNAME
+    dtype = resolve_dtype(dtype, read_index(root))
+    manifest_path, blob_path = pack_paths(cache, dtype)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create pack directory {cache} ({e.strerror}); pass --pack-dir DIR") from None
+    with _locked(cache):
+        reason = "--force" if repack else _stale_reason(manifest_path, root)
+        if reason is None:
+            pack = Pack.open(manifest_path)
+            if _verify_once(pack, strict=False):
+                log.info("using cached pack %s (%s, %.2f GB)", manifest_path, dtype, pack.manifest.blob_size / 1e9)
+                return pack
+            reason = "its checksums do not match"
+        log.info("packing %s into %s: %s", root, cache, reason)
+        for p in (manifest_path, blob_path):
+            p.unlink(missing_ok=True)  # free the space before writing the new blob
+        pack_checkpoint(root, blob_path, manifest_path, dtype=dtype)
+        return Pack.open(manifest_path)
+
+
+def _stale_reason(manifest_path: Path, checkpoint: Path) -> str | None:
+    """Why the cached pack cannot be used, or None when it is current."""
+    if not manifest_path.exists():
+        return "no pack yet"
+    try:
+        pack = Pack.open(manifest_path)
+    except UserError as e:
+        return f"the cached pack is unusable ({e})"
+    if pack.manifest.source.fingerprint != checkpoint_source(checkpoint).fingerprint:
+        return "the checkpoint changed since it was packed"
+    return None
+
+
+def _verify_once(pack: Pack, strict: bool) -> bool:
+    """Verify checksums unless already verified for this exact manifest + blob; raise if strict."""
+    if pack.verified:
+        return True
+    log.info("verifying checksums of %s (once per pack)", pack.blob_path)
+    bad = verify_pack(pack)
+    if bad and strict:
+        raise UserError(f"blob {pack.blob_path} fails its checksums in {len(bad)} group(s) ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): re-pack with `bench pack`")
+    return not bad
+
+
+def verify_pack(pack: Pack, threads: int | None = None) -> list[str]:
+    """Names of the groups whose bytes do not match their checksum (empty: the pack is intact).
+
+    Groups are hashed in parallel, each with large sequential reads; the result is recorded so the
+    next `ensure_pack` does not verify again.
+    """
+    groups = pack.manifest.groups
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as ex:
+        sums = list(ex.map(lambda g: extent_checksum(pack.fd, g.offset, g.nbytes), groups))
+    bad = [g.name for g, s in zip(groups, sums) if s != g.checksum]
+    pack.record_verified(not bad)
+    return bad

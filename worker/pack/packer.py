@@ -1,0 +1,262 @@
+"""Packing: an HF safetensors checkpoint → one aligned, grouped blob + its runtime manifest.
+
+Streaming reads one group per O_DIRECT request, so the packer lays every group out as one contiguous
+4 KiB-aligned extent (tensors inside it aligned too, so they are zero-copy views of the read buffer),
+in `groups.all_groups` order. It streams through a fixed pool of aligned 64 MiB windows (a 70B
+checkpoint never sits in memory), reads the checkpoint with pread (no mmap), writes with O_DIRECT,
+hashes while writing, and writes the manifest last: a crash leaves no blob and no manifest behind.
+`ensure_pack` is what `bench run` calls: it keeps a per-dtype pack cache next to the checkpoint and
+re-packs only when the checkpoint's fingerprint changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import queue
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from worker.errors import UserError
+from worker.model.geometry import ModelConfig
+from worker.pack.blob import CHUNK, TORCH_DTYPES, BlobWriter, Pack, aligned_empty, read_extent
+from worker.pack.blockdev import check_target
+from worker.pack.groups import all_groups, group_tensors
+from worker.pack.manifest import DTYPE_SIZES, BlobRef, GroupEntry, Manifest, TensorEntry, align_up, checkpoint_source
+from worker.pack.source import ST_DTYPES, SourceTensor, read_index
+
+log = logging.getLogger(__name__)
+
+WINDOW = CHUNK  # bytes per staging buffer / write: large, aligned, O_DIRECT-friendly
+POOL_WINDOWS = 24  # staging buffers (1.5 GiB): the packer's whole memory footprint
+FILLERS = 4  # threads reading the checkpoint into windows (NVMe wants several requests in flight)
+
+
+def resolve_dtype(dtype: str | None, index: dict[str, SourceTensor]) -> str:
+    """None/"auto" → the checkpoint's own dtype (its embedding's); otherwise validate the name."""
+    if dtype in (None, "auto"):
+        embed = index.get("model.embed_tokens.weight")
+        dtype = embed.dtype if embed else next(iter(index.values())).dtype
+    if dtype not in DTYPE_SIZES:
+        raise UserError(f"dtype {dtype!r} cannot be packed; choose one of {', '.join(DTYPE_SIZES)}")
+    return dtype
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Short name → shape config.json implies (HF Linear weights are (out, in))."""
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"embed_tokens": (v, h), "norm": (h,), "lm_head": (v, h), "input_layernorm": (h,),
+            "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "post_attention_layernorm": (h,), "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+
+
+def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, where: Path
+                ) -> tuple[list[tuple[str, int, int]], list[TensorEntry], int]:
+    """Place every tensor: [(group, offset, extent)], tensor entries, blob size. Checks names and shapes."""
+    shapes, itemsize = expected_shapes(cfg), DTYPE_SIZES[dtype]
+    groups, tensors, offset = [], [], 0
+    for key in all_groups(cfg.num_hidden_layers):
+        start = offset
+        for short, name in group_tensors(key, cfg.tie_word_embeddings).items():
+            src = index.get(name)
+            if src is None:
+                hint = " (config.json says tie_word_embeddings=false)" if short == "lm_head" else ""
+                raise UserError(f"tensor {name} is missing from checkpoint {where}{hint}")
+            if src.shape != shapes[short]:
+                raise UserError(f"tensor {name} in {src.file.name} has shape {list(src.shape)}, but config.json "
+                                f"implies {list(shapes[short])}")
+            if src.dtype not in DTYPE_SIZES:
+                raise UserError(f"tensor {name} in {src.file.name} has dtype {src.dtype}; supported: "
+                                f"{', '.join(ST_DTYPES)}")
+            if src.nbytes != math.prod(src.shape) * DTYPE_SIZES[src.dtype]:
+                raise UserError(f"{src.file} is corrupt: tensor {name} spans {src.nbytes} bytes, not "
+                                f"{list(src.shape)} × {src.dtype}")
+            nbytes = math.prod(src.shape) * itemsize
+            tensors.append(TensorEntry(name, short, key.name, offset, nbytes, src.shape, dtype))
+            offset = align_up(offset + nbytes)
+        groups.append((key.name, start, offset - start))
+    return groups, tensors, offset
+
+
+def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_path: str | Path,
+                    dtype: str | None = None, force: bool = False) -> Manifest:
+    """Pack a checkpoint into `blob_path` (regular file or block device) and write `manifest_path` last.
+
+    `force` lets a raw target that holds a filesystem signature be overwritten (never a mounted one).
+    """
+    t0 = time.perf_counter()
+    root, blob_path, manifest_path = Path(checkpoint_dir), Path(blob_path).absolute(), Path(manifest_path).absolute()
+    cfg = ModelConfig.from_hf_dir(root)
+    source = checkpoint_source(root)
+    index = read_index(root)
+    dtype = resolve_dtype(dtype, index)
+    groups, tensors, size = plan_layout(cfg, index, dtype, root)
+    if not manifest_path.parent.is_dir():
+        raise UserError(f"manifest directory {manifest_path.parent} does not exist")
+    if manifest_path == blob_path:
+        raise UserError(f"manifest and blob must be different files (both {blob_path})")
+    target = check_target(blob_path, size, force)
+    block = target.kind == "block"
+    log.info("packing %s (%d layers, %s, %.2f GB) into %s", root, cfg.num_hidden_layers, dtype, size / 1e9, blob_path)
+    tmp = blob_path if block else blob_path.with_name(f".{blob_path.name}.tmp{os.getpid()}")
+    if block:
+        manifest_path.unlink(missing_ok=True)  # the device's old contents are about to go
+    renamed = False
+    try:
+        flags = os.O_WRONLY | os.O_EXCL if block else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = _open_for_write(tmp, flags)  # O_EXCL on a block device: refused if mounted or held
+        try:
+            if not block:
+                _preallocate(fd, size)
+            checksums = _write_groups(fd, groups, tensors, index, dtype)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)  # leave the page cache to the benchmark
+        finally:
+            os.close(fd)
+        blob_ref = str(blob_path) if block or blob_path.parent != manifest_path.parent else blob_path.name
+        manifest = Manifest(
+            model_config=cfg, dtype=dtype, blob_size=size, blob=BlobRef(blob_ref, target.kind), source=source,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            groups=tuple(GroupEntry(n, off, nb, checksums[n]) for n, off, nb in groups), tensors=tuple(tensors))
+        if not block:
+            manifest_path.unlink(missing_ok=True)  # an old manifest must never describe the new blob
+            os.replace(tmp, blob_path)
+            renamed = True
+        manifest.save(manifest_path)
+    except BaseException as e:
+        if not block:
+            tmp.unlink(missing_ok=True)
+            if renamed:
+                blob_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise UserError(f"no space left for a {size / 1e9:.2f} GB pack at {blob_path}") from None
+        raise
+    Pack.open(manifest_path).record_verified(True)  # the checksums are of exactly the bytes written
+    dt = time.perf_counter() - t0
+    log.info("packed %d tensors in %d groups, %.2f GB in %.1f s (%.2f GB/s); manifest %s",
+             len(tensors), len(groups), size / 1e9, dt, size / 1e9 / dt, manifest_path)
+    return manifest
+
+
+def _open_for_write(path: Path, flags: int) -> int:
+    """O_DIRECT where allowed: buffered writes of 100+ GB fight the checkpoint reads for the disk."""
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o644)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        log.info("%s: O_DIRECT refused (%s); writing through the page cache", path, e.strerror)
+        return os.open(path, flags, 0o644)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the space up front, so a full disk fails in a second rather than after 140 GB."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _write_groups(fd: int, groups: list[tuple[str, int, int]], tensors: list[TensorEntry],
+                  index: dict[str, SourceTensor], dtype: str) -> dict[str, str]:
+    """Fill each group's extent window by window and hand the windows to the writer; group → checksum.
+
+    A window is an aligned staging buffer (WINDOW bytes, recycled) filled on a small thread pool straight
+    from the checkpoint files (pread into place, or read + convert into place) with zero padding
+    between tensors. Windows are dispatched in order, so each group hashes sequentially.
+    """
+    by_group: dict[str, list[TensorEntry]] = {}
+    for t in tensors:
+        by_group.setdefault(t.group, []).append(t)
+    buffers: queue.Queue = queue.Queue()
+    for _ in range(POOL_WINDOWS):
+        buffers.put(aligned_empty(WINDOW))
+    sources: dict[Path, int] = {}
+    writer = BlobWriter(fd)
+    pending: deque = deque()
+    try:
+        with ThreadPoolExecutor(FILLERS, thread_name_prefix="pack-fill") as fillers:
+            for name, start, nbytes in groups:
+                pending.append(("begin", name))
+                for ws, we, parts in _windows(start, nbytes, by_group[name]):
+                    for t in {p[2].name: p[2] for p in parts if p[2] is not None}.values():
+                        if index[t.name].file not in sources:
+                            sources[index[t.name].file] = os.open(index[t.name].file, os.O_RDONLY)
+                    while sum(item[0] == "window" for item in pending) >= POOL_WINDOWS // 2:
+                        _dispatch(writer, pending.popleft(), buffers)  # hand windows on before taking more
+                    buf = buffers.get()
+                    fut = fillers.submit(_fill, buf, ws, we, parts, index, sources, dtype)
+                    pending.append(("window", fut, ws, buf))
+                pending.append(("end",))
+            while pending:
+                _dispatch(writer, pending.popleft(), buffers)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for f in sources.values():
+            os.close(f)
+
+
+def _dispatch(writer: BlobWriter, item: tuple, buffers: queue.Queue) -> None:
+    """Hand the oldest pipeline item to the writer, in order: group begin, its windows, group end."""
+    if item[0] == "begin":
+        writer.begin_group(item[1])
+    elif item[0] == "end":
+        writer.end_group()
+    else:
+        _, fut, offset, buf = item
+        writer.put(offset, fut.result(), release=lambda: buffers.put(buf))
+
+
+def _windows(start: int, nbytes: int, tensors: list[TensorEntry]
+             ) -> Iterator[tuple[int, int, list[tuple[int, int, TensorEntry | None]]]]:
+    """Cut a group extent into windows: (start, end, [(from, to, tensor or None for padding)])."""
+    segments, pos = [], start
+    for t in tensors:
+        segments += [(pos, t.offset, None)] if t.offset > pos else []
+        segments.append((t.offset, t.offset + t.nbytes, t))
+        pos = t.offset + t.nbytes
+    segments += [(pos, start + nbytes, None)] if start + nbytes > pos else []
+    for ws in range(start, start + nbytes, WINDOW):
+        we = min(ws + WINDOW, start + nbytes)
+        yield ws, we, [(max(a, ws), min(b, we), t) for a, b, t in segments if a < we and b > ws]
+
+
+def _fill(buf: torch.Tensor, ws: int, we: int, parts: list, index: dict[str, SourceTensor],
+          sources: dict[Path, int], dtype: str) -> memoryview:
+    """Fill blob bytes [ws, we) into `buf` (aligned, uint8) from the checkpoint; return its view."""
+    for a, b, t in parts:
+        dst = buf[a - ws:b - ws]  # (b - a,) bytes of the blob
+        if t is None:
+            dst.zero_()
+            continue
+        src = index[t.name]
+        src_t, dst_t = TORCH_DTYPES[src.dtype], TORCH_DTYPES[dtype]
+        rel = a - t.offset  # bytes into the packed tensor; a multiple of its itemsize
+        try:
+            if src_t == dst_t:
+                read_extent(sources[src.file], src.offset + rel, b - a, dst)
+            else:
+                first, count = rel // dst_t.itemsize, (b - a) // dst_t.itemsize
+                tmp = torch.empty(count * src_t.itemsize, dtype=torch.uint8)  # (count * src itemsize,)
+                read_extent(sources[src.file], src.offset + first * src_t.itemsize, tmp.numel(), tmp)
+                dst.view(dst_t).copy_(tmp.view(src_t))  # (count,) converted in place
+        except EOFError:
+            raise UserError(f"checkpoint file {src.file} is truncated (ends inside {t.name})") from None
+    return memoryview(buf[:we - ws].numpy())
+

@@ -1,0 +1,163 @@
+"""One benchmark run on this host: the seed's `bench_infer.py` as a library function.
+
+`run(cfg)` is what `bench run` and the Ray actors call. It resolves the device, packs the checkpoint
+on first use, builds the engine for the mode, runs untimed warm-up rounds and one measured round,
+and returns the result dict (schema `streambench.run/1`), also written to `cfg.out_json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from worker import envs
+from worker.config import RunConfig
+from worker.errors import UserError
+from worker.generate import Generation, decode_spans, generate
+from worker.model.geometry import ModelConfig
+from worker.result import build_result, write_json
+
+log = logging.getLogger(__name__)
+
+Phase = Callable[[str], None]
+
+# A warm-up round exists to load kernels, fill allocators and start the streaming threads: a prefill
+# and a couple of decode steps exercise every code path; more would only cost time on slow tiers.
+WARMUP_TOKENS = 3
+
+
+def resolve_config(flat: dict[str, Any], where: str = "bench run") -> RunConfig:
+    """Defaults < WSM_* environment < explicit values."""
+    cfg = RunConfig.from_flat({**envs.wsm_overrides(), **flat}, where=where)
+    if not cfg.checkpoints:
+        raise UserError("--checkpoints is required: a HF checkpoint directory "
+                        "(make a synthetic one with `bench make-model DIR`)")
+    return cfg
+
+
+def run_from_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    return run(resolve_config(flat))
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device auto or cpu")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
+    phase = on_phase or (lambda name: None)
+    applied = envs.apply_base_process_env()
+    if envs.omp_threads():
+        torch.set_num_threads(envs.omp_threads())
+    if cfg.verbose:
+        logging.getLogger("worker").setLevel(logging.DEBUG)
+    device = pick_device(cfg.device)
+    if cfg.engine == "accelerate":
+        from worker.peer import run_peer
+
+        return run_peer(cfg, device, phase, base_env=applied)
+
+    from worker.engine import build_engine
+    from worker.pack.cache import ensure_pack
+    from worker.tokenizer import load_tokenizer
+
+    if not cfg.manifest:
+        ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
+    tok = load_tokenizer(cfg.checkpoints)
+    prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
+    phase("pack")
+    pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest,
+                       raw_device=cfg.raw_device, dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    phase("load")
+    engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
+    try:
+        gen = _measure(engine, cfg, prompt_ids, tok, device, phase)
+        result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied)
+        if cfg.roofline:
+            result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
+    finally:
+        engine.close()
+    if cfg.out_json:
+        write_json(result, cfg.out_json)
+    phase("done")
+    return result
+
+
+def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> Generation:
+    cache = engine.new_cache(len(prompt_ids), cfg.max_seq_len)  # reused: every round starts with a prefill
+    graphs = _graphs(engine, cfg, cache, len(prompt_ids), device)
+
+    def once(new_tokens: int) -> Generation:
+        return generate(engine.model, cache, prompt_ids, new_tokens, cfg.sampling.temperature,
+                        cfg.sampling.top_p, cfg.sampling.seed, engine.cfg.eos_token_ids or eos_ids(tok),
+                        pad_id(tok), device, decode=graphs, capacity=cfg.max_seq_len)
+
+    for i in range(cfg.warmup_rounds):
+        phase("warmup")
+        log.info("warm-up round %d/%d", i + 1, cfg.warmup_rounds)
+        once(min(cfg.max_new_tokens, WARMUP_TOKENS))
+    if graphs is not None:  # capture every span the measured round will use, outside its timing
+        graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens, cfg.max_seq_len))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.reset_counters()
+    prefetched = getattr(engine.weights, "prefetched", dict)()
+    phase("measure")
+    gen = once(cfg.max_new_tokens)
+    gen.prefetched = prefetched
+    return gen
+
+
+def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
+    """CUDA-graphed decode for all-resident weights and the plain cache on CUDA, else None (eager)."""
+    from worker.kv.static import StaticKVCache
+    from worker.model.graphs import GraphedDecode
+    from worker.stream.resident import ResidentWeights
+
+    if (cfg.cuda_graphs and device.type == "cuda" and isinstance(engine.weights, ResidentWeights)
+            and isinstance(cache, StaticKVCache)):
+        return GraphedDecode(engine.model, cache, batch, device)
+    return None
+
+
+def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[str, Any] | None:
+    from worker.host.probe import probe_host
+    from worker.host.roofline import roofline
+
+    probe = probe_host(path=str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path), quick=True)
+    kv_step = engine.kv_step_bytes(metrics["batch_size"], metrics["prompt_len"] + gen.decode_steps // 2)
+    return roofline(pack.manifest, engine.placement, probe, metrics["batch_size"], metrics["prompt_len"],
+                    gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched, kv_step=kv_step)
+
+
+def prompt_ids_for(tok, cfg: RunConfig) -> list[list[int]]:
+    """The batch as fed: prompts chosen, each tokenized alone, keeping its last max_prompt_tokens."""
+    from worker.prompts import encode_batch, read_prompt_file, select_prompts, synth_prompts
+    from worker.tokenizer import special_token_policy
+
+    if cfg.prompt is not None:
+        texts = [cfg.prompt]
+    elif cfg.prompts is not None:
+        texts = read_prompt_file(cfg.prompts)
+    else:
+        texts = synth_prompts(tok, cfg.batch_size, cfg.prompt_len or min(128, cfg.max_prompt_tokens),
+                              cfg.sampling.seed)
+    return encode_batch(tok, select_prompts(texts, cfg.batch_size), cfg.max_prompt_tokens,
+                        special_token_policy(tok))
+
+
+def eos_ids(tok) -> tuple[int, ...]:
+    return (tok.eos_token_id,) if tok.eos_token_id is not None else ()
+
+
+def pad_id(tok) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
