@@ -7,20 +7,16 @@ user-facing output goes through rich/Click in these two modules and nowhere else
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
 import click
-from rich.console import Console
 from rich.markup import escape
 
+from orchestrator.cli.console import console, echo_json, err_console
 from orchestrator.cli.options import given, run_options
 from worker.errors import UserError
 from worker.synth.presets import PRESETS
-
-console = Console(stderr=False)
-err_console = Console(stderr=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -211,9 +207,9 @@ def probe_cmd(path: str | None, refresh: bool, quick: bool, as_json: bool) -> No
 
 
 def _add_cluster_commands() -> None:
-    from orchestrator.cli.commands import COMMANDS
+    from orchestrator.cli import analysis, commands
 
-    for command in COMMANDS:
+    for command in commands.COMMANDS + analysis.COMMANDS:
         bench.add_command(command)
 
 
@@ -240,10 +236,6 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-
-
-def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
 
 
 if __name__ == "__main__":

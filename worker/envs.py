@@ -104,11 +104,6 @@ def snapshot(prefixes: tuple[str, ...] = ("WSM_", "OMP_", "MALLOC_", "CUDA_VISIB
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}
 
 
-def set_vars(values: dict[str, str]) -> None:
-    """Set variables for child processes (Ray runtime_env building, tests); the one writer."""
-    os.environ.update(values)
-
-
 def engine_process_env() -> dict[str, str]:
     """Variables for Ray engine processes: the seed's base settings, the caller's own values winning.
 

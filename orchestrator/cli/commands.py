@@ -1,4 +1,4 @@
-"""The cluster commands of `bench`: submit, hosts, results, status, logs, compare, regress, report.
+"""The cluster commands of `bench`: submit, hosts, results, status, logs.
 
 Thin Click commands over the orchestrator's library functions; `cli.py` adds them to the `bench`
 group. Output goes through rich here (this is the CLI layer), errors are `UserError`s that the
@@ -11,33 +11,12 @@ import json
 import sys
 
 import click
-from rich.console import Console
 
-from worker.errors import UserError
-
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-
-
-def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
-
-
+from orchestrator.cli.console import console, echo_json, err_console
+from orchestrator.cli.options import address_option, results_option, selection, selection_options
 
 RESULT_VIEW = ("finished_at", "suite", "run_id", "status", "host", "nvme_device", "model", "mode", "batch_size",
                "prompt_len", "ttft_ms", "decode_tok_s", "e2e_ms", "attainment_decode", "error")
-
-
-def address_option(func):
-    return click.option("--address", default=None, metavar="ADDR",
-                        help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (for --detach/status/logs: the "
-                             "dashboard, http://HEAD:8265). Default: RAY_ADDRESS, else an embedded local Ray.")(func)
-
-
-def results_option(func):
-    return click.option("--results", "results", default=None, metavar="PATH_OR_URI",
-                        help="Results dataset: a directory or a pyarrow filesystem URI (s3://, gs://, ...) "
-                             "[default: STREAMBENCH_RESULTS, else ./bench-results].")(func)
 
 
 @click.command("submit")
@@ -139,24 +118,20 @@ def hosts_cmd(address: str | None, as_json: bool) -> None:
 
 @click.command("results")
 @results_option
-@click.option("--suite", multiple=True, help="Only this suite (repeatable).")
-@click.option("--suite-run-id", multiple=True, help="Only this suite run (repeatable).")
+@selection_options
 @click.option("--status", type=click.Choice(["ok", "failed"]), default=None, help="Only ok or failed runs.")
-@click.option("--since", type=click.DateTime(), default=None, help="Only runs finished at or after (UTC).")
 @click.option("--columns", default=None, help="Comma-separated columns [default: a summary; `all` for every one].")
-@click.option("--limit", type=int, default=None, help="Only the last N rows.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the last N rows.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def results_cmd(results: str | None, suite: tuple[str, ...], suite_run_id: tuple[str, ...], status: str | None,
-                since, columns: str | None, limit: int | None, fmt: str) -> None:
+def results_cmd(results: str | None, suites, suite_run_ids, since, until, commits, hosts, status: str | None,
+                columns: str | None, limit: int | None, fmt: str) -> None:
     """Show the results dataset (filtered) as a table, CSV or JSON."""
-    from datetime import timezone
-
     from orchestrator.cluster.progress import render_rows
-    from orchestrator.results.store import read_results
+    from orchestrator.results.query import select_table
 
     cols = None if columns == "all" else (columns.split(",") if columns else list(RESULT_VIEW))
-    table = read_results(results, suite=suite or None, suite_run_id=suite_run_id or None, status=status,
-                         since=since.replace(tzinfo=timezone.utc) if since else None, columns=cols)
+    sel = selection(suites, suite_run_ids, since, until, commits, hosts, status)
+    table = select_table(results, sel, cols)
     if limit is not None:
         table = table.slice(max(0, table.num_rows - limit))
     rows = table.to_pylist()
@@ -200,159 +175,5 @@ def logs_cmd(job_id: str, address: str | None, follow: bool) -> None:
     job_logs(job_id, address, follow, emit=lambda text: click.echo(text, nl=False))
 
 
-# --- comparison, regressions, report ---
 
-
-def selection_options(func):
-    """Which runs compare / report look at (combined with AND; repeatable ones with OR)."""
-    options = [
-        click.option("--suite", "suites", multiple=True, help="Only this suite (repeatable)."),
-        click.option("--suite-run-id", "suite_run_ids", multiple=True, help="Only this suite run (repeatable)."),
-        click.option("--since", type=click.DateTime(), default=None, help="Only runs finished at or after (UTC)."),
-        click.option("--until", type=click.DateTime(), default=None, help="Only runs finished before (UTC)."),
-        click.option("--commit", "commits", multiple=True, metavar="SHA",
-                     help="Only runs of this commit (a prefix; repeatable)."),
-        click.option("--host", "hosts", multiple=True, metavar="HOST",
-                     help="Only these hosts: a host name, a hardware key (prefix) or a GPU model such as h100 "
-                          "(repeatable)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _selection(suites, suite_run_ids, since, until, commits, hosts):
-    from datetime import timezone
-
-    from orchestrator.results.query import Selection
-
-    utc = lambda t: t.replace(tzinfo=timezone.utc) if t else None  # noqa: E731
-    return Selection(tuple(suites), tuple(suite_run_ids), utc(since), utc(until), tuple(commits), tuple(hosts))
-
-
-@click.command("compare")
-@results_option
-@selection_options
-@click.option("--metric", "metrics", multiple=True, metavar="METRIC",
-              help="Metric to tabulate (repeatable; `all` for every one) [default: decode_tok_s, ttft_ms, e2e_ms, "
-                   "attainment_decode].")
-@click.option("--by", type=click.Choice(["hardware", "commit"]), default="hardware", show_default=True,
-              help="Columns: hardware keys, or commits side by side (rows are then config @ hardware).")
-@click.option("--ref", default=None, metavar="COLUMN",
-              help="Reference column for ratios: a hardware key (prefix), host name or GPU model; with --by commit "
-                   "a commit prefix [default: the first column; for commits the oldest].")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
-              show_default=True)
-def compare_cmd(results: str | None, suites, suite_run_ids, since, until, commits, hosts, metrics: tuple[str, ...],
-                by: str, ref: str | None, fmt: str) -> None:
-    """Compare runs across hosts or commits: one table per metric, configs as rows.
-
-    A cell is the median over repeats with its robust spread and n, and the ratio to the reference
-    column. Only successful runs are tabulated.
-    """
-    from orchestrator.regress import compare as cmp
-    from orchestrator.regress.metrics import DEFAULT_COMPARE, METRICS
-    from orchestrator.results.query import select
-    from orchestrator.results.store import default_uri
-
-    sel = _selection(suites, suite_run_ids, since, until, commits, hosts)
-    rows = select(results, sel)
-    if not any(r["status"] == "ok" for r in rows):
-        raise UserError(f"no successful runs match ({sel.describe()}) in {results or default_uri()}; "
-                        "`bench results` shows what is there")
-    chosen = list(METRICS) if "all" in metrics else list(metrics or DEFAULT_COMPARE)
-    comp = cmp.compare(rows, chosen, by=by, ref=ref, selection=sel.describe())
-    if fmt == "json":
-        echo_json({"selection": comp.selection, "by": by, "cells": comp.records(),
-                   "hardware": {k: vars(h) for k, h in comp.hardware.items()}})
-    elif fmt == "csv":
-        click.echo(cmp.to_csv(comp), nl=False)
-    elif fmt == "markdown":
-        click.echo(cmp.to_markdown(comp), nl=False)
-    else:
-        console.print(f"{comp.n_ok} ok runs, {comp.n_failed} failed · {comp.selection}", highlight=False)
-        for note in comp.notes:
-            console.print(note, style="dim", highlight=False)
-        for table in cmp.to_rich(comp):
-            console.print(table)
-
-
-@click.command("regress")
-@results_option
-@click.option("--suite", default=None, metavar="SUITE",
-              help="Check this suite's newest run; a suite YAML or embedded name also brings its `thresholds:` "
-                   "[default: the suite of the newest run in the dataset].")
-@click.option("--suite-run-id", default=None, help="Check this suite run instead of the newest.")
-@click.option("--window", type=click.IntRange(min=1), default=14, show_default=True,
-              help="Baseline: the last N earlier suite runs of each (config, hardware).")
-@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Baseline: only runs of the last D days before the checked run.")
-@click.option("--baseline-commit", default=None, metavar="SHA", help="Baseline: the runs of this commit (prefix).")
-@click.option("--baseline-run", default=None, metavar="SUITE_RUN_ID", help="Baseline: this suite run.")
-@click.option("--thresholds", "thresholds_file", type=click.Path(), default=None,
-              help="Thresholds file (YAML; see configs/thresholds/default.yaml).")
-@click.option("--threshold", "overrides", multiple=True, metavar="METRIC=FRACTION",
-              help="Relative threshold of one metric, e.g. decode_tok_s=0.1 or 10%; `off` stops checking it "
-                   "(repeatable).")
-@click.option("--z", type=float, default=None,
-              help="Noise test: nominal z (3 = a 0.13% false-alarm rate per comparison) [default: 3].")
-@click.option("--strict", is_flag=True, help="Exit 3 when any (config, hardware) of the run has no baseline.")
-@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
-def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None, window: int, days: float | None,
-                baseline_commit: str | None, baseline_run: str | None, thresholds_file: str | None,
-                overrides: tuple[str, ...], z: float | None, strict: bool, fmt: str) -> None:
-    """Check the newest suite run against earlier runs of the same config on the same hardware.
-
-    A metric regresses when it is beyond its threshold in its worse direction and beyond the
-    baseline's noise (a calibrated robust z-score). Prints a markdown summary. Exit code 0: no
-    regression; 1: regression (or a config that failed in every repeat but ran before); 3: not
-    enough data; 2: bad input.
-    """
-    from orchestrator.regress.check import Baseline, regress
-    from orchestrator.regress.gate import parse_override, resolve_gate, suite_thresholds
-    from orchestrator.regress.render import regress_markdown
-
-    if baseline_commit and baseline_run:
-        raise UserError("--baseline-commit and --baseline-run are exclusive: pick one baseline")
-    name, from_suite = suite_thresholds(suite)
-    extra = dict(parse_override(t) for t in overrides)
-    gate_for = lambda found: resolve_gate(from_suite if suite else suite_thresholds(found)[1],  # noqa: E731
-                                          thresholds_file, extra, z)
-    gate_for(name)  # validate the thresholds before reading any data
-    baseline = Baseline(window=window, days=days, commit=baseline_commit, suite_run_id=baseline_run)
-    report = regress(results, suite=name, suite_run_id=suite_run_id, baseline=baseline, gate=gate_for, strict=strict)
-    if fmt == "json":
-        echo_json(report.to_dict())
-    else:
-        click.echo(regress_markdown(report), nl=False)
-    sys.exit(report.exit_code)
-
-
-@click.command("report")
-@results_option
-@selection_options
-@click.option("--out", default="report.html", show_default=True, type=click.Path(dir_okay=False),
-              help="The HTML file to write (self-contained: opens offline).")
-@click.option("--title", default=None, help="Page title [default: streambench report].")
-@click.option("--window", type=click.IntRange(min=1), default=14, show_default=True,
-              help="Regression markers: baseline of the last N earlier suite runs.")
-@click.option("--thresholds", "thresholds_file", type=click.Path(), default=None,
-              help="Thresholds file for the regression markers (as for bench regress).")
-def report_cmd(results: str | None, suites, suite_run_ids, since, until, commits, hosts, out: str,
-               title: str | None, window: int, thresholds_file: str | None) -> None:
-    """Write an HTML report: throughput, attainment, latency breakdown, I/O against the probe,
-    history with regression markers, failed runs."""
-    from orchestrator.regress.check import Baseline
-    from orchestrator.regress.gate import resolve_gate, suite_thresholds
-    from orchestrator.report.build import build_report
-
-    sel = _selection(suites, suite_run_ids, since, until, commits, hosts)
-    suite_thr = suite_thresholds(suites[0])[1] if len(suites) == 1 else None
-    info = build_report(results, out, sel, gate=resolve_gate(suite_thr, thresholds_file), baseline=Baseline(window),
-                        title=title)
-    verdict = {None: "no runs", 0: "no regression", 1: "REGRESSION", 3: "not enough data"}[info.exit_code]
-    console.print(f"report: {info.path} ({info.rows} runs, {info.failed} failed, {info.suite_runs} suite runs; "
-                  f"newest suite run: {verdict})", highlight=False, soft_wrap=True)
-
-
-COMMANDS = [submit_cmd, hosts_cmd, results_cmd, status_cmd, logs_cmd, compare_cmd, regress_cmd, report_cmd]
+COMMANDS = [submit_cmd, hosts_cmd, results_cmd, status_cmd, logs_cmd]

@@ -1,7 +1,9 @@
-"""Click options generated from the run config's fields, so flags, suite keys and docs never drift.
+"""Options shared by the `bench` commands, defined once.
 
-Every option defaults to None, meaning "not given": the dataclass default or a `WSM_*` variable
-then applies (see `worker.envs`). Only explicitly given flags override.
+`run_options` generates one flag per run-config field, so flags, suite keys and docs never drift:
+every such option defaults to None, meaning "not given" (the dataclass default or a `WSM_*`
+variable then applies, see `worker.envs`), and only explicitly given flags override. The cluster
+and analysis commands share `--address`, `--results` and the row selection options.
 """
 
 from __future__ import annotations
@@ -51,3 +53,43 @@ def given(params: dict[str, Any]) -> dict[str, Any]:
     """The flat overrides the user actually passed."""
     fields = {f.name for f in config.flat_fields()}
     return {k: v for k, v in params.items() if k in fields and v is not None}
+
+
+def address_option(func):
+    return click.option("--address", default=None, metavar="ADDR",
+                        help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (for --detach/status/logs: the "
+                             "dashboard, http://HEAD:8265). Default: RAY_ADDRESS, else an embedded local Ray.")(func)
+
+
+def results_option(func):
+    return click.option("--results", "results", default=None, metavar="PATH_OR_URI",
+                        help="Results dataset: a directory or a pyarrow filesystem URI (s3://, gs://, ...) "
+                             "[default: STREAMBENCH_RESULTS, else ./bench-results].")(func)
+
+
+def selection_options(func):
+    """Which runs compare / report look at (combined with AND; repeatable ones with OR)."""
+    options = [
+        click.option("--suite", "suites", multiple=True, help="Only this suite (repeatable)."),
+        click.option("--suite-run-id", "suite_run_ids", multiple=True, help="Only this suite run (repeatable)."),
+        click.option("--since", type=click.DateTime(), default=None, help="Only runs finished at or after (UTC)."),
+        click.option("--until", type=click.DateTime(), default=None, help="Only runs finished before (UTC)."),
+        click.option("--commit", "commits", multiple=True, metavar="SHA",
+                     help="Only runs of this commit (a prefix; repeatable)."),
+        click.option("--host", "hosts", multiple=True, metavar="HOST",
+                     help="Only these hosts: a host name, a hardware key (prefix) or a GPU model such as h100 "
+                          "(repeatable)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def selection(suites, suite_run_ids, since, until, commits, hosts, status: str | None = None):
+    """The `Selection` the options of `selection_options` describe (times are UTC)."""
+    from datetime import timezone
+
+    from orchestrator.results.query import Selection
+
+    utc = lambda t: t.replace(tzinfo=timezone.utc) if t else None  # noqa: E731
+    return Selection(tuple(suites), tuple(suite_run_ids), utc(since), utc(until), tuple(commits), tuple(hosts), status)

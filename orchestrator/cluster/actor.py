@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.suite.spec import ModelSpec, RunSpec, stable_hash
-
 from worker import envs
 from worker.errors import UserError
 from worker.host import hostinfo

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from orchestrator.suite.spec import RunSpec
 from ray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
@@ -34,6 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.cluster.actor import BenchWorker, PhaseBoard, RunFn, RunOutcome
 from orchestrator.cluster.hosts import Slot, all_slots, display_names, list_nodes
 from orchestrator.cluster.progress import Progress
+from orchestrator.suite.spec import RunSpec
 from worker import envs
 
 log = logging.getLogger(__name__)

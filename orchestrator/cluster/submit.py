@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from orchestrator.suite.spec import RunSpec
-
 from orchestrator.cluster.actor import RunFn, RunOutcome
 from orchestrator.cluster.connect import ray_session
 from orchestrator.cluster.progress import Progress
 from orchestrator.results.schema import build_row
 from orchestrator.results.store import recorded, remove, write_row
 from orchestrator.suite.load import Suite
+from orchestrator.suite.spec import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ say about it (GPU, NVMe, CPU, RAM, host names, probe figures).
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +24,7 @@ import pyarrow as pa
 from orchestrator.regress.metrics import CHANNELS, METRICS
 from orchestrator.results.store import read_results
 from orchestrator.suite.load import NOT_IN_CONFIG_KEY
+from orchestrator.suite.selector import model_matches
 
 ID_COLUMNS = ("suite", "date", "suite_run_id", "run_id", "config_key", "hardware_key", "repeat", "status", "error",
               "attempts", "started_at", "finished_at", "host", "git_commit", "gpu_name", "gpu_count", "gpu_mem_gb",
@@ -33,6 +33,7 @@ ID_COLUMNS = ("suite", "date", "suite_run_id", "run_id", "config_key", "hardware
               "probe_ssd_gbps", "probe_h2d_gbps", "probe_hbm_gbps")
 COLUMNS = ID_COLUMNS + tuple(m for m in METRICS if m not in ID_COLUMNS) + tuple(
     c for c, _ in CHANNELS if c not in METRICS)
+FILTER_COLUMNS = ("git_commit", "host", "hardware_key", "gpu_name")  # what filter_rows reads
 LABEL_FIELDS = ("model", "mode", "batch_size", "prompt_len", "max_new_tokens", "engine")
 MAX_EXTRA_LABEL_FIELDS = 4
 
@@ -78,6 +79,18 @@ def select(uri: str | None, sel: Selection = Selection()) -> list[dict[str, Any]
     return filter_rows(to_rows(table), sel)
 
 
+def select_table(uri: str | None, sel: Selection = Selection(), columns: list[str] | None = None) -> pa.Table:
+    """The rows matching `sel` as a table of `columns` (default: every column), oldest first: what
+    `bench results` shows. The commit and host filters read their own columns, then drop them."""
+    table = read_results(uri, suite=sel.suites or None, suite_run_id=sel.suite_run_ids or None, status=sel.status,
+                         since=sel.since, until=sel.until,
+                         columns=None if columns is None else list(dict.fromkeys([*columns, *FILTER_COLUMNS])))
+    if sel.commits or sel.hosts:
+        keep = [bool(filter_rows([r], sel)) for r in table.select(list(FILTER_COLUMNS)).to_pylist()]
+        table = table.filter(pa.array(keep, type=pa.bool_()))
+    return table if columns is None else table.select(columns)
+
+
 def to_rows(table: pa.Table) -> list[dict[str, Any]]:
     """A results table as row dicts with every column this package reads (missing ones as None)."""
     missing = [c for c in COLUMNS if c not in table.column_names]
@@ -103,7 +116,7 @@ def host_matches(want: str, row: dict[str, Any]) -> bool:
         return True
     if row["hardware_key"] and row["hardware_key"].startswith(want):
         return True
-    return bool(row["gpu_name"]) and _norm(want) in _norm(row["gpu_name"])
+    return model_matches(want, row["gpu_name"])
 
 
 def newest_suite_run(rows: list[dict[str, Any]]) -> str | None:
@@ -183,6 +196,3 @@ def hardware_info(rows: Iterable[dict[str, Any]]) -> dict[str, HardwareInfo]:
                                 tuple(sorted({r["host"] for r in rs if r["host"]})), probe)
     return out
 
-
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())

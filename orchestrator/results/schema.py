@@ -17,13 +17,10 @@ import pyarrow as pa
 from worker.host.hostinfo import hardware_key
 
 if TYPE_CHECKING:
+    from orchestrator.cluster.actor import RunOutcome
     from orchestrator.suite.spec import RunSpec
 
-    from orchestrator.cluster.actor import RunOutcome
-
 SCHEMA_VERSION = 1
-RESULT_SCHEMA = "streambench.run/1"  # the engine's result document this schema maps
-PARTITION_COLUMNS = ("date", "suite")
 
 _TS = pa.timestamp("us", tz="UTC")
 _F64, _I64, _STR = pa.float64(), pa.int64(), pa.string()

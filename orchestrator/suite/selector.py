@@ -99,8 +99,12 @@ def _names(node: NodeFacts) -> set[str]:
     return names
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
+def model_matches(want: str, have: str | None) -> bool:
+    """A GPU model substring, ignoring case and punctuation: `h100` matches "NVIDIA H100 80GB HBM3"."""
+    def norm(s: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", s.lower())
+
+    return have is not None and norm(want) in norm(have)
 
 
 def _gpu_matches(want: str, node: NodeFacts) -> bool:
@@ -110,5 +114,4 @@ def _gpu_matches(want: str, node: NodeFacts) -> bool:
         return False
     if want.lower() == "any":
         return True
-    have = node.accelerator
-    return have is not None and _norm(want) in _norm(have)
+    return model_matches(want, node.accelerator)

@@ -50,10 +50,6 @@ class ModelConfig:
             raise UserError(f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                             f"of num_key_value_heads ({self.num_key_value_heads})")
 
-    @property
-    def gqa_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

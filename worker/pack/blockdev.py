@@ -22,7 +22,6 @@ from worker.errors import UserError
 log = logging.getLogger(__name__)
 
 SYS_DEV_BLOCK = Path("/sys/dev/block")
-SYS_CLASS_BLOCK = Path("/sys/class/block")
 MOUNTINFO = Path("/proc/self/mountinfo")
 SWAPS = Path("/proc/swaps")
 PROBE_BYTES = 70 * 1024  # covers every signature below (btrfs is at 64 KiB + 64)
