@@ -2,13 +2,17 @@
 
 Writing a 141 GB blob over the wrong device destroys it, so every check here runs before anything is
 opened for writing, and reads only: mount state comes from /proc/self/mountinfo, /proc/swaps and
-/sys/class/block (no open at all), filesystem signatures from a read-only open. A mounted or
-swapped-on device is always refused; a filesystem or partition-table signature is refused unless
-`force`.
+/sys/class/block (no open at all), filesystem signatures from a read-only open. Always refused, even
+with `force`: a mounted or swapped-on device, and any file the pack reads (a shard, the index,
+config.json, the tokenizer, anything in the checkpoint directory, compared by inode so a symlink or
+a hard link cannot hide it) as its blob or its manifest. Refused unless `force`: a filesystem or
+partition-table signature, and an existing non-empty regular file that is not the blob of the
+manifest being written (a re-pack over its own blob needs no force).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.errors import UserError
+from worker.pack.manifest import FORMAT
+
+CACHE_DIRNAME = ".streambench-pack"  # the pack cache next to a checkpoint (worker.pack.cache)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,20 @@ class Target:
     size: int  # device size / current file size in bytes (0 when absent)
 
 
-def check_target(path: str | Path, blob_size: int, force: bool = False) -> Target:
-    """Refuse to write a pack onto `path` if that could destroy data; never opens it for writing."""
+def check_target(path: str | Path, blob_size: int, force: bool = False, reads: Path | None = None,
+                 manifest: Path | None = None) -> Target:
+    """Refuse to write a pack onto `path` if that could destroy data; never opens it for writing.
+
+    `reads`: the checkpoint directory the pack reads; `manifest`: where its manifest will be written."""
     path = Path(path)
+    inputs = _input_files(reads)
+    for what, out in (("blob", path), ("manifest", manifest)):
+        hit = _same_file(out, inputs) if out is not None else None
+        if hit is not None:
+            raise UserError(f"the pack's {what} {out} is {hit}, which the pack reads: writing it would destroy the "
+                            "checkpoint (--force does not override this); choose a path outside the checkpoint")
+    if manifest is not None and path.exists() and manifest.exists() and os.path.samefile(path, manifest):
+        raise UserError(f"manifest and blob must be different files (both {path})")
     if not path.exists():
         if not path.parent.is_dir():
             raise UserError(f"{path}: directory {path.parent} does not exist")
@@ -76,7 +94,51 @@ def check_target(path: str | Path, blob_size: int, force: bool = False) -> Targe
         found = find_signature(path, blkid=target.kind == "block")
         if found:
             raise UserError(f"{path} holds {found}; writing the pack would destroy it (--force overrides)")
+    if target.kind == "file" and target.size and not force and not _blob_of(manifest, path):
+        raise UserError(f"{path} is an existing {target.size}-byte file that is not the blob of {manifest}: writing "
+                        "the pack would destroy it (--force overrides; or choose a new path)")
     return target
+
+
+def _input_files(checkpoint: Path | None) -> dict[tuple[int, int], Path]:
+    """(device, inode) → path of every file in the checkpoint directory (links followed), except the
+    pack cache inside it, which the pack writes rather than reads."""
+    if checkpoint is None or not checkpoint.is_dir():
+        return {}
+    out = {}
+    for p in checkpoint.rglob("*"):
+        if CACHE_DIRNAME in p.relative_to(checkpoint).parts[:1]:
+            continue
+        try:
+            st = p.stat()
+        except OSError:  # a dangling link reads nothing
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[(st.st_dev, st.st_ino)] = p
+    return out
+
+
+def _same_file(path: Path, inputs: dict[tuple[int, int], Path]) -> str | None:
+    """How `path` names one of `inputs` ("config.json of the checkpoint"), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    hit = inputs.get((st.st_dev, st.st_ino))
+    return None if hit is None else f"{hit.name} of the checkpoint" + ("" if hit.name == path.name else f" ({hit})")
+
+
+def _blob_of(manifest: Path | None, path: Path) -> bool:
+    """Is `path` the blob that the existing manifest at `manifest` describes?"""
+    if manifest is None or not manifest.is_file():
+        return False
+    try:
+        doc = json.loads(manifest.read_text())
+        blob = Path(doc["blob"]["path"])
+        blob = blob if blob.is_absolute() else manifest.resolve().parent / blob
+        return doc.get("format") == FORMAT and os.path.samefile(blob, path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def find_signature(path: str | Path, blkid: bool = False) -> str | None:

@@ -19,13 +19,12 @@ from pathlib import Path
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
 from worker.pack.blob import Pack, extent_checksum
+from worker.pack.blockdev import CACHE_DIRNAME
 from worker.pack.manifest import checkpoint_source
 from worker.pack.packer import pack_checkpoint, resolve_dtype
 from worker.pack.source import read_index
 
 log = logging.getLogger(__name__)
-
-CACHE_DIRNAME = ".streambench-pack"
 
 
 def pack_paths(pack_dir: str | Path, dtype: str) -> tuple[Path, Path]:

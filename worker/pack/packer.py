@@ -106,7 +106,7 @@ def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_
         raise UserError(f"manifest directory {manifest_path.parent} does not exist")
     if manifest_path == blob_path:
         raise UserError(f"manifest and blob must be different files (both {blob_path})")
-    target = check_target(blob_path, size, force)
+    target = check_target(blob_path, size, force, reads=root, manifest=manifest_path)
     block = target.kind == "block"
     log.info("packing %s (%d layers, %s, %.2f GB) into %s", root, cfg.num_hidden_layers, dtype, size / 1e9, blob_path)
     tmp = blob_path if block else blob_path.with_name(f".{blob_path.name}.tmp{os.getpid()}")
