@@ -120,6 +120,8 @@ class RunConfig:
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
     cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (--no-cuda-graphs: eager).")
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")
+    device_wait_s: Annotated[float, Field(ge=0)] = _f(600.0, "Seconds to wait for a GPU or disk another engine "
+                                                     "on this host holds (0: fail at once).")
     out_json: str | None = _f("bench_results.json", "Where the run's JSON goes.")
     stream: StreamConfig = field(default_factory=StreamConfig)
     kv: KVConfig = field(default_factory=KVConfig)

@@ -99,6 +99,12 @@ def cache_dir() -> str:
     return os.environ.get("STREAMBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "streambench")
 
 
+def lock_dir() -> str:
+    """Where the host-wide device locks live: one directory for every user and process on the host
+    (see worker.host.devlock), so not under a per-user cache."""
+    return os.environ.get("STREAMBENCH_LOCK_DIR") or "/tmp/streambench-locks"
+
+
 def snapshot(prefixes: tuple[str, ...] = ("WSM_", "OMP_", "MALLOC_", "CUDA_VISIBLE", "STREAMBENCH_")) -> dict[str, str]:
     """Relevant variables as set now, for the run record."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}

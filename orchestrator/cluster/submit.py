@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from orchestrator.cluster.actor import RunFn, RunOutcome
 from orchestrator.cluster.connect import ray_session
+from orchestrator.cluster.lease import claim
 from orchestrator.cluster.progress import Progress
 from orchestrator.results.schema import build_row
 from orchestrator.results.store import recorded, remove, write_row
@@ -57,7 +58,15 @@ def plan_rows(suite: Suite) -> list[dict[str, Any]]:
 def submit(suite: Suite, results_uri: str, suite_run_id: str, *, address: str | None = None,
            run_fn: RunFn | None = None, on_update: Callable[[Progress], None] | None = None,
            poll_s: float = 0.5) -> SubmitResult:
-    """Run every spec of `suite` not yet recorded under `suite_run_id`; write each row at once."""
+    """Run every spec of `suite` not yet recorded under `suite_run_id`; write each row at once. The suite
+    run id is claimed for the whole submission (orchestrator.cluster.lease): a second live submit of
+    it is refused."""
+    with claim(results_uri, suite_run_id):
+        return _submit(suite, results_uri, suite_run_id, address, run_fn, on_update, poll_s)
+
+
+def _submit(suite: Suite, results_uri: str, suite_run_id: str, address: str | None, run_fn: RunFn | None,
+            on_update: Callable[[Progress], None] | None, poll_s: float) -> SubmitResult:
     from orchestrator.cluster.scheduler import Scheduler
 
     out = SubmitResult(suite.name, suite_run_id, results_uri)
