@@ -135,6 +135,7 @@ def test_readers_skip_a_live_claim_in_the_dataset(tmp_path):
     from orchestrator.results.store import read_results
 
     rows = fakerows.history(fakerows.suite(), ["h100-a"], nights=1)
-    fakerows.write(str(tmp_path), rows)
-    with lease.claim(str(tmp_path), "live-1"):
-        assert read_results(str(tmp_path)).num_rows == len(rows)
+    fakerows.write(str(tmp_path / "res"), rows)
+    with lease.claim(str(tmp_path / "res"), "live-1"):
+        assert (tmp_path / "res" / lease.LEASE_DIR / "live-1.json").is_file()
+        assert read_results(str(tmp_path / "res")).num_rows == len(rows)
