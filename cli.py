@@ -153,7 +153,7 @@ def pack_cmd(checkpoints: str, out_dir: str | None, raw_device: str | None, mani
 def verify_cmd(manifest: str, raw_device: str | None) -> None:
     """Check every group of a pack against its checksum; exit 1 listing the bad groups."""
     from worker.pack.blob import Pack
-    from worker.pack.cache import verify_pack
+    from worker.pack.verify import verify_pack
 
     with Pack.open(manifest, blob_path=raw_device) as pack:
         bad = verify_pack(pack)

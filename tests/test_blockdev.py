@@ -18,7 +18,7 @@ from worker.errors import UserError
 from worker.pack import blockdev
 from worker.pack.blob import Pack
 from worker.pack.blockdev import block_device_of_mount, check_target, find_signature, mounted_at
-from worker.pack.cache import verify_pack
+from worker.pack.verify import is_verified, verify_pack
 from worker.pack.packer import pack_checkpoint
 
 PROBE = 128 * 1024
@@ -191,10 +191,10 @@ def test_pack_onto_a_block_device_in_place(loop_device, tmp_path):
             for t in m.group_tensors(g.name):
                 assert torch.equal(bits(got[t.short]), bits(src[t.name])), t.name
     pack_checkpoint(ckpt, loop_device, manifest)  # our own pack carries no signature: no --force needed
-    assert Pack.open(manifest).verified
+    assert is_verified(Pack.open(manifest))
     other = make_checkpoint(tmp_path / "other", seed=1)
     pack_checkpoint(other, loop_device, tmp_path / "other.json")
-    assert not Pack.open(manifest).verified  # another pack overwrote the device: the old record is void
+    assert not is_verified(Pack.open(manifest))  # another pack overwrote the device: the old record is void
     assert verify_pack(Pack.open(manifest)) != []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from packhelp import bits, flip_byte, make_checkpoint, pack_to
 from safetensors.torch import load_file, save_file
 
 from worker.errors import UserError
-from worker.pack import cache as pack_cache
-from worker.pack.cache import ensure_pack, verify_pack
+from worker.pack import verify
+from worker.pack.cache import ensure_pack
+from worker.pack.verify import is_verified, verify_pack
 
 
 @pytest.fixture
@@ -53,10 +55,10 @@ def test_cache_keeps_one_pack_per_dtype(ckpt, tmp_path):
 
 def test_checksums_verified_once_per_pack(ckpt, tmp_path, monkeypatch):
     calls = []
-    real = pack_cache.verify_pack
-    monkeypatch.setattr(pack_cache, "verify_pack", lambda p: calls.append(p) or real(p))
+    real = verify.verify_pack
+    monkeypatch.setattr(verify, "verify_pack", lambda p: calls.append(p) or real(p))
     pack = ensure_pack(ckpt)
-    assert pack.verified and calls == []  # a fresh pack's checksums are of the bytes just written
+    assert is_verified(pack) and calls == []  # a fresh pack's checksums are of the bytes just written
     marker = pack.manifest_path.with_name(pack.manifest_path.name + ".verified")
     marker.unlink()
     ensure_pack(ckpt)
@@ -81,3 +83,38 @@ def test_explicit_manifest_is_used_as_is(ckpt, tmp_path):
         ensure_pack(ckpt, manifest=pack.manifest_path, dtype="float32")
     with pytest.raises(UserError, match="--raw-device needs --manifest"):
         ensure_pack(ckpt, raw_device=pack.blob_path)
+
+
+def flip_keeping_mtime(path: Path, offset: int) -> None:
+    """Corrupt one byte in place and put the mtime back: what the verified record alone cannot see."""
+    st = path.stat()
+    flip_byte(path, offset)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_bit_rot_at_a_group_edge_is_caught_on_the_next_load(ckpt, tmp_path, caplog):
+    pack = pack_to(ckpt, tmp_path / "p")
+    g = pack.manifest.group("layers.1.ffn")
+    flip_keeping_mtime(pack.blob_path, g.offset + g.nbytes - 100)  # inside the group's last 4 KiB
+    assert verify.record_of(pack) is not None  # the record alone still matches ...
+    assert not is_verified(pack)  # ... the edges do not
+    with pytest.raises(UserError, match=r"fails its checksums in 1 group\(s\) \(layers.1.ffn\)"):
+        ensure_pack(None, manifest=pack.manifest_path)
+    cached = ensure_pack(ckpt)
+    head = cached.manifest.group("layers.1.attn").offset  # past the blob's first 64 KiB, which the record hashes
+    flip_keeping_mtime(cached.blob_path, head + 7)
+    caplog.set_level(logging.INFO, logger="worker")
+    again = ensure_pack(ckpt)  # the cache re-packs rather than benchmark garbage
+    assert "4 KiB of 1 group(s) changed (layers.1.attn)" in caplog.text and "checksums do not match" in caplog.text
+    assert verify_pack(again) == [] and again.check["check"] == "full"
+
+
+def test_damage_inside_a_group_is_found_by_the_periodic_full_verification(ckpt, tmp_path):
+    pack = pack_to(ckpt, tmp_path / "p")
+    g = pack.manifest.group("layers.0.ffn")
+    assert g.nbytes > 3 * 4096
+    flip_keeping_mtime(pack.blob_path, g.offset + g.nbytes // 2)  # edges intact
+    checked = ensure_pack(None, manifest=pack.manifest_path, verify_days=7)
+    assert checked.check["check"] == "edges" and checked.check["verified_at"]  # not seen: the run says when
+    with pytest.raises(UserError, match="layers.0.ffn"):
+        ensure_pack(None, manifest=pack.manifest_path, verify_days=0)  # a full verification is due: found

@@ -122,6 +122,9 @@ class RunConfig:
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")
     device_wait_s: Annotated[float, Field(ge=0)] = _f(600.0, "Seconds to wait for a GPU or disk another engine "
                                                      "on this host holds (0: fail at once).")
+    pack_verify_days: Annotated[float, Field(ge=0)] = _f(7.0, "Verify every checksum of the pack when its last full "
+                                                        "verification is older than this (0: before every run); "
+                                                        "otherwise only each group's first and last 4 KiB.")
     out_json: str | None = _f("bench_results.json", "Where the run's JSON goes.")
     stream: StreamConfig = field(default_factory=StreamConfig)
     kv: KVConfig = field(default_factory=KVConfig)

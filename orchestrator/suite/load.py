@@ -33,7 +33,8 @@ DEFAULT_SUITE = "smoke"
 RESERVED_KEYS = {"checkpoints": "name the model under `models:` instead",
                  "out_json": "results go to the Parquet dataset (`--results`)"}
 # Host-local paths and log switches: not part of what makes two runs comparable.
-NOT_IN_CONFIG_KEY = ("checkpoints", "out_json", "verbose", "pack_dir", "manifest", "raw_device", "device_wait_s")
+NOT_IN_CONFIG_KEY = ("checkpoints", "out_json", "verbose", "pack_dir", "manifest", "raw_device", "device_wait_s",
+                     "pack_verify_days")
 MATRIX_EXTRA_KEYS = ("model", "host")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -107,6 +106,7 @@ class Pack:
     manifest_path: Path
     blob_path: Path
     direct: bool = True
+    check: dict | None = None  # how the run checked this blob before using it (worker.pack.verify)
     _fd: int | None = field(default=None, repr=False, compare=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -157,42 +157,6 @@ class Pack:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # ---- "verified once" record: checksums are checked on first use, never on the hot path ----------
-
-    @property
-    def _marker(self) -> Path:
-        return self.manifest_path.with_name(self.manifest_path.name + ".verified")
-
-    def _identity(self) -> dict:
-        """What the record is tied to: this manifest's bytes, the blob's size and mtime, and its first
-        64 KiB (a device has no useful mtime; another pack written onto it changes its head)."""
-        st = os.stat(self.blob_path)
-        with open(self.blob_path, "rb") as f:
-            head = f.read(64 << 10)
-        return {"manifest_sha256": hashlib.sha256(self.manifest_path.read_bytes()).hexdigest(),
-                "blob": str(self.blob_path.resolve()), "blob_size": blob_size(self.blob_path),
-                "blob_mtime_ns": st.st_mtime_ns if stat.S_ISREG(st.st_mode) else None,
-                "blob_head_sha256": hashlib.sha256(head).hexdigest()}
-
-    @property
-    def verified(self) -> bool:
-        try:
-            return json.loads(self._marker.read_text()) == self._identity()
-        except (OSError, ValueError):
-            return False
-
-    def record_verified(self, ok: bool) -> None:
-        """Remember a passed verification (or forget one); best effort where the directory is read-only."""
-        try:
-            if ok:
-                tmp = self._marker.with_name(self._marker.name + f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(self._identity()))
-                os.replace(tmp, self._marker)
-            else:
-                self._marker.unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("cannot record the verification of %s (%s): it will be verified again", self.manifest_path, e)
 
     def read_raw(self, key: GroupKey | str) -> torch.Tensor:
         """The group's whole extent as one aligned uint8 CPU buffer."""

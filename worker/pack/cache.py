@@ -2,23 +2,22 @@
 
 `ensure_pack` is the entry point: an explicit manifest is used as is; otherwise the cache next to the
 checkpoint (or `--pack-dir`) is reused while the checkpoint's fingerprint matches, and rebuilt when it
-does not. Checksums are verified once per pack (a marker ties the verification to the exact blob),
-never on the hot path; `verify_pack` is `bench verify`.
+does not (or when its blob fails the check before use, worker.pack.verify). The pack it returns says
+how it was checked (`Pack.check`), for the run's record.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
-from worker.pack.blob import Pack, extent_checksum
+from worker.pack import verify
+from worker.pack.blob import Pack
 from worker.pack.blockdev import CACHE_DIRNAME
 from worker.pack.manifest import checkpoint_source
 from worker.pack.packer import pack_checkpoint, resolve_dtype
@@ -46,11 +45,12 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None = None,
                 manifest: str | Path | None = None, raw_device: str | Path | None = None,
-                dtype: str | None = None, repack: bool = False) -> Pack:
+                dtype: str | None = None, repack: bool = False, verify_days: float | None = None) -> Pack:
     """The pack `bench run` uses: an explicit manifest as is, else a cached pack, (re-)packed when stale.
 
     The cache (`<checkpoint>/.streambench-pack/` or `pack_dir`) holds one pack per dtype and is rebuilt
-    only when the checkpoint's fingerprint changed (or `repack`). Checksums are verified once per pack.
+    only when the checkpoint's fingerprint changed (or `repack`). Every checksum is verified when no
+    full verification younger than `verify_days` is on record; otherwise only the edges are.
     """
     dtype = None if dtype == "auto" else dtype
     if manifest is not None:
@@ -62,7 +62,7 @@ def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None =
             if checkpoint_source(checkpoint_dir).fingerprint != pack.manifest.source.fingerprint:
                 log.warning("checkpoint %s changed since manifest %s was packed; using the pack as is",
                             checkpoint_dir, manifest)
-        _verify_once(pack, strict=True)
+        pack.check = verify.check(pack, strict=True, max_age_days=verify_days).to_dict()
         return pack
     if raw_device is not None:
         raise UserError("--raw-device needs --manifest FILE: pack onto the device first with "
@@ -82,15 +82,19 @@ def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None =
         reason = "--force" if repack else _stale_reason(manifest_path, root)
         if reason is None:
             pack = Pack.open(manifest_path)
-            if _verify_once(pack, strict=False):
+            checked = verify.check(pack, strict=False, max_age_days=verify_days)
+            if checked is not None:
                 log.info("using cached pack %s (%s, %.2f GB)", manifest_path, dtype, pack.manifest.blob_size / 1e9)
+                pack.check = checked.to_dict()
                 return pack
             reason = "its checksums do not match"
         log.info("packing %s into %s: %s", root, cache, reason)
         for p in (manifest_path, blob_path):
             p.unlink(missing_ok=True)  # free the space before writing the new blob
         pack_checkpoint(root, blob_path, manifest_path, dtype=dtype)
-        return Pack.open(manifest_path)
+        pack = Pack.open(manifest_path)
+        pack.check = verify.PackCheck("full", (verify.record_of(pack) or {}).get("verified_at")).to_dict()
+        return pack
 
 
 def _stale_reason(manifest_path: Path, checkpoint: Path) -> str | None:
@@ -104,29 +108,3 @@ def _stale_reason(manifest_path: Path, checkpoint: Path) -> str | None:
     if pack.manifest.source.fingerprint != checkpoint_source(checkpoint).fingerprint:
         return "the checkpoint changed since it was packed"
     return None
-
-
-def _verify_once(pack: Pack, strict: bool) -> bool:
-    """Verify checksums unless already verified for this exact manifest + blob; raise if strict."""
-    if pack.verified:
-        return True
-    log.info("verifying checksums of %s (once per pack)", pack.blob_path)
-    bad = verify_pack(pack)
-    if bad and strict:
-        raise UserError(f"blob {pack.blob_path} fails its checksums in {len(bad)} group(s) ({', '.join(bad[:3])}"
-                        f"{', ...' if len(bad) > 3 else ''}): re-pack with `bench pack`")
-    return not bad
-
-
-def verify_pack(pack: Pack, threads: int | None = None) -> list[str]:
-    """Names of the groups whose bytes do not match their checksum (empty: the pack is intact).
-
-    Groups are hashed in parallel, each with large sequential reads; the result is recorded so the
-    next `ensure_pack` does not verify again.
-    """
-    groups = pack.manifest.groups
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as ex:
-        sums = list(ex.map(lambda g: extent_checksum(pack.fd, g.offset, g.nbytes), groups))
-    bad = [g.name for g, s in zip(groups, sums) if s != g.checksum]
-    pack.record_verified(not bad)
-    return bad

@@ -12,7 +12,6 @@ re-packs only when the checkpoint's fingerprint changed.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
@@ -21,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
+from worker.pack import verify
 from worker.pack.blob import CHUNK, TORCH_DTYPES, BlobWriter, Pack, aligned_empty, read_extent
 from worker.pack.blockdev import check_target
 from worker.pack.groups import all_groups, group_tensors
@@ -142,7 +141,7 @@ def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise UserError(f"no space left for a {size / 1e9:.2f} GB pack at {blob_path}") from None
         raise
-    Pack.open(manifest_path).record_verified(True)  # the checksums are of exactly the bytes written
+    verify.record(Pack.open(manifest_path), True)  # the checksums are of exactly the bytes written
     dt = time.perf_counter() - t0
     log.info("packed %d tensors in %d groups, %.2f GB in %.1f s (%.2f GB/s); manifest %s",
              len(tensors), len(groups), size / 1e9, dt, size / 1e9 / dt, manifest_path)
