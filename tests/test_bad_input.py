@@ -67,3 +67,43 @@ def test_bench_run_on_a_bad_config_is_one_line(tiny_ckpt, tmp_path, edit, expect
     r = bench("run", "--checkpoints", str(ckpt), "--out-json", str(tmp_path / "r.json"), cwd=tmp_path)
     one_line_exit_2(r, expected)
     assert not (tmp_path / "r.json").exists() and not (ckpt / ".streambench-pack").exists()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from packhelp import make_checkpoint
+
+    from worker.pack.packer import pack_checkpoint
+
+    d = tmp_path_factory.mktemp("packed")
+    ckpt = make_checkpoint(d / "ckpt")
+    pack_checkpoint(ckpt, d / "w.blob", d / "m.json")
+    return d
+
+
+@pytest.mark.parametrize("cmd", ["verify", "probe"])
+def test_a_directory_given_as_a_device_is_one_line(packed, tmp_path, cmd):
+    args = ["verify", "--manifest", str(packed / "m.json"), "--raw-device", str(tmp_path)] if cmd == "verify" \
+        else ["probe", "--path", "/dev/null", "--quick"]
+    r = bench(*args)
+    one_line_exit_2(r, "is a directory: give the blob file" if cmd == "verify" else
+                    "/dev/null is neither a regular file nor a block device")
+    assert "9223372036854775807" not in r.stderr
+
+
+def test_an_unreadable_device_is_one_line(packed, monkeypatch):
+    """As root every node opens; what an ordinary user meets is simulated at the one open that fails."""
+    import os
+
+    from worker.pack import blob
+
+    real = os.open
+
+    def denied(path, flags, *a):
+        if str(path) == str(packed / "w.blob") and not flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(blob.os, "open", denied)
+    with pytest.raises(UserError, match=r"cannot open blob .*w.blob: permission denied"):
+        blob.Pack.open(packed / "m.json")

@@ -90,7 +90,7 @@ def recorded(uri: str, suite: str, suite_run_id: str) -> dict[str, Recorded]:
             continue
         for info in _list(fs, f"{day.path}/suite={suite}", recursive=False):
             if info.type == pafs.FileType.File and info.base_name.startswith(prefix) and info.base_name.endswith(
-                    ".parquet"):
+                    ".parquet") and not _not_ours(fs, info):
                 row = pq.read_table(info.path, columns=["run_id", "status"], filesystem=fs).to_pylist()[0]
                 out[row["run_id"]] = Recorded(row["run_id"], row["status"], info.path)
     return out
@@ -121,8 +121,11 @@ def read_results(uri: str | None = None, *, suite: str | Iterable[str] | None = 
         raise UserError(f"results {uri!r}: cannot read ({e})") from None
     if info.type != pafs.FileType.Directory:
         return schema.empty_table()
-    dataset = ds.dataset(base, filesystem=fs, format="parquet", schema=SCHEMA, partitioning=_PARTITIONING,
-                         exclude_invalid_files=False)
+    files = result_files(fs, base)
+    if not files:
+        return schema.empty_table()
+    dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA, partitioning=_PARTITIONING,
+                         partition_base_dir=base)
     expr = _filters(suite=suite, suite_run_id=suite_run_id, status=status, config_key=config_key,
                     hardware_key=hardware_key)
     if since is not None:
@@ -133,6 +136,41 @@ def read_results(uri: str | None = None, *, suite: str | Iterable[str] | None = 
     table = dataset.to_table(filter=expr, columns=schema.names)
     keys = [(k, "ascending") for k in ("finished_at", "run_id") if k in table.column_names]
     return table.sort_by(keys) if keys and table.num_rows else table
+
+
+def result_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    """The dataset's row files: every `*.parquet` under `base` that holds streambench rows. A file
+    that is not Parquet, or Parquet of another schema (no run identity), is skipped with one warning
+    naming it: one stray file must not stop `bench regress` (whose exit 1 a nightly reads as a
+    regression) nor hide every other row. Hidden names (`.tmp` writes, `_running` claims) are not data."""
+    good, bad = [], []
+    for info in _list(fs, base, recursive=True):
+        rel = info.path[len(base):].lstrip("/").split("/")
+        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet") \
+                or any(part.startswith((".", "_")) for part in rel):
+            continue
+        why = _not_ours(fs, info)
+        (bad.append(f"{info.path} ({why})") if why else good.append(info.path))
+    if bad:
+        log.warning("skipped %d file(s) in the results dataset that are not streambench rows: %s", len(bad),
+                    "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return good
+
+
+_IDENTITY = ("schema_version", "suite_run_id", "run_id", "status")
+_checked: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime) → why not ours; files only grow new
+
+
+def _not_ours(fs: pafs.FileSystem, info: pafs.FileInfo) -> str | None:
+    key = (info.path, info.size or 0, info.mtime_ns or 0)
+    if key not in _checked:
+        try:
+            names = pq.read_schema(info.path, filesystem=fs).names
+            missing = [c for c in _IDENTITY if c not in names]
+            _checked[key] = f"no {missing[0]} column: another schema" if missing else None
+        except (pa.ArrowInvalid, OSError) as e:
+            _checked[key] = f"unreadable: {' '.join(str(e).split())[:120]}"
+    return _checked[key]
 
 
 def _known(columns: list[str]) -> list[str]:

@@ -41,7 +41,7 @@ import torch
 
 from worker import envs
 from worker.errors import UserError
-from worker.pack.blob import blob_size, open_direct
+from worker.pack.blob import blob_size, check_readable, open_direct
 from worker.pack.cache import CACHE_DIRNAME
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ def measure_ssd(path: str, plan: Plan) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"probe --path {path!r} does not exist: give a file, a block device or a directory")
+    if not p.is_dir():
+        check_readable(p, "probe --path")
     blob = _existing_blob(p, plan.scratch_bytes) if p.is_dir() else None
     scratch = _write_scratch(p, plan.scratch_bytes) if p.is_dir() and blob is None else None
     read_path = blob or scratch or p

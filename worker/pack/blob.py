@@ -86,6 +86,28 @@ def read_extent(fd: int, offset: int, nbytes: int, out: torch.Tensor) -> None:
         done += n
 
 
+def check_readable(path: str | Path, what: str) -> None:
+    """A blob, or a disk to probe, is a regular file or a block device this process can open: say so
+    in one line, rather than a PermissionError mid-run or a directory's nonsense "size"."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise UserError(f"cannot reach {what} {path} (permission denied on a directory above it)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{what} {path} is a directory: give the blob file or the block device itself")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UserError(f"{what} {path} is neither a regular file nor a block device")
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except PermissionError:
+        hint = " (a device node: add your user to its group, e.g. `disk`, or run as a user who may read it)" \
+            if stat.S_ISBLK(st.st_mode) else ""
+        raise UserError(f"cannot open {what} {path}: permission denied{hint}") from None
+
+
 def blob_size(path: str | Path) -> int:
     """Bytes in a regular file or block device (st_size is 0 for devices, so seek to the end)."""
     st = os.stat(path)
@@ -121,6 +143,7 @@ class Pack:
         path = Path(blob_path) if blob_path else m.blob_path(manifest_path)
         if not path.exists():
             raise UserError(f"blob {path} (of manifest {manifest_path}) does not exist: re-pack with `bench pack`")
+        check_readable(path, "blob")
         size = blob_size(path)
         is_block = stat.S_ISBLK(os.stat(path).st_mode)
         if (size < m.blob_size) if is_block else (size != m.blob_size):
