@@ -6,19 +6,23 @@ import base64
 import re
 import shutil
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import cli
 from orchestrator.regress.check import Baseline
 from orchestrator.regress.gate import Gate
-from orchestrator.regress.history import history_flags, ordered_suite_runs
+from orchestrator.regress.history import HISTORY_METRICS, collect_history, history_flags, ordered_suite_runs
 from orchestrator.regress.render import num
 from orchestrator.regress.stats import summarize
+from orchestrator.report import build
 from orchestrator.report.build import build_report, latest_rows
-from orchestrator.results.query import Selection, config_labels, select
+from orchestrator.report.html import Column, table
+from orchestrator.results.query import Selection, config_labels, hardware_info, select
 from tests import fakerows
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -73,6 +77,24 @@ def test_history_marks_the_night_of_the_regression(made, read_back):
     h100 = next(r["hardware_key"] for r in rows if r["host"] == "gpu-h100-a")
     assert flags[(runs[-1], gpu_b8, h100, "decode_tok_s")] == "regression"
     assert {(k[0], k[1], k[2]) for k, v in flags.items() if v == "regression"} == {(runs[-1], gpu_b8, h100)}
+
+
+def test_history_lines_are_suite_run_medians_marked_on_the_flagged_night(made, read_back):
+    rows, got = made[1], read_back
+    h = collect_history(got, config_labels(got), list(hardware_info(got)), Gate(), Baseline())
+    runs = list(h.starts)
+    assert runs == ordered_suite_runs(got) and list(h.starts.values()) == sorted(h.starts.values())
+    gpu_b8 = fakerows.config_key(fakerows.suite(), "gpu", 8)
+    h100 = next(r["hardware_key"] for r in rows if r["host"] == "gpu-h100-a")
+    line = next(s for s in dict(h.panels["decode_tok_s"])[gpu_b8] if s.hardware == h100)
+    assert [t for t, _ in line.points] == list(range(len(runs)))
+    tonight = [r["decode_tok_s"] for r in got if (r["suite_run_id"], r["config_key"], r["hardware_key"], r["status"])
+               == (runs[-1], gpu_b8, h100, "ok")]
+    assert line.points[-1] == (len(runs) - 1, summarize(tonight).median)
+    assert line.regressions == [line.points[-1]] and line.improvements == []
+    marked = {(m, ck, s.hardware) for m, panels in h.panels.items() for ck, lines in panels for s in lines
+              if s.regressions or s.improvements}
+    assert marked == {(m, gpu_b8, h100) for m in HISTORY_METRICS}
 
 
 def test_pandas_and_duckdb_read_the_dataset_the_report_was_made_from(made, read_back):
@@ -139,3 +161,48 @@ def test_one_suite_run_has_no_history_yet(tmp_path):
     info = build_report(uri, tmp_path / "one.html", Selection())
     page = Path(info.path).read_text()
     assert info.exit_code == 3 and "history starts with the second" in page and "not enough data" in page
+
+
+XSS = "<script>alert(1)</script>"
+XSS_TEXT = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def test_text_from_rows_reaches_the_page_as_text(tmp_path, monkeypatch):
+    # hosts, errors, suite names, run ids and model names are whatever a row's writer put there
+    s = fakerows.suite()
+    rows = fakerows.history(s, ["h200"], 2, seed=3)
+    last = rows[-1]["suite_run_id"]
+    oom = fakerows.config_key(s, "mixed", 8)
+    failed = fakerows.night(s, "h200", last, fakerows.START + timedelta(days=1, hours=1), np.random.default_rng(1),
+                            fail={oom: f"boom {XSS}\n  at line 2"})
+    rows += [r for r in failed if r["status"] != "ok"]
+    rows = [{**r, "host": XSS, "suite": XSS, "suite_run_id": XSS + r["suite_run_id"], "model": XSS} for r in rows]
+    monkeypatch.setattr(build, "select", lambda uri, sel: rows)
+    page = Path(build_report("fake://results", tmp_path / "x.html", title=XSS).path).read_text()
+    assert "<script" not in page
+    assert f"<title>{XSS_TEXT}</title>" in page and f"<h2>Regression check: {XSS_TEXT}nightly-" in page
+    assert f"<td class=t>{XSS_TEXT}</td>" in page  # the host of a failed run
+    assert f"<td class=pre>boom {XSS_TEXT}\n  at line 2</td>" in page  # the error, its line break kept
+    assert f"<td class=t>{XSS_TEXT} · gpu · b1 · p512→32</td>" in page  # a config label
+    assert f"<pre>## bench regress · {XSS_TEXT} · {XSS_TEXT}nightly-" in page  # the markdown summary
+
+
+def test_table_cells_align_by_content_and_column():
+    got = table(["config", "tok/s", "ratio", Column("error", pre=True)],
+                [["a · b1", "1,234.5", "×0.97", "line 1\nline <2>"], ["b", "—", "3 / 4", None]],
+                row_class=lambda r: "failed" if r[3] else "")
+    assert '<tr class="failed"><td class=t>a · b1</td><td>1,234.5</td><td>×0.97</td>' in got
+    assert "<td class=pre>line 1\nline &lt;2&gt;</td></tr>" in got
+    assert "<tr><td class=t>b</td><td>—</td><td>3 / 4</td><td class=pre></td></tr>" in got
+    assert got.count("<th>") == 4 and "<th>error</th>" in got
+    assert table(["a"], [], empty="None.") == "<p>None.</p>\n" and table(["a"], []) == ""
+
+
+def test_templates_ship_with_the_package():
+    # a non-editable install carries only the files package-data names
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["orchestrator"]
+    templates = {p.relative_to(root / "orchestrator") for p in (root / "orchestrator/report/templates").iterdir()}
+    shipped = {p.relative_to(root / "orchestrator") for g in globs for p in (root / "orchestrator").glob(g)}
+    assert templates and templates <= shipped

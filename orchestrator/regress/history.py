@@ -1,82 +1,113 @@
-"""History over nights for the report: suite-run medians per config and hardware, and the nights
-`bench regress` would have flagged, each judged against its own earlier runs."""
+"""History over nights, as plain data for the report: suite-run medians per config and hardware, and
+the nights `bench regress` would have flagged, each judged against its own earlier runs.
+
+The x axis is the suite runs in the order they started (`suite_run_starts`), evenly spaced: nights
+are what a reader compares, and a night that ran late should not look like a gap.
+"""
 
 from __future__ import annotations
 
-import html
 from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from orchestrator.regress.check import Baseline, check
 from orchestrator.regress.gate import Gate
-from orchestrator.regress.metrics import METRICS
 from orchestrator.regress.stats import summarize
-from orchestrator.report import plots
-from orchestrator.report.html import section
 
 HISTORY_METRICS = ("decode_tok_s", "ttft_ms", "attainment_decode")
 
-
-def history_section(rows: list[dict[str, Any]], labels: dict[str, str], order: list[str], gate: Gate,
-                    baseline: Baseline) -> str:
-    """Suite-run medians over time; every suite run is checked against its own earlier runs."""
-    suite_runs = ordered_suite_runs(rows)
-    if len(suite_runs) < 2:
-        return section("History", "one suite run so far: history starts with the second", "", "")
-    flagged = history_flags(rows, suite_runs, labels, baseline, gate)
-    points: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r["status"] == "ok" and r["hardware_key"]:
-            points[(r["config_key"], r["hardware_key"], r["suite_run_id"])].append(r)
-    ticks = []
-    for sr in suite_runs:
-        t = min(r["finished_at"] or r["started_at"] for r in rows if r["suite_run_id"] == sr)
-        ticks.append(f"{t:%m-%d}")
-    figures = []
-    for m in HISTORY_METRICS:
-        panels = []
-        for ck in labels:
-            series = []
-            for hk in order:
-                pts, regs, imps = [], [], []
-                for t, sr in enumerate(suite_runs):
-                    got = points.get((ck, hk, sr))
-                    s = summarize([r[m] for r in got]) if got else None
-                    if s is None:
-                        continue
-                    pts.append((t, s.median))
-                    mark = flagged.get((sr, ck, hk, m))
-                    (regs if mark == "regression" else imps if mark == "improvement" else []).append((t, s.median))
-                if len(pts) > 0:
-                    series.append(plots.Series(hk, pts, regs, imps))
-            if series:
-                panels.append((labels[ck], series))
-        if panels:
-            figures.append(f"<h3>{html.escape(METRICS[m].describe())}</h3>"
-                           f"<img alt='history {m}' src='{plots.history(panels, METRICS[m].unit or m, order, ticks)}'>")
-    note = (f"{len(suite_runs)} suite runs; points are suite-run medians; red ▼ regression, green ▲ improvement as "
-            f"`bench regress` judged each night against its own baseline ({baseline.describe()}); at most "
-            f"{plots.MAX_PANELS} configs per metric")
-    return section("History over nights", note, "", "".join(figures))
+# (suite run, config key, hardware key, metric) → "regression" | "improvement"
+Flags = dict[tuple[str, str, str, str], str]
 
 
-def ordered_suite_runs(rows: list[dict[str, Any]]) -> list[str]:
-    first: dict[str, Any] = {}
+@dataclass(frozen=True)
+class Series:
+    """One line of a history panel: (suite-run index, median) points of one hardware key, with the
+    points `bench regress` flagged."""
+
+    hardware: str
+    points: list[tuple[int, float]]
+    regressions: list[tuple[int, float]]
+    improvements: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class History:
+    """Everything the report draws for history: one panel per config per metric."""
+
+    starts: dict[str, datetime]  # suite run id → its first timestamp, oldest first
+    panels: dict[str, list[tuple[str, list[Series]]]]  # metric → (config key, a series per hardware key)
+
+
+def collect_history(rows: list[dict[str, Any]], labels: dict[str, str], order: list[str], gate: Gate,
+                    baseline: Baseline) -> History:
+    """The history of `rows`: configs in `labels` order, hardware keys in `order`."""
+    starts = suite_run_starts(rows)
+    suite_runs = list(starts)
+    flags = history_flags(rows, suite_runs, labels, baseline, gate)
+    panels = {m: metric_panels(m, suite_run_medians(rows, m), suite_runs, flags, list(labels), order)
+              for m in HISTORY_METRICS}
+    return History(starts, panels)
+
+
+def suite_run_starts(rows: list[dict[str, Any]]) -> dict[str, datetime]:
+    """Suite run id → its earliest timestamp, oldest first (rows without one are left out)."""
+    first: dict[str, datetime] = {}
     for r in rows:
         t = r["finished_at"] or r["started_at"]
         if t is not None and (r["suite_run_id"] not in first or t < first[r["suite_run_id"]]):
             first[r["suite_run_id"]] = t
-    return sorted(first, key=first.__getitem__)
+    return dict(sorted(first.items(), key=lambda kv: kv[1]))
+
+
+def ordered_suite_runs(rows: list[dict[str, Any]]) -> list[str]:
+    """The suite run ids, oldest first: the order `history_flags` judges them in."""
+    return list(suite_run_starts(rows))
 
 
 def history_flags(rows: list[dict[str, Any]], suite_runs: list[str], labels: dict[str, str], baseline: Baseline,
-                  gate: Gate) -> dict[tuple[str, str, str, str], str]:
+                  gate: Gate) -> Flags:
     """(suite run, config key, hardware key, metric) → "regression" | "improvement", judging every
     suite run against its own earlier runs as `bench regress` would have that night."""
-    flagged: dict[tuple[str, str, str, str], str] = {}
+    flagged: Flags = {}
     for sr in suite_runs[1:]:
         for p in check(rows, sr, baseline=baseline, gate=gate, labels=labels).pairs:
-            for f in p.findings:
-                if f.verdict in ("regression", "improvement"):
-                    flagged[(sr, p.config_key, p.hardware_key, f.metric.name)] = f.verdict
+            flagged.update({(sr, p.config_key, p.hardware_key, f.metric.name): f.verdict for f in p.findings
+                            if f.verdict in ("regression", "improvement")})
     return flagged
+
+
+def suite_run_medians(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], dict[str, float]]:
+    """(config key, hardware key) → suite run id → the median of `metric` over that suite run's ok rows."""
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok" and r["hardware_key"]:
+            values[(r["config_key"], r["hardware_key"], r["suite_run_id"])].append(r[metric])
+    medians: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for (ck, hk, sr), vs in values.items():
+        s = summarize(vs)
+        if s is not None:
+            medians[(ck, hk)][sr] = s.median
+    return medians
+
+
+def metric_panels(metric: str, medians: dict[tuple[str, str], dict[str, float]], suite_runs: list[str],
+                  flags: Flags, configs: list[str], order: list[str]) -> list[tuple[str, list[Series]]]:
+    """One panel per config with a median of `metric`: (config key, a series per hardware key)."""
+    panels = []
+    for ck in configs:
+        lines = [series(ck, hk, metric, medians.get((ck, hk), {}), suite_runs, flags) for hk in order]
+        if any(s.points for s in lines):
+            panels.append((ck, [s for s in lines if s.points]))
+    return panels
+
+
+def series(config: str, hardware: str, metric: str, medians: dict[str, float], suite_runs: list[str],
+           flags: Flags) -> Series:
+    """One hardware key's line: its suite-run medians at their suite run's index, and those flagged."""
+    points = [(t, medians[sr]) for t, sr in enumerate(suite_runs) if sr in medians]
+    verdicts = [flags.get((suite_runs[t], config, hardware, metric)) for t, _ in points]
+    return Series(hardware, points, [p for p, v in zip(points, verdicts) if v == "regression"],
+                  [p for p, v in zip(points, verdicts) if v == "improvement"])

@@ -10,7 +10,6 @@ the rows of its newest suite run; history uses every selected row.
 
 from __future__ import annotations
 
-import html
 import logging
 import uuid
 from collections import defaultdict
@@ -19,15 +18,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from orchestrator.regress.check import Baseline, RegressReport, check, regress
 from orchestrator.regress.compare import compare
 from orchestrator.regress.gate import Gate
-from orchestrator.regress.history import history_section
-from orchestrator.regress.metrics import CHANNELS
+from orchestrator.regress.history import History, Series, collect_history
+from orchestrator.regress.metrics import CHANNELS, METRICS
 from orchestrator.regress.render import num, pct, regress_markdown
 from orchestrator.regress.stats import summarize
 from orchestrator.report import plots
-from orchestrator.report.html import PAGE, section, table_html
+from orchestrator.report.html import Column, render, section, table
 from orchestrator.results.query import Selection, config_labels, hardware_info, newest_suite_run, select, short_commit
 from orchestrator.results.store import default_uri
 
@@ -59,9 +60,9 @@ def build_report(uri: str | None, out: str | Path, sel: Selection = Selection(),
         check_now.pairs = [p for p in check_now.pairs if (p.config_key, p.hardware_key) in keys]
         run_ids = {r["run_id"] for r in rows if r["suite_run_id"] == newest}
         check_now.unkeyed_failures = [r for r in check_now.unkeyed_failures if r["run_id"] in run_ids]
-    body = render(rows, check_now, gate=gate, baseline=baseline, uri=uri or default_uri(), sel=sel)
-    page = PAGE.format(title=html.escape(title or "streambench report"), body=body,
-                       generated=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    body = report_body(rows, check_now, gate=gate, baseline=baseline, uri=uri or default_uri(), sel=sel)
+    page = render("page.html.j2", title=title or "streambench report", body=body,
+                  generated=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -76,11 +77,11 @@ def build_report(uri: str | None, out: str | Path, sel: Selection = Selection(),
                       check_now.exit_code if check_now else None)
 
 
-def render(rows: list[dict[str, Any]], now: RegressReport | None, *, gate: Gate, baseline: Baseline, uri: str,
-           sel: Selection) -> str:
+def report_body(rows: list[dict[str, Any]], now: RegressReport | None, *, gate: Gate, baseline: Baseline, uri: str,
+                sel: Selection) -> Markup:
     """The report's body (HTML) for `rows`."""
     if not rows:
-        return f"<p class=note>No runs match ({html.escape(sel.describe())}) in <code>{html.escape(uri)}</code>.</p>"
+        return render("no_runs.html.j2", selection=sel.describe(), uri=uri)
     labels = config_labels(rows)
     hw = hardware_info(rows)
     order = list(hw)
@@ -94,20 +95,16 @@ def render(rows: list[dict[str, Any]], now: RegressReport | None, *, gate: Gate,
     parts.append(section("I/O bandwidth against the host's probe", "every run of the latest suite runs; red: the "
                          "probe figure the roofline used (KV D2H is drawn against the H2D probe)",
                          io_figure(latest, order), io_table(latest, hw)))
-    parts.append(history_section(rows, labels, order, gate, baseline))
+    parts.append(history_section(collect_history(rows, labels, order, gate, baseline), labels, order, baseline))
     parts.append(failures_section(rows, labels))
-    parts.append(section("Hardware", "", "", table_html(
+    parts.append(section("Hardware", content=table(
         ["hardware key", "GPU", "NVMe", "CPU", "RAM GB", "hosts", "probe SSD / H2D / HBM GB/s"],
         [[k, h.gpu, h.nvme, h.cpu, num(h.ram_gb), ", ".join(h.hosts),
           " / ".join(num(h.probe[c]) for c in ("probe_ssd_gbps", "probe_h2d_gbps", "probe_hbm_gbps"))]
          for k, h in hw.items()])))
-    u = html.escape(uri)
-    parts.append(section("The data", "", "", f"""<p>Made from <code>{u}</code> ({len(rows)} rows,
-        {html.escape(sel.describe())}). Read the same dataset with pandas:
-        <code>pandas.read_parquet("{u}")</code>, or DuckDB:
-        <code>select * from read_parquet('{u}/**/*.parquet', hive_partitioning = true, union_by_name = true)</code>
-        (union_by_name: files of older schema versions have fewer columns).</p>"""))
-    return "\n".join(parts)
+    parts.append(section("The data", content=render("dataset.html.j2", uri=uri, rows=len(rows),
+                                                    selection=sel.describe())))
+    return Markup("\n").join(parts)
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -123,40 +120,34 @@ def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def overview(rows: list[dict[str, Any]], now: RegressReport | None, uri: str, sel: Selection) -> str:
+def overview(rows: list[dict[str, Any]], now: RegressReport | None, uri: str, sel: Selection) -> Markup:
     times = [r["finished_at"] for r in rows if r["finished_at"]]
     commits = sorted({short_commit(r["git_commit"]) for r in rows if r["git_commit"]})
     failed = sum(r["status"] != "ok" for r in rows)
     verdict = {0: ("ok", "no regression"), 1: ("bad", "regression"), 3: ("warn", "not enough data")}
     cls, text = verdict[now.exit_code] if now else ("warn", "no suite run")
-    cards = [("newest suite run", f"{now.suite_run_id}" if now else "—"), ("regression check", text),
-             ("runs", f"{len(rows)} ({failed} failed)"), ("suite runs", str(len({r['suite_run_id'] for r in rows}))),
-             ("hosts", str(len({r['host'] for r in rows if r['host']}))),
-             ("from – to", f"{min(times):%Y-%m-%d} – {max(times):%Y-%m-%d}" if times else "—"),
-             ("commits", ", ".join(commits[-3:]) + (f" (+{len(commits) - 3})" if len(commits) > 3 else ""))]
-    html_cards = "".join(f"<div class='card{' ' + cls if k == 'regression check' else ''}'>"
-                         f"<div class=k>{html.escape(k)}</div><div class=v>{html.escape(v)}</div></div>"
-                         for k, v in cards)
-    return f"<div class=cards>{html_cards}</div><p class=note>dataset <code>{html.escape(uri)}</code> · " \
-           f"{html.escape(sel.describe())}</p>"
+    cards = {"newest suite run": f"{now.suite_run_id}" if now else "—", "regression check": text,
+             "runs": f"{len(rows)} ({failed} failed)", "suite runs": str(len({r["suite_run_id"] for r in rows})),
+             "hosts": str(len({r["host"] for r in rows if r["host"]})),
+             "from – to": f"{min(times):%Y-%m-%d} – {max(times):%Y-%m-%d}" if times else "—",
+             "commits": ", ".join(commits[-3:]) + (f" (+{len(commits) - 3})" if len(commits) > 3 else "")}
+    return render("overview.html.j2", cards=cards, css={"regression check": cls}, uri=uri, selection=sel.describe())
 
 
-def regress_section(now: RegressReport | None) -> str:
+def regress_section(now: RegressReport | None) -> Markup:
     if now is None:
-        return ""
+        return Markup()
     items = [(p, f) for v in ("regression", "improvement", "noisy") for p, f in now.findings(v)]
     rows = [[f.verdict, p.label, p.hardware_key, f.metric.name, num(f.change.baseline.median),
              num(f.change.current.median), pct(f.change.rel), f"{f.change.z:+.1f} / {f.change.critical:.1f}", ""]
             for p, f in items]
     rows += [["failed", p.label, p.hardware_key, f"all {p.n_failed} repeats", "", "", "", "",
               "; ".join(e.splitlines()[0][:100] for e in p.errors)] for p in now.failed_pairs]
-    table = table_html(["verdict", "config", "hardware", "metric", "baseline", "now", "change", "z / critical",
-                        "note"], rows, row_class=lambda r: r[0]) if rows else "<p>No metric beyond its threshold.</p>"
-    md = html.escape(regress_markdown(now))
+    findings = table(["verdict", "config", "hardware", "metric", "baseline", "now", "change", "z / critical", "note"],
+                     rows, row_class=lambda r: r[0], empty="No metric beyond its threshold.")
     return section(f"Regression check: {now.suite_run_id}", f"baseline: {now.baseline.describe()}; "
                    f"{len([p for p in now.pairs if p.status == 'checked'])} of {len(now.pairs)} pairs compared",
-                   "", table + f"<details><summary>markdown summary (as printed by bench regress)</summary>"
-                               f"<pre>{md}</pre></details>")
+                   content=findings + render("summary.html.j2", markdown=regress_markdown(now)))
 
 
 def per_pair(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], Any]:
@@ -205,7 +196,7 @@ def io_figure(latest: list[dict[str, Any]], order: list[str]) -> str:
     return plots.io_vs_probe([ch for ch, _ in CHANNELS], measured, probe, order)
 
 
-def io_table(latest: list[dict[str, Any]], hw: dict[str, Any]) -> str:
+def io_table(latest: list[dict[str, Any]], hw: dict[str, Any]) -> Markup:
     rows = []
     for key in hw:
         mine = [r for r in latest if r["hardware_key"] == key and r["status"] == "ok"]
@@ -217,10 +208,10 @@ def io_table(latest: list[dict[str, Any]], hw: dict[str, Any]) -> str:
             best = s.hi / limit.median if limit and limit.median else None
             rows.append([key, ch.removesuffix("_gbps"), num(s.median), num(s.hi), num(limit.median if limit else None),
                          "—" if best is None else f"{best:.2f}"])
-    return table_html(["hardware", "channel", "median GB/s", "best GB/s", "probe GB/s", "best / probe"], rows)
+    return table(["hardware", "channel", "median GB/s", "best GB/s", "probe GB/s", "best / probe"], rows)
 
 
-def compare_tables(latest: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
+def compare_tables(latest: list[dict[str, Any]], metrics: tuple[str, ...]) -> Markup:
     comp = compare(latest, metrics)
     out = []
     for t in comp.tables:
@@ -236,17 +227,33 @@ def compare_tables(latest: list[dict[str, Any]], metrics: tuple[str, ...]) -> st
                 ratio = "" if c == t.ref or cell.ratio is None else f" ×{cell.ratio:.2f}"
                 cells.append(f"{num(cell.summary.median)} ±{cell.summary.spread * 100:.0f}% n={cell.summary.n}{ratio}")
             body.append([t.labels[row], *cells])
-        out.append(f"<h3>{html.escape(t.metric.name)} <span class=note>{html.escape(t.metric.describe())}</span></h3>"
-                   + table_html(head, body))
-    return "".join(out)
+        out.append(section(t.metric.name, t.metric.describe(), content=table(head, body), level=3))
+    return Markup().join(out)
 
 
-def failures_section(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+def history_section(h: History, labels: dict[str, str], order: list[str], baseline: Baseline) -> Markup:
+    """Suite-run medians over nights, a figure per metric, marked where `bench regress` flagged them."""
+    if len(h.starts) < 2:
+        return section("History", "one suite run so far: history starts with the second")
+    ticks = [f"{t:%m-%d}" for t in h.starts.values()]
+    figures = [section(METRICS[m].describe(), figure=history_figure(m, panels, labels, order, ticks), level=3)
+               for m, panels in h.panels.items() if panels]
+    note = (f"{len(h.starts)} suite runs; points are suite-run medians; red ▼ regression, green ▲ improvement as "
+            f"`bench regress` judged each night against its own baseline ({baseline.describe()}); at most "
+            f"{plots.MAX_PANELS} configs per metric")
+    return section("History over nights", note, content=Markup().join(figures))
+
+
+def history_figure(metric: str, panels: list[tuple[str, list[Series]]], labels: dict[str, str], order: list[str],
+                   ticks: list[str]) -> str:
+    return plots.history([(labels[ck], lines) for ck, lines in panels], METRICS[metric].unit or metric, order, ticks)
+
+
+def failures_section(rows: list[dict[str, Any]], labels: dict[str, str]) -> Markup:
     failed = [r for r in rows if r["status"] != "ok"]
-    if not failed:
-        return section("Failed runs", "", "", "<p>None.</p>")
     body = [[f"{r['finished_at']:%Y-%m-%d %H:%M}" if r["finished_at"] else "—", r["suite_run_id"], r["run_id"],
              r["host"] or "(no host)", labels.get(r["config_key"], r["config_key"] or "?"), r["attempts"],
              r["error"] or "(no reason recorded)"] for r in reversed(failed)]
-    return section(f"Failed runs ({len(failed)})", "newest first", "", table_html(
-        ["finished", "suite run", "run", "host", "config", "attempts", "error"], body, pre_last=True))
+    columns = ["finished", "suite run", "run", "host", "config", "attempts", Column("error", pre=True)]
+    return section(f"Failed runs ({len(failed)})" if failed else "Failed runs", "newest first" if failed else "",
+                   content=table(columns, body, empty="None."))

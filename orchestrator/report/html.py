@@ -1,49 +1,19 @@
-"""The report's page skeleton and HTML tables: inline CSS, no script, no external resource."""
+"""The report's HTML, rendered from the Jinja2 templates in `templates/`.
+
+Run ids, errors, host names and config labels come from result rows, which anything that can write a
+row controls, so every value a template prints is escaped; what a template renders is `Markup`, so
+fragments nest into sections and the page without being escaped twice. Nothing else is marked safe.
+"""
 
 from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1360px;
-        padding: 0 16px; color: #1d2430; background: #fff; }}
-h1 {{ font-size: 22px; margin: 0 0 12px; }}
-h2 {{ font-size: 18px; margin: 28px 0 6px; border-bottom: 1px solid #d8dee8; padding-bottom: 4px; }}
-h3 {{ font-size: 15px; margin: 16px 0 6px; }}
-.note {{ color: #5a6475; font-size: 12.5px; font-weight: normal; }}
-code, pre {{ font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; background: #f3f5f8; border-radius: 3px; }}
-code {{ padding: 1px 4px; }}
-pre {{ padding: 8px; white-space: pre-wrap; }}
-img {{ max-width: 100%; display: block; margin: 8px 0; }}
-table {{ border-collapse: collapse; margin: 6px 0 12px; font-size: 12.5px; }}
-th, td {{ border: 1px solid #d8dee8; padding: 3px 8px; text-align: right; vertical-align: top; }}
-th {{ background: #f3f5f8; text-align: left; }}
-td:first-child, th:first-child {{ text-align: left; }}
-td.t {{ text-align: left; }}
-td.pre {{ text-align: left; white-space: pre-wrap; font: 11.5px ui-monospace, monospace; max-width: 560px; }}
-tr.regression td, tr.failed td {{ background: #fde8e8; }}
-tr.improvement td {{ background: #e6f6e8; }}
-tr.noisy td {{ background: #fff6dd; }}
-.cards {{ display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0; }}
-.card {{ border: 1px solid #d8dee8; border-radius: 6px; padding: 8px 12px; min-width: 130px; }}
-.card .k {{ color: #5a6475; font-size: 12px; }}
-.card .v {{ font-size: 15px; font-weight: 600; }}
-.card.ok {{ background: #e6f6e8; }} .card.bad {{ background: #fde8e8; }} .card.warn {{ background: #fff6dd; }}
-footer {{ margin-top: 32px; color: #5a6475; font-size: 12px; }}
-</style></head>
-<body>
-<h1>{title}</h1>
-{body}
-<footer>generated {generated} by <code>bench report</code> · self-contained: no scripts, no network</footer>
-</body></html>
-"""
-
+import jinja2
+from markupsafe import Markup
 
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
@@ -54,25 +24,39 @@ def _is_number(cell: Any) -> bool:
     return not _WORD.search(text) and (text in ("", "—") or text.lstrip("+-×")[:1].isdigit())
 
 
-def table_html(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-               row_class: Callable[[Sequence[Any]], str] | None = None, pre_last: bool = False) -> str:
-    """An escaped HTML table; `row_class` names a CSS class per row; `pre_last` keeps the last
-    column's line breaks (error messages)."""
-    if not rows:
-        return ""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cls = f' class="{html.escape(row_class(row))}"' if row_class else ""
-        cells = [f"<td{'' if _is_number(c) else ' class=t'}>{html.escape('' if c is None else str(c))}</td>"
-                 for c in row]
-        if pre_last:
-            cells[-1] = "<td class=pre>" + cells[-1].split(">", 1)[1]
-        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _escape(value: Any) -> Markup:
+    """Every printed value through `html.escape`: the entities (`&#x27;`) the report has always had,
+    which readers grep for; markupsafe would write `&#39;`. Rendered fragments pass as they are."""
+    return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
 
 
-def section(title: str, note: str, figure: str, table: str) -> str:
-    img = f'<img alt="{html.escape(title)}" src="{figure}">' if figure else ""
-    sub = f"<p class=note>{html.escape(note)}</p>" if note else ""
-    return f"<section><h2>{html.escape(title)}</h2>{sub}{img}{table}</section>"
+ENV = jinja2.Environment(loader=jinja2.PackageLoader("orchestrator.report", "templates"), autoescape=True,
+                         undefined=jinja2.StrictUndefined, finalize=_escape, trim_blocks=True, lstrip_blocks=True)
+ENV.tests["numeric"] = _is_number
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column; `pre` cells keep their line breaks in monospace (error messages)."""
+
+    header: str
+    pre: bool = False
+
+
+def render(template: str, **context: Any) -> Markup:
+    """`template` (a file in templates/) rendered with `context`."""
+    return Markup(ENV.get_template(template).render(**context))
+
+
+def table(columns: Sequence[str | Column], rows: Sequence[Sequence[Any]],
+          row_class: Callable[[Sequence[Any]], str] | None = None, empty: str = "") -> Markup:
+    """A table of `rows` under `columns` (a plain string is a plain column); `row_class` names a CSS
+    class per row; `empty` is what stands in for a table without rows."""
+    cols = [c if isinstance(c, Column) else Column(c) for c in columns]
+    return render("table.html.j2", columns=cols, rows=[(row_class(r) if row_class else "", r) for r in rows],
+                  empty=empty)
+
+
+def section(title: str, note: str = "", figure: str = "", content: Markup | str = "", level: int = 2) -> Markup:
+    """A section under an `<h{level}>` heading; `figure` is a PNG data URI, `content` rendered HTML."""
+    return render("section.html.j2", title=title, note=note, figure=figure, content=content, level=level)

@@ -10,27 +10,16 @@ from __future__ import annotations
 import base64
 import io
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 from matplotlib.figure import Figure
 
+from orchestrator.regress.history import Series
 from orchestrator.regress.stats import Summary
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 DPI = 100
 MAX_PANELS = 12
-
-
-@dataclass(frozen=True)
-class Series:
-    """One line of a history panel: (suite-run index, median) points of one hardware key, with the
-    points `bench regress` flagged."""
-
-    hardware: str
-    points: list[tuple[int, float]]
-    regressions: list[tuple[int, float]]
-    improvements: list[tuple[int, float]]
 
 
 def color(i: int) -> str:
