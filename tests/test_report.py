@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import cli
 from orchestrator.regress.check import Baseline
 from orchestrator.regress.gate import Gate
-from orchestrator.regress.history import HISTORY_METRICS, collect_history, history_flags, ordered_suite_runs
+from orchestrator.regress.history import HISTORY_METRICS, collect_history, history_flags, suite_run_starts
 from orchestrator.regress.render import num
 from orchestrator.regress.stats import summarize
 from orchestrator.report import build
@@ -71,7 +71,7 @@ def test_report_shows_the_sections_the_nightly_reader_needs(made):
 def test_history_marks_the_night_of_the_regression(made, read_back):
     uri, rows, info, page = made
     got = read_back
-    runs = ordered_suite_runs(got)
+    runs = list(suite_run_starts(got))
     flags = history_flags(got, runs, config_labels(got), Baseline(), Gate())
     gpu_b8 = fakerows.config_key(fakerows.suite(), "gpu", 8)
     h100 = next(r["hardware_key"] for r in rows if r["host"] == "gpu-h100-a")
@@ -83,7 +83,10 @@ def test_history_lines_are_suite_run_medians_marked_on_the_flagged_night(made, r
     rows, got = made[1], read_back
     h = collect_history(got, config_labels(got), list(hardware_info(got)), Gate(), Baseline())
     runs = list(h.starts)
-    assert runs == ordered_suite_runs(got) and list(h.starts.values()) == sorted(h.starts.values())
+    first = {}
+    for r in got:
+        first[r["suite_run_id"]] = min(first.get(r["suite_run_id"], r["finished_at"]), r["finished_at"])
+    assert runs == sorted(first, key=first.get) and list(h.starts.values()) == sorted(h.starts.values())
     gpu_b8 = fakerows.config_key(fakerows.suite(), "gpu", 8)
     h100 = next(r["hardware_key"] for r in rows if r["host"] == "gpu-h100-a")
     line = next(s for s in dict(h.panels["decode_tok_s"])[gpu_b8] if s.hardware == h100)

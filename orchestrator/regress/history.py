@@ -62,11 +62,6 @@ def suite_run_starts(rows: list[dict[str, Any]]) -> dict[str, datetime]:
     return dict(sorted(first.items(), key=lambda kv: kv[1]))
 
 
-def ordered_suite_runs(rows: list[dict[str, Any]]) -> list[str]:
-    """The suite run ids, oldest first: the order `history_flags` judges them in."""
-    return list(suite_run_starts(rows))
-
-
 def history_flags(rows: list[dict[str, Any]], suite_runs: list[str], labels: dict[str, str], baseline: Baseline,
                   gate: Gate) -> Flags:
     """(suite run, config key, hardware key, metric) → "regression" | "improvement", judging every
