@@ -107,3 +107,67 @@ def test_an_unreadable_device_is_one_line(packed, monkeypatch):
     monkeypatch.setattr(blob.os, "open", denied)
     with pytest.raises(UserError, match=r"cannot open blob .*w.blob: permission denied"):
         blob.Pack.open(packed / "m.json")
+
+
+@pytest.fixture(scope="module")
+def dataset_with_strays(tmp_path_factory):
+    """A results dataset of 8 nights plus a random-bytes `.parquet` and a Parquet file of another schema."""
+    import os
+
+    import fakerows
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = tmp_path_factory.mktemp("strays") / "res"
+    rows = fakerows.history(fakerows.suite(), ["h100-a"], nights=8, noise=0.01)
+    fakerows.write(str(uri), rows)
+    day = next(uri.glob("date=*/suite=*"))
+    (day / "garbage.parquet").write_bytes(os.urandom(4096))
+    pq.write_table(pa.table({"x": [1, 2, 3]}), day / "someone-elses.parquet")
+    return uri, rows
+
+
+@pytest.mark.parametrize("cmd", ["results", "compare", "regress", "report"])
+def test_stray_files_in_the_dataset_are_skipped_with_one_warning(dataset_with_strays, tmp_path, cmd):
+    uri, rows = dataset_with_strays
+    extra = ["--out", str(tmp_path / "r.html")] if cmd == "report" else []
+    r = bench(cmd, "--results", str(uri), *extra)
+    assert r.returncode in (0, 3), (r.returncode, r.stdout, r.stderr)  # regress: never 1 over a bad file
+    assert "Traceback" not in r.stderr and "ArrowInvalid" not in r.stderr + r.stdout
+    err = " ".join(r.stderr.split())
+    assert "skipped 2 file(s)" in err and "garbage.parquet (unreadable" in err and "someone-elses.parquet (no" in err
+
+
+def test_stray_files_do_not_count_as_runs(dataset_with_strays):
+    from orchestrator.results.store import read_results
+
+    uri, rows = dataset_with_strays
+    got = read_results(str(uri), columns=["run_id", "status"]).to_pylist()
+    assert len(got) == len(rows) and all(r["status"] == "ok" for r in got)
+
+
+def test_an_empty_matrix_list_is_refused(tiny_ckpt, tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s\nmodels: [{{name: t, path: {tiny_ckpt}}}]\nmatrix: []\n")
+    one_line_exit_2(bench("submit", str(suite), "--dry-run"), "matrix: an empty list plans no runs")
+
+
+@pytest.mark.parametrize("cmd", ["results", "compare", "regress", "report"])
+def test_reading_a_dataset_that_does_not_exist_is_an_error(tmp_path, cmd):
+    one_line_exit_2(bench(cmd, "--results", str(tmp_path / "nosuchdir")), "nosuchdir does not exist")
+
+
+def test_results_that_is_a_file_fails_before_ray_starts(tiny_ckpt, tmp_path):
+    import time
+
+    f = tmp_path / "results.txt"
+    f.write_text("not a dataset")
+    t0 = time.monotonic()
+    r = bench("submit", "--results", str(f))
+    one_line_exit_2(r, "results.txt is a file, not a results directory")
+    assert time.monotonic() - t0 < 20 and "Ray" not in r.stderr and f.read_text() == "not a dataset"
+
+
+def test_a_negative_limit_is_refused(dataset_with_strays):
+    one_line_exit_2(bench("results", "--results", str(dataset_with_strays[0]), "--limit", "-3"),
+                    "Invalid value for '--limit'")

@@ -38,9 +38,10 @@ def compare_cmd(results: str | None, suites, suite_run_ids, since, until, commit
     from orchestrator.regress import compare as cmp
     from orchestrator.regress.metrics import DEFAULT_COMPARE, METRICS
     from orchestrator.results.query import select
-    from orchestrator.results.store import default_uri
+    from orchestrator.results.store import default_uri, require_dataset
 
     sel = selection(suites, suite_run_ids, since, until, commits, hosts)
+    require_dataset(results)
     rows = select(results, sel)
     if not any(r["status"] == "ok" for r in rows):
         raise UserError(f"no successful runs match ({sel.describe()}) in {results or default_uri()}; "
@@ -96,6 +97,7 @@ def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None
     from orchestrator.regress.check import Baseline, regress
     from orchestrator.regress.gate import parse_override, resolve_gate, suite_thresholds
     from orchestrator.regress.render import regress_markdown
+    from orchestrator.results.store import require_dataset
 
     if baseline_commit and baseline_run:
         raise UserError("--baseline-commit and --baseline-run are exclusive: pick one baseline")
@@ -104,6 +106,7 @@ def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None
     gate_for = lambda found: resolve_gate(from_suite if suite else suite_thresholds(found)[1],  # noqa: E731
                                           thresholds_file, extra, z)
     gate_for(name)  # validate the thresholds before reading any data
+    require_dataset(results)
     baseline = Baseline(window=window, days=days, commit=baseline_commit, suite_run_id=baseline_run)
     report = regress(results, suite=name, suite_run_id=suite_run_id, baseline=baseline, gate=gate_for, strict=strict)
     if fmt == "json":
@@ -130,9 +133,11 @@ def report_cmd(results: str | None, suites, suite_run_ids, since, until, commits
     from orchestrator.regress.check import Baseline
     from orchestrator.regress.gate import resolve_gate, suite_thresholds
     from orchestrator.report.build import build_report
+    from orchestrator.results.store import require_dataset
 
     sel = selection(suites, suite_run_ids, since, until, commits, hosts)
     suite_thr = suite_thresholds(suites[0])[1] if len(suites) == 1 else None
+    require_dataset(results)
     info = build_report(results, out, sel, gate=resolve_gate(suite_thr, thresholds_file), baseline=Baseline(window),
                         title=title)
     verdict = {None: "no runs", 0: "no regression", 1: "REGRESSION", 3: "not enough data"}[info.exit_code]

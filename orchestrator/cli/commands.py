@@ -39,7 +39,7 @@ def submit_cmd(suite: str | None, address: str | None, results: str | None, dry_
 
     from orchestrator.cluster.progress import render_rows
     from orchestrator.cluster.submit import new_suite_run_id, plan_rows
-    from orchestrator.results.store import default_uri
+    from orchestrator.results.store import check_writable, default_uri
     from orchestrator.suite.load import load_suite
 
     plan = load_suite(suite)
@@ -58,6 +58,7 @@ def submit_cmd(suite: str | None, address: str | None, results: str | None, dry_
         console.print(f"submitted job {job}; follow it with `bench status {job}` and `bench logs {job} --follow`",
                       highlight=False, soft_wrap=True)
         return
+    check_writable(results)  # before Ray starts: a store that cannot take a row fails now, not after a run
     console.print(f"suite run id: {run_id}", highlight=False)
     out = _submit_live(plan, results, run_id, address)
     console.print(render_rows(out.rows, title=f"suite {plan.name} · {run_id} · {out.where}"))
@@ -128,9 +129,11 @@ def results_cmd(results: str | None, suites, suite_run_ids, since, until, commit
     """Show the results dataset (filtered) as a table, CSV or JSON."""
     from orchestrator.cluster.progress import render_rows
     from orchestrator.results.query import select_table
+    from orchestrator.results.store import require_dataset
 
     cols = None if columns == "all" else (columns.split(",") if columns else list(RESULT_VIEW))
     sel = selection(suites, suite_run_ids, since, until, commits, hosts, status)
+    require_dataset(results)
     table = select_table(results, sel, cols)
     if limit is not None:
         table = table.slice(max(0, table.num_rows - limit))

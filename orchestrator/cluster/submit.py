@@ -22,6 +22,7 @@ from orchestrator.results.schema import build_row
 from orchestrator.results.store import recorded, remove, write_row
 from orchestrator.suite.load import Suite
 from orchestrator.suite.spec import RunSpec
+from worker.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,12 @@ def _submit(suite: Suite, results_uri: str, suite_run_id: str, address: str | No
 
     def record(spec: RunSpec, outcome: RunOutcome) -> None:
         row = build_row(spec, suite_run_id, outcome)
-        path = write_row(results_uri, row, suite.name, date)
+        try:
+            path = write_row(results_uri, row, suite.name, date)
+        except OSError as e:  # the suite stops; every row written so far stays
+            raise UserError(f"cannot write the row of run {spec.run_id} to {results_uri} ({e.strerror or e}); the "
+                            f"{len(out.rows)} row(s) written so far are kept: fix the store, then resume with "
+                            f"`bench submit {suite.source} --suite-run-id {suite_run_id} --results {results_uri}`") from None
         old = earlier.get(spec.run_id)
         if old is not None and old.path != path:  # a failed row from another day: replaced, not duplicated
             remove(results_uri, old.path)

@@ -57,6 +57,43 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         raise UserError(f"--results {uri!r}: not a usable filesystem URI ({e})") from None
 
 
+def check_writable(uri: str) -> None:
+    """Fail before any work starts when rows could not be written to `uri`: a regular file in the
+    way, no permission, a read-only or full disk (a hidden probe file is written and removed)."""
+    fs, base = open_uri(uri)
+    try:
+        info = fs.get_file_info(base)
+    except OSError as e:
+        raise UserError(f"--results {uri}: cannot reach it ({e})") from None
+    if info.type == pafs.FileType.File:
+        raise UserError(f"--results {uri} is a file, not a results directory: point it at a directory (a new one "
+                        "is created) or at a dataset `bench submit` wrote")
+    probe = f"{base}/.write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"\0" * 65536)  # about one row: a full disk fails here, not after the first run
+    except OSError as e:
+        raise UserError(f"--results {uri}: rows cannot be written there ({' '.join(str(e).split())})") from None
+    finally:
+        _delete_quietly(fs, probe)
+
+
+def require_dataset(uri: str | None) -> None:
+    """For the commands that read a dataset: one that does not exist is a mistake, not an empty table."""
+    uri = uri or default_uri()
+    fs, base = open_uri(uri)
+    try:
+        info = fs.get_file_info(base)
+    except OSError as e:
+        raise UserError(f"--results {uri}: cannot reach it ({e})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"--results {uri} does not exist: no runs were recorded there; run `bench submit` first "
+                        "or point --results (or STREAMBENCH_RESULTS) at the dataset")
+    if info.type != pafs.FileType.Directory:
+        raise UserError(f"--results {uri} is a file, not a results directory")
+
+
 def run_file(base: str, date: str, suite: str, suite_run_id: str, run_id: str) -> str:
     return f"{base}/date={date}/suite={suite}/{suite_run_id}__{run_id}.parquet"
 

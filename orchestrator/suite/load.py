@@ -112,6 +112,9 @@ def expand(doc: SuiteDoc, source: str) -> list[RunSpec]:
     if len(models) != len(doc.models):
         raise UserError(f"{source}: models: names must be unique")
     blocks = doc.matrix if isinstance(doc.matrix, list) else [doc.matrix]
+    if not blocks:
+        raise UserError(f"{source}: matrix: an empty list plans no runs; give at least one point (a mapping of keys to "
+                        "values), or leave `matrix` out for one run per model")
     base = RunConfig.from_flat(envs.wsm_overrides(), where="WSM_* environment")
     _check_keys(doc.defaults, f"{source}: defaults", allow_model=False)
     specs: list[RunSpec] = []
