@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from orchestrator.suite.spec import RunSpec
 
 from orchestrator.cluster.actor import RunOutcome
 from orchestrator.results.schema import FILE_SCHEMA, SCHEMA, build_row
 from orchestrator.results.store import open_uri, run_file, write_row
 from orchestrator.suite.load import Suite, parse_suite
+from orchestrator.suite.spec import RunSpec
 
 SUITE_YAML = """
 name: nightly

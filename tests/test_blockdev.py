@@ -18,8 +18,8 @@ from worker.errors import UserError
 from worker.pack import blockdev
 from worker.pack.blob import Pack
 from worker.pack.blockdev import block_device_of_mount, check_target, find_signature, mounted_at
-from worker.pack.verify import is_verified, verify_pack
 from worker.pack.packer import pack_checkpoint
+from worker.pack.verify import is_verified, verify_pack
 
 PROBE = 128 * 1024
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+
 import pytest
 
 from worker.errors import UserError

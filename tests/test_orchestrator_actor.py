@@ -6,11 +6,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from orchestrator.suite.spec import ModelSpec
 
 from orchestrator.cluster import actor
 from orchestrator.cluster.actor import BenchWorker, PhaseBoard, materialise
 from orchestrator.suite.load import parse_suite
+from orchestrator.suite.spec import ModelSpec
 
 
 class Board:

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ from worker.pack import blob as blob_mod
 from worker.pack import packer as pack_mod
 from worker.pack.blob import Pack, aligned_empty, open_blob, read_extent
 from worker.pack.cache import ensure_pack, pack_paths
-from worker.pack.verify import is_verified, verify_pack
 from worker.pack.groups import all_groups, group_tensors
 from worker.pack.manifest import Manifest
 from worker.pack.packer import pack_checkpoint
+from worker.pack.verify import is_verified, verify_pack
 
 
 @pytest.fixture
@@ -253,6 +254,81 @@ def test_failure_mid_write_leaves_nothing_and_keeps_the_old_pack(ckpt, tmp_path,
     with pytest.raises(RuntimeError):
         pack_checkpoint(ckpt, tmp_path / "q.blob", tmp_path / "q.json")
     assert not list(tmp_path.glob("*q*"))
+
+
+# ---- the window pipeline (groups larger than a window: real checkpoints; here by shrinking WINDOW) ----
+
+
+class _Recorder:
+    """Counts what the packer's pipeline does: buffers allocated, fills started, windows handed on."""
+
+    def __init__(self, monkeypatch):
+        self.buffers, self.fills, self.handed, self.most_ahead = [], [], [], 0
+        real_empty, real_fill, recorder = pack_mod.aligned_empty, pack_mod._fill, self
+
+        def empty(n, *a, **kw):
+            self.buffers.append(real_empty(n, *a, **kw))
+            return self.buffers[-1]
+
+        def fill(buf, window, *a):
+            self.fills.append((buf.data_ptr(), window))
+            self.most_ahead = max(self.most_ahead, len(self.fills) - len(self.handed))
+            return real_fill(buf, window, *a)
+
+        class Writer(pack_mod.BlobWriter):
+            def put(self, offset, data, release):
+                recorder.handed.append(offset)
+                super().put(offset, data, release)
+
+        monkeypatch.setattr(pack_mod, "aligned_empty", empty)
+        monkeypatch.setattr(pack_mod, "_fill", fill)
+        monkeypatch.setattr(pack_mod, "BlobWriter", Writer)
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_small_windows_write_the_same_blob_with_zero_padding(ckpt, tmp_path, monkeypatch, dtype):
+    """Groups of many windows, tensors cut across windows, buffers recycled: the same bytes and checksums
+    as one window per group, zeros between tensors, at most POOL_WINDOWS buffers, half of them ahead."""
+    whole = pack_to(ckpt, tmp_path / "whole", dtype=dtype)
+    monkeypatch.setattr(pack_mod, "WINDOW", 8192)
+    monkeypatch.setattr(pack_mod, "POOL_WINDOWS", 4)
+    rec = _Recorder(monkeypatch)
+    small = pack_to(ckpt, tmp_path / "small", dtype=dtype)
+    m = small.manifest
+    assert any(t.offset // 8192 != (t.offset + t.nbytes - 1) // 8192 for t in m.tensors)  # a tensor spans windows
+    assert len(rec.fills) > 2 * len(m.groups) and len(rec.buffers) == 4
+    assert {ptr for ptr, _ in rec.fills} <= {b.data_ptr() for b in rec.buffers}  # recycled, never more
+    assert 1 < rec.most_ahead <= 2
+    assert rec.handed == sorted(rec.handed) == [w.start for _, w in rec.fills]  # in blob order
+    assert [(g.name, g.checksum) for g in m.groups] == [(g.name, g.checksum) for g in whole.manifest.groups]
+    blob = small.blob_path.read_bytes()
+    assert blob == whole.blob_path.read_bytes()
+    covered = bytearray(len(blob))
+    for t in m.tensors:
+        covered[t.offset:t.offset + t.nbytes] = b"\x01" * t.nbytes
+    assert all(b == 0 for b, c in zip(blob, covered) if not c)  # padding is zero, not a recycled buffer's bytes
+    assert any(not c for c in covered)
+
+
+def test_failure_in_a_late_window_stops_every_thread_and_closes_the_checkpoint(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(pack_mod, "WINDOW", 8192)
+    monkeypatch.setattr(pack_mod, "POOL_WINDOWS", 4)
+    real, calls = pack_mod._fill, []
+
+    def fail_late(*a):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("disk on fire")
+        return real(*a)
+
+    monkeypatch.setattr(pack_mod, "_fill", fail_late)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        pack_to(ckpt, tmp_path / "p")
+    assert len(calls) >= 9
+    assert set(os.listdir("/proc/self/fd")) <= fds  # the checkpoint shards and the blob are closed
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("pack-")]  # fillers, writers, hashers
+    assert list((tmp_path / "p").iterdir()) == []
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 from worker.config import RunConfig, SamplingConfig
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
-from worker.peer import checkpoint_tensors, module_bytes, peer_generate, plan_placement, run_peer
+from worker.pack.source import read_index
+from worker.peer import module_bytes, peer_generate, plan_placement, run_peer
 from worker.run import resolve_config
 
 CPU = torch.device("cpu")
@@ -90,7 +91,7 @@ def test_sampling_is_seeded_and_stops_at_eos(hf_model, tiny_ckpt):
 @pytest.fixture(scope="module")
 def geometry(tiny_ckpt):
     mc = ModelConfig.from_hf_dir(tiny_ckpt)
-    sizes = module_bytes(checkpoint_tensors(tiny_ckpt), 4)
+    sizes = module_bytes(read_index(tiny_ckpt), 4)
     return mc, sizes, sizes["model.layers.0"], sizes["model.embed_tokens"] + sizes["lm_head"] + sizes["model.norm"]
 
 

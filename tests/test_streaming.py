@@ -14,7 +14,8 @@ from worker.engine import build_engine
 from worker.errors import UserError
 from worker.generate import generate
 from worker.pack.cache import ensure_pack
-from worker.run import prompt_ids_for, resolve_config
+from worker.prompts import prompt_ids_for
+from worker.run import resolve_config
 from worker.tokenizer import load_tokenizer
 
 # On a GPU host the same tests run on CUDA (streams, events, pinned buffers); in CI on the CPU.

@@ -5,9 +5,9 @@ environment, `errors` the one-line user errors) → `run` (one benchmark run: pa
 measure) → `tokenizer` and `prompts` (the batch as fed) → `pack/` (checkpoint → aligned blob +
 manifest) → `engine` (model + weight source + KV cache for a mode) over `model/` (the Llama forward),
 `stream/` (weights SSD → pinned CPU → GPU) and `kv/` (the paged, offloading KV cache) → `generate`
-with `sampling` (prefill, then decode) → `host/` (fingerprint, probe, roofline, clocks) → `result`
-(the run's JSON document). `peer` runs the same spec on HF transformers + accelerate; `synth/` makes
-synthetic checkpoints.
+with `sampling` (prefill, then decode; the warm-up and measured rounds) → `host/` (fingerprint,
+probe, roofline, clocks) → `result` (the run's JSON document). `peer` runs the same spec on HF
+transformers + accelerate; `synth/` makes synthetic checkpoints.
 """
 
 __version__ = "0.1.0"

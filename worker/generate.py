@@ -2,19 +2,28 @@
 
 Each row keeps its own positions, so every row computes what it would compute alone. Decode never
 waits on the host per token: the "all rows finished" flag is copied to pinned memory asynchronously
-and read one step later, and per-token times are CUDA events read after the run.
+and read one step later, and per-token times are CUDA events read after the run. `measure` is the
+benchmark's rounds around it, the same for both engines: untimed warm-up rounds, then one measured round.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from worker.host.timing import Clock, host_ms
 from worker.model.step import Step
 from worker.sampling import sample
+
+log = logging.getLogger(__name__)
+
+# A warm-up round exists to load kernels, fill allocators and start the streaming threads: a prefill
+# and a couple of decode steps exercise every code path; more would only cost time on slow tiers.
+WARMUP_TOKENS = 3
 
 
 @dataclass
@@ -137,3 +146,30 @@ def _cut_at_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out.append(row[:cut])
     return out
+
+
+def measure(one_round: Callable[[int], Generation], warmup_rounds: int, max_new_tokens: int, device: torch.device,
+            phase: Callable[[str], None], warmup_tokens: int | None = WARMUP_TOKENS,
+            prepare: Callable[[], None] = lambda: None,
+            start: Callable[[], dict[str, int]] = dict) -> Generation:
+    """Warm-up rounds, then the measured round: `one_round(new_tokens)` generates one round.
+
+    Warm-up rounds generate `warmup_tokens` tokens (at most `max_new_tokens`; None: all of them).
+    `prepare` runs after them and before peak memory is reset (set-up the measured round must not pay
+    for, such as capturing CUDA graphs); `start` runs just before the measured round (reset counters)
+    and returns the bytes fetched ahead so far (`Generation.prefetched`).
+    """
+    warmup = max_new_tokens if warmup_tokens is None else min(max_new_tokens, warmup_tokens)
+    for i in range(warmup_rounds):
+        phase("warmup")
+        log.info("warm-up round %d/%d", i + 1, warmup_rounds)
+        one_round(warmup)
+    prepare()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    prefetched = start()
+    phase("measure")
+    gen = one_round(max_new_tokens)
+    gen.prefetched = prefetched
+    return gen

@@ -3,9 +3,11 @@
 `bench run --engine accelerate` loads the checkpoint with `AutoModelForCausalLM.from_pretrained` and
 an accelerate device map built from the run's budgets, then measures it with exactly the streaming
 engine's loop: `worker.generate.generate` drives the HF model through `HFForward`, an adapter with
-the engine's `forward(tokens, step, cache, logits_at)`. So prompts, sampling, the stopping rule and
-the timing (TTFT, prefill, decode, per-token CUDA events, warm-up excluded) are the same code, and
-the difference between two rows is the engine alone.
+the engine's `forward(tokens, step, cache, logits_at)`, and `worker.generate.measure` runs the rounds.
+So prompts (`worker.prompts`), sampling, the stopping rule and the timing (TTFT, prefill, decode,
+per-token CUDA events, warm-up excluded) are the same code, and the difference between two rows is the
+engine alone. One difference is kept: a peer warm-up round generates the full max_new_tokens (the
+engine's generate `WARMUP_TOKENS`), as peer rows always have, so that older peer rows stay comparable.
 
 Batches are right-padded as in the engine. HF supports this directly: its DynamicCache is slot-based
 (the causal mask is over cache slots, `position_ids` only feed RoPE), so every row gets its own
@@ -22,11 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import math
 import os
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +38,11 @@ import torch
 from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
-from worker.generate import Generation, generate
+from worker.generate import Generation, generate, measure
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
+from worker.pack.source import SourceTensor, read_index
+from worker.prompts import eos_ids, pad_id, prompt_ids_for
 from worker.result import assemble_result, write_json
 
 log = logging.getLogger(__name__)
@@ -48,34 +50,19 @@ log = logging.getLogger(__name__)
 GB = 1e9
 RESIDENT_MODULES = ("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head")
 FREE_FRACTION = 0.9  # of the free card, when no --gpu-memory-limit-gb: headroom for activations and KV
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 # ---- what the checkpoint holds ------------------------------------------------------------------
 
 
-def checkpoint_tensors(ckpt: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """HF tensor name → (safetensors dtype, shape), from the files' headers (no weights read)."""
-    files = sorted(Path(ckpt).glob("*.safetensors"))
-    if not files:
-        raise UserError(f"no *.safetensors in {str(ckpt)!r}: the accelerate peer loads safetensors checkpoints")
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        out.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
-    return out
-
-
-def module_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], itemsize: int) -> dict[str, int]:
-    """Top-level module ("model.layers.3", "model.embed_tokens", "lm_head") → bytes in the compute dtype."""
+def module_bytes(tensors: dict[str, SourceTensor], itemsize: int) -> dict[str, int]:
+    """Top-level module ("model.layers.3", "model.embed_tokens", "lm_head") → bytes in the compute dtype
+    (`tensors` is `worker.pack.source.read_index`: sizes come from the headers, no weights are read)."""
     sizes: dict[str, int] = {}
-    for name, (_, shape) in tensors.items():
+    for name, t in tensors.items():
         parts = name.split(".")
         mod = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ".".join(parts[:-1])
-        sizes[mod] = sizes.get(mod, 0) + math.prod(shape) * itemsize
+        sizes[mod] = sizes.get(mod, 0) + math.prod(t.shape) * itemsize
     return sizes
 
 
@@ -239,13 +226,14 @@ class HFForward:
         return out.logits[torch.arange(tokens.shape[0], device=tokens.device), cache.cols]  # (B, V)
 
 
-def peer_generate(model, prompt_ids: list[list[int]], cfg: RunConfig, eos_ids: tuple[int, ...], pad_id: int,
-                  device: torch.device, keep_logits: bool = False) -> Generation:
-    """One generate round of the HF model through the engine's own generation loop."""
+def peer_generate(model, prompt_ids: list[list[int]], cfg: RunConfig, eos: tuple[int, ...], pad: int,
+                  device: torch.device, keep_logits: bool = False, new_tokens: int | None = None) -> Generation:
+    """One generate round of the HF model through the engine's own generation loop (`new_tokens`:
+    default the run's max_new_tokens)."""
     cache = PeerCache(model, [len(p) for p in prompt_ids], cfg.max_seq_len, device)
     s = cfg.sampling
-    return generate(HFForward(model), cache, prompt_ids, cfg.max_new_tokens, s.temperature, s.top_p, s.seed,
-                    eos_ids, pad_id, device, keep_logits=keep_logits)
+    return generate(HFForward(model), cache, prompt_ids, cfg.max_new_tokens if new_tokens is None else new_tokens,
+                    s.temperature, s.top_p, s.seed, eos, pad, device, keep_logits=keep_logits)
 
 
 def load_model(ckpt: str, plan: Placement, dtype: torch.dtype, offload_dir: str):
@@ -262,16 +250,15 @@ def load_model(ckpt: str, plan: Placement, dtype: torch.dtype, offload_dir: str)
 def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
              base_env: dict[str, str] | None = None) -> dict[str, Any]:
     """`bench run --engine accelerate`: the run's spec on HF + accelerate, as a `streambench.run/1` dict."""
-    from worker import run as single
     from worker.tokenizer import load_tokenizer
 
     cfg = dataclasses.replace(cfg, engine="accelerate")
     mc = ModelConfig.from_hf_dir(cfg.checkpoints)
     dtype = getattr(torch, mc.dtype if cfg.dtype == "auto" else cfg.dtype)
-    tensors = checkpoint_tensors(cfg.checkpoints)
+    tensors = read_index(cfg.checkpoints)
     tok = load_tokenizer(cfg.checkpoints)
-    prompt_ids = single.prompt_ids_for(tok, cfg)
-    eos, pad = mc.eos_token_ids or single.eos_ids(tok), single.pad_id(tok)
+    prompt_ids = prompt_ids_for(tok, cfg)
+    eos, pad = mc.eos_token_ids or eos_ids(tok), pad_id(tok)
     phase("load")
     plan = plan_placement(cfg, mc, device, module_bytes(tensors, dtype.itemsize), dtype)
     log.info("peer: mode=%s device=%s dtype=%s layers per tier %s", cfg.stream.mode, device, dtype, plan.layers)
@@ -284,7 +271,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    n_params = sum(math.prod(shape) for _, shape in tensors.values())
+    n_params = sum(math.prod(t.shape) for t in tensors.values())
     model_block = {"name": Path(cfg.checkpoints).name, "n_layers": mc.num_hidden_layers,
                    "dtype": str(dtype).removeprefix("torch."), "hidden_size": mc.hidden_size,
                    "n_params": n_params, "weight_bytes": n_params * dtype.itemsize}
@@ -299,11 +286,8 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
 
 
 def _measure(model, cfg: RunConfig, prompt_ids, eos, pad, device: torch.device, phase) -> Generation:
-    for i in range(cfg.warmup_rounds):
-        phase("warmup")
-        log.info("peer warm-up round %d/%d", i + 1, cfg.warmup_rounds)
-        peer_generate(model, prompt_ids, cfg, eos, pad, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    phase("measure")
-    return peer_generate(model, prompt_ids, cfg, eos, pad, device)
+    """The engine's rounds, except that a peer warm-up round generates as many tokens as the measured one."""
+    def once(new_tokens: int) -> Generation:
+        return peer_generate(model, prompt_ids, cfg, eos, pad, device, new_tokens=new_tokens)
+
+    return measure(once, cfg.warmup_rounds, cfg.max_new_tokens, device, phase, warmup_tokens=None)

@@ -6,6 +6,8 @@ leading space (`Ġword`), so a prompt's token count is the sum of its words' cou
 exactly N tokens is built directly, then checked by encoding it (and repaired if a tokenizer does
 not add up). The seed's rules for a batch: encode each prompt on its own, keep the last
 `max_prompt_tokens` tokens of a longer one; prompts cycle when there are fewer than the batch size.
+`prompt_ids_for` applies them to a run's config, and `eos_ids` / `pad_id` are the tokenizer's stop and
+pad tokens; both engines (`run` and `peer`) feed the same batch through these.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from worker.config import RunConfig
 from worker.errors import UserError
-from worker.tokenizer import load_tokenizer
+from worker.tokenizer import load_tokenizer, special_token_policy
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +153,30 @@ def select_prompts(texts: Sequence[str], batch_size: int) -> list[str]:
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1 (got {batch_size})")
     return [texts[i % len(texts)] for i in range(batch_size)]
+
+
+def prompt_ids_for(tok, cfg: RunConfig) -> list[list[int]]:
+    """The batch as fed: prompts chosen, each tokenized alone, keeping its last max_prompt_tokens."""
+    if cfg.prompt is not None:
+        texts = [cfg.prompt]
+    elif cfg.prompts is not None:
+        texts = read_prompt_file(cfg.prompts)
+    else:
+        texts = synth_prompts(tok, cfg.batch_size, cfg.prompt_len or min(128, cfg.max_prompt_tokens),
+                              cfg.sampling.seed)
+    return encode_batch(tok, select_prompts(texts, cfg.batch_size), cfg.max_prompt_tokens,
+                        special_token_policy(tok))
+
+
+def eos_ids(tok) -> tuple[int, ...]:
+    """The tokenizer's stop token: the engines' fallback when config.json names no eos_token_id."""
+    return (tok.eos_token_id,) if tok.eos_token_id is not None else ()
+
+
+def pad_id(tok) -> int:
+    """Filler of short prompts' rows and finished rows' tails; a tokenizer without a pad token (Llama's)
+    pads with its EOS."""
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0

@@ -15,17 +15,14 @@ import torch
 from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
-from worker.generate import Generation, decode_spans, generate
+from worker.generate import Generation, decode_spans, generate, measure
 from worker.model.geometry import ModelConfig
+from worker.prompts import eos_ids, pad_id, prompt_ids_for
 from worker.result import build_result, write_json
 
 log = logging.getLogger(__name__)
 
 Phase = Callable[[str], None]
-
-# A warm-up round exists to load kernels, fill allocators and start the streaming threads: a prefill
-# and a couple of decode steps exercise every code path; more would only cost time on slow tiers.
-WARMUP_TOKENS = 3
 
 
 def resolve_config(flat: dict[str, Any], where: str = "bench run") -> RunConfig:
@@ -97,21 +94,15 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
                         cfg.sampling.top_p, cfg.sampling.seed, engine.cfg.eos_token_ids or eos_ids(tok),
                         pad_id(tok), device, decode=graphs, capacity=cfg.max_seq_len)
 
-    for i in range(cfg.warmup_rounds):
-        phase("warmup")
-        log.info("warm-up round %d/%d", i + 1, cfg.warmup_rounds)
-        once(min(cfg.max_new_tokens, WARMUP_TOKENS))
-    if graphs is not None:  # capture every span the measured round will use, outside its timing
-        graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens, cfg.max_seq_len))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    engine.reset_counters()
-    prefetched = getattr(engine.weights, "prefetched", dict)()
-    phase("measure")
-    gen = once(cfg.max_new_tokens)
-    gen.prefetched = prefetched
-    return gen
+    def prepare() -> None:  # capture every span the measured round will use, outside its timing
+        if graphs is not None:
+            graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens, cfg.max_seq_len))
+
+    def start() -> dict[str, int]:
+        engine.reset_counters()
+        return getattr(engine.weights, "prefetched", dict)()
+
+    return measure(once, cfg.warmup_rounds, cfg.max_new_tokens, device, phase, prepare=prepare, start=start)
 
 
 def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
@@ -134,30 +125,3 @@ def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[st
     kv_step = engine.kv_step_bytes(metrics["batch_size"], metrics["prompt_len"] + gen.decode_steps // 2)
     return roofline(pack.manifest, engine.placement, probe, metrics["batch_size"], metrics["prompt_len"],
                     gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched, kv_step=kv_step)
-
-
-def prompt_ids_for(tok, cfg: RunConfig) -> list[list[int]]:
-    """The batch as fed: prompts chosen, each tokenized alone, keeping its last max_prompt_tokens."""
-    from worker.prompts import encode_batch, read_prompt_file, select_prompts, synth_prompts
-    from worker.tokenizer import special_token_policy
-
-    if cfg.prompt is not None:
-        texts = [cfg.prompt]
-    elif cfg.prompts is not None:
-        texts = read_prompt_file(cfg.prompts)
-    else:
-        texts = synth_prompts(tok, cfg.batch_size, cfg.prompt_len or min(128, cfg.max_prompt_tokens),
-                              cfg.sampling.seed)
-    return encode_batch(tok, select_prompts(texts, cfg.batch_size), cfg.max_prompt_tokens,
-                        special_token_policy(tok))
-
-
-def eos_ids(tok) -> tuple[int, ...]:
-    return (tok.eos_token_id,) if tok.eos_token_id is not None else ()
-
-
-def pad_id(tok) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0

@@ -19,7 +19,8 @@ import queue
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -171,76 +172,123 @@ def _preallocate(fd: int, size: int) -> None:
 
 def _write_groups(fd: int, groups: list[tuple[str, int, int]], tensors: list[TensorEntry],
                   index: dict[str, SourceTensor], dtype: str) -> dict[str, str]:
-    """Fill each group's extent window by window and hand the windows to the writer; group → checksum.
-
-    A window is an aligned staging buffer (WINDOW bytes, recycled) filled on a small thread pool straight
-    from the checkpoint files (pread into place, or read + convert into place) with zero padding
-    between tensors. Windows are dispatched in order, so each group hashes sequentially.
-    """
+    """Write every group's extent, window by window, through the pipeline; group name → checksum."""
     by_group: dict[str, list[TensorEntry]] = {}
     for t in tensors:
         by_group.setdefault(t.group, []).append(t)
-    buffers: queue.Queue = queue.Queue()
-    for _ in range(POOL_WINDOWS):
-        buffers.put(aligned_empty(WINDOW))
-    sources: dict[Path, int] = {}
-    writer = BlobWriter(fd)
-    pending: deque = deque()
-    try:
-        with ThreadPoolExecutor(FILLERS, thread_name_prefix="pack-fill") as fillers:
-            for name, start, nbytes in groups:
-                pending.append(("begin", name))
-                for ws, we, parts in _windows(start, nbytes, by_group[name]):
-                    for t in {p[2].name: p[2] for p in parts if p[2] is not None}.values():
-                        if index[t.name].file not in sources:
-                            sources[index[t.name].file] = os.open(index[t.name].file, os.O_RDONLY)
-                    while sum(item[0] == "window" for item in pending) >= POOL_WINDOWS // 2:
-                        _dispatch(writer, pending.popleft(), buffers)  # hand windows on before taking more
-                    buf = buffers.get()
-                    fut = fillers.submit(_fill, buf, ws, we, parts, index, sources, dtype)
-                    pending.append(("window", fut, ws, buf))
-                pending.append(("end",))
-            while pending:
-                _dispatch(writer, pending.popleft(), buffers)
-        return writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        for f in sources.values():
-            os.close(f)
+    with _Pipeline(fd, index, dtype) as pipe:
+        for name, start, nbytes in groups:
+            for window in _windows(name, start, nbytes, by_group[name]):
+                pipe.submit(window)
+        return pipe.finish()
 
 
-def _dispatch(writer: BlobWriter, item: tuple, buffers: queue.Queue) -> None:
-    """Hand the oldest pipeline item to the writer, in order: group begin, its windows, group end."""
-    if item[0] == "begin":
-        writer.begin_group(item[1])
-    elif item[0] == "end":
-        writer.end_group()
-    else:
-        _, fut, offset, buf = item
-        writer.put(offset, fut.result(), release=lambda: buffers.put(buf))
+@dataclass(frozen=True)
+class _Window:
+    """WINDOW bytes (or a group's remainder) of one group's extent: blob bytes [start, end)."""
+
+    group: str
+    start: int
+    end: int
+    parts: list[tuple[int, int, TensorEntry | None]]  # blob bytes [from, to) of a tensor or of padding
+    first: bool  # the group's first window: the writer starts hashing the group
+    last: bool  # the group's last window: the writer ends the group's hash
 
 
-def _windows(start: int, nbytes: int, tensors: list[TensorEntry]
-             ) -> Iterator[tuple[int, int, list[tuple[int, int, TensorEntry | None]]]]:
-    """Cut a group extent into windows: (start, end, [(from, to, tensor or None for padding)])."""
-    segments, pos = [], start
+@dataclass
+class _Filling:
+    """A window being filled into a staging buffer of the pool."""
+
+    window: _Window
+    buf: torch.Tensor  # (WINDOW,) uint8, aligned
+    done: Future  # → memoryview of the window's bytes in `buf`
+
+
+class _Pipeline:
+    """Windows in blob order: take a free buffer → fill it on the filler pool → hand it to the writer
+    (which writes and hashes it) → the buffer returns to the pool. Windows are handed on in order, so
+    each group hashes sequentially while the fills and writes of many windows overlap.
+
+    POOL_WINDOWS buffers are the whole memory footprint. At most POOL_WINDOWS // 2 windows wait to be
+    handed on: the rest of the pool is the writer's, so taking a free buffer never waits on windows
+    only this thread can hand on, and fills run ahead of the writes by half the pool. On a failure the
+    fills still running are waited for (they read the source fds into the buffers), the writer is
+    aborted, and the source fds are closed: `pack_checkpoint` then removes the partial blob.
+    """
+
+    def __init__(self, fd: int, index: dict[str, SourceTensor], dtype: str):
+        self.index, self.dtype = index, dtype
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(POOL_WINDOWS):
+            self.free.put(aligned_empty(WINDOW))
+        self.waiting: deque[_Filling] = deque()
+        self.sources: dict[Path, int] = {}  # checkpoint file → fd: opened here, read by the fillers
+        self.writer = BlobWriter(fd)
+        self.fillers = ThreadPoolExecutor(FILLERS, thread_name_prefix="pack-fill")
+
+    def submit(self, window: _Window) -> None:
+        """Start filling the next window, first handing older ones on to stay within the bound."""
+        self._open_sources(window)
+        while len(self.waiting) >= POOL_WINDOWS // 2:
+            self._hand_on()
+        buf = self.free.get()
+        done = self.fillers.submit(_fill, buf, window, self.index, self.sources, self.dtype)
+        self.waiting.append(_Filling(window, buf, done))
+
+    def finish(self) -> dict[str, str]:
+        """Hand on the windows left, wait for the writer; group name → checksum."""
+        while self.waiting:
+            self._hand_on()
+        self.fillers.shutdown(wait=True)
+        return self.writer.finish()
+
+    def _open_sources(self, window: _Window) -> None:
+        for file in {self.index[t.name].file for _, _, t in window.parts if t is not None}:
+            if file not in self.sources:
+                self.sources[file] = os.open(file, os.O_RDONLY)
+
+    def _hand_on(self) -> None:
+        """Give the oldest window to the writer; its buffer returns to the pool once written and hashed."""
+        f = self.waiting.popleft()
+        if f.window.first:
+            self.writer.begin_group(f.window.group)
+        self.writer.put(f.window.start, f.done.result(), release=lambda: self.free.put(f.buf))
+        if f.window.last:
+            self.writer.end_group()
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                self.fillers.shutdown(wait=True)  # no fill may still touch a buffer or an fd
+                self.writer.abort()
+        finally:
+            for fd in self.sources.values():
+                os.close(fd)
+
+
+def _windows(group: str, start: int, nbytes: int, tensors: list[TensorEntry]) -> Iterator[_Window]:
+    """Cut a group's extent [start, start + nbytes) into windows of its tensors and the padding between."""
+    end, segments, pos = start + nbytes, [], start
     for t in tensors:
         segments += [(pos, t.offset, None)] if t.offset > pos else []
         segments.append((t.offset, t.offset + t.nbytes, t))
         pos = t.offset + t.nbytes
-    segments += [(pos, start + nbytes, None)] if start + nbytes > pos else []
-    for ws in range(start, start + nbytes, WINDOW):
-        we = min(ws + WINDOW, start + nbytes)
-        yield ws, we, [(max(a, ws), min(b, we), t) for a, b, t in segments if a < we and b > ws]
+    segments += [(pos, end, None)] if end > pos else []
+    for ws in range(start, end, WINDOW):
+        we = min(ws + WINDOW, end)
+        yield _Window(group, ws, we, [(max(a, ws), min(b, we), t) for a, b, t in segments if a < we and b > ws],
+                      first=ws == start, last=we == end)
 
 
-def _fill(buf: torch.Tensor, ws: int, we: int, parts: list, index: dict[str, SourceTensor],
-          sources: dict[Path, int], dtype: str) -> memoryview:
-    """Fill blob bytes [ws, we) into `buf` (aligned, uint8) from the checkpoint; return its view."""
-    for a, b, t in parts:
-        dst = buf[a - ws:b - ws]  # (b - a,) bytes of the blob
+def _fill(buf: torch.Tensor, window: _Window, index: dict[str, SourceTensor], sources: dict[Path, int],
+          dtype: str) -> memoryview:
+    """Fill the window's blob bytes into `buf` (aligned, uint8) straight from the checkpoint (pread into
+    place, or read and convert into place; zeros between tensors); return their view."""
+    for a, b, t in window.parts:
+        dst = buf[a - window.start:b - window.start]  # (b - a,) bytes of the blob
         if t is None:
             dst.zero_()
             continue
@@ -257,5 +305,5 @@ def _fill(buf: torch.Tensor, ws: int, we: int, parts: list, index: dict[str, Sou
                 dst.view(dst_t).copy_(tmp.view(src_t))  # (count,) converted in place
         except EOFError:
             raise UserError(f"checkpoint file {src.file} is truncated (ends inside {t.name})") from None
-    return memoryview(buf[:we - ws].numpy())
+    return memoryview(buf[:window.end - window.start].numpy())  # (end - start,) bytes
 
