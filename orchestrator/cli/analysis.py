@@ -97,7 +97,6 @@ def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None
     from orchestrator.regress.check import Baseline, regress
     from orchestrator.regress.gate import parse_override, resolve_gate, suite_thresholds
     from orchestrator.regress.render import regress_markdown
-    from orchestrator.results.store import require_dataset
 
     if baseline_commit and baseline_run:
         raise UserError("--baseline-commit and --baseline-run are exclusive: pick one baseline")
@@ -106,7 +105,6 @@ def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None
     gate_for = lambda found: resolve_gate(from_suite if suite else suite_thresholds(found)[1],  # noqa: E731
                                           thresholds_file, extra, z)
     gate_for(name)  # validate the thresholds before reading any data
-    require_dataset(results)
     baseline = Baseline(window=window, days=days, commit=baseline_commit, suite_run_id=baseline_run)
     report = regress(results, suite=name, suite_run_id=suite_run_id, baseline=baseline, gate=gate_for, strict=strict)
     if fmt == "json":

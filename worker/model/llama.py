@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from worker.model import rope
 from worker.model.compiled import compiled
 from worker.model.geometry import ModelConfig
-from worker.model.step import KVCacheLike, Step, WeightSource
+from worker.model.step import Group, KVCacheLike, Step, WeightSource
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
