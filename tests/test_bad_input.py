@@ -152,10 +152,11 @@ def test_an_empty_matrix_list_is_refused(tiny_ckpt, tmp_path):
     one_line_exit_2(bench("submit", str(suite), "--dry-run"), "matrix: an empty list plans no runs")
 
 
-@pytest.mark.parametrize("cmd", ["results", "compare", "report"])
+@pytest.mark.parametrize("cmd", ["results", "compare"])
 def test_reading_a_dataset_that_does_not_exist_is_an_error(tmp_path, cmd):
+    """(`regress` says "not enough data", exit 3, and `report` writes a page saying there are no runs:
+    both what a nightly job wants before its first night.)"""
     one_line_exit_2(bench(cmd, "--results", str(tmp_path / "nosuchdir"), cwd=tmp_path), "nosuchdir does not exist")
-    assert not (tmp_path / "report.html").exists()
 
 
 def test_results_that_is_a_file_fails_before_ray_starts(tiny_ckpt, tmp_path):

@@ -131,11 +131,9 @@ def report_cmd(results: str | None, suites, suite_run_ids, since, until, commits
     from orchestrator.regress.check import Baseline
     from orchestrator.regress.gate import resolve_gate, suite_thresholds
     from orchestrator.report.build import build_report
-    from orchestrator.results.store import require_dataset
 
     sel = selection(suites, suite_run_ids, since, until, commits, hosts)
     suite_thr = suite_thresholds(suites[0])[1] if len(suites) == 1 else None
-    require_dataset(results)
     info = build_report(results, out, sel, gate=resolve_gate(suite_thr, thresholds_file), baseline=Baseline(window),
                         title=title)
     verdict = {None: "no runs", 0: "no regression", 1: "REGRESSION", 3: "not enough data"}[info.exit_code]
