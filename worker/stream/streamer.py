@@ -169,9 +169,6 @@ class WeightStreamer:
     def resident(self) -> dict[str, torch.Tensor]:
         return self._resident[GroupKey(None, RESIDENT)]
 
-    def begin_pass(self) -> None:
-        pass
-
     def wait(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
         key = GroupKey(layer, kind)
         if key in self._resident:
