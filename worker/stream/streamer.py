@@ -65,9 +65,9 @@ def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) ->
 
     The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: with
     one ffn slot the next ffn copy waits for this layer's MLP, hidden only while the attn copy in
-    between lasts longer than the MLP. In a 70B 2048-token prefill it does (MLP ~4 ms, attn copy 5.5 ms):
-    1+1 and 1+2 slots measured alike (0.91 / 0.90, benchmarks/results/prefill_profile.txt); longer
-    prompts or batches make the MLP outlast it."""
+    between lasts longer than the MLP. In a 70B 2048-token prefill it does, and 1+1 and 1+2 slots
+    attain alike (measured: benchmarks/results/README.md); longer prompts or batches make the MLP
+    outlast it."""
     kinds = sorted((k for k in KINDS if capacity.get(k)), key=lambda k: -capacity[k])
     counts = {k: 0 for k in KINDS}
     if not kinds:
