@@ -2,5 +2,6 @@
 
 `hostinfo` fingerprints the hardware (the `hardware_key` that makes rows comparable) and the code;
 `probe` measures SSD (O_DIRECT), PCIe, HBM and matmul rates once per host; `roofline` turns a run's
-bytes and FLOPs into its floor and attainment; `timing` holds the clocks of the measured phases.
+bytes and FLOPs into its floor and attainment; `timing` holds the clocks of the measured phases and
+the named host-time spans a benchmark can record.
 """

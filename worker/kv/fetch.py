@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from worker.host.timing import span_end, span_start
 from worker.kv.offload import KVMover, wait_for
 
 INF = float("inf")
@@ -66,6 +67,13 @@ def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: 
     """The KV worker's part: issue the H2D copies of `plan`; returns the event after them.
 
     `scores`: (pinned (B * n) tensor, n, event) of the last scored step, or None."""
+    t0 = span_start()
+    done = _issue(m, cache, plan, stage_free, scores)
+    span_end("kv.fetch", t0)
+    return done
+
+
+def _issue(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: tuple | None) -> Any:
     m.sync.wait(stage_free, m.stream)  # the compute that read this stage parity last has run
     m.wait_uploaded(plan.parity)  # ... and the pinned buffers of this parity are free again
     geo, bufs, store = cache.geo, cache.bufs, m.store
@@ -88,7 +96,9 @@ def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: 
         buf, n, ev = scores
         wait_for(ev)
         host = buf[:geo.batch * n].view(geo.batch, n)
+    t0 = span_start()
     cand = candidates(plan, host)  # (B, topk)
+    span_end("kv.candidates", t0)
     flat = torch.where(cand >= 0, torch.arange(geo.batch)[:, None] * geo.n_blocks + cand, -1).view(-1)
     src = store.gather(L, flat, p)  # (B * topk, ext) pinned
     pairs.append((stage.view(-1)[:src.numel()], src.view(-1)))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.host.timing import span_end, span_start
 from worker.kv.fetch import make_plan, run_fetch
 from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks
@@ -96,7 +97,10 @@ class PagedKVCache:
             return self._prefill(layer, q, k, v, step)
         if layer == 0:
             self._begin_decode(step)
-        return self._decode(layer, q, k, v)
+        t0 = span_start()
+        out = self._decode(layer, q, k, v)
+        span_end("kv.decode", t0)
+        return out
 
     # ---- prefill -------------------------------------------------------------------------------------
 
@@ -151,7 +155,9 @@ class PagedKVCache:
             self.bufs.smin[layer][self.rows, self.f_d] = lo[:, 0]
             self.bufs.smax[layer][self.rows, self.f_d] = hi[:, 0]
         exact = plan.exact if plan else (self.topk == 0 or self.topk >= self.nbk)
+        t0 = span_start()
         out = self._exact(layer, q, plan) if exact else self._topk(layer, q, plan)
+        span_end("kv.exact" if exact else "kv.topk", t0)
         if plan:
             self._stage_free[plan.parity] = self.sync.record()
             self._write_back(layer, written)
@@ -237,7 +243,9 @@ class PagedKVCache:
             nxt, pos, ahead = 0, [p + 1 for p in self.pos], max(self.pos) + 1 < self.geo.max_seq
         if ahead and nxt not in self._queued:
             self._queue(nxt, pos, first and nxt > 0)
+        t0 = span_start()
         self.mover.ready(layer)
+        span_end("kv.ready", t0)
         return self._queued.pop(layer)
 
     def _queue(self, layer: int, pos: list[int], first: bool, scores=None) -> None:

@@ -144,6 +144,7 @@ class WeightStreamer:
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
         on_device = device_bytes(self._resident.values(), device)
         counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
+        self.slots = counts  # GPU slots per group kind, as reported in io_stats()["gpu_slots"]
         self.pool = SlotPool(capacity, counts, device, cfg.evict_finished)
         self.ahead = min(self.ahead, sum(counts.values()) - 1)
         self._cond = threading.Condition()
@@ -313,6 +314,7 @@ class WeightStreamer:
             "weight_h2d": self.h2d.stats(),
             "pinned_host_bytes": self.arena.nbytes,
             "gpu_slot_bytes": self.pool.nbytes,
+            "gpu_slots": dict(self.slots),
             "warnings": list(self.reader.warnings) if self.reader else [],
         }
 
