@@ -5,8 +5,8 @@ times are read after the run, so timing does not disturb the pipeline it measure
 
 Spans: the engine marks a few host-side steps of its hot path, `t0 = span_start()` ...
 `span_end("kv.topk", t0)`. They record nothing unless a benchmark installs a `SpanRecorder` with
-`recording()`; until then each is a function call that checks one module global. Not a `with`
-block: entering and leaving even a shared `nullcontext` costs about three times as much
+`recording()`; until then a span is two calls, and `span_start` only checks a module global. Not
+a `with` block: entering and leaving even a shared `nullcontext` costs about three times as much
 (measured: benchmarks/results/README.md).
 
 The names are public API (benchmarks/topk_offload_profile.py prints them, tests/test_timing.py checks
