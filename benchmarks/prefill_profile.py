@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-import worker.stream.streamer as streamer
 from worker.run import resolve_config, run
 
 GIB = 1024 ** 3
@@ -132,27 +131,20 @@ def main() -> None:
                               "gpu_memory_limit_gb": args.budget_gib * GIB / 1e9})
         act = torch.profiler.ProfilerActivity
         prof = torch.profiler.profile(activities=[act.CUDA if torch.cuda.is_available() else act.CPU])
-        slots: dict[str, int] = {}
         entered = []
-        real = streamer.slot_counts
-
-        def spy(*a, **kw):
-            slots.update(real(*a, **kw))
-            return dict(slots)
 
         def phase(name: str) -> None:
             if name == "measure":  # the measured round: one prefill and the first token's sampling
                 prof.__enter__()
                 entered.append(True)
 
-        streamer.slot_counts = spy
         try:
             result = run(cfg, phase)
         finally:
-            streamer.slot_counts = real
             if entered:
                 prof.__exit__(None, None, None)
         roof = result["roofline"] or {}
+        slots = result["metrics"]["gpu_slots"] or {}
         a = analyse(prof, args.top)
         print(f"\n--gpu-max-groups {groups}: slots attn {slots.get('attn')} + ffn {slots.get('ffn')}; "
               f"prefill {result['metrics']['prefill_ms']:.1f} ms, floor {roof.get('floor_prefill_s', 0) * 1e3:.1f} ms "

@@ -102,7 +102,7 @@ class MassProbe:
         self.kept.append((mass.gather(1, sel) * valid).sum(1).mean().item())
         j = torch.arange(n)[None, :]
         forced = (j == 0) | ((j > cache.f_d[:, None] - cache.recent) & (j <= cache.f_d[:, None]))
-        best = torch.where(forced, 2.0, mass).topk(cache.k, dim=1).indices
+        best = torch.where(forced, 2.0, mass).topk(cache.topk, dim=1).indices
         self.oracle.append(mass.gather(1, best).sum(1).mean().item())
 
 

@@ -199,3 +199,56 @@ def test_slot_sizing_leaves_room_for_a_long_prefill():
     assert slot_counts(capacity, run.stream, lm_head + short) == {"attn": 2, "ffn": 2}
     room = run.stream.gpu_memory_limit_gb * 1e9 - lm_head - long
     assert room - capacity["attn"] - 2 * capacity["ffn"] >= 0  # the extra ffn slot is inside the limit
+
+
+def _poll(cond, timeout=5.0):
+    import time
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.005)
+    return cond()
+
+
+def test_fetch_thread_runs_the_preload_ahead_then_lookahead(ckpt):
+    """Before the first group is consumed the fetch thread fills the preload (6 groups ahead with 3
+    warm-up layers), then it stays `ahead` (2) groups in front of the compute, never further."""
+    import time
+
+    cfg = resolve_config({"checkpoints": str(ckpt), "mode": "cpu", "gpu_max_groups": 10, "warmup_layers": 3,
+                          "group_prefetch_depth": 2, "aggressive_gpu_prefetch": 0})
+    engine = build_engine(cfg, ensure_pack(cfg.checkpoints), CPU)
+    w = engine.weights
+    try:
+        assert (w._preload, w.ahead) == (6, 2)
+        assert _poll(lambda: w._issued == 7)  # groups 0..6: the preload beyond the one computed first
+        time.sleep(0.1)
+        assert w._issued == 7  # and not one more while nothing is consumed
+        for key in w.order[:6]:
+            w.wait(key.layer, key.kind)
+            w.release(key.layer, key.kind)
+        assert _poll(lambda: w._issued == 9)  # 6 consumed + the one computed next + 2 ahead
+        time.sleep(0.1)
+        assert w._issued == 9
+    finally:
+        engine.close()
+
+
+def test_fetch_thread_error_is_raised_on_the_compute_side(ckpt):
+    """A failing copy source stops the fetch thread; the compute's next `wait` raises its error
+    instead of hanging, and the engine still closes."""
+    cfg = resolve_config({"checkpoints": str(ckpt), "mode": "cpu", "gpu_max_groups": 2})
+    engine = build_engine(cfg, ensure_pack(cfg.checkpoints), CPU)
+    w = engine.weights
+
+    def broken(key):
+        raise OSError("host copy source gone")
+
+    w.providers["cpu"].pieces = broken
+    try:
+        with pytest.raises(OSError, match="host copy source gone"):
+            for key in w.order:  # at most the first 2 groups were fetched before the source broke
+                w.wait(key.layer, key.kind)
+                w.release(key.layer, key.kind)
+        assert not w._thread.is_alive()
+    finally:
+        engine.close()

@@ -48,7 +48,8 @@ class StreamConfig:
     gpu_cached_layers: Count = _f(4, "Layers kept resident on the GPU in mixed mode.")
     cpu_cache_layers: Count = _f(40, "Layers held in pinned CPU memory in mixed mode.")
     cpu_policy: CpuPolicy = _f("pinned-subset", "CPU tier policy: a pinned subset of layers (default: reads "
-                               "fewer SSD bytes per token, measured 2x faster) or the seed's rolling window.")
+                               "fewer SSD bytes per token, so it decodes faster; measured: "
+                               "benchmarks/results/README.md) or the seed's rolling window.")
     cpu_ring_offset: Count = _f(0, "Rolling window anchor: current layer + this offset (WSM_CPU_RING_OFFSET).")
     cpu_wrap_around: bool = _f(True, "Rolling window wraps from the last layer to layer 0 (WSM_CPU_WRAP_AROUND).")
     cpu_roll_stride: Positive = _f(1, "Layers the rolling window advances per step (WSM_CPU_ROLL_STRIDE).")

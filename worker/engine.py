@@ -121,7 +121,8 @@ def workspace_bytes(run: RunConfig, cfg: ModelConfig, prompt_tokens: int | None 
     """What a run needs on the GPU besides weights: the KV cache, the largest activations (the layer's
     tensors in the activation dtype plus the norms' float32 copies) and a fixed headroom. An estimate
     used only to size the streaming slots under --gpu-memory-limit-gb; without the headroom a 70B
-    2048-token prefill under 6 GiB was given two slots per kind and ran out of memory by ~0.1 GB."""
+    2048-token prefill under 6 GiB was given two slots per kind and ran out of memory
+    (measured: benchmarks/results/README.md)."""
     item = 4 if run.dtype == "float32" or cfg.dtype == "float32" else 2
     kv = tier_bytes(run.kv, cfg, run.batch_size, run.max_seq_len, item)["gpu"]
     tokens = run.batch_size * (prompt_tokens or run.max_prompt_tokens)

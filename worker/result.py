@@ -80,9 +80,9 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
                     io: dict[str, Any]) -> dict[str, Any]:
     """The document around one measured generation; shared by the streaming engine and the peer.
 
-    `io` is the engine's `io()` dict (channels, pinned_host_bytes, roofline, warnings, and the KV
-    cache's bytes per tier `kv_bytes` {gpu, cpu, ssd} and write throttle `kv_throttle`); missing
-    channels are None (the accelerate peer exposes none).
+    `io` is the engine's `io()` dict (channels, pinned_host_bytes, roofline, warnings, the weight
+    streamer's `gpu_slots` {attn, ffn}, and the KV cache's bytes per tier `kv_bytes` {gpu, cpu, ssd}
+    and write throttle `kv_throttle`); missing channels are None (the accelerate peer exposes none).
     """
     bsz = len(prompt_ids)
     decode_s = gen.decode_ms / 1e3
@@ -103,6 +103,7 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
         "decode_steps": gen.decode_steps,
         **memory(device, io.get("pinned_host_bytes")),
         **kv_tiers(io),
+        "gpu_slots": io.get("gpu_slots"),  # streamed weight slots per group kind; None when nothing streams
     }
     return {
         "schema": RESULT_SCHEMA,

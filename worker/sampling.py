@@ -20,9 +20,9 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) → (B,) argmax, first index among equal maxima, as `torch.argmax`. On CUDA a single-row
-    argmax over a 128k vocabulary is one long serial reduction (~35 us on an H200, most of a
-    percent of a batch-1 decode step); reducing chunks first and then their maxima spreads it over the
-    card. Chunks are taken in index order, so the first maximum stays the first."""
+    argmax over a 128k vocabulary is one long serial reduction, a visible part of a batch-1 decode
+    step (measured: benchmarks/results/README.md); reducing chunks first and then their maxima
+    spreads it over the card. Chunks are taken in index order, so the first maximum stays the first."""
     chunk = next((c for c in (512, 256, 128) if logits.shape[1] % c == 0 and logits.shape[1] // c >= 8), 0)
     if logits.device.type != "cuda" or not chunk:
         return torch.argmax(logits, dim=-1)

@@ -5,11 +5,11 @@ measures what the engine's tiers can get at best, the way the engine uses them:
 
 - SSD: O_DIRECT `preadv` into 4 KiB-aligned buffers, large requests, several threads in flight
   (a threads × request-size sweep; the best point is the figure: a floor wants the best rate the disk
-  showed, and on a noisy virtual disk a median of re-reads put the SSD tier 1.2–1.5× above it). Never
-  the page cache: a
-  directory holding a pack is measured by reading its blob, else a scratch file is written with
-  O_DIRECT (or flushed and dropped from the cache), and where O_DIRECT is
-  refused or the file lives on a memory-backed filesystem the figure is flagged unreliable.
+  showed, and on a noisy virtual disk a median of re-reads came out below what the SSD tier then read;
+  measured: benchmarks/results/README.md). Never the page cache: a directory holding a pack is
+  measured by reading its blob, else a scratch file is written with O_DIRECT (or flushed and dropped
+  from the cache), and where O_DIRECT is refused or the file lives on a memory-backed filesystem the
+  figure is flagged unreliable.
 - H2D / D2H: one large (≥ 1 GiB) pinned copy, timed with CUDA events, median of repeats; pageable
   H2D for reference. HBM: a large device-to-device copy, bytes read + written.
 - A CPU-only host has no PCIe hop: its "H2D" is a host memcpy (memory bandwidth), labelled so in

@@ -2,7 +2,7 @@
 
 A plan is made on the compute thread from host-known positions (cheap, O(batch)); the job runs on
 the KV worker: it loads the ring window at the first decode step, then either every offloaded block
-of every row (exact attention) or the k candidate blocks per row (top-k), chosen from the scores the
+of every row (exact attention) or the topk candidate blocks per row (top-k), chosen from the scores the
 previous decode step computed for this layer (lagged by one step, so the fetch can start a layer
 ahead of the compute that will use it). Blocks land in a GPU stage buffer (one per fetch parity).
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from worker.host.timing import span_end, span_start
 from worker.kv.offload import KVMover, wait_for
 
 INF = float("inf")
@@ -27,7 +28,7 @@ class FetchPlan:
     lo: list[int]  # per row: blocks [0, lo) are offloaded; [lo, frontier] are in the GPU ring
     frontier: list[int]  # per row: the block the current token goes into
     fill: list[tuple[int, int]]  # (row, block) to load into the ring first (first decode step)
-    k: int = 0
+    topk: int = 0
     recent: int = 0
 
     @property
@@ -36,16 +37,16 @@ class FetchPlan:
 
 
 def make_plan(layer: int, parity: int, pos: list[int], bt: int, ring_blocks: int, written: int, first: bool,
-              k: int, recent: int) -> FetchPlan:
+              topk: int, recent: int) -> FetchPlan:
     frontier = [p // bt for p in pos]
     lo = [max(0, f - ring_blocks + 1) for f in frontier]
-    exact = k == 0 or k >= max(frontier) + 1
+    exact = topk == 0 or topk >= max(frontier) + 1
     fill = [(b, j) for b, f in enumerate(frontier) for j in range(lo[b], min(f + 1, written))] if first else []
-    return FetchPlan(layer, parity, exact, lo, frontier, fill, k, recent)
+    return FetchPlan(layer, parity, exact, lo, frontier, fill, topk, recent)
 
 
 def candidates(plan: FetchPlan, scores: torch.Tensor | None) -> torch.Tensor:
-    """Offloaded blocks to fetch per row for top-k: (B, k) block ids, -1 = none.
+    """Offloaded blocks to fetch per row for top-k: (B, topk) block ids, -1 = none.
 
     Always the sink block and offloaded recent blocks, then the best by last step's scores (B, >= lo),
     or the most recent blocks when no step has been scored yet."""
@@ -56,8 +57,8 @@ def candidates(plan: FetchPlan, scores: torch.Tensor | None) -> torch.Tensor:
     forced = off & ((j == 0) | (j > f - plan.recent))
     s = scores[:, :n].float() if scores is not None else j.expand(b, n).float()
     s = torch.where(off, torch.where(forced, INF, s), -INF)
-    top, idx = s.topk(min(plan.k, n), dim=1)
-    cand = torch.full((b, plan.k), -1, dtype=torch.long)
+    top, idx = s.topk(min(plan.topk, n), dim=1)
+    cand = torch.full((b, plan.topk), -1, dtype=torch.long)
     cand[:, :idx.shape[1]] = torch.where(top > -INF, idx, -1)
     return cand
 
@@ -66,6 +67,13 @@ def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: 
     """The KV worker's part: issue the H2D copies of `plan`; returns the event after them.
 
     `scores`: (pinned (B * n) tensor, n, event) of the last scored step, or None."""
+    t0 = span_start()
+    done = _issue(m, cache, plan, stage_free, scores)
+    span_end("kv.fetch", t0)
+    return done
+
+
+def _issue(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: tuple | None) -> Any:
     m.sync.wait(stage_free, m.stream)  # the compute that read this stage parity last has run
     m.wait_uploaded(plan.parity)  # ... and the pinned buffers of this parity are free again
     geo, bufs, store = cache.geo, cache.bufs, m.store
@@ -88,9 +96,11 @@ def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: 
         buf, n, ev = scores
         wait_for(ev)
         host = buf[:geo.batch * n].view(geo.batch, n)
-    cand = candidates(plan, host)  # (B, k)
+    t0 = span_start()
+    cand = candidates(plan, host)  # (B, topk)
+    span_end("kv.candidates", t0)
     flat = torch.where(cand >= 0, torch.arange(geo.batch)[:, None] * geo.n_blocks + cand, -1).view(-1)
-    src = store.gather(L, flat, p)  # (B * k, ext) pinned
+    src = store.gather(L, flat, p)  # (B * topk, ext) pinned
     pairs.append((stage.view(-1)[:src.numel()], src.view(-1)))
     bufs.cand_host[p].copy_(cand)
     return m.upload(pairs, p, untimed=[(bufs.cand[p], bufs.cand_host[p])])  # which block is where: not KV bytes

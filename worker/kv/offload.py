@@ -171,9 +171,6 @@ class KVMover:
         assert layer not in self._jobs, f"layer {layer} fetched twice"
         self._jobs[layer] = self._pool.submit(self._run, job)
 
-    def has(self, layer: int) -> bool:
-        return layer in self._jobs
-
     def drop_fetches(self) -> None:
         """Forget queued fetches (a new generation starts); waits until they were issued."""
         for layer in list(self._jobs):

@@ -14,9 +14,9 @@ from the stage, ring blocks over them) and runs the very attention function of `
 the same values, masked columns hold finite values whose weight is exactly 0, so the result is the
 same bit for bit.
 
-Top-k decode (k < live blocks): score every block by its key bounds (`topk`), keep the sink and the
+Top-k decode (topk < live blocks): score every block by its key bounds (`kv.topk`), keep the sink and the
 most recent block(s) and the best of the rest among the blocks on the GPU (the ring and the blocks
-the KV worker prefetched by last step's scores), gather them and attend exactly over those k.
+the KV worker prefetched by last step's scores), gather them and attend exactly over those topk.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.host.timing import span_end, span_start
 from worker.kv.fetch import make_plan, run_fetch
 from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks
@@ -52,7 +53,7 @@ class PagedBuffers:
     smin: list[torch.Tensor] | None = None  # per layer (B, J, KV, hd): per-block key bounds (top-k)
     smax: list[torch.Tensor] | None = None
     stage: list[torch.Tensor] | None = None  # per fetch parity (B, Js, ext) uint8: blocks from the host tier
-    cand: list[torch.Tensor] | None = None  # per parity (B, k) long: block ids in the stage (top-k), -1 none
+    cand: list[torch.Tensor] | None = None  # per parity (B, topk) long: block ids in the stage (top-k), -1 none
     cand_host: list[torch.Tensor] | None = None
     scores_host: torch.Tensor | None = None  # (L, B * J) float32 pinned: last scores, for the next fetch
     mover: Any = None  # KVMover when there is a host tier
@@ -63,7 +64,7 @@ class PagedKVCache:
                  compiled: bool = False):
         self.bufs, self.geo, self.sync = bufs, bufs.geo, sync
         self.attention = attention.kernels(compiled)[0]  # the resident cache's very attention
-        self.bt, self.R, self.k = bufs.geo.block_tokens, bufs.ring_blocks, topk
+        self.bt, self.R, self.topk = bufs.geo.block_tokens, bufs.ring_blocks, topk
         self.recent = recent_blocks(topk) if topk else 0
         self.mover = bufs.mover
         self.tracker = tracker if topk else None
@@ -96,7 +97,10 @@ class PagedKVCache:
             return self._prefill(layer, q, k, v, step)
         if layer == 0:
             self._begin_decode(step)
-        return self._decode(layer, q, k, v)
+        t0 = span_start()
+        out = self._decode(layer, q, k, v)
+        span_end("kv.decode", t0)
+        return out
 
     # ---- prefill -------------------------------------------------------------------------------------
 
@@ -107,7 +111,7 @@ class PagedKVCache:
         blocks = to_blocks(k, v, self.bt)  # (B, jt, 2, KV, bt, hd)
         jt = blocks.shape[1]
         self.written = jt
-        if self.k:
+        if self.topk:
             self.bufs.smin[layer][:, :jt], self.bufs.smax[layer][:, :jt] = block_bounds(blocks[:, :, 0])
         if self.mover:
             self.mover.write(layer, [(b, 0, raw_blocks(blocks[b])) for b in range(self.geo.batch)], self.sync.record())
@@ -146,12 +150,14 @@ class PagedKVCache:
         ring[:, :, 0][self.rows, slot, :, self.off_d] = k[:, :, 0]  # (B, KV, hd)
         ring[:, :, 1][self.rows, slot, :, self.off_d] = v[:, :, 0]
         written = self.sync.record() if self.mover else None
-        if self.k:
+        if self.topk:
             lo, hi = block_bounds(ring[self.rows, slot, 0][:, None], self.off_d + 1)  # (B, 1, KV, hd)
             self.bufs.smin[layer][self.rows, self.f_d] = lo[:, 0]
             self.bufs.smax[layer][self.rows, self.f_d] = hi[:, 0]
-        exact = plan.exact if plan else (self.k == 0 or self.k >= self.nbk)
+        exact = plan.exact if plan else (self.topk == 0 or self.topk >= self.nbk)
+        t0 = span_start()
         out = self._exact(layer, q, plan) if exact else self._topk(layer, q, plan)
+        span_end("kv.exact" if exact else "kv.topk", t0)
         if plan:
             self._stage_free[plan.parity] = self.sync.record()
             self._write_back(layer, written)
@@ -172,7 +178,7 @@ class PagedKVCache:
             src = ring[self.rows[:, None], jw % self.R]  # (B, R, 2, KV, bt, hd)
             vk[self.rows[:, None], jw] = src[:, :, 0]
             vv[self.rows[:, None], jw] = src[:, :, 1]
-        if self.k:
+        if self.topk:
             self._score(layer, q, self.nbk)
         return self.attention(q, self.bufs.wb_k[:, :, :span], self.bufs.wb_v[:, :, :span], self.pos_d)
 
@@ -187,29 +193,30 @@ class PagedKVCache:
         return sc
 
     def _topk(self, layer: int, q, plan) -> torch.Tensor:
-        b, kv, bt, k, n = self.geo.batch, self.geo.kv_heads, self.bt, self.k, self.nbk
+        b, kv, bt, topk, n = self.geo.batch, self.geo.kv_heads, self.bt, self.topk, self.nbk
         sc = self._score(layer, q, n)
         j = torch.arange(n, device=q.device)[None, :]  # (1, n)
         if plan is None:
             pool, slot_of, avail = self.bufs.ring[layer], j.expand(b, n), None
         else:
-            stage = typed(self.bufs.stage[plan.parity].view(-1)[:b * k * self.bufs.stage[0].shape[2]]
-                          .view(b, k, -1), self.geo)  # (B, k, 2, KV, bt, hd)
-            pool = torch.cat([self.bufs.ring[layer], stage], dim=1)  # (B, R + k, ...)
+            stage = typed(self.bufs.stage[plan.parity].view(-1)[:b * topk * self.bufs.stage[0].shape[2]]
+                          .view(b, topk, -1), self.geo)  # (B, topk, 2, KV, bt, hd)
+            pool = torch.cat([self.bufs.ring[layer], stage], dim=1)  # (B, R + topk, ...)
             in_ring = (j >= self.lo_d[:, None]) & (j <= self.f_d[:, None])
             slot_of = torch.cat([torch.where(in_ring, j % self.R, -1),
                                  torch.full((b, 1), -1, device=q.device, dtype=torch.long)], 1)  # (B, n + 1)
-            cand = self.bufs.cand[plan.parity]  # (B, k)
-            slot_of.scatter_(1, torch.where(cand >= 0, cand, n), (self.R + torch.arange(k, device=q.device)).expand(b, k))
+            cand = self.bufs.cand[plan.parity]  # (B, topk)
+            stage_slots = (self.R + torch.arange(topk, device=q.device)).expand(b, topk)  # (B, topk)
+            slot_of.scatter_(1, torch.where(cand >= 0, cand, n), stage_slots)
             slot_of = slot_of[:, :n]
             avail = slot_of >= 0
-        sel, valid = select_blocks(sc, k, self.f_d, avail, self.recent)  # (B, k)
+        sel, valid = select_blocks(sc, topk, self.f_d, avail, self.recent)  # (B, topk)
         if self.tracker:
             self.tracker.record_hits(layer, sel, valid)
-        blocks = pool[self.rows[:, None], slot_of.gather(1, sel).clamp(min=0)]  # (B, k, 2, KV, bt, hd)
-        kk = blocks[:, :, 0].transpose(1, 2).reshape(b, kv, k * bt, -1)  # (B, KV, k * bt, hd)
-        vv = blocks[:, :, 1].transpose(1, 2).reshape(b, kv, k * bt, -1)
-        cols = (sel[:, :, None] * bt + torch.arange(bt, device=q.device)).view(b, k * bt)  # positions
+        blocks = pool[self.rows[:, None], slot_of.gather(1, sel).clamp(min=0)]  # (B, topk, 2, KV, bt, hd)
+        kk = blocks[:, :, 0].transpose(1, 2).reshape(b, kv, topk * bt, -1)  # (B, KV, topk * bt, hd)
+        vv = blocks[:, :, 1].transpose(1, 2).reshape(b, kv, topk * bt, -1)
+        cols = (sel[:, :, None] * bt + torch.arange(bt, device=q.device)).view(b, topk * bt)  # positions
         visible = valid.repeat_interleave(bt, dim=1) & (cols <= self.pos_d[:, None])
         return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible[:, None, None, :], enable_gqa=True)
 
@@ -222,7 +229,7 @@ class PagedKVCache:
         has none: it scores with the current query and reads the scores back (a host sync per layer,
         once per generation), so it cannot queue the next layer ahead."""
         first = self.steps == 1
-        now = first and 0 < self.k < max(self.pos) // self.bt + 1  # top-k at the first step: score now
+        now = first and 0 < self.topk < max(self.pos) // self.bt + 1  # top-k at the first step: score now
         if layer not in self._queued:
             scores = None
             if now:
@@ -236,13 +243,15 @@ class PagedKVCache:
             nxt, pos, ahead = 0, [p + 1 for p in self.pos], max(self.pos) + 1 < self.geo.max_seq
         if ahead and nxt not in self._queued:
             self._queue(nxt, pos, first and nxt > 0)
+        t0 = span_start()
         self.mover.ready(layer)
+        span_end("kv.ready", t0)
         return self._queued.pop(layer)
 
     def _queue(self, layer: int, pos: list[int], first: bool, scores=None) -> None:
         parity = self._fetches % 2
         self._fetches += 1
-        plan = make_plan(layer, parity, pos, self.bt, self.R, self.written, first, self.k, self.recent)
+        plan = make_plan(layer, parity, pos, self.bt, self.R, self.written, first, self.topk, self.recent)
         self._queued[layer] = plan
         free, scores = self._stage_free[parity], scores or self._scores[layer]
         self.mover.fetch(layer, lambda m: run_fetch(m, self, plan, free, scores))

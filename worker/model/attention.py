@@ -11,10 +11,9 @@ Two forms of one attention (column j of row b visible iff j <= pos[b]):
   V), the mask derived from the positions inside the function; `torch.compile` turns it into two
   cuBLAS products and one fused masked softmax. HF's eager math: scores in the activation dtype,
   softmax in float32, cast back before the value product. With it (and the step's RoPE tables and
-  final norm compiled too) the graphed 8B decode step on an H200 went from 5.27 to 4.75 ms
-  (benchmarks/results/kv_decode_a*.txt; profiles in decode_profile_experiments.txt). A variant written as
-  reductions, for Triton to generate everything, was slower (8.5 us for the scores of a 512-token
-  span against cuBLAS's 3.2 us) and was dropped.
+  final norm compiled too) the graphed 8B decode step got faster; a variant written as reductions,
+  for Triton to generate everything, computed the scores slower than cuBLAS and was dropped
+  (measured: benchmarks/results/README.md).
 The forms differ in rounding, as eager and compiled code do anyway; every cache of a process uses
 the same form, so weight modes and KV tiers stay bit-identical to each other.
 

@@ -5,9 +5,10 @@
 - Inductor's deterministic mode: by default Inductor times several block sizes for each reduction
   kernel (norms, softmax) in every new process and keeps the fastest, so two processes may sum in a
   different order and a bf16 greedy decode drifts apart after a few dozen tokens (seen on an H200
-  before this setting). A fixed choice costs nothing measurable here (8B, 4 layers, H200: 0.862 vs
-  0.860 ms per graphed step) and makes a run reproducible across processes: gpu mode in one worker
-  equals a streaming mode in another (benchmarks/results/kv_decode_a.txt: two processes, same tokens).
+  before this setting). A fixed choice costs nothing measurable in a graphed decode step
+  (measured: benchmarks/results/README.md) and makes a run reproducible across processes: gpu mode in
+  one worker equals a streaming mode in another (benchmarks/results/kv_decode_a.txt: two processes,
+  same tokens).
 - A high recompile limit: a worker process runs many runs and sees many (batch, tokens) shapes.
 """
 

@@ -1,7 +1,8 @@
 """CUDA graphs for the all-resident decode step.
 
-At batch 1 a decode step of an 8B model reads ~16 GB of weights in ~4 ms, while launching its
-~400 kernels from Python takes longer than that: the GPU waits on the host. Capturing the step once
+At batch 1 a decode step of an 8B model reads its ~16 GB of weights in a few milliseconds, while
+launching its hundreds of kernels from Python takes longer than that: the GPU waits on the host
+(measured: benchmarks/results/README.md). Capturing the step once
 per KV-length bucket and replaying it removes the launch cost. Only all-resident weights qualify
 (a streamed group arrives at a time the host decides, which a graph cannot express); tokens and
 positions go through static buffers, and the cache attends over the bucket's fixed length with a

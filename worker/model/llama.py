@@ -4,9 +4,10 @@ Per layer the loop reads `wait(attn) → attention + output projection → relea
 MLP → release(ffn)`: the weight source (all-resident or a streamer) hands out a group's tensors on the
 compute device and learns when the compute that reads them has been issued, so it can prefetch ahead
 and reuse slots. Each group is released right after its last reader: when the attn group was held to
-the end of the layer, the next layer's attn copy waited behind this layer's MLP (4.1 ms of idle copy
-engine per 70B layer in a 2048-token prefill with one attn slot, benchmarks/prefill_profile.py). Every mode runs
-exactly these kernels on the same shapes, which is why streaming modes equal `gpu` mode bit for bit.
+the end of the layer, the next layer's attn copy waited behind this layer's MLP, and the copy engine
+sat idle through every 70B layer's MLP in a 2048-token prefill with one attn slot
+(measured: benchmarks/results/README.md). Every mode runs exactly these kernels on the same shapes,
+which is why streaming modes equal `gpu` mode bit for bit.
 """
 
 from __future__ import annotations

@@ -240,8 +240,9 @@ class BlobWriter:
 
     Writes run on a small pool (pwrite at distinct offsets is safe in parallel and keeps the SSD's
     queue full); each group is hashed in order on one thread, and consecutive groups hash in parallel
-    (sha256 is ~2 GB/s per core, slower than an NVMe). A window's `release` runs once it is both
-    written and hashed, which is how the caller recycles its buffers and bounds memory.
+    (sha256 on one core is slower than an NVMe reads; measured: benchmarks/results/README.md). A
+    window's `release` runs once it is both written and hashed, which is how the caller recycles its
+    buffers and bounds memory.
     """
 
     def __init__(self, fd: int, writers: int = 4, hashers: int = 4):

@@ -9,7 +9,7 @@ import torch
 
 from worker.model.step import Group
 from worker.pack.blob import group_views
-from worker.pack.groups import RESIDENT, GroupKey, all_groups, fused, group_tensors
+from worker.pack.groups import RESIDENT, GroupKey, all_groups, fused
 
 
 class ResidentWeights:
@@ -23,21 +23,11 @@ class ResidentWeights:
         return cls({key: fused(group_views(pack.manifest, key.name, pack.read_raw(key).to(device)))
                     for key in all_groups(n)})
 
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], n_layers: int, tied: bool,
-                        device: torch.device) -> ResidentWeights:
-        """From HF-named tensors (tests build engines straight from a transformers model)."""
-        return cls({key: {short: state[name].to(device) for short, name in group_tensors(key, tied).items()}
-                    for key in all_groups(n_layers)})
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())
 
     def resident(self) -> Group:
         return self._res
-
-    def begin_pass(self) -> None:
-        pass
 
     def wait(self, layer: int, kind: str) -> Group:
         return self.groups[GroupKey(layer, kind)]

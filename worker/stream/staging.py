@@ -20,8 +20,6 @@ from worker.stream.hostmem import HostArena
 from worker.stream.pieces import Piece
 from worker.stream.ssd import SSDReader
 
-_STOP = object()
-
 
 class DirectStager:
     def __init__(self, manifest, order: list[GroupKey], reader: SSDReader, arena: HostArena, n_buffers: int):

@@ -65,9 +65,9 @@ def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) ->
 
     The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: with
     one ffn slot the next ffn copy waits for this layer's MLP, hidden only while the attn copy in
-    between lasts longer than the MLP. In a 70B 2048-token prefill it does (MLP ~4 ms, attn copy 5.5 ms):
-    1+1 and 1+2 slots measured alike (0.91 / 0.90, benchmarks/results/prefill_profile.txt); longer
-    prompts or batches make the MLP outlast it."""
+    between lasts longer than the MLP. In a 70B 2048-token prefill it does, and 1+1 and 1+2 slots
+    attain alike (measured: benchmarks/results/README.md); longer prompts or batches make the MLP
+    outlast it."""
     kinds = sorted((k for k in KINDS if capacity.get(k)), key=lambda k: -capacity[k])
     counts = {k: 0 for k in KINDS}
     if not kinds:
@@ -144,6 +144,7 @@ class WeightStreamer:
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
         on_device = device_bytes(self._resident.values(), device)
         counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
+        self.slots = counts  # GPU slots per group kind, as reported in io_stats()["gpu_slots"]
         self.pool = SlotPool(capacity, counts, device, cfg.evict_finished)
         self.ahead = min(self.ahead, sum(counts.values()) - 1)
         self._cond = threading.Condition()
@@ -154,6 +155,7 @@ class WeightStreamer:
         self._stop = False
         self._error: BaseException | None = None
         self._copy_stream = self.sync.stream()
+        self._backlog: collections.deque = collections.deque()  # ready events of queued copies (fetch thread)
         self._preload = max(self.ahead, min(2 * cfg.warmup_layers, sum(counts.values()) - 1))
         self._fillable = fillable(self.order, counts)
         self._thread = threading.Thread(target=self._fetch_loop, name="h2d-fetch", daemon=True)
@@ -168,9 +170,6 @@ class WeightStreamer:
 
     def resident(self) -> dict[str, torch.Tensor]:
         return self._resident[GroupKey(None, RESIDENT)]
-
-    def begin_pass(self) -> None:
-        pass
 
     def wait(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
         key = GroupKey(layer, kind)
@@ -203,28 +202,19 @@ class WeightStreamer:
     # ---- the fetch thread -----------------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
+        """The fetch thread: each streamed group in consumption order, cyclically across passes, waits
+        for room ahead of the compute, takes a slot, is copied in unless the slot still holds it, and is
+        handed to the compute side. An error is kept for `wait` to raise on the compute thread."""
         try:
             if self.sync.cuda:
                 torch.cuda.set_device(self.device)
-            backlog: collections.deque = collections.deque()
             for n, key in enumerate(itertools.cycle(self.order)):
-                limit = self._preload if self._consumed == 0 else self.ahead
-                with self._cond:
-                    while n - self._consumed > limit and not self._stop:
-                        self._cond.wait(timeout=0.5)
-                        limit = self._preload if self._consumed == 0 else self.ahead
-                    if self._stop:
-                        return
+                if not self._wait_for_room(n):
+                    return
                 slot, hit = self.pool.acquire(key)
                 if not hit:
-                    self._copy_in(key, slot)
-                    backlog.append(slot.ready_event)
-                    while len(backlog) > self.cfg.h2d_group_backlog_max:
-                        backlog.popleft().synchronize()
-                with self._cond:
-                    self._fetched.append((key, slot))
-                    self._issued += 1
-                    self._cond.notify_all()
+                    self._copy(key, slot)
+                self._publish(key, slot)
         except BaseException as e:
             if self._stop:
                 return  # a provider refused because the engine is closing
@@ -232,6 +222,34 @@ class WeightStreamer:
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
+
+    def _ahead_limit(self) -> int:
+        """Before the compute consumed its first group the fetch may run as far as the preload, so the
+        warm-up layers land while the first forward is being set up; from then on `ahead` groups."""
+        return self._preload if self._consumed == 0 else self.ahead
+
+    def _wait_for_room(self, n: int) -> bool:
+        """Block until the n-th fetched group is within the limit ahead of the compute; False once the
+        streamer is closing."""
+        with self._cond:
+            while n - self._consumed > self._ahead_limit() and not self._stop:
+                self._cond.wait(timeout=0.5)
+            return not self._stop
+
+    def _copy(self, key: GroupKey, slot: Slot) -> None:
+        """Copy the group into its slot, then keep at most h2d_group_backlog_max group copies queued on
+        the device: the host waits for the oldest, so it never runs far ahead of the copy engine."""
+        self._copy_in(key, slot)
+        self._backlog.append(slot.ready_event)
+        while len(self._backlog) > self.cfg.h2d_group_backlog_max:
+            self._backlog.popleft().synchronize()
+
+    def _publish(self, key: GroupKey, slot: Slot) -> None:
+        """Hand the slot to the compute side; `wait` pops it in the same order."""
+        with self._cond:
+            self._fetched.append((key, slot))
+            self._issued += 1
+            self._cond.notify_all()
 
     def _copy_in(self, key: GroupKey, slot: Slot) -> None:
         home = self.placement.home[key.layer]
@@ -296,6 +314,7 @@ class WeightStreamer:
             "weight_h2d": self.h2d.stats(),
             "pinned_host_bytes": self.arena.nbytes,
             "gpu_slot_bytes": self.pool.nbytes,
+            "gpu_slots": dict(self.slots),
             "warnings": list(self.reader.warnings) if self.reader else [],
         }
 
