@@ -49,3 +49,18 @@ def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
 def tiny_ckpt(make_ckpt) -> Path:
     """The tiny preset: 2 layers, float32, vocabulary 1000 (hidden 256, 8 heads, 2 KV heads)."""
     return make_ckpt()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_lock_dir(tmp_path_factory):
+    """The host-wide device and suite-run locks (worker.host.devlock) in a directory of this test
+    session's own, so a `bench` running beside the tests (or another test session) cannot block them."""
+    import os
+
+    old = os.environ.get("STREAMBENCH_LOCK_DIR")
+    os.environ["STREAMBENCH_LOCK_DIR"] = str(tmp_path_factory.mktemp("locks"))
+    yield
+    if old is None:
+        os.environ.pop("STREAMBENCH_LOCK_DIR", None)
+    else:
+        os.environ["STREAMBENCH_LOCK_DIR"] = old
