@@ -173,3 +173,38 @@ def test_results_that_is_a_file_fails_before_ray_starts(tiny_ckpt, tmp_path):
 def test_a_negative_limit_is_refused(dataset_with_strays):
     one_line_exit_2(bench("results", "--results", str(dataset_with_strays[0]), "--limit", "-3"),
                     "Invalid value for '--limit'")
+
+
+class _Boom:
+    """Unpickling this runs code: it leaves a file behind, the proof that a pickle was loaded."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("shards", ["renamed", "without-index", "kept"])
+def test_the_peer_never_loads_a_pickle(tiny_ckpt, tmp_path, shards):
+    import pickle
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns(".streambench-pack"))
+    marker = tmp_path / "pickle-ran"
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _Boom(str(marker))}))
+    if shards == "renamed":  # only the pickle looks like weights
+        for f in ckpt.glob("*.safetensors"):
+            f.rename(f.with_suffix(".st"))
+    if shards != "kept":  # shards without their index: transformers would fall back to the pickle
+        (ckpt / "model.safetensors.index.json").unlink(missing_ok=True)
+    r = bench("run", "--checkpoints", str(ckpt), "--engine", "accelerate", "--mode", "cpu", "--prompt-len", "4",
+              "--max-new-tokens", "2", "--max-seq-len", "16", "--out-json", str(tmp_path / "r.json"), cwd=tmp_path)
+    assert not marker.exists()
+    if shards == "kept":
+        assert r.returncode == 0, r.stderr  # the safetensors are what it loads
+    else:
+        one_line_exit_2(r, {"renamed": "has no *.safetensors files",
+                            "without-index": "safetensors only: transformers finds no model.safetensors"}[shards])

@@ -140,3 +140,39 @@ def test_readers_skip_a_live_claim_in_the_dataset(tmp_path):
     with lease.claim(str(tmp_path / "res"), "live-1"):
         assert (tmp_path / "res" / lease.LEASE_DIR / "live-1.json").is_file()
         assert read_results(str(tmp_path / "res")).num_rows == len(rows)
+
+
+def run_args(ckpt, tmp_path, name: str, *extra: str) -> list[str]:
+    return ["run", "--checkpoints", str(ckpt), "--mode", "cpu", "--prompt-len", "8", "--max-new-tokens", "48",
+            "--max-seq-len", "64", "--temperature", "0", "--no-roofline", "--pack-dir", str(tmp_path / "pack"),
+            "--out-json", str(tmp_path / f"{name}.json"), *extra]
+
+
+def test_bench_run_waits_for_a_device_another_engine_holds(tiny_ckpt, tmp_path):
+    from benchcli import bench
+
+    holder = start_holder("cpu", 60)  # as if another engine ran on this host's CPU
+    try:
+        r = bench(*run_args(tiny_ckpt, tmp_path, "refused", "--device-wait-s", "1"), timeout=120)
+        assert r.returncode == 2 and "the CPU is in use by another engine" in r.stderr and f"pid {holder.pid}" in r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "refused.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_engines_on_one_device_never_overlap(tiny_ckpt, tmp_path):
+    from benchcli import BENCH
+
+    bench_env = {**os.environ}
+    procs = [subprocess.Popen([*BENCH, *run_args(tiny_ckpt, tmp_path, f"r{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=bench_env) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    docs = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
+    spans = sorted((d["locks"]["acquired_at"], d["locks"]["released_at"]) for d in docs)
+    assert spans[0][1] <= spans[1][0], spans  # the second engine started after the first let go
+    assert all(d["locks"]["keys"][0] == "cpu" and d["locks"]["keys"][1].startswith("disk-") for d in docs)
+    assert max(d["locks"]["waited_s"] for d in docs) > 0  # one of them waited
+    assert docs[0]["outputs"] == docs[1]["outputs"]

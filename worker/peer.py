@@ -39,6 +39,7 @@ from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate, measure
+from worker.host import devlock
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
 from worker.pack.source import SourceTensor, read_index
@@ -236,12 +237,26 @@ def peer_generate(model, prompt_ids: list[list[int]], cfg: RunConfig, eos: tuple
                     s.temperature, s.top_p, s.seed, eos, pad, device, keep_logits=keep_logits)
 
 
+def _check_loadable(ckpt: Path) -> None:
+    """transformers finds safetensors weights by name: model.safetensors, or shards listed by their
+    index. Without either it would fall back to a pytorch_model.bin, a pickle; refuse before it tries."""
+    if not any((ckpt / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"the accelerate peer loads {ckpt} as safetensors only: transformers finds no "
+                        "model.safetensors or model.safetensors.index.json there (sharded weights need their "
+                        "index; `bench make-model` writes one)")
+
+
 def load_model(ckpt: str, plan: Placement, dtype: torch.dtype, offload_dir: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=plan.device_map,
-                                                max_memory=plan.max_memory, offload_folder=offload_dir,
-                                                local_files_only=True).eval()
+    # safetensors only: a pytorch_model.bin beside the shards is a pickle, and loading it runs its code
+    try:
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=plan.device_map,
+                                                    max_memory=plan.max_memory, offload_folder=offload_dir,
+                                                    local_files_only=True, use_safetensors=True).eval()
+    except OSError as e:  # transformers names what it looked for; only safetensors are ever loaded
+        raise UserError(f"the accelerate peer loads {ckpt} as safetensors only, and transformers could not: "
+                        f"{str(e).splitlines()[0][:200]}") from None
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -256,6 +271,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     mc = ModelConfig.from_hf_dir(cfg.checkpoints)
     dtype = getattr(torch, mc.dtype if cfg.dtype == "auto" else cfg.dtype)
     tensors = read_index(cfg.checkpoints)
+    _check_loadable(Path(cfg.checkpoints))
     tok = load_tokenizer(cfg.checkpoints)
     prompt_ids = prompt_ids_for(tok, cfg)
     eos, pad = mc.eos_token_ids or eos_ids(tok), pad_id(tok)
@@ -263,7 +279,9 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     plan = plan_placement(cfg, mc, device, module_bytes(tensors, dtype.itemsize), dtype)
     log.info("peer: mode=%s device=%s dtype=%s layers per tier %s", cfg.stream.mode, device, dtype, plan.layers)
     os.makedirs(envs.cache_dir(), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="peer-offload-", dir=envs.cache_dir()) as offload:
+    keys = [devlock.device_key(device), devlock.disk_key(cfg.checkpoints), devlock.disk_key(envs.cache_dir())]
+    with devlock.hold(keys, cfg.device_wait_s) as held, \
+            tempfile.TemporaryDirectory(prefix="peer-offload-", dir=envs.cache_dir()) as offload:
         model = load_model(cfg.checkpoints, plan, dtype, offload)
         try:
             gen = _measure(model, cfg, prompt_ids, eos, pad, device, phase)
@@ -278,7 +296,8 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     warnings = plan.notes + (["peer disk offload reads the safetensors files through the page cache "
                               "(accelerate memory-maps them)"] if plan.layers.get("disk") else [])
     result = assemble_result(cfg, model_block, device, gen, prompt_ids, tok, base_env or {},
-                             io={"warnings": warnings})
+                             io={"warnings": warnings}, locks=held)
+    result["locks"] = held.to_dict()  # with the release time
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")

@@ -20,6 +20,7 @@ import torch
 
 from worker import __version__, envs
 from worker.config import RunConfig
+from worker.errors import UserError
 from worker.generate import Generation
 
 RESULT_SCHEMA = "streambench.run/1"
@@ -62,7 +63,7 @@ def kv_tiers(io: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_result(cfg: RunConfig, engine, pack, device: torch.device, gen: Generation,
-                 prompt_ids: list[list[int]], tok, base_env: dict[str, str]) -> dict[str, Any]:
+                 prompt_ids: list[list[int]], tok, base_env: dict[str, str], locks=None) -> dict[str, Any]:
     mc = engine.cfg
     model = {
         "name": Path(cfg.checkpoints).name,
@@ -72,12 +73,21 @@ def build_result(cfg: RunConfig, engine, pack, device: torch.device, gen: Genera
         "n_params": sum(math.prod(t.shape) for t in pack.manifest.tensors),
         "weight_bytes": sum(t.nbytes for t in pack.manifest.tensors),
     }
-    return assemble_result(cfg, model, device, gen, prompt_ids, tok, base_env, engine.io())
+    return assemble_result(cfg, model, device, gen, prompt_ids, tok, base_env, engine.io(), locks, pack)
+
+
+def pack_record(pack=None) -> dict[str, Any]:
+    """Which pack the run read and how it was checked before use (worker.pack.verify); all None for
+    the peer, which reads the checkpoint itself."""
+    check = (pack.check if pack is not None else None) or {}
+    return {"manifest": str(pack.manifest_path) if pack is not None else None,
+            "blob": str(pack.blob_path) if pack is not None else None,
+            "check": check.get("check"), "verified_at": check.get("verified_at")}
 
 
 def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device, gen: Generation,
                     prompt_ids: list[list[int]], tok, base_env: dict[str, str],
-                    io: dict[str, Any]) -> dict[str, Any]:
+                    io: dict[str, Any], locks=None, pack=None) -> dict[str, Any]:
     """The document around one measured generation; shared by the streaming engine and the peer.
 
     `io` is the engine's `io()` dict (channels, pinned_host_bytes, roofline, warnings, the weight
@@ -116,6 +126,8 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
         "io": {ch: io.get(ch) for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h", "kv_ssd")
                if ch != "kv_ssd" or io.get(ch) is not None},  # kv_ssd only when the KV cache spilled
         "roofline": io.get("roofline"),
+        "locks": locks.to_dict() if locks is not None else None,  # the devices held, and the wait for them
+        "pack": pack_record(pack),
         "warnings": io.get("warnings", []),
         "outputs": [
             {"prompt_token_ids": p, "token_ids": t, "text": tok.decode(t, skip_special_tokens=True)}
@@ -124,14 +136,40 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
     }
 
 
-def write_json(doc: dict[str, Any], path: str | os.PathLike) -> None:
+PROBE_BYTES = 1 << 20  # more than a run's JSON: a disk that takes this takes the result
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """Before a run starts: can its result be written to `path`? A directory in the way, no
+    permission, a read-only or full disk fail now, in one line, instead of after the measurement."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory: give a file name (e.g. {path / 'bench_results.json'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be written ({e.strerror or e}); choose another location") from None
+
+
+def write_json(doc: dict[str, Any], path: str | os.PathLike) -> None:
+    """Temp file + rename: a reader never sees half a document, and a failed write leaves nothing."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); nothing was written there") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

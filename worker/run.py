@@ -16,9 +16,10 @@ from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, decode_spans, generate, measure
+from worker.host import devlock
 from worker.model.geometry import ModelConfig
 from worker.prompts import eos_ids, pad_id, prompt_ids_for
-from worker.result import build_result, write_json
+from worker.result import build_result, check_output_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
     if cfg.verbose:
         logging.getLogger("worker").setLevel(logging.DEBUG)
     device = pick_device(cfg.device)
+    if cfg.out_json:
+        check_output_file(cfg.out_json, "--out-json")  # before any work: a run whose result cannot land is lost
     if cfg.engine == "accelerate":
         from worker.peer import run_peer
 
@@ -68,17 +71,19 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
     tok = load_tokenizer(cfg.checkpoints)
     prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
     phase("pack")
-    pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest,
-                       raw_device=cfg.raw_device, dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest, raw_device=cfg.raw_device,
+                       dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days)
     phase("load")
-    engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
-    try:
-        gen = _measure(engine, cfg, prompt_ids, tok, device, phase)
-        result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied)
-        if cfg.roofline:
-            result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
-    finally:
-        engine.close()
+    with devlock.hold([devlock.device_key(device), devlock.disk_key(pack.blob_path)], cfg.device_wait_s) as held:
+        engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
+        try:
+            gen = _measure(engine, cfg, prompt_ids, tok, device, phase)
+            result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied, locks=held)
+            if cfg.roofline:
+                result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
+        finally:
+            engine.close()
+    result["locks"] = held.to_dict()  # with the release time: the devices were the run's until then
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")

@@ -51,8 +51,11 @@ class Held:
                 "released_at": self.released_at, "waited_for": self.waited_for}
 
 
-def gpu_key(device) -> str:
-    """The lock key of a torch CUDA device: its UUID (index as a fallback where torch has no UUID)."""
+def device_key(device) -> str:
+    """The lock key of a torch compute device: a GPU by its UUID (index as a fallback where torch
+    has no UUID), the CPU as `cpu`."""
+    if device.type != "cuda":
+        return "cpu"
     import torch
 
     props = torch.cuda.get_device_properties(device)
