@@ -119,6 +119,29 @@ def engine_process_env() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in BASE_PROCESS_ENV.items()}
 
 
+EMBEDDED_RAY_MARK = "STREAMBENCH_EMBEDDED_RAY"
+
+
+def embedded_ray_owner() -> str | None:
+    """The id every process of an embedded Ray carries in its environment (tests may choose it)."""
+    return os.environ.get(EMBEDDED_RAY_MARK) or None
+
+
+def prepare_embedded_ray(owner: str) -> dict[str, str]:
+    """Set what the processes of an embedded local Ray inherit (see orchestrator.cluster.embedded):
+    Ray's single-machine mode (every listener on 127.0.0.1), token authentication unless the user
+    chose a mode, no usage reporting, and the owner mark, last (Ray renames its processes by
+    overwriting the start of their environment block, the end survives). Returns what was set."""
+    values = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    if "RAY_AUTH_MODE" not in os.environ:
+        values["RAY_AUTH_MODE"] = "token"
+    for key, value in values.items():
+        os.environ[key] = value
+    os.environ.pop(EMBEDDED_RAY_MARK, None)
+    os.environ[EMBEDDED_RAY_MARK] = owner
+    return {**values, EMBEDDED_RAY_MARK: owner}
+
+
 def ray_auth_mode() -> str | None:
     """RAY_AUTH_MODE as set by the user (Ray's token authentication: "token" or "disabled")."""
     return os.environ.get("RAY_AUTH_MODE") or None
