@@ -19,7 +19,22 @@ from worker.errors import UserError
 from worker.synth.presets import PRESETS
 
 
+def _version(ctx: click.Context, _param, value: bool) -> None:
+    """`bench --version`: the package version, and the commit when run from a checkout."""
+    if not value or ctx.resilient_parsing:
+        return
+    from worker import __version__
+    from worker.host import hostinfo
+
+    commit = hostinfo.git_commit()
+    where = f" (commit {commit[:12]}{', uncommitted changes' if hostinfo.git_dirty() else ''})" if commit else ""
+    click.echo(f"streambench {hostinfo.engine_version() or __version__}{where}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Print the version (and the git commit of a checkout) and exit.")
 @click.option("-v", "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
               help="Log level of the library's messages (stderr).", show_default=True)
 def bench(log_level: str) -> None:

@@ -208,3 +208,17 @@ def test_the_peer_never_loads_a_pickle(tiny_ckpt, tmp_path, shards):
     else:
         one_line_exit_2(r, {"renamed": "has no *.safetensors files",
                             "without-index": "safetensors only: transformers finds no model.safetensors"}[shards])
+
+
+def test_version_names_the_package_and_the_checkouts_commit():
+    import re
+    import subprocess
+
+    from worker import __version__
+
+    r = bench("--version")
+    assert r.returncode == 0 and r.stdout.startswith(f"streambench {__version__}"), r
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if head.returncode == 0:  # a checkout: its commit is named
+        assert re.search(rf"\(commit {head.stdout.strip()[:12]}", r.stdout), r.stdout

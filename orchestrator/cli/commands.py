@@ -28,8 +28,9 @@ RESULT_VIEW = ("finished_at", "suite", "run_id", "status", "host", "nvme_device"
                                                    "runs already recorded under it are skipped.")
 @click.option("--detach", is_flag=True, help="Submit as a Ray Job and return (needs ray[default]); follow it "
                                              "with `bench status` / `bench logs`.")
+@click.option("--wide", is_flag=True, help="Show every column of the summary, full run ids.")
 def submit_cmd(suite: str | None, address: str | None, results: str | None, dry_run: bool,
-               suite_run_id: str | None, detach: bool) -> None:
+               suite_run_id: str | None, detach: bool, wide: bool) -> None:
     """Run a benchmark suite (a YAML file or an embedded name; default: smoke) on a Ray cluster.
 
     One actor per (host, GPU, NVMe device); every finished run is written at once as a row of the
@@ -61,7 +62,7 @@ def submit_cmd(suite: str | None, address: str | None, results: str | None, dry_
     check_writable(results)  # before Ray starts: a store that cannot take a row fails now, not after a run
     console.print(f"suite run id: {run_id}", highlight=False)
     out = _submit_live(plan, results, run_id, address)
-    console.print(render_rows(out.rows, title=f"suite {plan.name} · {run_id} · {out.where}"))
+    console.print(render_rows(out.rows, title=f"suite {plan.name} · {run_id} · {out.where}", wide=wide))
     console.print(f"results: {results}  ({len(out.rows)} rows written, {out.failed} failed, "
                   f"{len(out.already_recorded)} already recorded)", highlight=False, soft_wrap=True)
     if out.interrupted:
@@ -124,8 +125,10 @@ def hosts_cmd(address: str | None, as_json: bool) -> None:
 @click.option("--columns", default=None, help="Comma-separated columns [default: a summary; `all` for every one].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the last N rows.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--wide", is_flag=True, help="Table: every requested column and full run ids (default: what fits "
+                                           "the terminal).")
 def results_cmd(results: str | None, suites, suite_run_ids, since, until, commits, hosts, status: str | None,
-                columns: str | None, limit: int | None, fmt: str) -> None:
+                columns: str | None, limit: int | None, fmt: str, wide: bool) -> None:
     """Show the results dataset (filtered) as a table, CSV or JSON."""
     from orchestrator.cluster.progress import render_rows
     from orchestrator.results.query import select_table
@@ -147,7 +150,8 @@ def results_cmd(results: str | None, suites, suite_run_ids, since, until, commit
         writer.writeheader()
         writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
     else:
-        console.print(render_rows(rows, columns=tuple(table.column_names), title=f"{len(rows)} runs"))
+        console.print(render_rows(rows, columns=tuple(table.column_names), title=f"{len(rows)} runs",
+                                  wide=wide or columns is not None))
 
 
 @click.command("status")

@@ -74,15 +74,50 @@ def render_progress(p: Progress, title: str = "") -> Table:
 
 RESULT_COLUMNS = ("run_id", "status", "host", "nvme_device", "model", "mode", "batch_size", "prompt_len",
                   "ttft_ms", "decode_tok_s", "e2e_ms", "attainment_decode", "error")
+# What fits 80 columns: the run (a short id), where, what, and the numbers that matter most.
+NARROW_COLUMNS = ("run_id", "status", "host", "model", "mode", "batch_size", "prompt_len", "decode_tok_s",
+                  "attainment_decode", "error")
+HEADERS = {"run_id": "run", "batch_size": "batch", "prompt_len": "prompt", "decode_tok_s": "tok/s",
+           "attainment_decode": "attain", "ttft_ms": "TTFT ms", "e2e_ms": "e2e ms", "nvme_device": "nvme",
+           "max_new_tokens": "new", "suite_run_id": "suite run", "finished_at": "finished"}
+SHORT_ID = 6  # hex digits of a run id's spec hash shown by default (more where they collide)
 
 
-def render_rows(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESULT_COLUMNS, title: str = "") -> Table:
-    t = Table(title=title or None, title_justify="left")
+def render_rows(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESULT_COLUMNS, title: str = "",
+                wide: bool = True) -> Table:
+    """Rows as a table. Not `wide`: the columns of NARROW_COLUMNS that are given, a column whose value
+    is the same in every row said once in the caption instead, run ids cut to their shortest unique
+    prefix, errors folded into the width left, so the table reads at 80 columns; `wide` shows
+    everything as it is."""
+    caption = None
+    if not wide:
+        columns = tuple(c for c in NARROW_COLUMNS if c in columns)
+        same = [c for c in columns if c not in ("run_id", "status", "error") and len(rows) > 1
+                and len({_fmt(r.get(c)) for r in rows}) == 1]
+        columns = tuple(c for c in columns if c not in same)
+        caption = " · ".join(f"{HEADERS.get(c, c)} {_fmt(rows[0].get(c))}" for c in same) or None
+    short = _short_ids(rows) if not wide else {}
+    t = Table(title=title or None, title_justify="left", caption=caption, caption_justify="left")
     for col in columns:
-        t.add_column(col, overflow="fold", max_width=60 if col == "error" else None)
+        if col == "error":
+            t.add_column(HEADERS.get(col, col), overflow="fold", ratio=1, min_width=None if wide else 16,
+                         max_width=60 if wide else None)
+        else:
+            t.add_column(HEADERS.get(col, col) if not wide else col, overflow="fold", no_wrap=not wide)
     for row in rows:
-        t.add_row(*(Text(_fmt(row.get(c))) for c in columns))
+        t.add_row(*(Text(short.get(row.get(c), _fmt(row.get(c))) if c == "run_id" else _fmt(row.get(c)))
+                    for c in columns))
     return t
+
+
+def _short_ids(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """run id (hash-rN) → its shortest prefix of at least SHORT_ID hex digits unique among `rows`."""
+    ids = sorted({r["run_id"] for r in rows if r.get("run_id")})
+    for n in range(SHORT_ID, 17):
+        cut = {i: i.partition("-")[0][:n] + ("-" + i.partition("-")[2] if "-" in i else "") for i in ids}
+        if len(set(cut.values())) == len(ids):
+            return cut
+    return {i: i for i in ids}
 
 
 def _fmt(value: Any) -> str:
