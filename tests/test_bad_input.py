@@ -222,3 +222,44 @@ def test_version_names_the_package_and_the_checkouts_commit():
                           cwd=Path(__file__).resolve().parent.parent)
     if head.returncode == 0:  # a checkout: its commit is named
         assert re.search(rf"\(commit {head.stdout.strip()[:12]}", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--group-prefetch-depth", "0", "group_prefetch_depth must be >= 1 (got 0)"),
+    ("--out-json", "DIR", "--out-json DIR is a directory: give a file name"),
+])
+def test_run_flags_checked_before_any_work(tiny_ckpt, tmp_path, flag, value, expected):
+    value = value.replace("DIR", str(tmp_path))
+    r = bench("run", "--checkpoints", str(tiny_ckpt), flag, value, "--pack-dir", str(tmp_path / "pack"), cwd=tmp_path)
+    one_line_exit_2(r, expected.replace("DIR", str(tmp_path)))
+    assert not (tmp_path / "pack").exists()  # nothing packed, nothing measured
+
+
+def test_out_json_that_is_not_a_regular_file_is_refused(tiny_ckpt, tmp_path):
+    """(A device node as --out-json was replaced by the JSON: the write is temp file + rename.)"""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = bench("run", "--checkpoints", str(tiny_ckpt), "--out-json", str(fifo), "--pack-dir", str(tmp_path / "pack"),
+              cwd=tmp_path)
+    one_line_exit_2(r, "exists and is not a regular file")
+    assert fifo.is_fifo() and not (tmp_path / "pack").exists()
+
+
+def test_out_json_on_a_full_disk_fails_before_the_run(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from worker import result
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(result.os, "fsync", full)
+    with pytest.raises(UserError, match="r.json cannot be written .No space left on device"):
+        result.check_output_file(tmp_path / "r.json", "--out-json")
+    assert list(tmp_path.iterdir()) == []  # the probe is gone too
+    monkeypatch.undo()
+    result.check_output_file(tmp_path / "r.json", "--out-json")
+    assert not os.path.exists(tmp_path / "r.json")

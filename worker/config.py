@@ -44,7 +44,7 @@ class StreamConfig:
     mode: Mode = _f("gpu", "Where weights live: gpu (all resident), cpu (pinned RAM, streamed H2D), "
                     "ssd (streamed from the SSD tier), mixed (GPU layers + CPU cache + SSD).")
     prefetch_distance: Count = _f(6, "Layers the GPU tier prefetches ahead of the compute.")
-    group_prefetch_depth: Count = _f(4, "Groups (attn/ffn) the GPU tier keeps in flight ahead.")
+    group_prefetch_depth: Positive = _f(4, "Groups (attn/ffn) the GPU tier keeps in flight ahead.")
     gpu_cached_layers: Count = _f(4, "Layers kept resident on the GPU in mixed mode.")
     cpu_cache_layers: Count = _f(40, "Layers held in pinned CPU memory in mixed mode.")
     cpu_policy: CpuPolicy = _f("pinned-subset", "CPU tier policy: a pinned subset of layers (default: reads "

@@ -145,6 +145,8 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory: give a file name (e.g. {path / 'bench_results.json'})")
+    if path.exists() and not path.is_file():  # a device or a pipe: the rename would replace it
+        raise UserError(f"{what} {path} exists and is not a regular file; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check") as f:
