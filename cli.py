@@ -122,7 +122,7 @@ def make_model_cmd(out_dir: str, preset: str, layers: int | None, dtype: str, se
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt text.")
 def make_prompts_cmd(checkpoints: str, n: int, length: int, out_path: str, seed: int) -> None:
     """Write N prompts of exactly LEN tokens each (the seed's prompts_batch512_len2048.txt)."""
-    from worker.prompts import make_prompts
+    from worker.text.prompts import make_prompts
 
     path = make_prompts(checkpoints, n, length, out_path, seed=seed)
     console.print(f"{path} ({n} prompts × {length} tokens)", highlight=False, soft_wrap=True)

@@ -251,7 +251,7 @@ def test_out_json_on_a_full_disk_fails_before_the_run(tmp_path, monkeypatch):
     import errno
     import os
 
-    from worker import result
+    from worker import files as result
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

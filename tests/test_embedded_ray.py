@@ -12,7 +12,6 @@ import ipaddress
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 

@@ -22,9 +22,9 @@ from worker.kv.offload import Throttle
 from worker.kv.paged import PagedKVCache
 from worker.kv.static import StaticKVCache
 from worker.pack.cache import ensure_pack
-from worker.prompts import prompt_ids_for
 from worker.run import resolve_config, run
-from worker.tokenizer import load_tokenizer
+from worker.text.prompts import prompt_ids_for
+from worker.text.tokenizer import load_tokenizer
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, processors
 
 import cli
 from worker.errors import UserError
-from worker.prompts import (
+from worker.text.prompts import (
     encode_batch,
     encode_texts,
     make_prompts,
@@ -20,7 +20,7 @@ from worker.prompts import (
     synth_prompts,
     word_pool,
 )
-from worker.tokenizer import build_tokenizer, load_tokenizer
+from worker.text.tokenizer import build_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import cli
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
 from worker.synth import checkpoints as synth
-from worker.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_layout, special_token_policy
+from worker.text.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_layout, special_token_policy
 
 TEXTS = ["Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\r\nlines", "héllo wörld — ünïcödé",
          "漢字とかな 🙂👍🏽", "x=1; y = x**2 # don't", "<|begin_of_text|> is only text here", ""]

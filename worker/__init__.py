@@ -2,12 +2,13 @@
 
 In the order a run flows: `config` (the typed run config; `envs` is the one reader of the
 environment, `errors` the one-line user errors) → `run` (one benchmark run: pack, build, warm up,
-measure) → `tokenizer` and `prompts` (the batch as fed) → `pack/` (checkpoint → aligned blob +
+measure) → `text/` (the tokenizer, and the batch as fed) → `pack/` (checkpoint → aligned blob +
 manifest) → `engine` (model + weight source + KV cache for a mode) over `model/` (the Llama forward),
 `stream/` (weights SSD → pinned CPU → GPU) and `kv/` (the paged, offloading KV cache) → `generate`
 with `sampling` (prefill, then decode; the warm-up and measured rounds) → `host/` (fingerprint,
-probe, roofline, clocks) → `result` (the run's JSON document). `peer` runs the same spec on HF
-transformers + accelerate; `synth/` makes synthetic checkpoints.
+probe, roofline, clocks) → `result` (the run's JSON document), written through `files` (whole or
+not at all). `peer` runs the same spec on HF transformers + accelerate; `synth/` makes synthetic
+checkpoints.
 """
 
 __version__ = "0.1.0"

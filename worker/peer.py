@@ -4,7 +4,7 @@
 an accelerate device map built from the run's budgets, then measures it with exactly the streaming
 engine's loop: `worker.generate.generate` drives the HF model through `HFForward`, an adapter with
 the engine's `forward(tokens, step, cache, logits_at)`, and `worker.generate.measure` runs the rounds.
-So prompts (`worker.prompts`), sampling, the stopping rule and the timing (TTFT, prefill, decode,
+So prompts (`worker.text.prompts`), sampling, the stopping rule and the timing (TTFT, prefill, decode,
 per-token CUDA events, warm-up excluded) are the same code, and the difference between two rows is the
 engine alone. One difference is kept: a peer warm-up round generates the full max_new_tokens (the
 engine's generate `WARMUP_TOKENS`), as peer rows always have, so that older peer rows stay comparable.
@@ -43,8 +43,8 @@ from worker.host import devlock
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
 from worker.pack.source import SourceTensor, read_index
-from worker.prompts import eos_ids, pad_id, prompt_ids_for
 from worker.result import assemble_result, write_json
+from worker.text.prompts import eos_ids, pad_id, prompt_ids_for
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def load_model(ckpt: str, plan: Placement, dtype: torch.dtype, offload_dir: str)
 def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
              base_env: dict[str, str] | None = None) -> dict[str, Any]:
     """`bench run --engine accelerate`: the run's spec on HF + accelerate, as a `streambench.run/1` dict."""
-    from worker.tokenizer import load_tokenizer
+    from worker.text.tokenizer import load_tokenizer
 
     cfg = dataclasses.replace(cfg, engine="accelerate")
     mc = ModelConfig.from_hf_dir(cfg.checkpoints)

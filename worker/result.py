@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from worker import __version__, envs
 from worker.config import RunConfig
-from worker.errors import UserError
+from worker.files import write_atomic
 from worker.generate import Generation
 
 RESULT_SCHEMA = "streambench.run/1"
@@ -136,42 +135,5 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
     }
 
 
-PROBE_BYTES = 1 << 20  # more than a run's JSON: a disk that takes this takes the result
-
-
-def check_output_file(path: str | os.PathLike, what: str) -> None:
-    """Before a run starts: can its result be written to `path`? A directory in the way, no
-    permission, a read-only or full disk fail now, in one line, instead of after the measurement."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory: give a file name (e.g. {path / 'bench_results.json'})")
-    if path.exists() and not path.is_file():  # a device or a pipe: the rename would replace it
-        raise UserError(f"{what} {path} exists and is not a regular file; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check") as f:
-            f.write(b"\0" * PROBE_BYTES)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise UserError(f"{what} {path} cannot be written ({e.strerror or e}); choose another location") from None
-
-
 def write_json(doc: dict[str, Any], path: str | os.PathLike) -> None:
-    """Temp file + rename: a reader never sees half a document, and a failed write leaves nothing."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); nothing was written there") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(doc, indent=2), "result JSON")

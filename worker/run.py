@@ -15,11 +15,12 @@ import torch
 from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
+from worker.files import check_output_file
 from worker.generate import Generation, decode_spans, generate, measure
 from worker.host import devlock
 from worker.model.geometry import ModelConfig
-from worker.prompts import eos_ids, pad_id, prompt_ids_for
-from worker.result import build_result, check_output_file, write_json
+from worker.result import build_result, write_json
+from worker.text.prompts import eos_ids, pad_id, prompt_ids_for
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
 
     from worker.engine import build_engine
     from worker.pack.cache import ensure_pack
-    from worker.tokenizer import load_tokenizer
+    from worker.text.tokenizer import load_tokenizer
 
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error

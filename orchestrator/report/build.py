@@ -11,7 +11,6 @@ the rows of its newest suite run; history uses every selected row.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from orchestrator.report import plots
 from orchestrator.report.html import Column, render, section, table
 from orchestrator.results.query import Selection, config_labels, hardware_info, newest_suite_run, select, short_commit
 from orchestrator.results.store import default_uri
+from worker.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,7 @@ def build_report(uri: str | None, out: str | Path, sel: Selection = Selection(),
     body = report_body(rows, check_now, gate=gate, baseline=baseline, uri=uri or default_uri(), sel=sel)
     page = render("page.html.j2", title=title or "streambench report", body=body,
                   generated=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out = write_atomic(out, page, "report")
     log.debug("wrote %s", out)
     failed = sum(r["status"] != "ok" for r in rows)
     return ReportInfo(str(out), len(rows), failed, len({r["suite_run_id"] for r in rows}),

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from worker.errors import UserError
+from worker.files import write_atomic
 from worker.model.geometry import ModelConfig
 from worker.pack.groups import all_groups
 
@@ -124,16 +124,7 @@ class Manifest:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp + fsync + rename): a manifest either exists whole or not at all."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1), "manifest", fsync=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:

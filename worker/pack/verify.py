@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from worker.errors import UserError
+from worker.files import write_atomic
 from worker.pack.blob import PAGE, Pack, aligned_empty, blob_size, extent_checksum, read_extent
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,8 @@ def record(pack: Pack, ok: bool) -> None:
             return
         doc = {**identity(pack), "verified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "edges": edges(pack)}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
-    except OSError as e:
+        write_atomic(path, json.dumps(doc), "verification record")
+    except (OSError, UserError) as e:
         log.warning("cannot record the verification of %s (%s): it will be verified again", pack.manifest_path, e)
 
 

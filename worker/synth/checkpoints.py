@@ -43,7 +43,7 @@ import torch
 
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
-from worker.tokenizer import build_tokenizer, save_tokenizer, special_layout
+from worker.text.tokenizer import build_tokenizer, save_tokenizer, special_layout
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,14 @@ pad tokens; both engines (`run` and `peer`) feed the same batch through these.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from worker.config import RunConfig
 from worker.errors import UserError
-from worker.tokenizer import load_tokenizer, special_token_policy
+from worker.files import write_atomic
+from worker.text.tokenizer import load_tokenizer, special_token_policy
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +100,7 @@ def make_prompts(checkpoint_dir: str | Path, n: int, length: int, out_path: str 
     """Write `n` prompts of exactly `length` tokens (the checkpoint's tokenizer), one per line, atomically."""
     tokenizer = load_tokenizer(checkpoint_dir)
     texts = synth_prompts(tokenizer, n, length, seed)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(texts) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = write_atomic(out_path, "\n".join(texts) + "\n", "prompt file")
     log.info("wrote %d prompts of %d tokens to %s", n, length, out)
     return out
 

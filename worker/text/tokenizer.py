@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from worker.errors import UserError
+from worker.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +156,6 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int) -> None:
     """Write tokenizer.json + tokenizer_config.json so `AutoTokenizer` loads them offline.
 
@@ -176,7 +164,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int) -
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "tokenizer.json", tok.to_str(pretty=False))
+    write_atomic(out / "tokenizer.json", tok.to_str(pretty=False), "tokenizer")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -187,7 +175,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int) -
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": int(model_max_length),
     }
-    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n", "tokenizer config")
 
 
 def load_tokenizer(checkpoint_dir: str | Path):

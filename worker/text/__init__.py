@@ -1,0 +1,5 @@
+"""Text in and out of the model: `tokenizer` (a checkpoint's tokenizer from local files only, and the
+Llama-3-style byte-level BPE built locally for synthetic checkpoints) and `prompts` (prompt files
+made to an exact token length, and the seed's rules for the batch as fed: each prompt encoded
+alone, its tail kept, cycled to the batch size).
+"""
