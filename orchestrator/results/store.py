@@ -57,15 +57,19 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         raise UserError(f"--results {uri!r}: not a usable filesystem URI ({e})") from None
 
 
+def _where(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileType]:
+    fs, base = open_uri(uri)
+    try:
+        return fs, base, fs.get_file_info(base).type
+    except OSError as e:
+        raise UserError(f"--results {uri}: cannot reach it ({e})") from None
+
+
 def check_writable(uri: str) -> None:
     """Fail before any work starts when rows could not be written to `uri`: a regular file in the
     way, no permission, a read-only or full disk (a hidden probe file is written and removed)."""
-    fs, base = open_uri(uri)
-    try:
-        info = fs.get_file_info(base)
-    except OSError as e:
-        raise UserError(f"--results {uri}: cannot reach it ({e})") from None
-    if info.type == pafs.FileType.File:
+    fs, base, kind = _where(uri)
+    if kind == pafs.FileType.File:
         raise UserError(f"--results {uri} is a file, not a results directory: point it at a directory (a new one "
                         "is created) or at a dataset `bench submit` wrote")
     probe = f"{base}/.write-check-{uuid.uuid4().hex[:8]}"
@@ -82,15 +86,11 @@ def check_writable(uri: str) -> None:
 def require_dataset(uri: str | None) -> None:
     """For the commands that read a dataset: one that does not exist is a mistake, not an empty table."""
     uri = uri or default_uri()
-    fs, base = open_uri(uri)
-    try:
-        info = fs.get_file_info(base)
-    except OSError as e:
-        raise UserError(f"--results {uri}: cannot reach it ({e})") from None
-    if info.type == pafs.FileType.NotFound:
+    _, _, kind = _where(uri)
+    if kind == pafs.FileType.NotFound:
         raise UserError(f"--results {uri} does not exist: no runs were recorded there; run `bench submit` first "
                         "or point --results (or STREAMBENCH_RESULTS) at the dataset")
-    if info.type != pafs.FileType.Directory:
+    if kind != pafs.FileType.Directory:
         raise UserError(f"--results {uri} is a file, not a results directory")
 
 
