@@ -269,3 +269,30 @@ def test_node_removed_mid_suite_retries_elsewhere_and_keeps_finished_rows(cluste
     assert retried["attempts"] == 2 and retried["node_id"] == e.node_id and out.progress.retries == 1
     (only_d,) = [r for r in rows if "d0" in r["host_selector"]]
     assert only_d["status"] == "failed" and "no live host matches selector (nvme=['d0'])" in only_d["error"]
+
+
+def test_a_full_results_disk_mid_suite_is_one_line_with_the_rows_kept(cluster, tiny_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    from orchestrator.cluster import submit as submit_mod
+    from worker.errors import UserError
+
+    suite = parse_suite(suite_doc(tiny_ckpt, "full", "  host: [{nvme: [b0]}]\n  batch_size: [1, 2, 3]\n"))
+    real, written = submit_mod.write_row, []
+
+    def fills_up(uri, row, *a, **kw):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(uri, row, *a, **kw))
+        return written[-1]
+
+    monkeypatch.setattr(submit_mod, "write_row", fills_up)
+    with pytest.raises(UserError) as e:
+        submit(suite, str(tmp_path), "full-1", run_fn=fake_engine(0.2), poll_s=0.1)
+    msg = str(e.value)
+    assert "No space left on device" in msg and "the 1 row(s) written so far are kept" in msg
+    assert "--suite-run-id full-1" in msg and "\n" not in msg
+    assert read_results(str(tmp_path)).num_rows == 1
+    monkeypatch.undo()
+    rest = submit(suite, str(tmp_path), "full-1", run_fn=fake_engine(0.2), poll_s=0.1)  # the resume it names
+    assert len(rest.already_recorded) == 1 and len(rest.rows) == 2
