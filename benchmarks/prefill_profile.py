@@ -21,8 +21,7 @@ import torch
 from torch.autograd import DeviceType
 
 from worker.run import resolve_config, run
-
-GIB = 1024 ** 3
+from worker.units import GiB as GIB
 
 
 def union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -18,8 +18,7 @@ import torch
 
 from worker.stream.hostmem import HostArena
 from worker.stream.ssd import SSDReader
-
-MIB = 1 << 20
+from worker.units import MiB as MIB
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-GIB = 1024 ** 3
+from worker.units import GiB as GIB
+
 LAYER_BYTES = 1.713e9  # one 70B-geometry layer in bf16 (attn 302 MB + ffn 1.41 GB)
 RESIDENT_BYTES = 4.2e9  # embeddings + lm_head (+ norm) in bf16
 

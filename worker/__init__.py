@@ -8,7 +8,7 @@ manifest) → `engine` (model + weight source + KV cache for a mode) over `model
 with `sampling` (prefill, then decode; the warm-up and measured rounds) → `host/` (fingerprint,
 probe, roofline, clocks) → `result` (the run's JSON document), written through `files` (whole or
 not at all). `peer` runs the same spec on HF transformers + accelerate; `synth/` makes synthetic
-checkpoints.
+checkpoints; `units` defines GB, MiB and the 4 KiB page once.
 """
 
 __version__ = "0.1.0"

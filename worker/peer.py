@@ -45,10 +45,10 @@ from worker.model.step import Step
 from worker.pack.source import SourceTensor, read_index
 from worker.result import assemble_result, write_json
 from worker.text.prompts import eos_ids, pad_id, prompt_ids_for
+from worker.units import GB
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
 RESIDENT_MODULES = ("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head")
 FREE_FRACTION = 0.9  # of the free card, when no --gpu-memory-limit-gb: headroom for activations and KV
 

@@ -21,9 +21,9 @@ from worker import __version__, envs
 from worker.config import RunConfig
 from worker.files import write_atomic
 from worker.generate import Generation
+from worker.units import GB
 
 RESULT_SCHEMA = "streambench.run/1"
-GB = 1e9
 
 
 def percentile(values: list[float], q: float) -> float | None:

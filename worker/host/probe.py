@@ -43,14 +43,11 @@ from worker import envs
 from worker.errors import UserError
 from worker.pack.blob import blob_size, check_readable, open_direct
 from worker.pack.cache import CACHE_DIRNAME
+from worker.units import GB, PAGE, GiB, MiB
 
 log = logging.getLogger(__name__)
 
 PROBE_SCHEMA = "streambench.probe/1"
-GB = 1e9
-MiB = 1 << 20
-GiB = 1 << 30
-PAGE = 4096
 MEMORY_FS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}  # "disk" reads there measure RAM
 
 

@@ -15,8 +15,7 @@ from typing import Any
 
 from worker.pack.groups import KINDS, RESIDENT, GroupKey
 from worker.stream.plan import Placement
-
-GB = 1e9
+from worker.units import GB
 
 
 def pass_bytes(manifest, placement: Placement) -> dict[str, int]:

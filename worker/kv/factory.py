@@ -34,10 +34,10 @@ from worker.model.geometry import ModelConfig
 from worker.stream.devsync import Sync
 from worker.stream.hostmem import HostArena
 from worker.stream.iostats import Channel
+from worker.units import GB
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
 
 
 def validate(kv: KVConfig, cfg: ModelConfig, batch: int, max_seq: int, item: int, spill_dir: Path | None) -> None:

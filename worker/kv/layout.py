@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.model.geometry import ModelConfig
-
-PAGE = 4096
+from worker.units import PAGE
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from worker.errors import UserError
 from worker.model.geometry import ModelConfig
 from worker.pack.groups import GroupKey
 from worker.pack.manifest import Manifest
+from worker.units import PAGE
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 CHUNK = 64 << 20  # bytes per preadv/pwrite call: large, sequential, O_DIRECT-friendly
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
