@@ -208,7 +208,7 @@ def test_thresholds_layer_and_validate(tmp_path):
         with pytest.raises(UserError, match=msg):
             parse_override(bad)
     f.write_text("thresholds: {decode_tok_s: 0.1}\nzz: 3\n")
-    with pytest.raises(UserError, match=r"t.yaml: zz: unknown key"):
+    with pytest.raises(UserError, match=r"t.yaml: unknown key 'zz'; allowed keys here: z, "):
         load_file(f)
     with pytest.raises(UserError, match="thresholds: unknown metric 'tok_s'"):
         parse_suite("name: x\nmodels: [{name: t, preset: tiny}]\nthresholds: {tok_s: 0.1}\n")

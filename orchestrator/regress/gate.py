@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.regress.metrics import check_thresholds, default_thresholds, metric
-from worker.errors import UserError
+from worker.errors import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,7 @@ def load_file(path: str | Path) -> ThresholdsFile:
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "document"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys: {', '.join(ThresholdsFile.model_fields)}"
-        raise UserError(f"{path}: {loc}: {msg}") from None
+        raise UserError(f"{path}: {one_line(e, allowed=lambda loc: ThresholdsFile.model_fields)}") from None
 
 
 def parse_override(text: str) -> tuple[str, float | None]:
