@@ -67,13 +67,18 @@ def suite(text: str = SUITE_YAML) -> Suite:
     return parse_suite(text, source="fake-nightly.yaml")
 
 
+STEPS = (0.02, 0.01)  # per-step jitter of the decode latencies, and the share of steps that stall (2x)
+
+
 def night(s: Suite, host: str, suite_run_id: str, when: datetime, rng: np.random.Generator, *,
           commit: str = COMMITS[0], noise: float = 0.03, night_sd: float = 0.02,
-          slow: float | dict[str, float] = 1.0, fail: dict[str, str] | None = None) -> list[dict[str, Any]]:
+          slow: float | dict[str, float] = 1.0, fail: dict[str, str] | None = None,
+          steps: tuple[float, float] = STEPS) -> list[dict[str, Any]]:
     """The runs of suite `s` that `host` takes in one suite run: one row per spec whose selector
     names the host's GPU model (configs × repeats).
 
     `slow`: time factor for all configs, or per config key. `fail`: config key → error of failed runs.
+    `steps`: see STEPS; (0, 0) makes every time metric's run-to-run noise exactly `noise` (lognormal).
     """
     shared = math.exp(rng.normal(0.0, night_sd))
     rows = []
@@ -84,7 +89,7 @@ def night(s: Suite, host: str, suite_run_id: str, when: datetime, rng: np.random
                                  t0.timestamp(), t0.timestamp() + 3, commit, False)
         else:
             factor = slow.get(spec.config_key, 1.0) if isinstance(slow, dict) else slow
-            result = engine_result(spec, host, rng, factor * shared, noise)
+            result = engine_result(spec, host, rng, factor * shared, noise, steps)
             e2e = result["metrics"]["e2e_ms"] / 1e3
             outcome = RunOutcome("ok", None, result, HOSTS[host][0], f"node-{host}", t0.timestamp(),
                                  t0.timestamp() + e2e, commit, False)
@@ -104,7 +109,8 @@ def specs_for(s: Suite, host: str) -> list[RunSpec]:
     return [sp for sp in s.specs if sp.selector.gpu is None or sp.selector.gpu.lower() in gpu.lower()]
 
 
-def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: float, noise: float) -> dict[str, Any]:
+def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: float, noise: float,
+                  steps: tuple[float, float] = STEPS) -> dict[str, Any]:
     """A result document as worker.run.run returns it, from the performance model."""
     fp, speed, (ssd_bw, h2d_bw, hbm_bw) = HOSTS[host]
     f = spec.flat
@@ -112,8 +118,8 @@ def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: fl
     step_ms = DECODE_MS[mode] * (1 + 0.04 * (batch - 1)) * (0.8 if f["topk_blk"] else 1.0) / speed
     ideal_prefill = PREFILL_US[mode] * plen * batch / 1e3 / speed
     prefill = ideal_prefill * factor * math.exp(rng.normal(0.0, noise))
-    itl = step_ms * factor * math.exp(rng.normal(0.0, noise)) * np.exp(rng.normal(0.0, 0.02, new - 1))
-    itl[rng.random(new - 1) < 0.01] *= 2.0  # the odd slow step
+    itl = step_ms * factor * math.exp(rng.normal(0.0, noise)) * np.exp(rng.normal(0.0, steps[0], new - 1))
+    itl[rng.random(new - 1) < steps[1]] *= 2.0  # the odd slow step
     decode = float(itl.sum())
     p50, p90, p99 = (_percentile(sorted(itl.tolist()), q) for q in (50, 90, 99))
     streamed = mode in ("ssd", "mixed")
@@ -146,7 +152,8 @@ def engine_result(spec: RunSpec, host: str, rng: np.random.Generator, factor: fl
 
 def history(s: Suite, hosts: list[str], nights: int, seed: int = 0, *, start: datetime = START,
             noise: float = 0.03, night_sd: float = 0.02, step: dict[str, Any] | None = None,
-            bad_nights: dict[tuple[int, str], float] | None = None) -> list[dict[str, Any]]:
+            bad_nights: dict[tuple[int, str], float] | None = None,
+            steps: tuple[float, float] = STEPS) -> list[dict[str, Any]]:
     """`nights` nightly suite runs, one a day, each on every host in `hosts`.
 
     step: {"night": first night affected, "host": host or None for all, "slow": factor or {config_key: factor},
@@ -164,7 +171,8 @@ def history(s: Suite, hosts: list[str], nights: int, seed: int = 0, *, start: da
             slow = step["slow"] if stepped else 1.0
             if bad_nights and (n, host) in bad_nights:
                 slow = bad_nights[(n, host)]
-            rows += night(s, host, sr, when, rng, commit=commit, noise=noise, night_sd=night_sd, slow=slow)
+            rows += night(s, host, sr, when, rng, commit=commit, noise=noise, night_sd=night_sd, slow=slow,
+                          steps=steps)
     return rows
 
 

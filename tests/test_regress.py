@@ -65,32 +65,37 @@ def test_a_speedup_is_an_improvement_not_a_regression():
 def false_alarms(seeds: int, noise: float, night_sd: float) -> dict[str, float]:
     """Pure noise (no change at all): how often each rule fires, per comparison and per suite run."""
     gate = Gate()
-    runs_flagged = threshold_only = z_only = both = comparisons = 0
+    runs_flagged = threshold_only = z_only = both = comparisons = families = families_flagged = 0
     for seed in range(seeds):
         rows = fakerows.history(SUITE, ["h100-a"], 10, seed=1000 + seed, noise=noise, night_sd=night_sd)
         report = check(rows, newest(rows), gate=gate)
         runs_flagged += report.exit_code == 1
         for p in report.pairs:
+            families += 1
+            families_flagged += bool(p.of("regression"))
             for f in p.findings:
                 comparisons += 1
                 threshold_only += f.change.worse > f.threshold
                 z_only += f.change.z > f.change.critical
                 both += f.verdict == "regression"
-    return {"suite_run": runs_flagged / seeds, "threshold_only": threshold_only / comparisons,
-            "z_only": z_only / comparisons, "both": both / comparisons, "comparisons": comparisons}
+    return {"suite_run": runs_flagged / seeds, "family": families_flagged / families,
+            "threshold_only": threshold_only / comparisons, "z_only": z_only / comparisons,
+            "both": both / comparisons, "comparisons": comparisons}
 
 
 def test_pure_noise_false_alarm_rate_over_200_seeds():
     """200 nightly histories each (10 nights, 5 configs × 3 repeats on one host, 35 comparisons a
-    night), no change planted. Typical noise: 3% per run, 2% per night. Heavy noise: 10% per run,
-    8% per night — there a 20% swing is ordinary and the relative threshold alone misfires."""
+    night), no change planted. Typical noise: 3% per run, 2% per night, and a stalled decode step
+    now and then. Heavy noise: 10% per run, 8% per night. A family is one (config, hardware) pair's
+    7 checked metrics on one night: the target is at most 1 false night in 100 per family."""
     typical = false_alarms(200, 0.03, 0.02)
     heavy = false_alarms(200, 0.10, 0.08)
     print(f"\nfalse alarms, typical noise: {typical}\nfalse alarms, heavy noise:   {heavy}")
-    assert typical["suite_run"] == 0.0  # not one of 200 noisy nights fails the gate
-    assert heavy["threshold_only"] > 0.01  # the threshold alone would fire on noise ...
-    assert heavy["z_only"] < 0.005  # ... the calibrated noise test stays near its nominal 0.13%
-    assert heavy["both"] <= heavy["z_only"] and heavy["suite_run"] <= 0.05
+    for rates in (typical, heavy):
+        assert rates["family"] <= 0.01  # ≤ 1 false night in 100 per comparison family
+        assert rates["z_only"] < 0.003  # the calibrated noise test near its nominal 0.13% per comparison
+        assert rates["threshold_only"] > 0.2  # the 2% floor alone would fire on every other noisy night
+        assert rates["both"] <= rates["z_only"] and rates["suite_run"] <= 0.05
 
 
 def test_calibrated_critical_value_keeps_the_nominal_rate_on_small_baselines():
@@ -130,7 +135,9 @@ def test_a_bad_repeat_is_absorbed_by_its_nights_median():
     assert s.median == 101.0 and s.sigma < 200  # winsorized: the 400 is pulled in
     base = [[100.0 + i % 3, 99.0, 101.0] for i in range(8)] + [[100.0, 101.0, 400.0]]
     change = assess(base, [130.0, 131.0, 129.0], +1)
-    assert change.rel == pytest.approx(130 / 101 - 1) and change.z > change.critical
+    clean = assess(base[:-1] + [[100.0, 101.0, 101.0]], [130.0, 131.0, 129.0], +1)  # as if it had not happened
+    assert change.rel == pytest.approx(clean.rel, abs=0.005) and change.z > change.critical
+    assert change.spreads.run < 2 * clean.spreads.run  # the 400 does not swell the run-to-run noise
 
 
 def test_missing_history_is_not_enough_data():
@@ -214,10 +221,14 @@ def test_thresholds_layer_and_validate(tmp_path):
         parse_suite("name: x\nmodels: [{name: t, preset: tiny}]\nthresholds: {tok_s: 0.1}\n")
 
 
-def test_stricter_suite_threshold_flags_a_smaller_change():
+def test_explicit_thresholds_replace_the_practical_floor_per_metric():
     rows = fakerows.history(SUITE, ["h200"], 12, seed=10, noise=0.01, night_sd=0.01, step={"night": 11, "slow": 1.15})
-    assert check(rows, newest(rows)).exit_code == 0  # 13% slower: under the default 20%
-    tight = resolve_gate({"decode_tok_s": 0.1})
+    default = check(rows, newest(rows))  # 13% slower, far beyond the 1% noise and the 2% floor
+    assert default.exit_code == 1 and {f.metric.name for _, f in default.findings("regression")} >= {
+        "decode_tok_s", "decode_ms", "ttft_ms", "e2e_ms"}
+    old = {m: 0.2 for m in default_thresholds()}  # the fixed 20% of the first release, now an override
+    assert check(rows, newest(rows), gate=resolve_gate(old)).exit_code == 0
+    tight = resolve_gate({**old, "decode_tok_s": 0.1})
     report = check(rows, newest(rows), gate=tight)
     assert report.exit_code == 1 and {f.metric.name for _, f in report.findings("regression")} == {"decode_tok_s"}
     assert {f.metric.name for _, f in report.findings("noisy")} == set()

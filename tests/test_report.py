@@ -76,7 +76,11 @@ def test_history_marks_the_night_of_the_regression(made, read_back):
     gpu_b8 = fakerows.config_key(fakerows.suite(), "gpu", 8)
     h100 = next(r["hardware_key"] for r in rows if r["host"] == "gpu-h100-a")
     assert flags[(runs[-1], gpu_b8, h100, "decode_tok_s")] == "regression"
-    assert {(k[0], k[1], k[2]) for k, v in flags.items() if v == "regression"} == {(runs[-1], gpu_b8, h100)}
+    # the gate judges each pair against its own noise with a 2% floor: on this noisy demo (3% per run,
+    # 2% per night) a false night happens at about its nominal rate, not more
+    pair_nights = {(r["suite_run_id"], r["config_key"], r["hardware_key"]) for r in got if r["status"] == "ok"}
+    false = {(k[0], k[1], k[2]) for k, v in flags.items() if v == "regression"} - {(runs[-1], gpu_b8, h100)}
+    assert len(false) <= 0.01 * len(pair_nights), false
 
 
 def test_history_lines_are_suite_run_medians_marked_on_the_flagged_night(made, read_back):

@@ -83,10 +83,13 @@ def compare_cmd(results: str | None, suites, suite_run_ids, since, until, commit
 @click.option("--z", type=float, default=None,
               help="Noise test: nominal z (3 = a 0.13% false-alarm rate per comparison) [default: 3].")
 @click.option("--strict", is_flag=True, help="Exit 3 when any (config, hardware) of the run has no baseline.")
+@click.option("--history", is_flag=True, help="Also list the change points of every checked metric over each "
+                                              "pair's whole history: the suite run and commit each new level "
+                                              "begins with.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
 def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None, window: int, days: float | None,
                 baseline_commit: str | None, baseline_run: str | None, thresholds_file: str | None,
-                overrides: tuple[str, ...], z: float | None, strict: bool, fmt: str) -> None:
+                overrides: tuple[str, ...], z: float | None, strict: bool, history: bool, fmt: str) -> None:
     """Check the newest suite run against earlier runs of the same config on the same hardware.
 
     A metric regresses when it is beyond its threshold in its worse direction and beyond the
@@ -106,7 +109,8 @@ def regress_cmd(results: str | None, suite: str | None, suite_run_id: str | None
                                           thresholds_file, extra, z)
     gate_for(name)  # validate the thresholds before reading any data
     baseline = Baseline(window=window, days=days, commit=baseline_commit, suite_run_id=baseline_run)
-    report = regress(results, suite=name, suite_run_id=suite_run_id, baseline=baseline, gate=gate_for, strict=strict)
+    report = regress(results, suite=name, suite_run_id=suite_run_id, baseline=baseline, gate=gate_for, strict=strict,
+                     history=history)
     if fmt == "json":
         echo_json(report.to_dict())
     else:

@@ -3,12 +3,16 @@
 For each (config_key, hardware_key) of the candidate suite run (default: the newest one), the
 baseline is earlier successful runs of exactly that pair — never another host's hardware, never
 another config — chosen by `Baseline` (the last N suite runs, the last D days, one commit, or one
-explicit suite run). Each metric the gate checks is tested with the robust z-score of
-orchestrator.stats; a change is a regression only when it is beyond the metric's relative
-threshold in the worse direction AND its z-score is beyond the critical value calibrated for
-`gate.z` (the noise). The same in the better direction is an improvement; beyond the threshold
-but within the noise is reported as "noisy" and does not fail the gate. A pair whose runs all failed tonight while its baseline ran is a
-regression too: a gate that passes when everything crashes is no gate.
+explicit suite run). Each metric the gate checks is tested against the pair's own noise
+(orchestrator.regress.stats: run-to-run and night-to-night spread from the history, a calibrated
+critical value); a change is a regression only when it is beyond that noise AND beyond the metric's
+practical floor (2% by default) in its worse direction. The same in the better direction is an
+improvement; beyond the floor but within the noise is "noisy" and does not fail the gate. Every
+comparison also says what the gate can see there: the minimum detectable effect (the larger of
+the noise's and the floor), and a pair with too little history how many more nights it needs. A
+pair whose runs all failed tonight while its baseline ran is a regression too: a gate that passes
+when everything crashes is no gate. Rows of bisections (suites ending in `.bisect`) never form a
+baseline: they mix good and bad commits.
 
 Exit codes: 0 no regression, 1 regression, 3 not enough data (nothing could be compared, or with
 `strict` any pair lacked a baseline); bad input stays 2 (UserError).
@@ -24,6 +28,7 @@ from typing import Any, Callable, Literal
 
 import pyarrow as pa
 
+from orchestrator.regress.changepoints import ChangePoint, pair_change_points
 from orchestrator.regress.gate import Gate
 from orchestrator.regress.metrics import METRICS, Metric
 from orchestrator.regress.stats import Change, assess
@@ -68,9 +73,14 @@ class Finding:
     change: Change
     verdict: Verdict
 
+    @property
+    def detectable(self) -> float:
+        """The smallest relative change this comparison flags (half the time): noise or floor."""
+        return max(self.change.mde, self.threshold)
+
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric.name, "better": self.metric.better, "threshold": self.threshold,
-                "verdict": self.verdict, **self.change.to_dict()}
+                "verdict": self.verdict, "detectable": self.detectable, **self.change.to_dict()}
 
 
 @dataclass
@@ -86,6 +96,7 @@ class PairCheck:
     baseline_runs: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    needs: int = 0  # more baseline nights before the pair can be checked (0: enough, or checked)
 
     def of(self, verdict: Verdict) -> list[Finding]:
         return [f for f in self.findings if f.verdict == verdict]
@@ -93,7 +104,7 @@ class PairCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"config_key": self.config_key, "hardware_key": self.hardware_key, "label": self.label,
                 "status": self.status, "n_ok": self.n_ok, "n_failed": self.n_failed,
-                "baseline_runs": self.baseline_runs, "errors": self.errors,
+                "baseline_runs": self.baseline_runs, "errors": self.errors, "needs_nights": self.needs,
                 "findings": [f.to_dict() for f in self.findings]}
 
 
@@ -108,6 +119,7 @@ class RegressReport:
     strict: bool = False
     pairs: list[PairCheck] = field(default_factory=list)
     unkeyed_failures: list[dict[str, Any]] = field(default_factory=list)  # failed before reaching a host
+    changes: dict[tuple[str, str], list[ChangePoint]] | None = None  # --history: per pair, over all nights
 
     def findings(self, verdict: Verdict) -> list[tuple[PairCheck, Finding]]:
         return [(p, f) for p in self.pairs for f in p.of(verdict)]
@@ -130,13 +142,17 @@ class RegressReport:
                 "started_at": self.started_at, "baseline": self.baseline.describe(), "gate": self.gate.to_dict(),
                 "exit_code": self.exit_code, "regressions": len(self.findings("regression")) + len(self.failed_pairs),
                 "improvements": len(self.findings("improvement")), "pairs": [p.to_dict() for p in self.pairs],
-                "unkeyed_failures": [{k: r[k] for k in ("run_id", "error")} for r in self.unkeyed_failures]}
+                "unkeyed_failures": [{k: r[k] for k in ("run_id", "error")} for r in self.unkeyed_failures],
+                "change_points": None if self.changes is None else [
+                    {"config_key": ck, "hardware_key": hk, **c.to_dict()}
+                    for (ck, hk), cs in self.changes.items() for c in cs]}
 
 
 def regress(uri: str | None, *, suite: str | None = None, suite_run_id: str | None = None,
             baseline: Baseline = Baseline(), gate: Gate | Callable[[str | None], Gate] = Gate(),
-            strict: bool = False) -> RegressReport:
-    """Read the dataset at `uri` and check one suite run (default: the newest of `suite`, or overall).
+            strict: bool = False, history: bool = False) -> RegressReport:
+    """Read the dataset at `uri` and check one suite run (default: the newest of `suite`, or overall);
+    `history` adds the change points of every checked metric over each of its pairs' whole history.
 
     `gate` may be a function of the candidate's suite name (its thresholds live in the suite). One
     pass over the dataset: every filter of read_results scans every file anyway, and the baseline
@@ -151,7 +167,12 @@ def regress(uri: str | None, *, suite: str | None = None, suite_run_id: str | No
     gate = gate(of_suite) if callable(gate) else gate
     if suite_run_id is None:
         return RegressReport(suite, None, [], None, baseline, gate, strict)
-    return check(rows, suite_run_id, baseline=baseline, gate=gate, strict=strict)
+    report = check(rows, suite_run_id, baseline=baseline, gate=gate, strict=strict)
+    if history:
+        pairs = {(p.config_key, p.hardware_key) for p in report.pairs}
+        mine = [r for r in rows if (r["config_key"], r["hardware_key"]) in pairs]
+        report.changes = pair_change_points(mine, list(gate.thresholds), gate)
+    return report
 
 
 def check(rows: list[dict[str, Any]] | pa.Table, suite_run_id: str, *, baseline: Baseline = Baseline(),
@@ -185,7 +206,8 @@ def _baseline_pool(rows: list[dict[str, Any]], candidate: str, start: datetime |
     explicit = baseline.suite_run_id or baseline.commit
     pool: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["status"] != "ok" or r["suite_run_id"] == candidate or not r["hardware_key"]:
+        if r["status"] != "ok" or r["suite_run_id"] == candidate or not r["hardware_key"] \
+                or (r["suite"] or "").endswith(".bisect"):
             continue
         t = r["finished_at"] or r["started_at"]
         if baseline.suite_run_id and r["suite_run_id"] != baseline.suite_run_id:
@@ -226,6 +248,8 @@ def _check_pair(ck: str, hk: str, label: str, runs: list[dict[str, Any]], pool: 
             pc.findings.append(Finding(m, threshold, change, verdict(change, threshold)))
     if pc.findings:
         pc.status = "checked"
+    elif unit == "run":
+        pc.needs = max(0, gate.min_runs - len(order))
     return pc
 
 

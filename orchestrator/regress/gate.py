@@ -1,16 +1,18 @@
-"""The regression gate's settings: per-metric thresholds and the noise test's parameters.
+"""The regression gate's settings: per-metric practical floors and the noise test's parameters.
 
-Thresholds layer, later wins: the metric table's defaults (orchestrator.metrics), the suite's
-`thresholds:` block, a thresholds file (`--thresholds FILE`), then `--threshold METRIC=VALUE`
-flags. A value is the relative change in the worse direction that counts (0.2 = 20%); null or
-`off` stops checking a metric, and naming a metric that is off by default turns it on.
+A change is a regression when it is beyond the noise the pair's history shows (calibrated, see
+orchestrator.regress.stats) AND beyond the metric's practical floor, in its worse direction. The
+floors layer, later wins: the metric table's defaults (2%, orchestrator.regress.metrics), the
+suite's `thresholds:` block, a thresholds file (`--thresholds FILE`), then `--threshold
+METRIC=VALUE` flags. A value is the least relative change that counts (0.02 = 2%); null or `off`
+stops checking a metric, and naming a metric that is off by default turns it on.
 
 A thresholds file (see configs/thresholds/default.yaml):
 
     z: 3.0                    # nominal z: a 0.13% false-alarm rate per comparison (orchestrator.stats)
     min_baseline_runs: 5      # fewer earlier suite runs than this: not enough data
     min_baseline_values: 3    # explicit baseline (one run or commit): fewer repeats than this: not enough
-    noise_floor: 0.005        # σ is at least this fraction of the baseline median
+    noise_floor: 0.0005       # the standard error is at least this fraction of the baseline level
     thresholds: {decode_tok_s: 0.15, itl_p99_ms: 0.3, e2e_ms: null}
 """
 
@@ -35,7 +37,7 @@ class Gate:
     z: float = 3.0
     min_runs: int = 5
     min_values: int = 3
-    noise_floor: float = 0.005
+    noise_floor: float = 0.0005
     sources: tuple[str, ...] = ("defaults",)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""History over nights, as plain data for the report: suite-run medians per config and hardware, and
-the nights `bench regress` would have flagged, each judged against its own earlier runs.
+"""History over nights, as plain data for the report: suite-run medians per config and hardware, the
+nights `bench regress` would have flagged, each judged against its own earlier runs, and the change
+points of each pair over its whole history (orchestrator.regress.changepoints).
 
 The x axis is the suite runs in the order they started (`suite_run_starts`), evenly spaced: nights
 are what a reader compares, and a night that ran late should not look like a gap.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from orchestrator.regress.changepoints import ChangePoint, pair_change_points
 from orchestrator.regress.check import Baseline, check
 from orchestrator.regress.gate import Gate
 from orchestrator.regress.stats import summarize
@@ -31,6 +33,7 @@ class Series:
     points: list[tuple[int, float]]
     regressions: list[tuple[int, float]]
     improvements: list[tuple[int, float]]
+    changes: list[tuple[int, bool]] = ()  # change points: (suite-run index of the new level, worse?)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class History:
 
     starts: dict[str, datetime]  # suite run id → its first timestamp, oldest first
     panels: dict[str, list[tuple[str, list[Series]]]]  # metric → (config key, a series per hardware key)
+    changes: dict[tuple[str, str], list[ChangePoint]]  # (config key, hardware key) → over the history metrics
 
 
 def collect_history(rows: list[dict[str, Any]], labels: dict[str, str], order: list[str], gate: Gate,
@@ -47,9 +51,10 @@ def collect_history(rows: list[dict[str, Any]], labels: dict[str, str], order: l
     starts = suite_run_starts(rows)
     suite_runs = list(starts)
     flags = history_flags(rows, suite_runs, labels, baseline, gate)
-    panels = {m: metric_panels(m, suite_run_medians(rows, m), suite_runs, flags, list(labels), order)
+    changes = pair_change_points(rows, list(HISTORY_METRICS), gate)
+    panels = {m: metric_panels(m, suite_run_medians(rows, m), suite_runs, flags, list(labels), order, changes)
               for m in HISTORY_METRICS}
-    return History(starts, panels)
+    return History(starts, panels, changes)
 
 
 def suite_run_starts(rows: list[dict[str, Any]]) -> dict[str, datetime]:
@@ -89,20 +94,24 @@ def suite_run_medians(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str
 
 
 def metric_panels(metric: str, medians: dict[tuple[str, str], dict[str, float]], suite_runs: list[str],
-                  flags: Flags, configs: list[str], order: list[str]) -> list[tuple[str, list[Series]]]:
+                  flags: Flags, configs: list[str], order: list[str],
+                  changes: dict[tuple[str, str], list[ChangePoint]] | None = None) -> list[tuple[str, list[Series]]]:
     """One panel per config with a median of `metric`: (config key, a series per hardware key)."""
-    panels = []
+    panels, index = [], {sr: t for t, sr in enumerate(suite_runs)}
     for ck in configs:
-        lines = [series(ck, hk, metric, medians.get((ck, hk), {}), suite_runs, flags) for hk in order]
+        lines = [series(ck, hk, metric, medians.get((ck, hk), {}), suite_runs, flags,
+                        [(index[c.suite_run_id], c.worse) for c in (changes or {}).get((ck, hk), [])
+                         if c.metric == metric and c.suite_run_id in index]) for hk in order]
         if any(s.points for s in lines):
             panels.append((ck, [s for s in lines if s.points]))
     return panels
 
 
 def series(config: str, hardware: str, metric: str, medians: dict[str, float], suite_runs: list[str],
-           flags: Flags) -> Series:
-    """One hardware key's line: its suite-run medians at their suite run's index, and those flagged."""
+           flags: Flags, changes: list[tuple[int, bool]] = ()) -> Series:
+    """One hardware key's line: its suite-run medians at their suite run's index, those flagged, and
+    where its level changed."""
     points = [(t, medians[sr]) for t, sr in enumerate(suite_runs) if sr in medians]
     verdicts = [flags.get((suite_runs[t], config, hardware, metric)) for t, _ in points]
     return Series(hardware, points, [p for p, v in zip(points, verdicts) if v == "regression"],
-                  [p for p, v in zip(points, verdicts) if v == "improvement"])
+                  [p for p, v in zip(points, verdicts) if v == "improvement"], list(changes))

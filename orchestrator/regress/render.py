@@ -58,15 +58,45 @@ def _z(z: float, critical: float) -> str:
 
 def finding_row(p: PairCheck, f: Finding) -> list[str]:
     c = f.change
-    base = f"{num(c.baseline.median)} ± {num(c.noise)} (n={c.baseline.n} {c.unit}s)"
+    unit = "nights" if c.unit == "run" else "runs"
+    base = f"{num(c.base_level)} ± {num(c.noise)} (n={c.baseline.n} {unit})"
     return [p.label, p.hardware_key, f"`{f.metric.name}` ({f.metric.better} is better)", base,
-            f"{num(c.current.median)} (n={c.current.n})", pct(c.rel), pct(f.threshold, signed=False),
+            f"{num(c.now_level)} (n={c.current.n})", pct(c.rel), f"≥ {pct(f.detectable, signed=False)}",
             _z(c.z, c.critical)]
 
 
 FINDING_ALIGN = "lllrrrrr"
-FINDING_HEADERS = ("config", "hardware", "metric", "baseline (median ± σ)", "now (median)", "change",
-                   "threshold", "z (critical)")
+FINDING_HEADERS = ("config", "hardware", "metric", "baseline (level ± se)", "now", "change", "can detect",
+                   "z (critical)")
+
+
+def change_points_section(report: RegressReport) -> list[str]:
+    """`--history`: where each checked metric's level changed over its pair's whole history."""
+    labels = {(p.config_key, p.hardware_key): p.label for p in report.pairs}
+    rows = [[labels.get(pair, pair[0]), pair[1], f"`{c.metric}`", f"{c.started_at:%Y-%m-%d}" if c.started_at else "—",
+             c.suite_run_id, (c.commit or "several")[:10], f"{num(c.before)} → {num(c.after)}", pct(c.rel),
+             "worse" if c.worse else "better", _z(c.z if c.worse else -c.z, c.critical)]
+            for pair, cs in sorted(report.changes.items(), key=lambda kv: labels.get(kv[0], "")) for c in cs]
+    head = ["", "### Change points over the whole history", ""]
+    if not rows:
+        return head + ["No change of level beyond the noise and the floors in any checked metric."]
+    return head + [md_table(("config", "hardware", "metric", "from", "suite run", "commit", "level", "change",
+                             "", "z (critical)"), rows, "llllllrrlr")]
+
+
+def detectable_rows(report: RegressReport) -> list[list[str]]:
+    """Per pair and metric: the smallest change the gate can flag there, and why (noise or floor)."""
+    rows = []
+    for p in report.pairs:
+        for f in p.findings:
+            s = f.change.spreads
+            run = pct(s.run / abs(s.level), signed=False) if s and s.run and s.level else "—"
+            night = pct(s.night / abs(s.level), signed=False) if s and s.level else "—"
+            why = "noise" if f.change.mde >= f.threshold else "floor"
+            rows.append([f"`{f.metric.name}` on {p.hardware_key.split('-')[0]} · {p.label}",
+                         f"≥ {pct(f.detectable, signed=False)} ({why})", pct(f.change.mde, signed=False),
+                         pct(f.threshold, signed=False), run, night, str(f.change.baseline.n)])
+    return rows
 
 
 def regress_markdown(report: RegressReport) -> str:
@@ -87,10 +117,11 @@ def regress_markdown(report: RegressReport) -> str:
            f"- commit: {commits}" + (f" · started {report.started_at:%Y-%m-%d %H:%M} UTC"
                                      if report.started_at else ""),
            f"- baseline: {report.baseline.describe()}, same config key and hardware key only",
-           f"- rule: beyond the metric's threshold in its worse direction **and** beyond the baseline's noise: "
-           f"robust z (median, winsorized SD of ≥ {gate.min_runs} baseline nights) above the critical value "
-           f"calibrated for a {tail(gate.z) * 100:.2g}% false-alarm rate per comparison (z = {gate.z:g})",
-           f"- thresholds ({' < '.join(gate.sources)}): "
+           f"- rule: beyond the pair's noise **and** beyond the metric's practical floor, in its worse direction: "
+           f"tonight's mean against the level of ≥ {gate.min_runs} baseline nights, over the standard error "
+           f"their run-to-run and night-to-night spreads give, above the critical value calibrated for a "
+           f"{tail(gate.z) * 100:.2g}% false-alarm rate per comparison (z = {gate.z:g})",
+           f"- practical floors ({' < '.join(gate.sources)}): "
            + ", ".join(f"`{k}` {pct(v, signed=False)}" for k, v in gate.thresholds.items())]
     sections = [("Regressions", regs), ("Improvements", imps),
                 ("Beyond the threshold but within the noise (not flagged)", noisy)]
@@ -110,8 +141,20 @@ def regress_markdown(report: RegressReport) -> str:
         out += ["", "### Other failed runs", "", md_table(("config / run", "hardware", "failed runs", "error"), rows)]
     if no_base:
         out += ["", "### No baseline (not compared)", "",
-                md_table(("config", "hardware", "runs now", "baseline runs"),
-                         [(p.label, p.hardware_key, p.n_ok, len(p.baseline_runs)) for p in no_base])]
+                md_table(("config", "hardware", "runs now", "baseline nights", "needs"),
+                         [(p.label, p.hardware_key, p.n_ok, len(p.baseline_runs),
+                           f"{p.needs} more night(s)" if p.needs else "—") for p in no_base])]
+    if report.changes is not None:
+        out += change_points_section(report)
+    seen = detectable_rows(report)
+    if seen:
+        out += ["", "### What the gate can see", "",
+                "The smallest change each comparison flags (half the time at that size): the larger of the "
+                "noise's (critical × standard error) and the metric's floor; run and night are the spreads "
+                "the history shows, as a share of the level.", "",
+                "<details><summary>minimum detectable effect per metric and pair</summary>", "",
+                md_table(("metric on hardware · config", "can detect", "noise alone", "floor", "run-to-run",
+                          "night-to-night", "nights"), seen, "llrrrrr"), "", "</details>"]
     every = [(p, f) for p in checked for f in p.findings]
     if every:
         out += ["", f"<details><summary>All {len(every)} comparisons</summary>", "",

@@ -1,31 +1,30 @@
 """Robust statistics for benchmark samples, and the noise-aware change test of `bench regress`.
 
-Why robust: samples are small (a few repeats, a few nights) and have outliers (a warm page cache, a
-neighbour job, a throttled SSD). One wild value moves a mean and inflates a standard deviation
-enough to hide a real change. Centres here are medians; the spread is a winsorized standard
-deviation: values beyond median ± 2.5 σ_MAD (σ_MAD = 1.4826 · MAD) are pulled in to that bound
-before the SD is taken. One outlier night among seven then inflates the spread ~1.5× (a plain SD:
-~8×), while small samples lose less power than with the MAD itself (at 7 baseline nights the
-smallest change detectable at the same false-alarm rate is 6.3 σ instead of 9.4 σ).
+A metric of one (config, hardware) pair varies for two reasons, at two scales: from run to run
+within a night (the repeats of one suite run: timer, page cache, a neighbour's burst), and from
+night to night (a drifting disk, thermals, a reboot). The test estimates both from the history it
+reads, as variance components: each night's repeats give the run-to-run spread σ_R (pooled over
+all nights, so even a short history gives it many degrees of freedom), and the spread of the
+nights' means beyond what σ_R explains gives the night-to-night spread σ_N. Tonight's mean then
+differs from the baseline's level by
 
-The test (`assess`) is a robust z-score. The unit of replication is the suite run (a night): repeats
-of one night share its conditions, so nights vary more than repeats, and pooling repeats would call
-ordinary night-to-night drift significant. With k baseline runs:
+    z = sign · (m_now − m_base) / sqrt(σ_N² (1 + 1/K) + σ_R² (1/r_now + 1/(K·r_base)))
 
-    z = sign · (median(current) − median(run medians)) / (s · √(1 + c/k))
+for K baseline nights of r_base repeats and r_now repeats tonight. With an explicit baseline of one
+suite run or commit (`unit="repeat"`) the baseline is one group: σ_N cannot be known, and the test
+compares repeats. Means, not medians: with three repeats a night a mean has a third less variance,
+and that is what lets a 15% change stand out of 5% run-to-run noise. Robust all the same: a value
+beyond a night's median ± 4 σ (a warm page cache, a throttled SSD) is pulled in to that bound, and a
+night mean beyond the nights' median ± 2.5 σ_MAD likewise, so one bad repeat or one bad night
+cannot hide a change or make one.
 
-s = the spread of the k run medians, c = π/2 (variance of a median of k values, relative to one).
-An explicit baseline of fewer runs (one baseline suite run, one commit) compares repeats instead:
-s = the larger spread of baseline and current repeats, denominator s · √(c/n_cur + c/n_base).
-Either way s ≥ `noise_floor` · |baseline| so identical values do not make any change significant.
-
-A spread estimated from a handful of values is itself noisy, so z is heavy-tailed: with 7 baseline
-nights, z > 3 happens ~2% of the time on pure Gaussian noise instead of the textbook 0.13%. The
-critical value is therefore calibrated: `critical(z, ...)` simulates the statistic for the same
-sample sizes under Gaussian noise (fixed seed, cached) and returns its quantile at the tail
-probability Φ̄(z). "z = 3" thus means a 0.13% one-sided false-alarm rate per comparison at every
-baseline size; small baselines get a large critical value (≈ 16 at k = 5, ≈ 7 at k = 7, ≈ 4 at
-k = 14, → 3 as k grows), which is the honest price of little history.
+Spreads estimated from a handful of nights are themselves noisy, so z is heavy-tailed: the critical
+value is calibrated. `critical` simulates the very statistic under Gaussian noise with the same
+shape (nights, repeats) and the same ratio of night to run noise as estimated (rounded up to a grid
+point, so the calibration never assumes less night noise than measured) and returns its quantile at
+the tail probability Φ̄(z): z = 3 means a 0.13% false-alarm rate per comparison at every history
+size. The smallest change the test can flag (the minimum detectable effect, at 50% detection) is
+`critical · se / |m_base|`.
 """
 
 from __future__ import annotations
@@ -38,10 +37,12 @@ from typing import Literal, Sequence
 import numpy as np
 
 MAD_TO_SIGMA = 1.4826  # σ of a normal distribution = 1.4826 · MAD
-MEDIAN_VARIANCE = math.pi / 2  # var(median of n) ≈ (π/2) σ²/n for normal data, n ≥ 3
-WINSOR = 2.5  # winsorize at median ± WINSOR · σ_MAD
-CALIBRATION_DRAWS = 100_000
-MAX_CALIBRATED_N = 40  # beyond this the statistic is close to its limit; calibrate at 40
+WINSOR = 2.5  # night means, and `summarize`: winsorize at median ± WINSOR · σ_MAD
+CLIP = 4.0  # repeats: pull in values beyond their night's median ± CLIP · σ_90
+Q90_TO_SIGMA = 1 / 1.6449  # σ of a normal distribution = its 90th percentile of |x| / 1.645
+CALIBRATION_DRAWS = 40_000
+MAX_CALIBRATED_NIGHTS = 40  # beyond this the statistic is close to its limit; calibrate at 40
+LAMBDA_GRID = (0.0, 0.25, 1.0, 4.0, 16.0, math.inf)  # night-to-run variance ratio σ_N² / σ_R²
 Unit = Literal["run", "repeat"]
 
 
@@ -66,21 +67,59 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Noise:
+    """What the history says about a metric's noise: its level and the two spreads (absolute)."""
+
+    level: float  # the baseline's level: winsorized mean of its night means
+    run: float | None  # σ_R, run to run within a night (None: no night had two repeats)
+    night: float  # σ_N, night to night beyond σ_R (with no σ_R: all of the nights' spread)
+    nights: int
+    repeats: float  # mean repeats per baseline night
+
+    @property
+    def ratio(self) -> float:
+        """σ_N² / σ_R², the shape the calibration needs (∞ without σ_R): an upper confidence bound
+        (90%) rather than the estimate, which from a few nights is often too low, and a calibration
+        that assumes less night noise than there is raises the false-alarm rate."""
+        if not self.run:
+            return math.inf if self.night else 0.0
+        if self.nights < 2:
+            return 0.0
+        between = self.night ** 2 + self.run ** 2 / self.repeats  # what the nights' means varied by
+        upper = between * (self.nights - 1) / _chi2_lower(self.nights - 1, 0.10)
+        return max(0.0, upper - self.run ** 2 / self.repeats) / self.run ** 2
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"level": self.level, "run_sd": self.run, "night_sd": self.night, "nights": self.nights,
+                "repeats": self.repeats}
+
+
+@dataclass(frozen=True)
 class Change:
     """Current against baseline for one metric; `worse` and `z` are positive when it got worse."""
 
-    baseline: Summary  # over baseline run medians (unit "run") or baseline repeats (unit "repeat")
+    baseline: Summary  # over the baseline's night means (unit "run") or its repeats (unit "repeat")
     current: Summary  # over the current repeats
     unit: Unit
-    noise: float  # the spread s the z-score used
-    rel: float  # (current − base) / |base|, as measured
+    noise: float  # the standard error of the difference the z-score used
+    rel: float  # (current − base) / |base| of the robust means, as measured
     worse: float  # rel, signed so that > 0 is worse
-    z: float  # robust z-score, signed so that > 0 is worse
+    z: float  # z-score, signed so that > 0 is worse
     critical: float  # |z| beyond this is beyond the noise (calibrated for these sample sizes)
+    spreads: Noise | None = None
+    base_level: float = 0.0
+    now_level: float = 0.0
+
+    @property
+    def mde(self) -> float:
+        """The smallest relative change this comparison flags half the time: critical · se / |base|."""
+        return self.critical * self.noise / abs(self.base_level) if self.base_level else math.inf
 
     def to_dict(self) -> dict[str, object]:
         return {"baseline": self.baseline.to_dict(), "current": self.current.to_dict(), "unit": self.unit,
-                "noise": self.noise, "rel": self.rel, "worse": self.worse, "z": self.z, "critical": self.critical}
+                "noise": self.noise, "rel": self.rel, "worse": self.worse, "z": self.z, "critical": self.critical,
+                "mde": self.mde, "base_level": self.base_level, "now_level": self.now_level,
+                "spreads": self.spreads.to_dict() if self.spreads else None}
 
 
 def summarize(values: Sequence[float | None]) -> Summary | None:
@@ -108,65 +147,179 @@ def spread(x: np.ndarray) -> np.ndarray:
     return np.clip(x, med - bound, med + bound).std(axis=1, ddof=1)
 
 
+# ---- the variance components ---------------------------------------------------------------------
+
+
+def _clip_nights(nights: list[np.ndarray]) -> tuple[list[np.ndarray], float | None]:
+    """Each night's repeats pulled in to its median ± CLIP σ_90, and the pooled run-to-run SD of the
+    result (None when no night has two repeats). σ_90 comes from the 90th percentile of the pooled
+    residuals, not their median: a rare wild repeat (under a tenth of them) is pulled in, while slow
+    runs that happen often (a step stalled in a quarter of the runs) are part of the noise, and the
+    SD keeps them; treating them as outliers would understate the noise and raise false alarms."""
+    resid = np.concatenate([n - np.median(n) for n in nights if n.size >= 2] or [np.empty(0)])
+    if resid.size == 0:
+        return nights, None
+    bound = CLIP * Q90_TO_SIGMA * float(np.quantile(np.abs(resid), 0.9))
+    clipped = [np.clip(n, np.median(n) - bound, np.median(n) + bound) for n in nights]
+    df = sum(n.size - 1 for n in clipped if n.size >= 2)
+    ss = sum(float(((n - n.mean()) ** 2).sum()) for n in clipped if n.size >= 2)
+    return clipped, math.sqrt(ss / df)
+
+
+def noise_of(baseline_runs: Sequence[Sequence[float | None]]) -> Noise | None:
+    """The level and spreads of a baseline (one list of repeats per night); None without data."""
+    nights = [np.array([v for v in r if v is not None and math.isfinite(v)], dtype=float) for r in baseline_runs]
+    nights = [n for n in nights if n.size]
+    if not nights:
+        return None
+    clipped, run = _clip_nights(nights)
+    means = np.array([n.mean() for n in clipped])
+    level, between = _winsorized(means)
+    inv_r = float(np.mean([1 / n.size for n in clipped]))
+    night = math.sqrt(max(0.0, between ** 2 - (run ** 2 * inv_r if run else 0.0)))
+    return Noise(level, run, night, len(nights), float(np.mean([n.size for n in clipped])))
+
+
+def _winsorized(x: np.ndarray) -> tuple[float, float]:
+    """Winsorized mean and SD of a 1-D sample (SD 0 for one value)."""
+    if x.size < 2:
+        return float(x.mean()), 0.0
+    med = np.median(x)
+    bound = WINSOR * MAD_TO_SIGMA * np.median(np.abs(x - med))
+    w = np.clip(x, med - bound, med + bound)
+    return float(w.mean()), float(w.std(ddof=1))
+
+
 def assess(baseline_runs: Sequence[Sequence[float | None]], current: Sequence[float | None], sign: int, *,
            z: float = 3.0, unit: Unit = "run", min_runs: int = 5, min_values: int = 3,
-           noise_floor: float = 0.005) -> Change | None:
-    """Robust z-test of `current` (one run's repeats) against `baseline_runs` (one list per earlier
-    suite run); None without enough data: fewer than `min_runs` runs for unit "run", fewer than
-    `min_values` values for unit "repeat". `sign` is +1 when a rise is worse, -1 when a fall is."""
-    cur = summarize(current)
-    if cur is None:
+           noise_floor: float = 0.0005) -> Change | None:
+    """The change test of `current` (one night's repeats) against `baseline_runs` (one list per earlier
+    night); None without enough data: fewer than `min_runs` nights for unit "run", fewer than
+    `min_values` values for unit "repeat" (the baseline is then one group). `sign` is +1 when a rise is
+    worse, -1 when a fall is. The standard error is at least `noise_floor` of the baseline level, so
+    identical values do not make every change significant."""
+    cur_values = [v for v in current if v is not None and math.isfinite(v)]
+    if not cur_values:
         return None
-    if unit == "run":
-        runs = [s.median for s in (summarize(r) for r in baseline_runs) if s is not None]
-        base = summarize(runs)
-        if base is None or base.n < min_runs:
-            return None
-        noise = max(base.sigma, noise_floor * abs(base.median))
-        se = noise * math.sqrt(1 + _c(base.n) / base.n)
-        crit = critical(z, "run", base.n, 1)
-    else:
-        base = summarize([v for r in baseline_runs for v in r])
-        if base is None or base.n < min_values:
-            return None
-        noise = max(base.sigma, cur.sigma, noise_floor * abs(base.median))
-        se = noise * math.sqrt(_c(cur.n) / cur.n + _c(base.n) / base.n)
-        crit = critical(z, "repeat", base.n, cur.n)
-    diff = cur.median - base.median
-    rel = diff / abs(base.median) if base.median else (math.copysign(math.inf, diff) if diff else 0.0)
+    if unit == "repeat":
+        baseline_runs = [[v for r in baseline_runs for v in r]]
+    spreads = noise_of(baseline_runs)
+    if spreads is None:
+        return None
+    if unit == "run" and spreads.nights < min_runs:
+        return None
+    if unit == "repeat" and sum(1 for r in baseline_runs for v in r if v is not None) < min_values:
+        return None
+    now = _current_level(np.array(cur_values), spreads.run)
+    k, r_base, r_now = spreads.nights, max(1, round(spreads.repeats)), len(cur_values)
+    se = _standard_error(spreads, k, r_now, unit)
+    se = max(se, noise_floor * abs(spreads.level))
+    diff = now - spreads.level
+    rel = diff / abs(spreads.level) if spreads.level else (math.copysign(math.inf, diff) if diff else 0.0)
     score = sign * diff / se if se > 0 else (math.copysign(math.inf, sign * diff) if diff else 0.0)
-    return Change(base, cur, unit, noise, rel, sign * rel, score, crit)
+    crit = critical(z, unit, k if unit == "run" else r_base, r_now, r_base=r_base, ratio=spreads.ratio)
+    base_summary = summarize(baseline_runs[0]) if unit == "repeat" else summarize(
+        [float(np.mean([v for v in r if v is not None])) for r in baseline_runs if any(v is not None for v in r)])
+    return Change(base_summary, summarize(cur_values), unit, se, rel, sign * rel, score, crit, spreads,
+                  spreads.level, now)
+
+
+def _current_level(values: np.ndarray, run: float | None) -> float:
+    """Tonight's mean, its repeats pulled in to their median ± CLIP σ_R (σ_R from the baseline)."""
+    if run and values.size >= 2:
+        med = np.median(values)
+        values = np.clip(values, med - CLIP * run, med + CLIP * run)
+    return float(values.mean())
+
+
+def _standard_error(s: Noise, k: int, r_now: int, unit: Unit) -> float:
+    if unit == "repeat" or s.run is None:
+        if s.run is None:  # single runs per night: the nights' whole spread, for tonight and the level
+            return s.night * math.sqrt(1 + 1 / k)
+        return s.run * math.sqrt(1 / r_now + 1 / (k * s.repeats))
+    return math.sqrt(s.night ** 2 * (1 + 1 / k) + s.run ** 2 * (1 / r_now + 1 / (k * s.repeats)))
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+
+def critical(z: float, unit: Unit, n_base: int, n_cur: int, r_base: int = 1, ratio: float = math.inf) -> float:
+    """The value |z| exceeds with probability 2 Φ̄(z) under Gaussian noise, for this shape: `n_base`
+    baseline nights of `r_base` repeats (unit "repeat": one group of `n_base` values), `n_cur`
+    repeats tonight, night-to-run variance `ratio` (rounded up to the grid: never assume less night
+    noise than measured)."""
+    if unit == "repeat":
+        n_base, r_base, ratio = 1, max(1, n_base), 0.0
+    grid = next(g for g in LAMBDA_GRID if g >= ratio - 1e-12) if r_base > 1 else math.inf
+    return _critical(round(z, 4), unit, min(n_base, MAX_CALIBRATED_NIGHTS), min(n_cur, 12), min(r_base, 12), grid)
 
 
 @functools.lru_cache(maxsize=512)
-def critical(z: float, unit: Unit, n_base: int, n_cur: int) -> float:
-    """The value |z| exceeds with probability Φ̄(z) under Gaussian noise, for these sample sizes.
-
-    Simulated with the exact statistic of `assess` (without the noise floor, which only lowers z).
-    """
-    n_base, n_cur = min(n_base, MAX_CALIBRATED_N), min(n_cur, MAX_CALIBRATED_N)
-    rng = np.random.default_rng(20261126 + 1000 * n_base + n_cur)
-    base = rng.standard_normal((CALIBRATION_DRAWS, n_base))
-    cur = rng.standard_normal((CALIBRATION_DRAWS, n_cur))
-    diff = np.median(cur, axis=1) - np.median(base, axis=1)
-    if unit == "run":
-        se = spread(base) * math.sqrt(1 + _c(n_base) / n_base)
-    else:
-        se = np.maximum(spread(base), spread(cur)) * math.sqrt(_c(n_cur) / n_cur + _c(n_base) / n_base)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stat = np.abs(diff) / se
+def _critical(z: float, unit: Unit, k: int, r_now: int, r_base: int, ratio: float) -> float:
+    rng = np.random.default_rng(20261201 + 1009 * k + 101 * r_now + 11 * r_base)
+    night_sd, run_sd = (1.0, 0.0) if math.isinf(ratio) else (math.sqrt(ratio), 1.0)
+    n = CALIBRATION_DRAWS
+    base = rng.standard_normal((n, k, 1)) * night_sd + rng.standard_normal((n, k, r_base)) * run_sd
+    cur = rng.standard_normal((n, 1)) * night_sd + rng.standard_normal((n, r_now)) * run_sd
+    stat = np.abs(_statistic(base, cur, unit))
     stat = np.where(np.isfinite(stat), stat, np.inf)
     return float(np.quantile(stat, 1 - 2 * tail(z)))
+
+
+def _statistic(base: np.ndarray, cur: np.ndarray, unit: Unit) -> np.ndarray:
+    """`assess`'s z for many draws at once: base (N, K, r_base), cur (N, r_now) → (N,)."""
+    n, k, r = base.shape
+    if unit == "repeat":
+        base = base.reshape(n, 1, k * r)
+        k, r = 1, k * r
+    med = np.median(base, axis=2, keepdims=True)  # (N, K, 1)
+    run = None
+    if r >= 2:
+        bound = CLIP * Q90_TO_SIGMA * np.quantile(np.abs(base - med).reshape(n, -1), 0.9, axis=1)[:, None, None]
+        base = np.clip(base, med - bound, med + bound)
+        run = np.sqrt(((base - base.mean(axis=2, keepdims=True)) ** 2).sum(axis=(1, 2)) / (k * (r - 1)))  # (N,)
+    means = base.mean(axis=2)  # (N, K)
+    if k >= 2:
+        mmed = np.median(means, axis=1, keepdims=True)
+        mb = WINSOR * MAD_TO_SIGMA * np.median(np.abs(means - mmed), axis=1, keepdims=True)
+        w = np.clip(means, mmed - mb, mmed + mb)
+        level, between = w.mean(axis=1), w.std(axis=1, ddof=1)
+    else:
+        level, between = means[:, 0], np.zeros(n)
+    r_now = cur.shape[1]
+    if run is not None and r_now >= 2:
+        cmed = np.median(cur, axis=1, keepdims=True)
+        cur = np.clip(cur, cmed - CLIP * run[:, None], cmed + CLIP * run[:, None])
+    now = cur.mean(axis=1)
+    if run is None:
+        se = between * math.sqrt(1 + 1 / k)
+    elif unit == "repeat":
+        se = run * math.sqrt(1 / r_now + 1 / (k * r))
+    else:
+        night2 = np.maximum(0.0, between ** 2 - run ** 2 / r)
+        se = np.sqrt(night2 * (1 + 1 / k) + run ** 2 * (1 / r_now + 1 / (k * r)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (now - level) / se
+
+
+def _chi2_lower(df: int, p: float) -> float:
+    """The p-quantile of χ²(df) (Wilson–Hilferty; within a few percent from df = 2 on)."""
+    zp = -1.2815515655446004 if p == 0.10 else _normal_quantile(p)
+    c = 2 / (9 * df)
+    return max(df * (1 - c + zp * math.sqrt(c)) ** 3, 1e-9)
+
+
+def _normal_quantile(p: float) -> float:
+    lo, hi = -10.0, 10.0
+    for _ in range(80):  # bisection on Φ: no scipy for one number
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1 - tail(mid) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def tail(z: float) -> float:
     """One-sided Gaussian tail probability Φ̄(z) (scipy.stats would cost half a second of import)."""
     return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-def _c(n: int) -> float:
-    """Variance factor of a median of n values (the mean's is 1): exact for n ≤ 2, asymptotic above."""
-    return 1.0 if n <= 2 else MEDIAN_VARIANCE
 
 
 def _median(x: list[float]) -> float:

@@ -232,9 +232,17 @@ def history_section(h: History, labels: dict[str, str], order: list[str], baseli
     figures = [section(METRICS[m].describe(), figure=history_figure(m, panels, labels, order, ticks), level=3)
                for m, panels in h.panels.items() if panels]
     note = (f"{len(h.starts)} suite runs; points are suite-run medians; red ▼ regression, green ▲ improvement as "
-            f"`bench regress` judged each night against its own baseline ({baseline.describe()}); at most "
-            f"{plots.MAX_PANELS} configs per metric")
-    return section("History over nights", note, content=Markup().join(figures))
+            f"`bench regress` judged each night against its own baseline ({baseline.describe()}); dashed lines: "
+            f"change points, where a new level begins (red worse, green better); at most {plots.MAX_PANELS} "
+            "configs per metric")
+    rows = [[labels.get(ck, ck), hk, c.metric, f"{c.started_at:%Y-%m-%d}" if c.started_at else "—", c.suite_run_id,
+             (c.commit or "several")[:10], f"{num(c.before)} → {num(c.after)}", pct(c.rel),
+             "worse" if c.worse else "better"] for (ck, hk), cs in h.changes.items() for c in cs]
+    points = section("Change points", "where the level of a metric changed, over each pair's whole history",
+                     content=table(["config", "hardware", "metric", "from", "suite run", "commit", "level", "change",
+                                    ""], rows, row_class=lambda r: "regression" if r[-1] == "worse" else "improvement",
+                                   empty="None: no change of level beyond the noise and the floors."), level=3)
+    return section("History over nights", note, content=Markup().join([*figures, points]))
 
 
 def history_figure(metric: str, panels: list[tuple[str, list[Series]]], labels: dict[str, str], order: list[str],

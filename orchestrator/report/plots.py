@@ -114,7 +114,8 @@ def io_vs_probe(channels: list[str], measured: dict[str, dict[str, list[float]]]
 
 def history(panels: list[tuple[str, list[Series]]], ylabel: str, hw_order: list[str], ticks: list[str]) -> str:
     """Small multiples, one per config: suite-run medians per hardware key, suite runs evenly spaced
-    (`ticks` labels them), red ▼ where `bench regress` flagged a regression, green ▲ an improvement."""
+    (`ticks` labels them), red ▼ where `bench regress` flagged a regression, green ▲ an improvement,
+    a dashed line before the night a change point's new level begins (red worse, green better)."""
     panels = panels[:MAX_PANELS]
     cols = 3 if len(panels) > 4 else max(len(panels), 1)
     nrows = math.ceil(len(panels) / cols) or 1
@@ -130,6 +131,8 @@ def history(panels: list[tuple[str, list[Series]]], ylabel: str, hw_order: list[
                 ax.scatter(*zip(*s.regressions), marker="v", s=80, color="#d62728", zorder=5)
             if s.improvements:
                 ax.scatter(*zip(*s.improvements), marker="^", s=80, color="#2ca02c", zorder=5)
+            for t, worse in s.changes:  # a new level begins here
+                ax.axvline(t - 0.5, color="#d62728" if worse else "#2ca02c", ls="--", lw=1, alpha=0.8)
         ax.set_title(title, fontsize=8)
         ax.set_xticks(range(0, len(ticks), step), ticks[::step], fontsize=7)
         ax.tick_params(labelsize=7)
