@@ -83,7 +83,14 @@ def run_summary(result: dict):
     t.add_row("host RSS", fmt(m["host_rss_gb"], " GB"))
     roof = result.get("roofline") or {}
     if roof.get("attainment_decode") is not None:
-        t.add_row("decode attainment", f"{roof['attainment_decode']:.2f} of the I/O floor")
+        t.add_row("decode attainment", f"{roof['attainment_decode']:.2f} of the I/O floor"
+                  + ("  (floor suspect: see the JSON's warnings)" if roof.get("floor_suspect") else ""))
+    if roof.get("floor_ssd_gbps") is not None:
+        t.add_row("floor SSD", f"{roof['floor_ssd_gbps']:,.2f} GB/s ({roof.get('floor_ssd_source')}; probe "
+                               f"{fmt(roof.get('ssd_gbps'), ' GB/s')})")
+    setup = result.get("setup") or {}
+    if setup.get("wall_s"):
+        t.add_row("wall time", f"{setup['wall_s']:,.2f} s, {setup['measure_s']:,.2f} s of it measured")
     return t
 
 

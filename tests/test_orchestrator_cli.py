@@ -109,6 +109,12 @@ def test_default_submit_runs_the_smoke_suite_on_an_embedded_local_ray(tmp_path):
     assert sorted(r["mode"] for r in rows) == ["cpu", "gpu", "mixed", "ssd"]
     assert all(r["status"] == "ok" and r["decode_tok_s"] > 0 for r in rows), [r["error"] for r in rows]
     assert len({tuple(map(tuple, r["output_token_ids"])) for r in rows}) == 1  # every mode, same tokens (greedy)
+    assert all(0 < r["measure_s"] < r["wall_s"] for r in rows)
+    total, measured = sum(r["wall_s"] for r in rows), sum(r["measure_s"] for r in rows)
+    share = next(ln for ln in done.stdout.splitlines() if ln.startswith("time: "))
+    assert share == (f"time: {total:,.1f} s of wall time in 4 runs, {measured:,.1f} s in measured rounds "
+                     f"({measured / total:.1%} measurement)")
+    assert done.stdout.index("time: ") > done.stdout.index("suite smoke")  # under the run table
     assert wall < 120
     again = bench("submit", "--results", "res", "--suite-run-id", "smoke-test", tmp_path=tmp_path)
     assert again.returncode == 0 and "0 rows written, 0 failed, 4 already recorded" in again.stdout

@@ -157,6 +157,9 @@ def test_run_has_the_streaming_row_shape_and_its_tokens(tiny_ckpt, tmp_path, mon
     assert peer["model"]["weight_bytes"] == 4 * peer["model"]["n_params"]
     m = peer["metrics"]
     assert m["decode_steps"] == 5 and len(m["itl_ms"]) == 5 and m["prefill_ms"] > 0 and m["ttft_ms"] > 0
+    s = peer["setup"]  # the phases that apply to the peer; no pack, CPU tier or probe
+    assert s["slots_s"] > 0 and s["measure_s"] > 0 and s["pack_s"] == s["fill_s"] == s["probe_s"] == 0
+    assert s["wall_s"] >= s["measure_s"] + s["slots_s"] + s["tokenizer_s"]
 
     from worker import run as bench
 

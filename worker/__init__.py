@@ -6,9 +6,10 @@ measure) → `text/` (the tokenizer, and the batch as fed) → `pack/` (checkpoi
 manifest) → `engine` (model + weight source + KV cache for a mode) over `model/` (the Llama forward),
 `stream/` (weights SSD → pinned CPU → GPU) and `kv/` (the paged, offloading KV cache) → `generate`
 with `sampling` (prefill, then decode; the warm-up and measured rounds) → `host/` (fingerprint,
-probe, roofline, clocks) → `result` (the run's JSON document), written through `files` (whole or
-not at all). `peer` runs the same spec on HF transformers + accelerate; `synth/` makes synthetic
-checkpoints; `units` defines GB, MiB and the 4 KiB page once.
+probe, the disk next to the run, roofline, clocks, where the wall time went) → `result` (the run's
+JSON document), written through `files` (whole or not at all). `peer` runs the same spec on HF
+transformers + accelerate; `synth/` makes synthetic checkpoints; `units` defines GB, MiB and the
+4 KiB page once.
 """
 
 __version__ = "0.1.0"

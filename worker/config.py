@@ -121,6 +121,9 @@ class RunConfig:
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
     cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (--no-cuda-graphs: eager).")
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")
+    floor_window_s: Annotated[float, Field(ge=0)] = _f(2.0, "Seconds of SSD reads, with the SSD tier's own "
+                                                       "settings, just before and just after a run that streams "
+                                                       "from the SSD: its floor's SSD figure (0: the probe's).")
     device_wait_s: Annotated[float, Field(ge=0)] = _f(600.0, "Seconds to wait for a GPU or disk another engine "
                                                      "on this host holds (0: fail at once).")
     pack_verify_days: Annotated[float, Field(ge=0)] = _f(7.0, "Verify every checksum of the pack when its last full "

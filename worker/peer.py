@@ -40,6 +40,7 @@ from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate, measure
 from worker.host import devlock
+from worker.host.walltime import RunClock
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
 from worker.pack.source import SourceTensor, read_index
@@ -263,32 +264,43 @@ def load_model(ckpt: str, plan: Placement, dtype: torch.dtype, offload_dir: str)
 
 
 def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
-             base_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`bench run --engine accelerate`: the run's spec on HF + accelerate, as a `streambench.run/1` dict."""
-    from worker.text.tokenizer import load_tokenizer
+             base_env: dict[str, str] | None = None, clock: RunClock | None = None) -> dict[str, Any]:
+    """`bench run --engine accelerate`: the run's spec on HF + accelerate, as a `streambench.run/1` dict.
+    `clock` (worker.run's) times the phases that apply (imports, tokenizer, placement and model load as
+    `slots`, the rounds, close); pack, fill and probe stay 0: the peer has none of them."""
+    clock = clock or RunClock()
+    with clock.phase("imports"):
+        from worker.text.tokenizer import load_tokenizer
 
     cfg = dataclasses.replace(cfg, engine="accelerate")
     mc = ModelConfig.from_hf_dir(cfg.checkpoints)
     dtype = getattr(torch, mc.dtype if cfg.dtype == "auto" else cfg.dtype)
     tensors = read_index(cfg.checkpoints)
     _check_loadable(Path(cfg.checkpoints))
-    tok = load_tokenizer(cfg.checkpoints)
-    prompt_ids = prompt_ids_for(tok, cfg)
+    with clock.phase("tokenizer"):
+        tok = load_tokenizer(cfg.checkpoints)
+        prompt_ids = prompt_ids_for(tok, cfg)
     eos, pad = mc.eos_token_ids or eos_ids(tok), pad_id(tok)
     phase("load")
-    plan = plan_placement(cfg, mc, device, module_bytes(tensors, dtype.itemsize), dtype)
+    with clock.phase("imports"):  # what the placement and the load import first, timed apart from them
+        import accelerate  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+    with clock.phase("slots"):
+        plan = plan_placement(cfg, mc, device, module_bytes(tensors, dtype.itemsize), dtype)
     log.info("peer: mode=%s device=%s dtype=%s layers per tier %s", cfg.stream.mode, device, dtype, plan.layers)
     os.makedirs(envs.cache_dir(), exist_ok=True)
     keys = [devlock.device_key(device), devlock.disk_key(cfg.checkpoints), devlock.disk_key(envs.cache_dir())]
     with devlock.hold(keys, cfg.device_wait_s) as held, \
             tempfile.TemporaryDirectory(prefix="peer-offload-", dir=envs.cache_dir()) as offload:
-        model = load_model(cfg.checkpoints, plan, dtype, offload)
+        with clock.phase("slots"):
+            model = load_model(cfg.checkpoints, plan, dtype, offload)
         try:
-            gen = _measure(model, cfg, prompt_ids, eos, pad, device, phase)
+            gen = _measure(model, cfg, prompt_ids, eos, pad, device, phase, clock)
         finally:
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            with clock.phase("close"):
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     n_params = sum(math.prod(t.shape) for t in tensors.values())
     model_block = {"name": Path(cfg.checkpoints).name, "n_layers": mc.num_hidden_layers,
                    "dtype": str(dtype).removeprefix("torch."), "hidden_size": mc.hidden_size,
@@ -298,15 +310,17 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     result = assemble_result(cfg, model_block, device, gen, prompt_ids, tok, base_env or {},
                              io={"warnings": warnings}, locks=held)
     result["locks"] = held.to_dict()  # with the release time
+    result["setup"] = clock.report()
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")
     return result
 
 
-def _measure(model, cfg: RunConfig, prompt_ids, eos, pad, device: torch.device, phase) -> Generation:
+def _measure(model, cfg: RunConfig, prompt_ids, eos, pad, device: torch.device, phase, clock: RunClock) -> Generation:
     """The engine's rounds, except that a peer warm-up round generates as many tokens as the measured one."""
     def once(new_tokens: int) -> Generation:
         return peer_generate(model, prompt_ids, cfg, eos, pad, device, new_tokens=new_tokens)
 
-    return measure(once, cfg.warmup_rounds, cfg.max_new_tokens, device, phase, warmup_tokens=None)
+    return measure(clock.rounds_of(once, cfg.warmup_rounds), cfg.warmup_rounds, cfg.max_new_tokens, device, phase,
+                   warmup_tokens=None)

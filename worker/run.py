@@ -2,7 +2,10 @@
 
 `run(cfg)` is what `bench run` and the Ray actors call. It resolves the device, packs the checkpoint
 on first use, builds the engine for the mode, runs untimed warm-up rounds and one measured round,
-and returns the result dict (schema `streambench.run/1`), also written to `cfg.out_json`.
+and returns the result dict (schema `streambench.run/1`), also written to `cfg.out_json`. A run that
+streams from the SSD measures the disk just before its engine is built and just after it is closed
+(`worker.host.adjacent`) for its floor; every phase's host time goes in the result's `setup` section
+(`worker.host.walltime`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from worker.config import RunConfig
 from worker.errors import UserError
 from worker.files import check_output_file
 from worker.generate import Generation, decode_spans, generate, measure
-from worker.host import devlock
+from worker.host import adjacent, devlock
+from worker.host.walltime import RunClock
 from worker.model.geometry import ModelConfig
 from worker.result import build_result, write_json
 from worker.text.prompts import eos_ids, pad_id, prompt_ids_for
+from worker.units import MiB
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,14 @@ def pick_device(choice: str) -> torch.device:
 
 
 def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
-    phase = on_phase or (lambda name: None)
+    clock = RunClock()  # first: process_s ends here
+    try:
+        return _run(cfg, on_phase or (lambda name: None), clock)
+    finally:
+        clock.close()
+
+
+def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
     applied = envs.apply_base_process_env()
     if envs.omp_threads():
         torch.set_num_threads(envs.omp_threads())
@@ -59,39 +71,62 @@ def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
     if cfg.out_json:
         check_output_file(cfg.out_json, "--out-json")  # before any work: a run whose result cannot land is lost
     if cfg.engine == "accelerate":
-        from worker.peer import run_peer
+        with clock.phase("imports"):
+            from worker.peer import run_peer
 
-        return run_peer(cfg, device, phase, base_env=applied)
+        return run_peer(cfg, device, phase, base_env=applied, clock=clock)
 
-    from worker.engine import build_engine
-    from worker.pack.cache import ensure_pack
-    from worker.text.tokenizer import load_tokenizer
+    with clock.phase("imports"):
+        from worker.engine import build_engine
+        from worker.pack.cache import ensure_pack
+        from worker.stream.plan import place
+        from worker.text.tokenizer import load_tokenizer
 
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
-    tok = load_tokenizer(cfg.checkpoints)
-    prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
+    with clock.phase("tokenizer"):
+        tok = load_tokenizer(cfg.checkpoints)
+        prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
     phase("pack")
-    pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest, raw_device=cfg.raw_device,
-                       dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days)
+    with clock.phase("pack"):
+        pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest, raw_device=cfg.raw_device,
+                           dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days)
     phase("load")
+    extents = adjacent.ssd_extents(pack.manifest, place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers,
+                                                        cfg.stream))
     with devlock.hold([devlock.device_key(device), devlock.disk_key(pack.blob_path)], cfg.device_wait_s) as held:
-        engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
+        before = _ssd_window(cfg, pack, extents, device, clock, "before")  # the disk, just before the engine
+        with clock.phase("slots"):
+            engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
+        clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
         try:
-            gen = _measure(engine, cfg, prompt_ids, tok, device, phase)
+            gen = _measure(engine, cfg, prompt_ids, tok, device, phase, clock)
             result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied, locks=held)
-            if cfg.roofline:
-                result["roofline"] = _roofline(pack, engine, result["metrics"], gen)
+            placement = engine.placement
+            kv_step = engine.kv_step_bytes(result["metrics"]["batch_size"],
+                                           result["metrics"]["prompt_len"] + gen.decode_steps // 2)
         finally:
-            engine.close()
+            with clock.phase("close"):
+                engine.close()
+        after = _ssd_window(cfg, pack, extents, device, clock, "after")  # and just after it is gone
+        if cfg.roofline:
+            with clock.phase("probe"):
+                result["roofline"] = _roofline(pack, placement, result["metrics"], gen, kv_step, before, after, cfg)
     result["locks"] = held.to_dict()  # with the release time: the devices were the run's until then
+    roof = result["roofline"] or {}
+    if roof.get("floor_suspect"):
+        from worker.host.roofline import suspect_warning
+
+        result["warnings"].append(suspect_warning(roof))
+        log.warning("%s", result["warnings"][-1])
+    result["setup"] = clock.report()
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")
     return result
 
 
-def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> Generation:
+def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase, clock: RunClock) -> Generation:
     cache = engine.new_cache(len(prompt_ids), cfg.max_seq_len)  # reused: every round starts with a prefill
     graphs = _graphs(engine, cfg, cache, len(prompt_ids), device)
 
@@ -102,13 +137,15 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase) -> G
 
     def prepare() -> None:  # capture every span the measured round will use, outside its timing
         if graphs is not None:
-            graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens, cfg.max_seq_len))
+            with clock.phase("warmup"):
+                graphs.prepare(decode_spans(max(len(p) for p in prompt_ids), cfg.max_new_tokens, cfg.max_seq_len))
 
     def start() -> dict[str, int]:
         engine.reset_counters()
         return getattr(engine.weights, "prefetched", dict)()
 
-    return measure(once, cfg.warmup_rounds, cfg.max_new_tokens, device, phase, prepare=prepare, start=start)
+    return measure(clock.rounds_of(once, cfg.warmup_rounds), cfg.warmup_rounds, cfg.max_new_tokens, device, phase,
+                   prepare=prepare, start=start)
 
 
 def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
@@ -123,11 +160,29 @@ def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
     return None
 
 
-def _roofline(pack, engine, metrics: dict[str, Any], gen: Generation) -> dict[str, Any] | None:
+def _ssd_window(cfg: RunConfig, pack, extents: list[tuple[int, int]], device: torch.device, clock: RunClock,
+                when: str) -> dict[str, Any] | None:
+    """One adjacent SSD window (worker.host.adjacent) for a run that streams from the SSD and reports
+    a floor; None otherwise (nothing is read)."""
+    if not (cfg.roofline and extents and cfg.floor_window_s > 0):
+        return None
+    with clock.phase("probe"):
+        window = adjacent.measure(str(pack.blob_path), extents, cfg.stream.ssd_readers, cfg.stream.staging_mb * MiB,
+                                  cfg.floor_window_s, device)
+    log.info("floor: SSD %s the run: %s", when, adjacent.describe(window))
+    return window
+
+
+def _roofline(pack, placement, metrics: dict[str, Any], gen: Generation, kv_step, before, after,
+              cfg: RunConfig) -> dict[str, Any] | None:
     from worker.host.probe import probe_host
     from worker.host.roofline import roofline
 
     probe = probe_host(path=str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path), quick=True)
-    kv_step = engine.kv_step_bytes(metrics["batch_size"], metrics["prompt_len"] + gen.decode_steps // 2)
-    return roofline(pack.manifest, engine.placement, probe, metrics["batch_size"], metrics["prompt_len"],
-                    gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched, kv_step=kv_step)
+    roof = roofline(pack.manifest, placement, probe, metrics["batch_size"], metrics["prompt_len"],
+                    gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched, kv_step=kv_step,
+                    ssd_gbps=adjacent.floor_ssd(before, after))
+    if roof is not None and (before or after):
+        roof["ssd_adjacent"] = adjacent.record(before, after, cfg.floor_window_s, cfg.stream.ssd_readers,
+                                               cfg.stream.staging_mb * MiB)
+    return roof

@@ -38,7 +38,7 @@ def submit_cmd(suite: str | None, address: str | None, results: str | None, dry_
     """
     from pathlib import Path
 
-    from orchestrator.cluster.progress import render_rows
+    from orchestrator.cluster.progress import render_rows, time_share
     from orchestrator.cluster.submit import new_suite_run_id, plan_rows
     from orchestrator.results.store import check_writable, default_uri
     from orchestrator.suite.load import load_suite
@@ -63,6 +63,9 @@ def submit_cmd(suite: str | None, address: str | None, results: str | None, dry_
     console.print(f"suite run id: {run_id}", highlight=False)
     out = _submit_live(plan, results, run_id, address)
     console.print(render_rows(out.rows, title=f"suite {plan.name} · {run_id} · {out.where}", wide=wide))
+    share = time_share(out.rows)
+    if share:
+        console.print(share, highlight=False, soft_wrap=True)
     console.print(f"results: {results}  ({len(out.rows)} rows written, {out.failed} failed, "
                   f"{len(out.already_recorded)} already recorded)", highlight=False, soft_wrap=True)
     if out.interrupted:

@@ -1,7 +1,8 @@
 """Progress of a suite run: counts per host, what each running run is doing, and how to draw it.
 
 The scheduler updates a `Progress`; the CLI draws it with `render_progress` inside a rich Live (only
-when stdout is a terminal) and `render_rows` at the end. Nothing here prints.
+when stdout is a terminal), `render_rows` at the end and `time_share` under it (how much of the runs'
+wall time was measurement). Nothing here prints.
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def render_rows(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESULT_CO
         t.add_row(*(Text(short.get(row.get(c), _fmt(row.get(c))) if c == "run_id" else _fmt(row.get(c)))
                     for c in columns))
     return t
+
+
+def time_share(rows: list[dict[str, Any]]) -> str | None:
+    """One line: the runs' wall time (process start to result, setup phases included), the time in
+    their measured rounds, and the share that was measurement; None when no row has timings."""
+    timed = [r for r in rows if r.get("wall_s")]
+    if not timed:
+        return None
+    wall = sum(r["wall_s"] for r in timed)
+    measured = sum(r.get("measure_s") or 0.0 for r in timed)
+    return (f"time: {wall:,.1f} s of wall time in {len(timed)} runs, {measured:,.1f} s in measured rounds "
+            f"({measured / wall:.1%} measurement)")
 
 
 def _short_ids(rows: list[dict[str, Any]]) -> dict[str, str]:

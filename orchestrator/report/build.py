@@ -2,9 +2,9 @@
 
 Everything is inline (CSS, PNG figures as data URIs, no script, no link), so the file opens offline
 and can be mailed or attached to a CI run. Sections: the regression check of the newest suite run,
-tokens/s and attainment per host and config, the TTFT / prefill / decode breakdown, I/O bandwidth
-per channel against each host's probe figures, history over nights with regression markers, failed
-runs with their errors, and the hardware. "Latest" sections show, for each (config, hardware) pair,
+tokens/s and attainment per host and config, runs whose attainment beat their floor (`floor_suspect`),
+the TTFT / prefill / decode breakdown, I/O bandwidth per channel against each host's probe figures,
+history over nights with regression markers, failed runs with their errors, and the hardware. "Latest" sections show, for each (config, hardware) pair,
 the rows of its newest suite run; history uses every selected row.
 """
 
@@ -31,6 +31,7 @@ from orchestrator.report.html import Column, render, section, table
 from orchestrator.results.query import Selection, config_labels, hardware_info, newest_suite_run, select, short_commit
 from orchestrator.results.store import default_uri
 from worker.files import write_atomic
+from worker.host.roofline import SUSPECT_ATTAINMENT
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def report_body(rows: list[dict[str, Any]], now: RegressReport | None, *, gate: 
     parts.append(section("Throughput and attainment", "latest suite run of each config on each host; bars are "
                          "medians over repeats, whiskers min–max", throughput_figure(latest, labels, order),
                          compare_tables(latest, ("decode_tok_s", "attainment_decode"))))
+    parts.append(suspect_section(rows, labels))
     parts.append(section("Latency breakdown: TTFT, prefill, decode", "medians of the latest suite run",
                          breakdown_figure(latest, labels, order), compare_tables(latest, BREAKDOWN_METRICS)))
     parts.append(section("I/O bandwidth against the host's probe", "every run of the latest suite runs; red: the "
@@ -248,6 +250,27 @@ def history_section(h: History, labels: dict[str, str], order: list[str], baseli
 def history_figure(metric: str, panels: list[tuple[str, list[Series]]], labels: dict[str, str], order: list[str],
                    ticks: list[str]) -> str:
     return plots.history([(labels[ck], lines) for ck, lines in panels], METRICS[metric].unit or metric, order, ticks)
+
+
+def suspect_section(rows: list[dict[str, Any]], labels: dict[str, str]) -> Markup:
+    """Runs whose attainment beat their floor (`floor_suspect`): their floor's figures were too low,
+    so their attainment is not evidence of anything; each row says which SSD figures the floor had."""
+    bad = [r for r in rows if r.get("floor_suspect")]
+    fig = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    body = [["⚠ suspect", f"{r['finished_at']:%Y-%m-%d %H:%M}" if r["finished_at"] else "—", r["suite_run_id"],
+             r["run_id"], r["host"] or "(no host)", labels.get(r["config_key"], r["config_key"] or "?"),
+             f"{fig(r['attainment_decode'])} / {fig(r['attainment_prefill'])}",
+             f"{fig(r.get('ssd_before_gbps'))} / {fig(r.get('ssd_after_gbps'))}", fig(r.get("floor_ssd_gbps")),
+             "—" if r.get("floor_ssd_spread") is None else f"{r['floor_ssd_spread']:.0%}", fig(r["probe_ssd_gbps"])]
+            for r in reversed(bad)]
+    columns = ["floor", "finished", "suite run", "run", "host", "config", "attainment decode / prefill",
+               "SSD before / after GB/s", "floor SSD GB/s", "spread", "probe SSD GB/s"]
+    note = (f"attainment above {SUSPECT_ATTAINMENT}: the run moved its bytes faster than the figures its floor "
+            "was built on, which says the figures were low (a drifting disk), not that the engine beat the "
+            "hardware; newest first")
+    return section(f"Suspect floors ({len(bad)})" if bad else "Suspect floors", note if bad else "",
+                   content=table(columns, body, row_class=lambda r: "suspect",
+                                 empty=f"None: no run's attainment is above {SUSPECT_ATTAINMENT}."))
 
 
 def failures_section(rows: list[dict[str, Any]], labels: dict[str, str]) -> Markup:

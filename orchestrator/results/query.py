@@ -31,8 +31,11 @@ ID_COLUMNS = ("suite", "date", "suite_run_id", "run_id", "config_key", "hardware
               "cpu_model", "ram_gb", "nvme_device", "nvme_model", "device", "model", "mode", "engine", "batch_size",
               "prompt_len", "max_new_tokens", "config_json", "schema_version",
               "probe_ssd_gbps", "probe_h2d_gbps", "probe_hbm_gbps")
+# how far a run's floor holds (the report's suspect-floor section)
+FLOOR_COLUMNS = ("attainment_prefill", "attainment_decode", "floor_suspect", "ssd_before_gbps", "ssd_after_gbps",
+                 "floor_ssd_gbps", "floor_ssd_spread")
 COLUMNS = ID_COLUMNS + tuple(m for m in METRICS if m not in ID_COLUMNS) + tuple(
-    c for c, _ in CHANNELS if c not in METRICS)
+    c for c, _ in CHANNELS if c not in METRICS) + tuple(c for c in FLOOR_COLUMNS if c not in METRICS)
 FILTER_COLUMNS = ("git_commit", "host", "hardware_key", "gpu_name")  # what filter_rows reads
 LABEL_FIELDS = ("model", "mode", "batch_size", "prompt_len", "max_new_tokens", "engine")
 MAX_EXTRA_LABEL_FIELDS = 4

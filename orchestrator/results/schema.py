@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from worker.host.hostinfo import hardware_key
+from worker.host.walltime import PHASES as SETUP_PHASES
 
 if TYPE_CHECKING:
     from orchestrator.cluster.actor import RunOutcome
@@ -92,17 +93,39 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("gpu_reserved_gb", _F64, "GPU max reserved"),
     ("host_rss_gb", _F64, ""),
     ("pinned_host_gb", _F64, ""),
-    ("probe_ssd_gbps", _F64, "host probe figure used for the floor"),
+    ("probe_ssd_gbps", _F64, "the host probe's SSD figure (cached per host; a run that reads the SSD floors on "
+                             "floor_ssd_gbps)"),
     ("probe_h2d_gbps", _F64, ""),
     ("probe_hbm_gbps", _F64, ""),
     ("floor_prefill_s", _F64, ""),
     ("floor_decode_s", _F64, ""),
     ("attainment_prefill", _F64, "floor / measured"),
     ("attainment_decode", _F64, "floor / measured"),
+    ("ssd_before_gbps", _F64, "SSD read rate with the SSD tier's settings just before the engine was built"),
+    ("ssd_after_gbps", _F64, "the same just after the engine was closed"),
+    ("floor_ssd_gbps", _F64, "the SSD rate the floor used: the higher of before/after (else the probe's); null "
+                             "when the run reads nothing from the SSD"),
+    ("floor_ssd_spread", _F64, "|before - after| / mean: how far the disk drifted across the run"),
+    ("floor_suspect", pa.bool_(), "an attainment above 1.05: the floor's figures were too low, the run did not "
+                                  "beat the hardware"),
     ("pack_check", _STR, "how the pack was checked before the run: full (every checksum) or edges (each "
                           "group's first and last 4 KiB against the last full verification)"),
     ("pack_verified_at", _STR, "when every checksum of the pack was last verified (UTC, ISO 8601)"),
     ("device_wait_s", _F64, "seconds the run waited for its GPU or disk, held by another engine on the host"),
+    ("setup_process_s", _F64, "process start (or the process's previous run's end) to the run's start"),
+    ("setup_imports_s", _F64, "imports the run made itself (first run of a process)"),
+    ("setup_tokenizer_s", _F64, "loading the tokenizer and making the prompts"),
+    ("setup_pack_s", _F64, "finding, packing and checking the pack"),
+    ("setup_fill_s", _F64, "loading the CPU tier's pinned layers"),
+    ("fill_gbps", _F64, "the CPU tier's load rate"),
+    ("setup_slots_s", _F64, "the rest of the engine build: resident weights, GPU slots, threads, model"),
+    ("setup_compile_s", _F64, "the first warm-up round (compilation on CUDA, first kernels and allocations)"),
+    ("setup_warmup_s", _F64, "the later warm-up rounds and CUDA graph capture"),
+    ("setup_probe_s", _F64, "host probe and the SSD windows next to the run"),
+    ("setup_close_s", _F64, "closing the engine"),
+    ("setup_other_s", _F64, "the rest outside the measured round: device lock, result document"),
+    ("measure_s", _F64, "the measured round, host clock"),
+    ("wall_s", _F64, "the run's wall time: every setup phase plus the measured round"),
     ("warnings", pa.list_(_STR), ""),
     ("itl_ms", pa.list_(_F64), "per-token decode latencies"),
     ("output_token_ids", pa.list_(pa.list_(_I64)), "generated tokens per batch row"),
@@ -123,6 +146,7 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
     system = dict(fp)
     system.update({k: v for k, v in (res.get("system") or {}).items() if v is not None or k not in fp})
     metrics, io, roof = res.get("metrics") or {}, res.get("io") or {}, res.get("roofline") or {}
+    setup, near = res.get("setup") or {}, roof.get("ssd_adjacent") or {}
     model = res.get("model") or {}
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -175,8 +199,14 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
               "itl_p90_ms", "itl_p99_ms", "host_rss_gb", "pinned_host_gb", "itl_ms", "kv_gpu_gb", "kv_cpu_gb",
               "kv_ssd_gb", "kv_write_backoffs"):
         row[k] = metrics.get(k)
-    for k in ("floor_prefill_s", "floor_decode_s", "attainment_prefill", "attainment_decode"):
+    for k in ("floor_prefill_s", "floor_decode_s", "attainment_prefill", "attainment_decode", "floor_ssd_gbps",
+              "floor_suspect"):
         row[k] = roof.get(k)
+    row.update(ssd_before_gbps=near.get("before_gbps"), ssd_after_gbps=near.get("after_gbps"),
+               floor_ssd_spread=near.get("spread"))
+    for k in SETUP_PHASES:
+        row[f"setup_{k}_s"] = setup.get(f"{k}_s")
+    row.update(fill_gbps=setup.get("fill_gbps"), measure_s=setup.get("measure_s"), wall_s=setup.get("wall_s"))
     for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h", "kv_ssd"):  # kv_ssd: absent unless the KV spilled
         stats = io.get(ch) or {}
         row[f"{ch}_gbps"] = stats.get("gbps")

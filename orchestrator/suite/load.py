@@ -32,9 +32,9 @@ DEFAULT_SUITE = "smoke"
 # Set by the orchestrator per host and run, never by a suite.
 RESERVED_KEYS = {"checkpoints": "name the model under `models:` instead",
                  "out_json": "results go to the Parquet dataset (`--results`)"}
-# Host-local paths and log switches: not part of what makes two runs comparable.
+# Host-local paths, log switches and how the floor is measured: not part of what makes two runs comparable.
 NOT_IN_CONFIG_KEY = ("checkpoints", "out_json", "verbose", "pack_dir", "manifest", "raw_device", "device_wait_s",
-                     "pack_verify_days")
+                     "pack_verify_days", "floor_window_s")
 MATRIX_EXTRA_KEYS = ("model", "host")
 
 

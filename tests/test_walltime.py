@@ -1,0 +1,84 @@
+"""Where a run's time goes (worker.host.walltime): every setup phase in the run JSON's `setup` section
+and the row's `setup_*_s` columns, adding up to the wall time; and the share of it `bench submit`
+says was measurement."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.cluster.actor import RunOutcome
+from orchestrator.cluster.progress import time_share
+from orchestrator.results.schema import COLUMN_NAMES, build_row
+from orchestrator.suite.load import parse_suite
+from worker.host import walltime
+from worker.run import resolve_config, run
+
+SUITE = parse_suite("name: t\nmodels: [{name: tiny, preset: tiny}]\nmatrix: {mode: mixed}\n")
+PHASE_COLUMNS = [f"setup_{p}_s" for p in walltime.PHASES]
+SLACK_S = 0.05
+
+
+@pytest.fixture()
+def flat(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    for var in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX"):  # a run sets them: restore afterwards
+        monkeypatch.setenv(var, "2")
+    return {"checkpoints": str(tiny_ckpt), "prompt_len": 8, "batch_size": 1, "max_new_tokens": 6, "max_seq_len": 64,
+            "temperature": 0.0, "warmup_rounds": 2, "pack_dir": str(tmp_path / "pack"), "out_json": None,
+            "mode": "mixed", "gpu_cached_layers": 0, "cpu_cache_layers": 1}  # layer 0 in the CPU tier, 1 on the SSD
+
+
+def test_a_run_says_where_its_wall_time_went(flat):
+    t0 = time.time()
+    r = run(resolve_config(flat))
+    took = time.time() - t0
+    s = r["setup"]
+    phases = [f"{p}_s" for p in walltime.PHASES]
+    assert all(s[k] >= 0 for k in phases + ["measure_s", "wall_s"]), s
+    assert sum(s[k] for k in phases) + s["measure_s"] == pytest.approx(s["wall_s"], abs=1e-6)  # other_s: the rest
+    assert s["wall_s"] - s["process_s"] <= took + SLACK_S  # run() itself took no longer than the call
+    assert s["measure_s"] > 0 and s["pack_s"] > 0 and s["tokenizer_s"] > 0 and s["slots_s"] > 0
+    assert s["warmup_rounds_s"] == [s["compile_s"], s["warmup_s"]] and s["compile_s"] > 0  # 2 warm-ups
+    assert s["probe_s"] > 0  # the probe and the SSD windows of the SSD layer
+    tier = r["config"]["stream"]
+    assert tier["cpu_cache_layers"] == 1 and s["fill_bytes"] > 0 and s["fill_s"] > 0
+    assert s["fill_gbps"] == pytest.approx(s["fill_bytes"] / s["fill_s"] / 1e9)
+    row = build_row(SUITE.specs[0], "t-1", RunOutcome("ok", None, r, None, None, t0, time.time()))
+    for col in PHASE_COLUMNS + ["fill_gbps", "measure_s", "wall_s"]:
+        assert col in COLUMN_NAMES and row[col] is not None and row[col] >= 0, col
+    assert sum(row[c] for c in PHASE_COLUMNS) + row["measure_s"] <= row["wall_s"] + SLACK_S
+
+
+def test_the_process_start_is_counted_once(flat, monkeypatch):
+    first = run(resolve_config(flat))["setup"]
+    t0 = time.time()
+    second = run(resolve_config(flat))["setup"]
+    assert second["process_since"] == "previous run" and second["process_s"] <= time.time() - t0
+    assert first["process_since"] in ("process start", "previous run")
+    monkeypatch.setattr(walltime, "_last_end", None)  # as in a fresh process
+    fresh = walltime.RunClock()
+    assert fresh.process_since == "process start" and fresh.process_s > second["wall_s"]  # pytest has run a while
+    fresh.close()
+
+
+def test_a_run_that_fails_still_ends_its_clock(flat, monkeypatch):
+    from worker.errors import UserError
+
+    monkeypatch.setattr(walltime, "_last_end", None)
+    t0 = time.time()
+    with pytest.raises(UserError):
+        run(resolve_config({**flat, "cpu_cache_layers": 5}))  # more layers than the model has
+    assert walltime._last_end is not None and t0 <= walltime._last_end <= time.time()
+
+
+def test_gpu_mode_fills_nothing(flat):
+    s = run(resolve_config({**flat, "mode": "gpu"}))["setup"]
+    assert s["fill_s"] == 0 and s["fill_bytes"] is None and s["fill_gbps"] is None
+
+
+def test_the_share_of_measurement():
+    rows = [{"wall_s": 10.0, "measure_s": 1.0}, {"wall_s": 30.0, "measure_s": 3.0}, {"wall_s": None}]
+    assert time_share(rows) == "time: 40.0 s of wall time in 2 runs, 4.0 s in measured rounds (10.0% measurement)"
+    assert time_share([{"status": "failed", "wall_s": None}]) is None and time_share([]) is None

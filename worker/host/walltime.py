@@ -1,0 +1,112 @@
+"""Where a run's wall time goes: its setup phases, the measured round, and the rest.
+
+Every phase is timed once on the host clock (`time.perf_counter`) around the step that makes it, never
+inside the measured round and with no device synchronization of its own: the rounds already end in
+one (`worker.generate.generate`), and nothing else here needs the device to be idle. The phases of
+`RunClock.report()` (the run JSON's `setup` section; the row's `setup_<phase>_s` columns) are:
+
+- `process_s`: before `run()` was entered. For the first run of a process, from the process's start
+  (`psutil.Process().create_time()`, the kernel's record, 10 ms resolution): the interpreter, the
+  module-level imports (torch among them) and, in a Ray actor, the worker process's start (Ray may
+  have started it before placing the actor there), the actor's start and the spec's model being
+  made. For a later run of the same process (a reused Ray actor), from the end of the run
+  before it, so that the wall times of one process's runs add up to its life and never count its
+  start twice. `process_since` says which.
+- `imports_s`: the imports `run()` makes itself (engine, pack cache, tokenizer; the peer's
+  transformers and accelerate): paid by the first run of a process only.
+- `tokenizer_s`: loading the checkpoint's tokenizer and making the batch's prompts.
+- `pack_s`: finding, packing and checking the pack (`ensure_pack`, checksum verification included).
+- `fill_s`, `fill_bytes`, `fill_gbps`: the CPU tier's load of its pinned layers (the streamer's
+  `cpu_fill`); 0 s (bytes and rate null) where no layer is pinned in RAM.
+- `slots_s`: the rest of the engine build: resident weights onto the device, GPU slot pool, reader
+  and stager threads, the model (the peer: `from_pretrained` with its accelerate placement).
+- `compile_s`: the first warm-up round, where torch.compile compiles (CUDA), kernels load and the
+  allocators and streaming threads fill up; it is also one short round's work (`warmup_rounds_s`
+  lists each warm-up round, so a later one shows what a round costs without the first-time work).
+- `warmup_s`: the later warm-up rounds, and capturing the measured round's CUDA graphs.
+- `probe_s`: the host probe (a cached figure costs nothing) and the SSD windows next to the run
+  (`worker.host.adjacent`).
+- `close_s`: closing the engine (its threads joined, pinned memory released).
+- `other_s`: the rest: device selection, waiting for the device lock (also `device_wait_s`), the
+  result document.
+- `measure_s`: the measured round; `wall_s`: all of the above, from `process_s`'s start to the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+
+from worker.units import GB
+
+PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile", "warmup", "probe", "close", "other")
+_last_end: float | None = None  # epoch seconds when the last run of this process reported
+
+
+class RunClock:
+    """The host times of one run's phases, from `run()`'s entry to its result; `close()` when the run
+    is over, whether it succeeded or raised (the next run's `process_s` starts there)."""
+
+    def __init__(self) -> None:
+        now_wall, self.t0 = time.time(), time.perf_counter()
+        since = _last_end if _last_end is not None else psutil.Process().create_time()
+        self.process_s = max(0.0, now_wall - since)
+        self.process_since = "previous run" if _last_end is not None else "process start"
+        self.seconds: dict[str, float] = {}
+        self.rounds: list[float] = []  # host seconds of each generate round, warm-ups first
+        self.warmups = 0
+        self.fill: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the block's host time to phase `name`."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def rounds_of(self, one_round: Callable[[int], Any], warmups: int) -> Callable[[int], Any]:
+        """`one_round` (worker.generate.measure's) timed: the first of `warmups` warm-up rounds is
+        `compile`, the later ones `warmup`, the round after them `measure`."""
+        self.warmups = warmups
+
+        def timed(new_tokens: int) -> Any:
+            i = len(self.rounds)
+            name = "measure" if i >= warmups else "compile" if i == 0 else "warmup"
+            t = time.perf_counter()
+            try:
+                return one_round(new_tokens)
+            finally:
+                self.rounds.append(time.perf_counter() - t)
+                self.add(name, self.rounds[-1])
+        return timed
+
+    def cpu_fill(self, fill: dict[str, Any] | None) -> None:
+        """The CPU tier's load {bytes, seconds}, timed inside the engine build: moved out of `slots`."""
+        if fill and fill.get("seconds"):
+            self.fill = fill
+            self.add("fill", fill["seconds"])
+            self.add("slots", -fill["seconds"])
+
+    def report(self) -> dict[str, Any]:
+        """The run JSON's `setup` section, up to now."""
+        inside = time.perf_counter() - self.t0
+        measured = self.seconds.get("measure", 0.0)
+        out = {f"{p}_s": max(0.0, self.seconds.get(p, 0.0)) for p in PHASES[1:-1]}
+        out["other_s"] = max(0.0, inside - measured - sum(out.values()))
+        fill_b, fill_s = self.fill.get("bytes"), self.fill.get("seconds")
+        return {"process_s": self.process_s, **out, "measure_s": measured, "wall_s": self.process_s + inside,
+                "fill_bytes": fill_b, "fill_gbps": fill_b / fill_s / GB if fill_b and fill_s else None,
+                "process_since": self.process_since, "warmup_rounds_s": self.rounds[:self.warmups]}
+
+    def close(self) -> None:
+        global _last_end
+        _last_end = time.time()
