@@ -5,7 +5,8 @@ module turns them into overrides of the typed config (flat leaf names of `worker
 precedence is: dataclass default < `WSM_*` variable < suite YAML / `bench run` flag. The seed's base
 process settings (`OMP_NUM_THREADS=8`, `MALLOC_ARENA_MAX=2`) are applied to engine processes unless
 the user set them. Everything else that reads a variable (Ray address, results location) goes
-through a function here as well.
+through a function here as well, and so does pointing torch's compile caches at the project's
+cache directory (`use_compile_cache`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,23 @@ def results_uri() -> str | None:
 def cache_dir() -> str:
     """Where per-host caches (probe figures) live."""
     return os.environ.get("STREAMBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "streambench")
+
+
+def use_compile_cache(directory: str, torch_default: str | None = None) -> dict[str, Any]:
+    """Point Inductor's and Triton's on-disk caches at `directory` (Triton's in its `triton/`), unless
+    the user chose their own: a user's TORCHINDUCTOR_CACHE_DIR keeps Triton's under it too, as torch
+    does by default. `torch_default` is the value torch puts in TORCHINDUCTOR_CACHE_DIR by itself on
+    import, which is not a choice. Returns the directories in effect (`triton_dir` None: torch's,
+    under the Inductor one) and which variables were the user's (see worker.model.compile_cache)."""
+    inductor, triton = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR")
+    user = [k for k, v in (("TORCHINDUCTOR_CACHE_DIR", inductor if inductor != torch_default else None),
+                           ("TRITON_CACHE_DIR", triton)) if v]
+    if "TORCHINDUCTOR_CACHE_DIR" not in user:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+        if "TRITON_CACHE_DIR" not in user:
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
+    return {"inductor_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"], "triton_dir": os.environ.get("TRITON_CACHE_DIR"),
+            "user_dirs": user}
 
 
 def lock_dir() -> str:

@@ -92,6 +92,16 @@ def git_dirty() -> bool | None:
 
 
 @functools.lru_cache(maxsize=1)
+def git_diff_hash() -> str | None:
+    """sha256 (16 hex digits) of the tracked changes against the commit; None for a clean tree or
+    no checkout. Two processes of the same uncommitted state share it; any other edit changes it."""
+    if not git_dirty():
+        return None
+    out = _git("diff", "HEAD", "--binary")
+    return None if out is None else hashlib.sha256(out.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
 def engine_version() -> str | None:
     try:
         return metadata.version("streambench")

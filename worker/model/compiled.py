@@ -10,6 +10,8 @@
   one worker equals a streaming mode in another (benchmarks/results/kv_decode_a.txt: two processes,
   same tokens).
 - A high recompile limit: a worker process runs many runs and sees many (batch, tokens) shapes.
+- The on-disk caches under the project's cache directory (`compile_cache.prepare`, before the first
+  compile), so the next process of the same commit on this host loads the kernels instead.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import TypeVar
 
 import torch
 
+from worker.model import compile_cache
+
 Fn = TypeVar("Fn", bound=Callable)
 
 RECOMPILE_LIMIT = 4096
@@ -26,6 +30,7 @@ DETERMINISTIC = True  # module-level so a benchmark can measure its cost (benchm
 
 
 def compiled(fn: Fn) -> Fn:
+    compile_cache.prepare()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     import torch._inductor.config as inductor
 

@@ -1,6 +1,6 @@
 """The CPU tier: layers in pinned RAM, either a fixed subset or the seed's rolling ring.
 
-`FixedTier` loads its layers once (cpu mode, and the `pinned-subset` policy). `RingTier` is the
+`FixedTier` loads its layers once (cpu mode, and the `pinned-subset` policy), through `fill`. `RingTier` is the
 seed's rolling window: `slots` layer buffers that a loader thread refills from the SSD ahead of the
 compute, cyclically (`wrap_around`), `stride` layers at a time. A slot is refilled only after the GPU
 copy of its layer finished and, with `roll_sync`, once the compute has moved `offset` layers past
@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import torch
 
 from worker.pack.groups import KINDS, GroupKey
+from worker.stream.fill import fill
 from worker.stream.hostmem import HostArena
 from worker.stream.pieces import Piece
 from worker.stream.ssd import SSDReader
@@ -25,21 +26,14 @@ log = logging.getLogger(__name__)
 
 class FixedTier:
     def __init__(self, manifest, layers: list[int], arena: HostArena, reader: SSDReader):
-        self.host: dict[GroupKey, torch.Tensor] = {}
-        futures = []
-        for layer in layers:
-            for kind in KINDS:
-                key = GroupKey(layer, kind)
-                g = manifest.group(key.name)
-                buf = arena.empty(g.nbytes)
-                self.host[key] = buf
-                futures += reader.read_split(g.offset, g.nbytes, buf)
-        for f in futures:
-            f.result()
-        log.info("CPU tier: %d layers pinned (%.2f GB)", len(layers), sum(b.numel() for b in self.host.values()) / 1e9)
+        self.filled = fill(manifest, [GroupKey(i, k) for i in layers for k in KINDS], arena, reader)
+        self.host = self.filled.host
+        self.fill_stats = self.filled.stats.to_dict()  # io_stats()["cpu_fill"]
+        log.info("CPU tier: %d layers pinned (%.2f GB)", len(layers), self.filled.stats.bytes / 1e9)
 
     def pieces(self, key: GroupKey) -> list[Piece]:
-        return [Piece(self.host[key], 0)]
+        """One piece per registered range: each GPU copy reads from a single registration."""
+        return [Piece(view, offset) for offset, view in self.filled.pieces(key)]
 
 
 class _RingSlot:

@@ -320,6 +320,7 @@ class WeightStreamer:
             "pinned_host_bytes": self.arena.nbytes,
             "gpu_slot_bytes": self.pool.nbytes,
             "gpu_slots": dict(self.slots),
+            "cpu_fill": getattr(self.providers.get("cpu"), "fill_stats", None),  # the CPU tier's one-time fill
             "warnings": list(self.reader.warnings) if self.reader else [],
         }
 

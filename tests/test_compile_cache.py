@@ -1,0 +1,128 @@
+"""Compiled kernels persist per host and commit (worker.model.compile_cache, issue 13 item 3).
+
+The key separates what must not share kernels (torch, commit, a dirty tree's changes); processes
+of one key share a directory under the project's cache dir, and the second one's graphs come from
+the cache, which `report` says from torch's own counters. Each process here compiles a view-only
+function (Inductor on the CPU, no C++ kernel to build), so a round trip takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from worker import envs
+from worker.host import hostinfo
+from worker.model import compile_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import json, sys
+import torch
+from worker.host import hostinfo
+hostinfo.git_commit = lambda: sys.argv[1]  # pretend to be this commit of a clean tree
+hostinfo.git_dirty = lambda: False
+from worker.model import compile_cache
+from worker.model.compiled import compiled
+f = compiled(lambda x: x.t()[1:])
+assert f(torch.arange(12.0).view(3, 4)).shape == (3, 3)
+print(json.dumps(compile_cache.report()))
+"""
+
+
+def _process(tmp_path: Path, commit: str) -> dict:
+    """A fresh process compiles one function with the cache dir under tmp_path: its report."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, commit], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, check=False, env={**clean, "STREAMBENCH_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+PARTS = {"torch": "2.13.0+cu130", "cuda": "13.0", "triton": "3.6.0", "python": "3.11.7", "device": "NVIDIA H200",
+         "capability": "9.0", "commit": "c3964f7" + "0" * 33, "engine_version": None, "diff": None}
+
+
+def test_the_key_separates_torch_versions_commits_devices_and_dirty_trees():
+    base = compile_cache.cache_key(PARTS)
+    others = [{**PARTS, "torch": "2.14.0+cu130"}, {**PARTS, "commit": "a" * 40}, {**PARTS, "triton": "3.7.0"},
+              {**PARTS, "device": "NVIDIA H100 80GB HBM3"}, {**PARTS, "capability": "10.0"},
+              {**PARTS, "cuda": "12.8"}, {**PARTS, "python": "3.12.1"},
+              {**PARTS, "diff": "0123456789abcdef"}, {**PARTS, "diff": "fedcba9876543210"}]
+    keys = [compile_cache.cache_key(p) for p in others]
+    assert len({base, *keys}) == len(others) + 1
+    assert compile_cache.cache_key(dict(PARTS)) == base  # stable
+    assert base.startswith("torch2.13.0_cu130-c3964f7000-") and "dirty" not in base
+    assert "-dirty-" in compile_cache.cache_key({**PARTS, "diff": "0123456789abcdef"})
+    assert "/" not in base
+
+
+def test_key_parts_describe_this_process():
+    parts = compile_cache.key_parts()
+    assert parts["torch"] == __import__("torch").__version__
+    assert parts["commit"] == hostinfo.git_commit()
+    assert (parts["diff"] is not None) == bool(hostinfo.git_dirty())  # a dirty tree gets its changes' hash
+
+
+def test_a_dirty_tree_gets_its_own_directory(monkeypatch):
+    monkeypatch.setattr(hostinfo, "git_commit", lambda: "c" * 40)
+    monkeypatch.setattr(hostinfo, "git_dirty", lambda: False)
+    clean = compile_cache.cache_dir(compile_cache.key_parts())
+    monkeypatch.setattr(hostinfo, "git_dirty", lambda: True)
+    monkeypatch.setattr(hostinfo, "git_diff_hash", lambda: "0123456789abcdef")
+    dirty = compile_cache.cache_dir(compile_cache.key_parts())
+    assert dirty != clean and dirty.name.startswith(clean.name.rsplit("-", 1)[0] + "-dirty-")
+    assert compile_cache.cache_dir(compile_cache.key_parts()) == dirty  # the same changes share
+    monkeypatch.setattr(hostinfo, "git_diff_hash", lambda: None)  # changes that cannot be read share nothing
+    assert len({compile_cache.cache_dir(compile_cache.key_parts()) for _ in range(2)} | {clean, dirty}) == 4
+
+
+def test_nothing_compiled_reports_none():
+    since = compile_cache.counters()
+    got = compile_cache.report(since)
+    assert got["compiled_from_cache"] is None and got["graphs"] == 0
+
+
+def test_second_process_of_a_commit_loads_the_cache_and_another_commit_does_not(tmp_path):
+    first = _process(tmp_path, commit="1" * 40)
+    root = tmp_path / "cache" / "compile"
+    assert Path(first["inductor_dir"]).parent == root and first["user_dirs"] == []
+    assert first["triton_dir"] == os.path.join(first["inductor_dir"], "triton")
+    assert first["compiled_from_cache"] is False and first["fxgraph_cache_miss"] >= 1
+    assert first["entries_before"] == 0 and any(Path(first["inductor_dir"]).rglob("*"))
+
+    second = _process(tmp_path, commit="1" * 40)
+    assert second["inductor_dir"] == first["inductor_dir"] and second["key"] == first["key"]
+    assert second["entries_before"] > 0
+    assert second["compiled_from_cache"] is True and second["fxgraph_cache_hit"] >= 1
+    assert second["fxgraph_cache_miss"] == 0
+
+    other = _process(tmp_path, commit="2" * 40)
+    assert other["inductor_dir"] != first["inductor_dir"]
+    assert other["compiled_from_cache"] is False and other["entries_before"] == 0
+
+
+def test_a_users_cache_dirs_win_and_torchs_own_default_does_not(monkeypatch, tmp_path):
+    ours, mine, default = str(tmp_path / "ours"), str(tmp_path / "mine"), "/tmp/torchinductor_someone"
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # restored after the test
+        monkeypatch.delenv(var, raising=False)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # what importing torch._inductor sets
+    got = envs.use_compile_cache(ours, torch_default=default)
+    assert got == {"inductor_dir": ours, "triton_dir": os.path.join(ours, "triton"), "user_dirs": []}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    got = envs.use_compile_cache(ours, torch_default=default)
+    assert got == {"inductor_dir": mine, "triton_dir": None, "user_dirs": ["TORCHINDUCTOR_CACHE_DIR"]}
+    assert "TRITON_CACHE_DIR" not in os.environ  # torch keeps Triton's under the user's directory
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)
+    monkeypatch.setenv("TRITON_CACHE_DIR", mine)
+    got = envs.use_compile_cache(ours, torch_default=default)
+    assert got == {"inductor_dir": ours, "triton_dir": mine, "user_dirs": ["TRITON_CACHE_DIR"]}

@@ -1,0 +1,142 @@
+"""Compiled kernels persist per host: torch's compile caches under the project's cache directory.
+
+The second process of a config then loads what the first one compiled instead of compiling again:
+Inductor's FX graph cache and the AOTAutograd cache (a hit skips lowering, code generation and,
+with Triton's kernels bundled into the entry or found in Triton's own cache, their compilation).
+Dynamo still traces each function in every process; that part is not cached.
+
+Everything lives in `<envs.cache_dir()>/compile/<key>`, the key a hash of what makes generated
+kernels differ or go stale: torch, CUDA and Triton versions, the GPU (name and compute capability;
+the CPU model on a CPU), the Python version, and the source tree's commit, plus the hash of its
+uncommitted changes, so a dirty tree never shares a clean commit's entries. torch keys each entry
+by the graph and the compile settings as well; the directory key is hygiene on top of that: a new
+commit or torch starts afresh, and a stale directory can be deleted whole. A user's own
+TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR wins (reported as `user_dirs`).
+
+Determinism: a hit loads the code an earlier process generated for the same graph and settings.
+With Inductor's deterministic mode (`compiled`) that code involves no timing-based choice, so it
+is what this process would have generated itself: same kernels, same tokens, cached or not.
+
+`report(since)` says what this process (or the window since `counters()` was taken) compiled and
+whether all of it came from the cache: `compiled_from_cache` is True when every compiled graph was
+a cache hit, False when any was compiled afresh, None when nothing was compiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import threading
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker import envs
+from worker.host import hostinfo
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_prepared: dict[str, Any] = {}  # what prepare() set up in this process
+
+COUNTERS = {"fxgraph_cache_hit": ("inductor", "fxgraph_cache_hit"),
+            "fxgraph_cache_miss": ("inductor", "fxgraph_cache_miss"),
+            "fxgraph_cache_bypass": ("inductor", "fxgraph_cache_bypass"),
+            "autograd_cache_hit": ("aot_autograd", "autograd_cache_hit"),
+            "autograd_cache_miss": ("aot_autograd", "autograd_cache_miss"),
+            "autograd_cache_bypass": ("aot_autograd", "autograd_cache_bypass")}
+
+
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def key_parts() -> dict[str, Any]:
+    """What the cached kernels depend on, as seen by this process."""
+    cuda = torch.cuda.is_available()
+    commit, dirty = hostinfo.git_commit(), hostinfo.git_dirty()
+    diff = hostinfo.git_diff_hash() if dirty else None
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton", "pytorch-triton"),
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu:{hostinfo.cpu_model()}",
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
+        "commit": commit,
+        "engine_version": None if commit else hostinfo.engine_version(),
+        # a dirty tree whose diff cannot be read shares with nothing
+        "diff": diff if diff or not dirty else f"unreadable-{uuid.uuid4().hex}",
+    }
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """A readable, path-safe key: torch version, short commit, `-dirty`, and a hash of all parts."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    commit = (parts.get("commit") or "nocommit")[:10]
+    head = f"torch{parts.get('torch')}-{commit}{'-dirty' if parts.get('diff') else ''}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", head) + "-" + digest
+
+
+def cache_dir(parts: dict[str, Any]) -> Path:
+    return Path(envs.cache_dir()) / "compile" / cache_key(parts)
+
+
+def prepare() -> dict[str, Any]:
+    """Once per process, before the first compile: the cache directories set and the caches on.
+    Returns what `report` starts from (key, directories, files already there)."""
+    with _lock:
+        if not _prepared:
+            _prepared.update(_prepare())
+        return dict(_prepared)
+
+
+def _prepare() -> dict[str, Any]:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    parts = key_parts()
+    directory = cache_dir(parts)
+    dirs = envs.use_compile_cache(str(directory), torch_default=os.path.abspath(default_cache_dir()))
+    inductor_config.fx_graph_cache = True  # torch's default; a TORCHINDUCTOR_FX_GRAPH_CACHE=0 still wins
+    functorch_config.enable_autograd_cache = True
+    root = Path(dirs["inductor_dir"])
+    entries = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    log.info("compile cache: %s (%d files already there)", root, entries)
+    return {"key": cache_key(parts), **dirs, "entries_before": entries}
+
+
+def counters() -> dict[str, int]:
+    """This process's cache counters now (torch's, cumulative): a `since` for `report`."""
+    from torch._dynamo.utils import counters as torch_counters
+
+    return {name: int(torch_counters[group][leaf]) for name, (group, leaf) in COUNTERS.items()}
+
+
+def report(since: dict[str, int] | None = None) -> dict[str, Any]:
+    """The run record's `compile_cache`: where the caches are, the hit / miss / bypass counts since
+    `since` (default: process start) and `compiled_from_cache`."""
+    now = counters()
+    delta = {k: now[k] - (since or {}).get(k, 0) for k in now}
+    hits = delta["fxgraph_cache_hit"]
+    fresh = delta["fxgraph_cache_miss"] + delta["fxgraph_cache_bypass"]
+    if hits + fresh == 0:  # no graph reached Inductor's cache: fall back on AOTAutograd's view
+        hits = delta["autograd_cache_hit"]
+        fresh = delta["autograd_cache_miss"] + delta["autograd_cache_bypass"]
+    with _lock:
+        info = dict(_prepared)  # empty when nothing in this process asked for a compile
+    return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None, **info,
+            **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh == 0}

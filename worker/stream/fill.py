@@ -1,0 +1,152 @@
+"""Filling the CPU tier: the pack's extents into pinned host memory at the rate the source gives.
+
+Reads never wait for pinning. Every group's buffer is allocated pageable and all of its reads are
+issued at once on the SSD tier's reader (large O_DIRECT requests, threads × chunk in flight, straight
+into the buffer, no bounce copy), so the reader threads fault the pages in, in parallel, as the data
+lands. Behind them, `PIN_UNIT` ranges are registered (`cudaHostRegister`) as soon as the reads that
+cover them are done: registration then finds its pages present and only locks them, and the disk is
+never idle while it runs. The old fill registered each group before issuing its reads, so no read of
+a group could start before its registration ended; registering fresh memory faults in and locks
+every page on one thread under the driver's global lock, and where that is slower than the disk the
+disk waited (benchmarks/cpu_fill.py measures the old and the new fill against the source).
+
+Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
+two registrations is not promised to be treated as pinned by the driver.
+
+A request whose bytes are all in the page cache is read buffered, at memory speed, instead of
+O_DIRECT at disk speed. On a CPU device nothing is pinned and the fill is the reads alone.
+
+A failed read cancels the reads not yet started and waits for those in flight (their buffers must
+outlive them) before raising; the caller's `HostArena.close()` then unregisters what was pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worker.pack.groups import GroupKey
+from worker.stream.hostmem import HostArena
+from worker.stream.ssd import SSDReader
+from worker.units import MiB
+
+log = logging.getLogger(__name__)
+
+PIN_UNIT = 256 * MiB  # bytes per cudaHostRegister call: few calls, and little left to pin after the last read
+
+
+@dataclass
+class _Unit:
+    view: torch.Tensor  # (n,) uint8: the range registered in one call
+    reads: list[Future] = field(default_factory=list)
+
+
+@dataclass
+class FillStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    page_cache_bytes: int = 0  # read buffered because the page cache held them
+    pin_seconds: float = 0.0  # summed over the register calls (they overlap the reads)
+    pinned: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shape of io_stats()["cpu_fill"]."""
+        return {"bytes": self.bytes, "seconds": self.seconds,
+                "gbps": self.bytes / self.seconds / 1e9 if self.seconds > 0 else None,
+                "page_cache_bytes": self.page_cache_bytes, "pin_seconds": self.pin_seconds, "pinned": self.pinned}
+
+
+@dataclass
+class Filled:
+    host: dict[GroupKey, torch.Tensor]  # key → (extent,) uint8, the group's whole extent
+    unit: int  # bytes per registered range (the last of a group may be shorter)
+    stats: FillStats
+
+    def pieces(self, key: GroupKey) -> list[tuple[int, torch.Tensor]]:
+        """(offset in the group, view) per registered range of the group's buffer."""
+        buf = self.host[key]
+        return [(o, buf[o:o + self.unit]) for o in range(0, buf.numel(), self.unit)]
+
+
+def unit_bytes(chunk: int) -> int:
+    """The registered range: a whole number of read requests, so no request straddles two."""
+    return max(1, PIN_UNIT // chunk) * chunk
+
+
+def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, page_cache: bool = True,
+         pin_threads: int = 1, huge_pages: bool = False) -> Filled:
+    """Each group's extent in its own arena buffer, read and pinned.
+
+    `page_cache=False` reads everything O_DIRECT; `pin_threads` > 1 registers ranges on several
+    threads and `huge_pages` backs the buffers with 2 MiB pages (both for benchmarks/cpu_fill.py to
+    measure: whether the driver lets registrations overlap, whether fewer page faults pay)."""
+    stats = FillStats(pinned=arena.pins)
+    t0 = time.perf_counter()
+    host: dict[GroupKey, torch.Tensor] = {}
+    units: list[_Unit] = []
+    unit = unit_bytes(reader.chunk)
+    try:
+        for key in keys:
+            g = manifest.group(key.name)
+            host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
+            units += _issue(reader, g.offset, buf, unit, page_cache, stats)
+            stats.bytes += g.nbytes
+        stats.pin_seconds = _pin_behind(units, arena, pin_threads)
+    except BaseException:
+        _drain(units)
+        raise
+    stats.seconds = time.perf_counter() - t0
+    log.info("CPU tier filled: %.2f GB in %.2f s (%.2f GB/s; %.2f GB from the page cache; pinning %.2f s)",
+             stats.bytes / 1e9, stats.seconds, stats.bytes / 1e9 / max(stats.seconds, 1e-9),
+             stats.page_cache_bytes / 1e9, stats.pin_seconds)
+    return Filled(host, unit, stats)
+
+
+def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_cache: bool,
+           stats: FillStats) -> list[_Unit]:
+    """Submit every read of one extent, grouped by the registered range they fill."""
+    chunk = reader.chunk
+    nbytes = buf.numel()
+    out = []
+    for u in range(0, nbytes, unit):
+        piece = _Unit(buf[u:min(u + unit, nbytes)])
+        for o in range(u, min(u + unit, nbytes), chunk):
+            n = min(chunk, nbytes - o)
+            cached = page_cache and reader.cached_bytes(offset + o, n) == n
+            stats.page_cache_bytes += n if cached else 0
+            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached))
+        out.append(piece)
+    return out
+
+
+def _pin_behind(units: list[_Unit], arena: HostArena, threads: int) -> float:
+    """Register each unit once its reads are done, in issue order; seconds spent registering."""
+    def pin(unit: _Unit) -> float:
+        for f in unit.reads:
+            f.result()
+        return arena.pin(unit.view)
+
+    if threads <= 1:
+        return sum(pin(u) for u in units)
+    with ThreadPoolExecutor(threads, thread_name_prefix="cpu-fill-pin") as pool:
+        futures = [pool.submit(pin, u) for u in units]
+        try:
+            return sum(f.result() for f in futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _drain(units: list[_Unit]) -> None:
+    """After a failure: cancel reads not started, wait for those in flight (their buffers must
+    outlive them)."""
+    reads = [f for u in units for f in u.reads]
+    for f in reads:
+        f.cancel()
+    wait(reads)

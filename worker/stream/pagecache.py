@@ -1,0 +1,57 @@
+"""Which parts of the blob sit in the page cache (mincore over a read-only mapping).
+
+O_DIRECT reads go to the disk even when the kernel holds the bytes, so a pack read a moment ago
+(a re-run, a verify pass) would be read at disk speed; reading such an extent buffered copies it at
+memory speed instead. Mapping and asking costs a few system calls and no I/O. Where the blob cannot
+be mapped the answer is "not cached" and reads stay O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+SYSTEM_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cached_bytes(fd: int, offset: int, nbytes: int) -> int:
+    """Bytes of [offset, offset + nbytes) of the file behind `fd` that are in the page cache
+    (whole pages, clipped to the range); 0 where the file cannot be mapped."""
+    if nbytes <= 0:
+        return 0
+    start = offset - offset % SYSTEM_PAGE  # mmap offsets are page-aligned
+    length = offset + nbytes - start
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        log.debug("page cache: cannot map fd %d at %d (+%d): errno %d", fd, start, length, ctypes.get_errno())
+        return 0
+    try:
+        pages = -(-length // SYSTEM_PAGE)
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, length, vec) != 0:
+            log.debug("page cache: mincore failed: errno %d", ctypes.get_errno())
+            return 0
+        resident = np.frombuffer(vec, dtype=np.uint8) & 1  # (pages,) bit 0: in the page cache
+    finally:
+        _libc.munmap(addr, length)
+    total = int(resident.sum()) * SYSTEM_PAGE
+    total -= int(resident[0]) * (offset - start)  # the part of the first page before the range
+    total -= int(resident[-1]) * (start + len(resident) * SYSTEM_PAGE - offset - nbytes)  # after it
+    return total
+
+
+def is_cached(fd: int, offset: int, nbytes: int) -> bool:
+    """Is every byte of the range in the page cache?"""
+    return cached_bytes(fd, offset, nbytes) == nbytes
