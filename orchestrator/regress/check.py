@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Verdict = Literal["regression", "improvement", "noisy", "ok"]
 EXIT_OK, EXIT_REGRESSION, EXIT_NO_DATA = 0, 1, 3
+BISECT_SUFFIX = ".bisect"  # suites `bench bisect` writes: runs of good and bad commits mixed, never a baseline
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,8 @@ def _baseline_pool(rows: list[dict[str, Any]], candidate: str, start: datetime |
     pool: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if r["status"] != "ok" or r["suite_run_id"] == candidate or not r["hardware_key"]:
+            continue
+        if (r.get("suite") or "").endswith(BISECT_SUFFIX):
             continue
         t = r["finished_at"] or r["started_at"]
         if baseline.suite_run_id and r["suite_run_id"] != baseline.suite_run_id:
