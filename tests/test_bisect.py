@@ -102,8 +102,10 @@ def test_a_commit_that_cannot_run_is_skipped():
 def test_skips_at_the_boundary_name_the_candidates():
     out = search(COMMITS, Fake("c5", fail={"c4", "c5"}), LATENCY)
     assert out.status == "undecided" and out.candidates == ["c4", "c5", "c6"]
-    failed_good = search(COMMITS, Fake("c5", fail={"c0"}), LATENCY)
+    fake = Fake("c5", fail={"c0"})
+    failed_good = search(COMMITS, fake, LATENCY)
     assert failed_good.status == "undecided" and "good commit c0 could not be measured" in failed_good.message
+    assert dict(fake.calls) == {"c0": 1, "c9": 1}  # no repeats of a reference that cannot run
 
 
 # ---- the pair and its default commits, from the dataset ------------------------------------------------

@@ -127,8 +127,9 @@ class _Search:
         """Measure good and bad until bad is beyond good's noise; an Outcome when that fails."""
         for _ in range(self.s.repeats):
             for ref in (self.good, self.bad):
-                if ref.values or not ref.errors:  # a reference whose first run failed is not run again
-                    self.take(ref)
+                self.take(ref)
+            if not (self.good.values and self.bad.values):  # a reference whose first run failed: no bisection
+                break
         for ref, name in ((self.good, "good"), (self.bad, "bad")):
             if ref.n < MIN_VALUES:
                 ref.verdict, ref.how = "skip", (ref.errors[-1] if ref.errors else "no values")
