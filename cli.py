@@ -229,9 +229,9 @@ def probe_cmd(path: str | None, refresh: bool, quick: bool, as_json: bool) -> No
 
 
 def _add_cluster_commands() -> None:
-    from orchestrator.cli import analysis, commands
+    from orchestrator.cli import analysis, bisect, commands
 
-    for command in commands.COMMANDS + analysis.COMMANDS:
+    for command in commands.COMMANDS + analysis.COMMANDS + bisect.COMMANDS:
         bench.add_command(command)
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Verdict = Literal["regression", "improvement", "noisy", "ok"]
 EXIT_OK, EXIT_REGRESSION, EXIT_NO_DATA = 0, 1, 3
+BISECT_SUFFIX = ".bisect"  # suites `bench bisect` writes: runs of good and bad commits mixed, never a baseline
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def _baseline_pool(rows: list[dict[str, Any]], candidate: str, start: datetime |
     for r in rows:
         if r["status"] != "ok" or r["suite_run_id"] == candidate or not r["hardware_key"] \
                 or (r["suite"] or "").endswith(".bisect"):
+            continue
+        if (r.get("suite") or "").endswith(BISECT_SUFFIX):
             continue
         t = r["finished_at"] or r["started_at"]
         if baseline.suite_run_id and r["suite_run_id"] != baseline.suite_run_id:
