@@ -78,6 +78,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
 
     with clock.phase("imports"):
         from worker.engine import build_engine
+        from worker.model import compile_cache
         from worker.pack.cache import ensure_pack
         from worker.stream.plan import place
         from worker.text.tokenizer import load_tokenizer
@@ -92,6 +93,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
         pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest, raw_device=cfg.raw_device,
                            dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days)
     phase("load")
+    compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
     extents = adjacent.ssd_extents(pack.manifest, place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers,
                                                         cfg.stream))
     with devlock.hold([devlock.device_key(device), devlock.disk_key(pack.blob_path)], cfg.device_wait_s) as held:
@@ -120,6 +122,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
         result["warnings"].append(suspect_warning(roof))
         log.warning("%s", result["warnings"][-1])
     result["setup"] = clock.report()
+    result["compile_cache"] = compile_cache.report(compiled_since)
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")

@@ -207,8 +207,7 @@ def _baseline_pool(rows: list[dict[str, Any]], candidate: str, start: datetime |
     explicit = baseline.suite_run_id or baseline.commit
     pool: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["status"] != "ok" or r["suite_run_id"] == candidate or not r["hardware_key"] \
-                or (r["suite"] or "").endswith(".bisect"):
+        if r["status"] != "ok" or r["suite_run_id"] == candidate or not r["hardware_key"]:
             continue
         if (r.get("suite") or "").endswith(BISECT_SUFFIX):
             continue

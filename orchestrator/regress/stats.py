@@ -4,8 +4,9 @@ A metric of one (config, hardware) pair varies for two reasons, at two scales: f
 within a night (the repeats of one suite run: timer, page cache, a neighbour's burst), and from
 night to night (a drifting disk, thermals, a reboot). The test estimates both from the history it
 reads, as variance components: each night's repeats give the run-to-run spread σ_R (pooled over
-all nights, so even a short history gives it many degrees of freedom), and the spread of the
-nights' means beyond what σ_R explains gives the night-to-night spread σ_N. Tonight's mean then
+all nights and tonight's repeats, as a two-sample test pools its groups: even a short history gives
+it many degrees of freedom, and a wildly spread tonight widens its own error bar), and the spread
+of the nights' means beyond what σ_R explains gives the night-to-night spread σ_N. Tonight's mean then
 differs from the baseline's level by
 
     z = sign · (m_now − m_base) / sqrt(σ_N² (1 + 1/K) + σ_R² (1/r_now + 1/(K·r_base)))
@@ -150,7 +151,7 @@ def spread(x: np.ndarray) -> np.ndarray:
 # ---- the variance components ---------------------------------------------------------------------
 
 
-def _clip_nights(nights: list[np.ndarray]) -> tuple[list[np.ndarray], float | None]:
+def _clip_nights(nights: list[np.ndarray]) -> tuple[list[np.ndarray], float | None, float]:
     """Each night's repeats pulled in to its median ± CLIP σ_90, and the pooled run-to-run SD of the
     result (None when no night has two repeats). σ_90 comes from the 90th percentile of the pooled
     residuals, not their median: a rare wild repeat (under a tenth of them) is pulled in, while slow
@@ -158,26 +159,31 @@ def _clip_nights(nights: list[np.ndarray]) -> tuple[list[np.ndarray], float | No
     SD keeps them; treating them as outliers would understate the noise and raise false alarms."""
     resid = np.concatenate([n - np.median(n) for n in nights if n.size >= 2] or [np.empty(0)])
     if resid.size == 0:
-        return nights, None
+        return nights, None, math.inf
     bound = CLIP * Q90_TO_SIGMA * float(np.quantile(np.abs(resid), 0.9))
     clipped = [np.clip(n, np.median(n) - bound, np.median(n) + bound) for n in nights]
     df = sum(n.size - 1 for n in clipped if n.size >= 2)
     ss = sum(float(((n - n.mean()) ** 2).sum()) for n in clipped if n.size >= 2)
-    return clipped, math.sqrt(ss / df)
+    return clipped, math.sqrt(ss / df), bound
 
 
-def noise_of(baseline_runs: Sequence[Sequence[float | None]]) -> Noise | None:
-    """The level and spreads of a baseline (one list of repeats per night); None without data."""
+def noise_of(baseline_runs: Sequence[Sequence[float | None]],
+             current: Sequence[float] = ()) -> tuple[Noise, float] | None:
+    """The level and spreads of a baseline (one list of repeats per night; `current`'s repeats join
+    the pooled run-to-run spread), and tonight's clipped mean; None without data."""
     nights = [np.array([v for v in r if v is not None and math.isfinite(v)], dtype=float) for r in baseline_runs]
     nights = [n for n in nights if n.size]
     if not nights:
         return None
-    clipped, run = _clip_nights(nights)
+    cur = np.array(list(current), dtype=float)
+    clipped, run, bound = _clip_nights(nights + ([cur] if cur.size else []))
+    now = float(np.clip(cur, np.median(cur) - bound, np.median(cur) + bound).mean()) if cur.size else math.nan
+    clipped = clipped[:len(nights)]
     means = np.array([n.mean() for n in clipped])
     level, between = _winsorized(means)
     inv_r = float(np.mean([1 / n.size for n in clipped]))
     night = math.sqrt(max(0.0, between ** 2 - (run ** 2 * inv_r if run else 0.0)))
-    return Noise(level, run, night, len(nights), float(np.mean([n.size for n in clipped])))
+    return Noise(level, run, night, len(nights), float(np.mean([n.size for n in clipped]))), now
 
 
 def _winsorized(x: np.ndarray) -> tuple[float, float]:
@@ -203,14 +209,14 @@ def assess(baseline_runs: Sequence[Sequence[float | None]], current: Sequence[fl
         return None
     if unit == "repeat":
         baseline_runs = [[v for r in baseline_runs for v in r]]
-    spreads = noise_of(baseline_runs)
-    if spreads is None:
+    found = noise_of(baseline_runs, cur_values)
+    if found is None:
         return None
+    spreads, now = found
     if unit == "run" and spreads.nights < min_runs:
         return None
     if unit == "repeat" and sum(1 for r in baseline_runs for v in r if v is not None) < min_values:
         return None
-    now = _current_level(np.array(cur_values), spreads.run)
     k, r_base, r_now = spreads.nights, max(1, round(spreads.repeats)), len(cur_values)
     se = _standard_error(spreads, k, r_now, unit)
     se = max(se, noise_floor * abs(spreads.level))
@@ -222,14 +228,6 @@ def assess(baseline_runs: Sequence[Sequence[float | None]], current: Sequence[fl
         [float(np.mean([v for v in r if v is not None])) for r in baseline_runs if any(v is not None for v in r)])
     return Change(base_summary, summarize(cur_values), unit, se, rel, sign * rel, score, crit, spreads,
                   spreads.level, now)
-
-
-def _current_level(values: np.ndarray, run: float | None) -> float:
-    """Tonight's mean, its repeats pulled in to their median ± CLIP σ_R (σ_R from the baseline)."""
-    if run and values.size >= 2:
-        med = np.median(values)
-        values = np.clip(values, med - CLIP * run, med + CLIP * run)
-    return float(values.mean())
 
 
 def _standard_error(s: Noise, k: int, r_now: int, unit: Unit) -> float:
@@ -272,12 +270,19 @@ def _statistic(base: np.ndarray, cur: np.ndarray, unit: Unit) -> np.ndarray:
     if unit == "repeat":
         base = base.reshape(n, 1, k * r)
         k, r = 1, k * r
+    r_now = cur.shape[1]
     med = np.median(base, axis=2, keepdims=True)  # (N, K, 1)
+    cmed = np.median(cur, axis=1, keepdims=True)  # (N, 1)
     run = None
-    if r >= 2:
-        bound = CLIP * Q90_TO_SIGMA * np.quantile(np.abs(base - med).reshape(n, -1), 0.9, axis=1)[:, None, None]
-        base = np.clip(base, med - bound, med + bound)
-        run = np.sqrt(((base - base.mean(axis=2, keepdims=True)) ** 2).sum(axis=(1, 2)) / (k * (r - 1)))  # (N,)
+    if r >= 2 or r_now >= 2:  # the pooled run-to-run spread: every group with two values or more
+        resid = [np.abs(base - med).reshape(n, -1)] if r >= 2 else []
+        resid += [np.abs(cur - cmed)] if r_now >= 2 else []
+        bound = CLIP * Q90_TO_SIGMA * np.quantile(np.concatenate(resid, axis=1), 0.9, axis=1)  # (N,)
+        base = np.clip(base, med - bound[:, None, None], med + bound[:, None, None])
+        cur = np.clip(cur, cmed - bound[:, None], cmed + bound[:, None])
+        ss = ((base - base.mean(axis=2, keepdims=True)) ** 2).sum(axis=(1, 2)) if r >= 2 else 0.0
+        ss = ss + (((cur - cur.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) if r_now >= 2 else 0.0)
+        run = np.sqrt(ss / (k * (r - 1) + max(r_now - 1, 0)))  # (N,)
     means = base.mean(axis=2)  # (N, K)
     if k >= 2:
         mmed = np.median(means, axis=1, keepdims=True)
@@ -286,17 +291,13 @@ def _statistic(base: np.ndarray, cur: np.ndarray, unit: Unit) -> np.ndarray:
         level, between = w.mean(axis=1), w.std(axis=1, ddof=1)
     else:
         level, between = means[:, 0], np.zeros(n)
-    r_now = cur.shape[1]
-    if run is not None and r_now >= 2:
-        cmed = np.median(cur, axis=1, keepdims=True)
-        cur = np.clip(cur, cmed - CLIP * run[:, None], cmed + CLIP * run[:, None])
     now = cur.mean(axis=1)
     if run is None:
         se = between * math.sqrt(1 + 1 / k)
     elif unit == "repeat":
         se = run * math.sqrt(1 / r_now + 1 / (k * r))
     else:
-        night2 = np.maximum(0.0, between ** 2 - run ** 2 / r)
+        night2 = np.maximum(0.0, between ** 2 - run ** 2 / r)  # r = 1 nights: all of it may be night noise
         se = np.sqrt(night2 * (1 + 1 / k) + run ** 2 * (1 / r_now + 1 / (k * r)))
     with np.errstate(divide="ignore", invalid="ignore"):
         return (now - level) / se

@@ -108,6 +108,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("floor_ssd_spread", _F64, "|before - after| / mean: how far the disk drifted across the run"),
     ("floor_suspect", pa.bool_(), "an attainment above 1.05: the floor's figures were too low, the run did not "
                                   "beat the hardware"),
+    ("compiled_from_cache", pa.bool_(), "every graph the run compiled came from the host's compile cache (null: "
+                                        "nothing compiled, e.g. a CPU run or a later run in the same process)"),
     ("pack_check", _STR, "how the pack was checked before the run: full (every checksum) or edges (each "
                           "group's first and last 4 KiB against the last full verification)"),
     ("pack_verified_at", _STR, "when every checksum of the pack was last verified (UTC, ISO 8601)"),
@@ -184,6 +186,7 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
         "probe_ssd_gbps": roof.get("ssd_gbps"),
         "probe_h2d_gbps": roof.get("h2d_gbps"),
         "probe_hbm_gbps": roof.get("hbm_gbps"),
+        "compiled_from_cache": (res.get("compile_cache") or {}).get("compiled_from_cache"),
         "pack_check": (res.get("pack") or {}).get("check"),
         "pack_verified_at": (res.get("pack") or {}).get("verified_at"),
         "device_wait_s": (res.get("locks") or {}).get("waited_s"),

@@ -14,7 +14,6 @@ import collections
 import itertools
 import logging
 import threading
-import time
 from typing import Any
 
 import torch
@@ -131,12 +130,10 @@ class WeightStreamer:
         needs_ssd = any(h in ("ssd", "ring", "cpu") for h in placement.home)
         self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
         self.providers: dict[str, Any] = {}
-        self.cpu_fill: dict[str, float] | None = None  # the CPU tier's load {bytes, seconds}, for the run's setup
+        self.cpu_fill: dict[str, Any] | None = None  # the CPU tier's load (FixedTier.fill_stats), for the run's setup
         if placement.layers("cpu"):
-            t0 = time.perf_counter()
             self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader)
-            self.cpu_fill = {"bytes": sum(m.group(GroupKey(i, k).name).nbytes for i in placement.layers("cpu")
-                                          for k in KINDS), "seconds": time.perf_counter() - t0}
+            self.cpu_fill = self.providers["cpu"].fill_stats
         if placement.layers("ring"):
             self.providers["ring"] = RingTier(m, placement.layers("ring"), placement.ring_slots, self.arena,
                                               self.reader, cfg.cpu_ring_offset, cfg.cpu_wrap_around,
@@ -320,7 +317,7 @@ class WeightStreamer:
             "pinned_host_bytes": self.arena.nbytes,
             "gpu_slot_bytes": self.pool.nbytes,
             "gpu_slots": dict(self.slots),
-            "cpu_fill": getattr(self.providers.get("cpu"), "fill_stats", None),  # the CPU tier's one-time fill
+            "cpu_fill": self.cpu_fill,  # the CPU tier's one-time fill
             "warnings": list(self.reader.warnings) if self.reader else [],
         }
 
