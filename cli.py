@@ -8,6 +8,7 @@ user-facing output goes through rich/Click in these two modules and nowhere else
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -238,6 +239,14 @@ def _add_cluster_commands() -> None:
 _add_cluster_commands()
 
 
+def _interrupted(what: str) -> None:
+    """Exit 130 for Ctrl-C; a second Ctrl-C while the process winds down (atexit handlers, Ray's
+    shutdown) must not turn that into a death by signal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    err_console.print(what)
+    sys.exit(130)
+
+
 def main() -> None:
     """Console entry point: user errors are one line and exit 2; bugs keep their traceback."""
     try:
@@ -246,8 +255,7 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
+        _interrupted("aborted")
     except click.UsageError as e:  # one line, like every other bad input
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
         err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)
@@ -256,8 +264,7 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        _interrupted("interrupted")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate, measure
 from worker.host import devlock
+from worker.model import compile_cache
 from worker.host.walltime import RunClock
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
@@ -282,6 +283,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
         prompt_ids = prompt_ids_for(tok, cfg)
     eos, pad = mc.eos_token_ids or eos_ids(tok), pad_id(tok)
     phase("load")
+    compiled_since = compile_cache.counters()
     with clock.phase("imports"):  # what the placement and the load import first, timed apart from them
         import accelerate  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401
@@ -310,6 +312,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     result = assemble_result(cfg, model_block, device, gen, prompt_ids, tok, base_env or {},
                              io={"warnings": warnings}, locks=held)
     result["locks"] = held.to_dict()  # with the release time
+    result["compile_cache"] = compile_cache.report(compiled_since)  # the same record as the engine's
     result["setup"] = clock.report()
     if cfg.out_json:
         write_json(result, cfg.out_json)
