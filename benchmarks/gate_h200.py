@@ -3,7 +3,7 @@
 Two steps, so the GPU time goes to measuring:
 
     # on the GPU machine (PYTHONPATH=<repo>): fresh `bench run` processes, their JSONs in one tarball
-    python benchmarks/gate_h200.py measure --work /tmp/sbg --out $OUT/gate_runs.tar.gz
+    python benchmarks/gate_h200.py measure --work /tmp/sbg --out $OUT/gate_runs.tar.gz [--only cpu slow ssd]
     # anywhere: the runs as rows of a dataset, one "night" per run, then `bench regress` on them
     python benchmarks/gate_h200.py gate gate_runs.tar.gz --results /tmp/gate-res
 
@@ -83,24 +83,28 @@ def measure(a) -> None:
     work = Path(a.work)
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    index = []
     models = {m: (work / f"{a.preset}-{n}L", n) for m, n in (("cpu", a.layers), ("ssd", a.ssd_layers))}
-    for ckpt, layers in set(models.values()):
+    wanted = {"cpu": "cpu" in a.only, "ssd": "ssd" in a.only}
+    wanted["cpu"] = wanted["cpu"] or "slow" in a.only
+    for ckpt, layers in {models[m] for m, on in wanted.items() if on}:
         if not (ckpt / "config.json").exists():
             bench(ROOT, "make-model", str(ckpt), "--preset", a.preset, "--layers", str(layers))
         bench(ROOT, "pack", "--checkpoints", str(ckpt))
     slow = slow_tree(work)
-    plan = ([("cpu", ROOT, i) for i in range(a.cpu_runs)] + [("cpu-slow", slow, i) for i in range(a.slow_runs)]
-            + [("ssd", ROOT, i) for i in range(a.ssd_runs)])
+    plan = ([("cpu", ROOT, i) for i in range(a.cpu_runs) if "cpu" in a.only]
+            + [("cpu-slow", slow, i) for i in range(a.slow_runs) if "slow" in a.only]
+            + [("ssd", ROOT, i) for i in range(a.ssd_runs) if "ssd" in a.only])
+    index_file = runs / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else []  # an earlier call's runs
     for kind, tree, i in plan:
         mode = kind.split("-")[0]
         out = runs / f"{kind}-{i}.json"
         t0 = bench(tree, *run_args(models[mode][0], mode, out, a), log=runs / f"{kind}-{i}.log")
         index.append({"kind": kind, "file": out.name, "started_at": t0, "finished_at": time.time()})
+        index_file.write_text(json.dumps(index, indent=1))
         doc = json.loads(out.read_text())
         print(f"  {kind:8} #{i}: decode {doc['metrics']['decode_ms'] / doc['metrics']['decode_steps']:.2f} ms/token, "
               f"wall {index[-1]['finished_at'] - t0:.1f} s", flush=True)
-    (runs / "index.json").write_text(json.dumps(index, indent=1))
     print_cv(runs)
     with tarfile.open(a.out, "w:gz") as tar:
         tar.add(runs, arcname="runs")
@@ -196,6 +200,8 @@ def main() -> None:
     m.add_argument("--prompt-len", type=int, default=128)
     m.add_argument("--new-tokens", type=int, default=8)
     m.add_argument("--budget-gib", type=float, default=6.0)
+    m.add_argument("--only", nargs="+", default=["cpu", "slow", "ssd"], choices=["cpu", "slow", "ssd"],
+                   help="which runs (the rest of a --work kept from an earlier call is packed too)")
     g = sub.add_parser("gate")
     g.add_argument("tarball")
     g.add_argument("--results", required=True)
