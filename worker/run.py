@@ -10,6 +10,7 @@ streams from the SSD measures the disk just before its engine is built and just 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from worker.errors import UserError
 from worker.files import check_output_file
 from worker.generate import Generation, decode_spans, generate, measure
 from worker.host import adjacent, devlock
+from worker.host.reuse import EngineCache, engine_key
 from worker.host.walltime import RunClock
 from worker.model.geometry import ModelConfig
 from worker.result import build_result, write_json
@@ -53,15 +55,16 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def run(cfg: RunConfig, on_phase: Phase | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, on_phase: Phase | None = None, reuse: EngineCache | None = None) -> dict[str, Any]:
+    """`reuse`: a worker's `EngineCache` when its suite says `reuse: weights` (worker.host.reuse)."""
     clock = RunClock()  # first: process_s ends here
     try:
-        return _run(cfg, on_phase or (lambda name: None), clock)
+        return _run(cfg, on_phase or (lambda name: None), clock, reuse)
     finally:
         clock.close()
 
 
-def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
+def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | None) -> dict[str, Any]:
     applied = envs.apply_base_process_env()
     if envs.omp_threads():
         torch.set_num_threads(envs.omp_threads())
@@ -71,6 +74,8 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
     if cfg.out_json:
         check_output_file(cfg.out_json, "--out-json")  # before any work: a run whose result cannot land is lost
     if cfg.engine == "accelerate":
+        if reuse is not None:
+            reuse.close()  # the peer loads its own copy: a kept engine's memory and locks must go first
         with clock.phase("imports"):
             from worker.peer import run_peer
 
@@ -86,7 +91,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
     with clock.phase("tokenizer"):
-        tok = load_tokenizer(cfg.checkpoints)
+        tok = reuse.tokenizer(cfg.checkpoints, load_tokenizer) if reuse is not None else load_tokenizer(cfg.checkpoints)
         prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
     phase("pack")
     with clock.phase("pack"):
@@ -96,11 +101,23 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
     compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
     extents = adjacent.ssd_extents(pack.manifest, place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers,
                                                         cfg.stream))
-    with devlock.hold([devlock.device_key(device), devlock.disk_key(pack.blob_path)], cfg.device_wait_s) as held:
+    prompt_tokens = max(len(p) for p in prompt_ids)
+    key = engine_key(cfg, pack, device, prompt_tokens) if reuse is not None else None
+    kept = reuse.take(key) if reuse is not None else None
+    reused = kept is not None
+    locks = contextlib.ExitStack()  # a fresh engine's device locks (a kept engine's are the cache's)
+    try:
+        held = kept.held if reused else locks.enter_context(
+            devlock.hold([devlock.device_key(device), devlock.disk_key(pack.blob_path)], cfg.device_wait_s))
         before = _ssd_window(cfg, pack, extents, device, clock, "before")  # the disk, just before the engine
-        with clock.phase("slots"):
-            engine = build_engine(cfg, pack, device, prompt_tokens=max(len(p) for p in prompt_ids))
-        clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
+        if reused:
+            engine = kept.engine
+        else:
+            with clock.phase("slots"):
+                engine = build_engine(cfg, pack, device, prompt_tokens=prompt_tokens)
+            clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
+            if reuse is not None:
+                kept = reuse.keep(key, engine, held, locks.pop_all())  # the cache owns engine and locks now
         try:
             gen = _measure(engine, cfg, prompt_ids, tok, device, phase, clock)
             result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied, locks=held)
@@ -108,12 +125,21 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock) -> dict[str, Any]:
             kv_step = engine.kv_step_bytes(result["metrics"]["batch_size"],
                                            result["metrics"]["prompt_len"] + gen.decode_steps // 2)
         finally:
-            with clock.phase("close"):
-                engine.close()
-        after = _ssd_window(cfg, pack, extents, device, clock, "after")  # and just after it is gone
+            if kept is None:
+                with clock.phase("close"):
+                    engine.close()
+        after = _ssd_window(cfg, pack, extents, device, clock, "after")  # and just after it is gone (or idle)
         if cfg.roofline:
             with clock.phase("probe"):
                 result["roofline"] = _roofline(pack, placement, result["metrics"], gen, kv_step, before, after, cfg)
+    except BaseException:
+        if reuse is not None:
+            reuse.drop()  # a failed run leaves the engine in an unknown state
+        raise
+    finally:
+        locks.close()
+    result["reuse"] = {"mode": "weights" if reuse is not None else "none", "reused_engine": reused,
+                       "engine_key": key, "engine_runs": kept.runs + 1 if kept is not None else 1}
     result["locks"] = held.to_dict()  # with the release time: the devices were the run's until then
     roof = result["roofline"] or {}
     if roof.get("floor_suspect"):

@@ -59,6 +59,7 @@ class BenchWorker:
         self.run_fn = run_fn
         self.fingerprint = hostinfo.host_fingerprint(nvme)
         self.git = (hostinfo.git_commit(), hostinfo.git_dirty())  # once: `git status` is not free
+        self.reuse = None  # an EngineCache while the runs ask for `reuse: weights`
 
     def run(self, spec: RunSpec) -> RunOutcome:
         started = time.time()
@@ -66,7 +67,7 @@ class BenchWorker:
         try:
             cfg = spec.config(materialise(spec.model))
             cfg = _with_device(cfg, self.nvme, spec)
-            result = self._run_fn()(cfg, on_phase=lambda name: self._phase(spec.run_id, name))
+            result = self._run_fn()(cfg, on_phase=lambda name: self._phase(spec.run_id, name), **self._reuse(spec))
             status, error = "ok", None
         except UserError as e:
             result, status, error = None, "failed", str(e)
@@ -75,6 +76,22 @@ class BenchWorker:
             result, status, error = None, "failed", f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
         self._phase(spec.run_id, status)
         return RunOutcome(status, error, result, self.fingerprint, self.node_id, started, time.time(), *self.git)
+
+    def close(self) -> None:
+        """Free a kept engine (its memory and device locks); Ray's actor exit does the same."""
+        if self.reuse is not None:
+            self.reuse.close()
+            self.reuse = None
+
+    def _reuse(self, spec: RunSpec) -> dict[str, Any]:
+        if spec.reuse != "weights":
+            self.close()  # a run that does not reuse builds its own engine: nothing may hold the device
+            return {}
+        if self.reuse is None:
+            from worker.host.reuse import EngineCache
+
+            self.reuse = EngineCache()
+        return {"reuse": self.reuse}
 
     def info(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "node_id": self.node_id, "pid": os.getpid()}

@@ -110,6 +110,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                                   "beat the hardware"),
     ("compiled_from_cache", pa.bool_(), "every graph the run compiled came from the host's compile cache (null: "
                                         "nothing compiled, e.g. a CPU run or a later run in the same process)"),
+    ("reused_engine", pa.bool_(), "the run measured an engine kept from an earlier run of its suite on this worker "
+                                  "(`reuse: weights`; worker.host.reuse); null in rows from before the key"),
     ("pack_check", _STR, "how the pack was checked before the run: full (every checksum) or edges (each "
                           "group's first and last 4 KiB against the last full verification)"),
     ("pack_verified_at", _STR, "when every checksum of the pack was last verified (UTC, ISO 8601)"),
@@ -187,6 +189,7 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
         "probe_h2d_gbps": roof.get("h2d_gbps"),
         "probe_hbm_gbps": roof.get("hbm_gbps"),
         "compiled_from_cache": (res.get("compile_cache") or {}).get("compiled_from_cache"),
+        "reused_engine": (res.get("reuse") or {}).get("reused_engine"),
         "pack_check": (res.get("pack") or {}).get("check"),
         "pack_verified_at": (res.get("pack") or {}).get("verified_at"),
         "device_wait_s": (res.get("locks") or {}).get("waited_s"),

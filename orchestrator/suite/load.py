@@ -50,6 +50,9 @@ class SuiteDoc(BaseModel):
     retries: int = Field(default=2, ge=0, description="Extra attempts after an actor or node died.")
     timeout_s: float = Field(default=3600.0, gt=0, description="Longest one run may take.")
     on_no_host: Literal["fail", "skip"] = "fail"
+    reuse: Literal["none", "weights"] = Field(default="none", description=(
+        "`weights`: a worker keeps its engine (loaded tiers, compiled model) for the next run that would "
+        "build the same one; see worker.host.reuse for what must match and why the measurement is unaffected."))
     defaults: dict[str, Any] = Field(default_factory=dict)
     matrix: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     thresholds: dict[str, float | None] = Field(default_factory=dict, description=(
@@ -144,7 +147,7 @@ def expand(doc: SuiteDoc, source: str) -> list[RunSpec]:
             seen[spec_hash] = label
             for r in range(doc.repeats):
                 specs.append(RunSpec(doc.name, f"{spec_hash[:12]}-r{r}", spec_hash, config_key, r, model, selector,
-                                     flat, doc.timeout_s))
+                                     flat, doc.timeout_s, doc.reuse))
     return specs
 
 

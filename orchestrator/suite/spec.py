@@ -70,6 +70,7 @@ class RunSpec:
     selector: Selector
     flat: dict[str, Any]
     timeout_s: float
+    reuse: Literal["none", "weights"] = "none"  # the suite's `reuse:` (worker.host.reuse); not in the keys
 
     def config(self, checkpoints: str) -> RunConfig:
         return RunConfig.from_flat({**self.flat, "checkpoints": checkpoints, "out_json": None},

@@ -7,5 +7,6 @@ that run's floor; `roofline` turns a run's bytes and FLOPs into its floor and at
 floor the run beat as suspect); `timing` holds the clocks of the measured phases and the named
 host-time spans a benchmark can record; `walltime` says where a run's wall time went (its setup
 phases and the measured round); `devlock` keeps two engines off one GPU or disk of the host,
-whatever started them.
+whatever started them; `reuse` keeps one engine between a suite's runs that would build the same one
+(`reuse: weights`), and says what makes two runs' engines the same.
 """

@@ -12,8 +12,10 @@ pad tokens; both engines (`run` and `peer`) feed the same batch through these.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 WORD_MARKERS = ("Ġ", "▁")  # byte-level BPE and sentencepiece spellings of a leading space
 POOL_CANDIDATES = 8192  # vocabulary words examined for the pool (bounded: prompt making takes seconds)
 MAX_REPAIRS = 64
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def encode_texts(tokenizer, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
@@ -42,7 +45,20 @@ def word_pool(tokenizer) -> tuple[list[str], dict[str, int]]:
     """Lowercase words that are one token after a space, and each word's cost at the start of a text.
 
     Deterministic for a given vocabulary (sorted, then a fixed sample when the vocabulary is large).
+    Kept per tokenizer object: for a 128k vocabulary it costs about as much as loading the tokenizer,
+    and a worker that keeps its tokenizer (`reuse: weights`) would otherwise pay it every run.
     """
+    try:
+        return _POOLS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable (then not kept)
+        pass
+    pool = _word_pool(tokenizer)
+    with contextlib.suppress(TypeError):
+        _POOLS[tokenizer] = pool
+    return pool
+
+
+def _word_pool(tokenizer) -> tuple[list[str], dict[str, int]]:
     vocab = tokenizer.get_vocab()
     words = sorted({t[1:] for t in vocab if t[:1] in WORD_MARKERS and t[1:].isascii() and t[1:].isalpha()
                     and t[1:].islower()})
