@@ -2,12 +2,13 @@
 
 Runs `bench run` in-process (gpu weights, KV offloaded to CPU, long prompt) for top-k 0 and k, with
 the engine's host-time spans recording (`worker.host.timing`): the compute thread's wait for the KV
-worker (`kv.ready`), the worker's fetch jobs (`kv.fetch`) and its host-side choice of candidates
-(`kv.candidates`), top-k scoring and selection (`kv.topk`), the exact path (`kv.exact`) and all of a
-layer's KV work (`kv.decode`). The recorder is reset at the run's "measure" phase, so the totals are
-the measured round's. Host milliseconds per decode step, next to the step's CUDA-event time.
+worker (`kv.ready`), the worker's fetch jobs (`kv.fetch`) and, for a tier the device cannot read, its
+host gather of the device-chosen candidates (`kv.candidates`), the compiled top-k step (`kv.topk`),
+the exact path (`kv.exact`) and all of a layer's KV work (`kv.decode`). The recorder is reset at the
+run's "measure" phase, so the totals are the measured round's. Host milliseconds per decode step,
+next to the step's CUDA-event time.
 
-    python benchmarks/topk_offload_profile.py --work /tmp/sbkv --layers 32 --prompt 8192
+    python benchmarks/topk_offload_profile.py --work /tmp/sbkv --layers 32 --prompt 8192 [--k 64]
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from worker.run import resolve_config, run
 SPANS = {
     "kv.ready": "compute thread waits for the KV worker (ready)",
     "kv.fetch": "KV worker: fetch job",
-    "kv.candidates": "KV worker: candidates on the host",
-    "kv.topk": "compute thread: top-k (score, select, gather, attend)",
+    "kv.candidates": "KV worker: host gather of the device's candidates",
+    "kv.topk": "compute thread: top-k step (store, score, select, gather, attend)",
     "kv.exact": "compute thread: exact (assemble, attend)",
     "kv.decode": "compute thread: all of a layer's KV work",
 }

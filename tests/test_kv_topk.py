@@ -155,34 +155,3 @@ def test_k_covering_every_block_is_bit_exact(tmp_path, kv):
     finally:
         f.close()
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
-
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_fetch_candidates_choose_the_best_offloaded_blocks(seed):
-    """Per row: the sink and the offloaded recent blocks always in, nothing that is not offloaded, then
-    the best-scored offloaded blocks (the most recent ones before any step was scored), -1 padding."""
-    from worker.kv.fetch import candidates, make_plan
-
-    g = torch.Generator().manual_seed(seed)
-    b, bt, ring, k = 3, 4, 3, int(torch.randint(2, 9, (), generator=g))
-    pos = torch.randint(0, 200, (b,), generator=g).tolist()
-    plan = make_plan(0, 0, pos, bt, ring, 0, False, k, 1 if k <= 3 else 2)
-    n = max(plan.max_lo, 1)
-    scores = torch.randn(b, n + 5, generator=g)
-    for sc in (scores, scores.round(), None):  # distinct scores, many ties, no scores yet
-        got = candidates(plan, sc)
-        assert got.shape == (b, k) and got.dtype == torch.long
-        for row in range(b):
-            lo, f = plan.lo[row], plan.frontier[row]
-            mine = set(got[row].tolist()) - {-1}
-            assert len(mine) == min(k, lo) == (got[row] >= 0).sum()  # distinct, as many as can be
-            assert all(0 <= j < lo for j in mine)  # only offloaded blocks
-            forced = {j for j in range(lo) if j == 0 or j > f - plan.recent}
-            assert forced <= mine  # the sink and offloaded recent blocks
-            rest = set(range(lo)) - forced
-            free = min(k, lo) - len(forced)
-            if free > 0 and rest:  # the others are the best-scored ones (ties: any of the tied)
-                key = (lambda j: sc[row, j].item()) if sc is not None else (lambda j: j)
-                worst_taken = min(key(j) for j in mine - forced)
-                assert all(key(j) <= worst_taken for j in rest - mine)

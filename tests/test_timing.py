@@ -64,19 +64,21 @@ def _run(ckpt, **flat):
     return result, spans
 
 
-@pytest.mark.parametrize("topk", [0, 3])
-def test_offloaded_kv_decode_records_its_spans(ckpt, topk):
-    """cpu-mode weights, KV offloaded to the CPU tier with one GPU block per row: every decode step of
-    every layer runs the paged cache's spans; top-k picks its candidates on the KV worker."""
-    r, spans = _run(ckpt, mode="cpu", gpu_max_groups=3, kv_offload="cpu", kv_block_tokens=4, kv_gpu_blocks=1,
+@pytest.mark.parametrize("topk, tier", [(0, "cpu"), (3, "cpu"), (3, "ssd")])
+def test_offloaded_kv_decode_records_its_spans(ckpt, topk, tier):
+    """cpu-mode weights, KV offloaded with one GPU block per row: every decode step of every layer runs
+    the paged cache's spans; top-k gathers its device-chosen candidates on the host only from the SSD
+    tier (the CPU tier's are read by the device itself)."""
+    r, spans = _run(ckpt, mode="cpu", gpu_max_groups=3, kv_offload=tier, kv_block_tokens=4, kv_gpu_blocks=1,
                     topk_blk=topk)
     layer_steps = 3 * r["metrics"]["decode_steps"]  # the measured round's only: reset at "measure"
     assert layer_steps > 0
     attend = "kv.topk" if topk else "kv.exact"
     assert spans.calls["kv.decode"] == spans.calls["kv.ready"] == spans.calls[attend] == layer_steps
     assert spans.calls["kv.fetch"] >= layer_steps  # plus the next step's first layer, fetched ahead
-    assert (spans.calls["kv.candidates"] > 0) == bool(topk)
-    assert set(spans.calls) == {"kv.decode", "kv.ready", "kv.fetch", attend} | ({"kv.candidates"} if topk else set())
+    host = topk and tier == "ssd"
+    assert (spans.calls["kv.candidates"] > 0) == bool(host)
+    assert set(spans.calls) == {"kv.decode", "kv.ready", "kv.fetch", attend} | ({"kv.candidates"} if host else set())
     # nested spans of one thread: the parts never add up to more than the whole
     assert spans.seconds["kv.ready"] + spans.seconds[attend] <= spans.seconds["kv.decode"]
     assert spans.seconds["kv.candidates"] <= spans.seconds["kv.fetch"]

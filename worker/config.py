@@ -83,9 +83,36 @@ class KVConfig:
     kv_block_tokens: Positive = _f(16, "Tokens per KV block.")
     kv_gpu_blocks: Positive | None = _f(None, "KV blocks kept on the GPU per (batch row, layer); unset = all.")
     topk_blk: Count = _f(0, "Attend only to the k most relevant KV blocks in decode; 0 = exact.")
+    topk_tokens: Positive | None = _f(None, "Top-k budget in tokens per (batch row, layer), e.g. 1024: the "
+                                      "ceil(topk_tokens / kv_block_tokens) most relevant blocks; exclusive "
+                                      "with topk_blk; unset = topk_blk decides.")
+    kv_zero_copy: bool = _f(True, "Top-k reads its chosen blocks from the pinned CPU tier on the device (mapped host "
+                            "memory, the ids never leave the GPU); --no-kv-zero-copy: the ids go to the host, which "
+                            "gathers and copies the blocks (slower; for comparison). No effect without top-k or with "
+                            "kv_offload ssd (always host-gathered).")
     kv_throttle_threshold: Positive = _f(8, "Most queued KV offload writes before back-off "
                                          "(WSM_KV_THROTTLE_THRESHOLD).")
     kv_throttle_ms: Count = _f(16, "Back-off when the KV write queue is full, ms (WSM_KV_THROTTLE_MS).")
+
+    def __post_init__(self) -> None:
+        if self.topk_tokens is None:
+            return
+        if self.topk_blk:
+            raise ValueError(f"topk_tokens and topk_blk are exclusive: give the top-k budget in tokens or in blocks "
+                             f"(got topk_tokens={self.topk_tokens}, topk_blk={self.topk_blk})")
+        if self.topk_tokens <= self.kv_block_tokens:
+            raise ValueError(f"topk_tokens must be more than kv_block_tokens ({self.kv_block_tokens}): the first "
+                             f"(sink) block and the block being written are always kept (got {self.topk_tokens})")
+
+    @property
+    def topk_blocks(self) -> int:
+        """The top-k budget in blocks per (batch row, layer); 0 = exact attention."""
+        return -(-self.topk_tokens // self.kv_block_tokens) if self.topk_tokens is not None else self.topk_blk
+
+    @property
+    def topk_budget_tokens(self) -> int:
+        """The top-k budget in tokens as asked (topk_tokens, else topk_blk blocks of tokens); 0 = exact."""
+        return self.topk_tokens if self.topk_tokens is not None else self.topk_blk * self.kv_block_tokens
 
 
 @dataclass(config=_STRICT)

@@ -55,10 +55,15 @@ def memory(device: torch.device, pinned_bytes: int | None) -> dict[str, Any]:
 
 
 def kv_tiers(io: dict[str, Any]) -> dict[str, Any]:
-    """The KV cache's bytes per tier (GPU, pinned CPU, SSD spill) and its write-back throttling."""
-    tiers, throttle = io.get("kv_bytes") or {}, io.get("kv_throttle") or {}
+    """The KV cache's bytes per tier (GPU, pinned CPU, SSD spill) and its write-back throttling; the
+    top-k budget (tokens as asked, blocks per row and layer; 0 = exact) and what decode fetched from
+    the host tier: mean blocks per (row, layer) step and KV bytes per decode step (every row and layer)."""
+    tiers, throttle, step = io.get("kv_bytes") or {}, io.get("kv_throttle") or {}, io.get("kv_step") or {}
     return {**{f"kv_{t}_gb": tiers[t] / GB if t in tiers else None for t in ("gpu", "cpu", "ssd")},
-            "kv_write_backoffs": throttle.get("backoffs")}
+            "kv_write_backoffs": throttle.get("backoffs"),
+            "topk_budget_tokens": step.get("topk_budget_tokens"), "topk_blocks": step.get("topk_blocks"),
+            "kv_blocks_read_per_step": step.get("blocks_read_per_step"),
+            "kv_bytes_per_step": step.get("bytes_per_step")}
 
 
 def build_result(cfg: RunConfig, engine, pack, device: torch.device, gen: Generation,
@@ -90,8 +95,9 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
     """The document around one measured generation; shared by the streaming engine and the peer.
 
     `io` is the engine's `io()` dict (channels, pinned_host_bytes, roofline, warnings, the weight
-    streamer's `gpu_slots` {attn, ffn}, and the KV cache's bytes per tier `kv_bytes` {gpu, cpu, ssd}
-    and write throttle `kv_throttle`); missing channels are None (the accelerate peer exposes none).
+    streamer's `gpu_slots` {attn, ffn}, and the KV cache's bytes per tier `kv_bytes` {gpu, cpu, ssd},
+    write throttle `kv_throttle` and top-k budget and fetches `kv_step`); missing channels are None
+    (the accelerate peer exposes none).
     """
     bsz = len(prompt_ids)
     decode_s = gen.decode_ms / 1e3

@@ -89,6 +89,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("kv_cpu_gb", _F64, "KV cache held in pinned CPU memory"),
     ("kv_ssd_gb", _F64, "KV cache spill file size"),
     ("kv_write_backoffs", _I64, "KV write-back throttle back-offs"),
+    ("topk_budget_tokens", _I64, ("top-k budget per (row, layer) in tokens as asked (topk_tokens, else topk_blk "
+                                  "blocks); 0 = exact attention")),
+    ("topk_blocks", _I64, "top-k budget per (row, layer) in KV blocks; 0 = exact attention"),
+    ("kv_blocks_read_per_step", _F64, "mean KV blocks fetched from the host tier per (row, layer) decode step"),
+    ("kv_bytes_per_step", _F64, "KV bytes fetched from the host tier per decode step, every row and layer"),
     ("gpu_alloc_gb", _F64, "GPU max allocated"),
     ("gpu_reserved_gb", _F64, "GPU max reserved"),
     ("host_rss_gb", _F64, ""),
@@ -203,7 +208,8 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
         row[k] = system.get(k)
     for k in ("generated_tokens", "ttft_ms", "prefill_ms", "decode_ms", "decode_tok_s", "e2e_ms", "itl_p50_ms",
               "itl_p90_ms", "itl_p99_ms", "host_rss_gb", "pinned_host_gb", "itl_ms", "kv_gpu_gb", "kv_cpu_gb",
-              "kv_ssd_gb", "kv_write_backoffs"):
+              "kv_ssd_gb", "kv_write_backoffs", "topk_budget_tokens", "topk_blocks", "kv_blocks_read_per_step",
+              "kv_bytes_per_step"):
         row[k] = metrics.get(k)
     for k in ("floor_prefill_s", "floor_decode_s", "attainment_prefill", "attainment_decode", "floor_ssd_gbps",
               "floor_suspect"):

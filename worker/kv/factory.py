@@ -1,7 +1,8 @@
 """Which KV cache a run gets (from RunConfig.kv), and the KV side of its accounting.
 
-- kv_offload none, topk_blk 0 (the default): `StaticKVCache`, the exact all-resident reference.
-- kv_offload none, topk_blk k: a paged cache with every block on the GPU (top-k needs block bounds).
+- kv_offload none, no top-k budget (the default): `StaticKVCache`, the exact all-resident reference.
+- kv_offload none, a top-k budget of k blocks (topk_blk k, or topk_tokens mapped to blocks): a paged
+  cache with every block on the GPU (top-k needs block bounds).
 - kv_offload cpu|ssd and a kv_gpu_blocks budget below the blocks max_seq needs: a paged cache with a
   GPU ring of kv_gpu_blocks blocks per (row, layer) over a pinned-CPU or SSD tier. Without a budget
   (or one that covers max_seq) nothing is offloaded and the cache is the resident one.
@@ -24,6 +25,7 @@ import torch
 
 from worker.config import KVConfig
 from worker.errors import UserError
+from worker.kv.fetch import FetchCount
 from worker.kv.layout import Geometry
 from worker.kv.offload import CpuStore, KVMover, Throttle
 from worker.kv.paged import PagedBuffers, PagedKVCache
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def validate(kv: KVConfig, cfg: ModelConfig, batch: int, max_seq: int, item: int, spill_dir: Path | None) -> None:
     """Budgets that cannot work, as one-line UserErrors naming the field."""
-    if kv.topk_blk == 1:
+    if kv.topk_blocks == 1:
         raise UserError("topk_blk=1 is too small: the first (sink) block and the block being written are always "
                         "kept; use 0 (exact) or >= 2")
     if kv.kv_offload == "none" and kv.kv_gpu_blocks is not None:
@@ -75,19 +77,20 @@ def tier_bytes(kv: KVConfig, cfg: ModelConfig, batch: int, max_seq: int, item: i
                    {2: torch.bfloat16, 4: torch.float32}.get(item, torch.bfloat16))
     j, bb, layers = geo.n_blocks, geo.block_bytes, geo.layers
     full = layers * batch * j * bb
-    if kv.kv_offload == "none" and not kv.topk_blk:
+    k = kv.topk_blocks
+    if kv.kv_offload == "none" and not k:
         return {"gpu": layers * batch * max_seq * geo.token_bytes, "cpu": 0, "ssd": 0}
     off = offloads(kv, max_seq)
     ring = kv.kv_gpu_blocks if off else j
-    js = min(kv.topk_blk, j) if kv.topk_blk else j
+    js = min(k, j) if k else j
     ext = geo.padded_block_bytes() if kv.kv_offload == "ssd" else bb
     gpu = layers * batch * ring * bb + batch * j * bb  # ring + the exact path's working buffers
-    gpu += 2 * layers * batch * j * geo.kv_heads * geo.head_dim * item if kv.topk_blk else 0
+    gpu += 2 * layers * batch * j * geo.kv_heads * geo.head_dim * item if k else 0
     gpu += 2 * batch * js * ext if off else 0
     if not off:
         return {"gpu": gpu, "cpu": 0, "ssd": 0}
-    if kv.kv_offload == "cpu":
-        return {"gpu": gpu, "cpu": full + (2 * batch * kv.topk_blk * bb), "ssd": 0}
+    if kv.kv_offload == "cpu":  # top-k reads the store in place (kv.zerocopy), else it stages on the host
+        return {"gpu": gpu, "cpu": full + (0 if kv.kv_zero_copy else 2 * batch * k * bb), "ssd": 0}
     outbox = SLOTS * min(j, max(1, SLOT_BYTES // ext)) * ext
     return {"gpu": gpu, "cpu": 2 * batch * js * ext + batch * ring * ext + outbox, "ssd": layers * batch * j * ext}
 
@@ -106,6 +109,7 @@ class KVFactory:
         self.max_seq, self.tracker = max_seq, tracker
         self.h2d, self.d2h, self.ssd = Channel("kv_h2d"), Channel("kv_d2h"), Channel("kv_ssd")
         self.throttle = Throttle(kv.kv_throttle_threshold, kv.kv_throttle_ms)
+        self.fetched = FetchCount()  # blocks the decode steps fetched from the host tier
         self._key: tuple[int, int] | None = None
         self._bufs: PagedBuffers | None = None
         self._arena: HostArena | None = None
@@ -119,9 +123,9 @@ class KVFactory:
 
     def __call__(self, batch: int, max_seq: int):
         kv = self.kv
-        if kv.kv_offload != "none" or kv.kv_gpu_blocks is not None or kv.topk_blk:
+        if kv.kv_offload != "none" or kv.kv_gpu_blocks is not None or kv.topk_blocks:
             validate(kv, self.cfg, batch, max_seq, self.item, self.spill_dir)
-        if not kv.topk_blk and not offloads(kv, max_seq):
+        if not kv.topk_blocks and not offloads(kv, max_seq):
             cache = StaticKVCache(self.cfg, batch, max_seq, self.device, self.dtype, self.compiled)
             self._last = {"gpu": cache.nbytes(), "cpu": 0, "ssd": 0}
             return cache
@@ -131,7 +135,8 @@ class KVFactory:
             self._release()
             self._bufs = self._allocate(Geometry.of(self.cfg, batch, max_seq, kv.kv_block_tokens, self.dtype))
             self._key = (batch, max_seq)
-        self._live = PagedKVCache(self._bufs, kv.topk_blk, Sync(self.device), self.tracker, self.compiled)
+        self._live = PagedKVCache(self._bufs, kv.topk_blocks, Sync(self.device), self.tracker, self.compiled,
+                                  self.fetched)
         self._last = tier_bytes(kv, self.cfg, batch, max_seq, self.item)
         return self._live
 
@@ -145,7 +150,7 @@ class KVFactory:
                 geo, ring, [zeros(b, ring, *geo.block_shape) for _ in range(geo.layers)],
                 zeros(b, geo.kv_heads, j * geo.block_tokens, geo.head_dim),
                 zeros(b, geo.kv_heads, j * geo.block_tokens, geo.head_dim))
-            if kv.topk_blk:
+            if kv.topk_blocks:
                 bufs.smin = [zeros(b, j, geo.kv_heads, geo.head_dim) for _ in range(geo.layers)]
                 bufs.smax = [zeros(b, j, geo.kv_heads, geo.head_dim) for _ in range(geo.layers)]
             if off:
@@ -155,25 +160,24 @@ class KVFactory:
             raise UserError(f"the paged KV cache for batch {b} x max_seq {geo.max_seq} needs {need / GB:.2f} GB of GPU "
                             "memory and does not fit; lower kv_gpu_blocks, batch_size or max_seq_len") from None
         log.info("kv: paged cache, batch %d, %d blocks of %d tokens per row, %d on the GPU, offload %s, top-k %d",
-                 b, j, geo.block_tokens, ring, kv.kv_offload if off else "none", kv.topk_blk)
+                 b, j, geo.block_tokens, ring, kv.kv_offload if off else "none", kv.topk_blocks)
         return bufs
 
     def _tier(self, geo: Geometry, bufs: PagedBuffers) -> None:
-        kv, dev, b, cuda = self.kv, self.device, geo.batch, self.device.type == "cuda"
-        js = min(kv.topk_blk, geo.n_blocks) if kv.topk_blk else geo.n_blocks
+        kv, dev, b, cuda, k = self.kv, self.device, geo.batch, self.device.type == "cuda", self.kv.topk_blocks
+        js = min(k, geo.n_blocks) if k else geo.n_blocks
         self._arena = HostArena(pin=cuda)
         if kv.kv_offload == "cpu":
-            self._store = CpuStore(geo, self._arena, kv.topk_blk)
+            self._store = CpuStore(geo, self._arena, k, dev, zero_copy=kv.kv_zero_copy)
         else:
             path = self.spill_dir / f".kv_spill.{os.getpid()}.{id(self)}.bin"
             self._store = SpillStore(geo, path, self._arena, js, bufs.ring_blocks, self.ssd)
         bufs.stage = [torch.zeros(b, js, self._store.ext, dtype=torch.uint8, device=dev) for _ in range(2)]
-        if kv.topk_blk:
-            bufs.cand = [torch.full((b, kv.topk_blk), -1, dtype=torch.long, device=dev) for _ in range(2)]
-            bufs.cand_host = [torch.full((b, kv.topk_blk), -1, dtype=torch.long).pin_memory() if cuda
-                              else torch.full((b, kv.topk_blk), -1, dtype=torch.long) for _ in range(2)]
-            scores = torch.zeros(geo.layers, b * geo.n_blocks)
-            bufs.scores_host = scores.pin_memory() if cuda else scores
+        if k:
+            bufs.cand = [torch.full((b, k), -1, dtype=torch.long, device=dev) for _ in range(geo.layers)]
+            if self._store.device_view is None:  # the ids go to the host, which gathers the blocks
+                host = torch.full((geo.layers, b, k), -1, dtype=torch.long)
+                bufs.cand_host = list(host.pin_memory() if cuda else host)
         bufs.mover = KVMover(self._store, geo, Sync(dev), self.throttle, self.h2d, self.d2h)
         self._pinned = self._arena.nbytes
 
@@ -196,6 +200,7 @@ class KVFactory:
         self.drain()
         for ch in (self.h2d, self.d2h, self.ssd):
             ch.reset()
+        self.fetched.reset()
         self.throttle.backoffs, self.throttle.waited_s = 0, 0.0
 
     def io_stats(self) -> dict[str, Any]:
@@ -205,22 +210,34 @@ class KVFactory:
             "kv_bytes": dict(self._last),
             "kv_throttle": {"backoffs": self.throttle.backoffs, "waited_s": self.throttle.waited_s},
             "kv_pinned_bytes": self._pinned if self._last["cpu"] else 0,
+            "kv_step": self.step_record(),
             "warnings": list(getattr(self._store, "warnings", [])),
         }
 
+    def step_record(self) -> dict[str, Any]:
+        """The top-k budget and what the decode steps fetched: the run JSON's `topk_*` / `kv_*_per_step`."""
+        kv = self.kv
+        geo = Geometry.of(self.cfg, 1, self.max_seq, kv.kv_block_tokens, self.dtype)
+        return {"topk_budget_tokens": kv.topk_budget_tokens, "topk_blocks": kv.topk_blocks,
+                **self.fetched.per_step(geo.layers, geo.block_bytes)}
+
     def step_bytes(self, batch: int, context: int) -> dict[str, int]:
         """Least bytes one decode step moves for the KV at `context` positions: read from HBM by the
-        attention, fetched H2D from the host tier, and read from / written to the SSD (spill)."""
-        kv = self.kv
+        attention (and by top-k's scoring: every block's key bounds), fetched H2D from the host tier
+        (top-k: only its candidates, min(k, offloaded) blocks per row and layer, what
+        `kv_bytes_per_step` counts), and read from / written to the SSD (spill)."""
+        kv, k = self.kv, self.kv.topk_blocks
         geo = Geometry.of(self.cfg, batch, self.max_seq, kv.kv_block_tokens, self.dtype)
         blocks = math.ceil(context / kv.kv_block_tokens)
-        exact = kv.topk_blk == 0 or kv.topk_blk >= blocks
+        exact = k == 0 or k >= blocks
         rows = batch * geo.layers
-        out = {"hbm": rows * (context if exact else min(context, kv.topk_blk * kv.kv_block_tokens)) * geo.token_bytes,
+        out = {"hbm": rows * (context if exact else min(context, k * kv.kv_block_tokens)) * geo.token_bytes,
                "h2d": 0, "ssd": 0}
+        if k:
+            out["hbm"] += rows * blocks * 2 * geo.kv_heads * geo.head_dim * geo.item  # the bounds scored
         if offloads(kv, self.max_seq):
             off = max(0, blocks - kv.kv_gpu_blocks)
-            out["h2d"] = rows * (off if exact else min(kv.topk_blk, off)) * geo.block_bytes
+            out["h2d"] = rows * (off if exact else min(k, off)) * geo.block_bytes
             if kv.kv_offload == "ssd":
                 ext = geo.padded_block_bytes()
                 out["ssd"] = out["h2d"] // geo.block_bytes * ext + rows * ext // kv.kv_block_tokens

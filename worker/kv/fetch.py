@@ -2,9 +2,22 @@
 
 A plan is made on the compute thread from host-known positions (cheap, O(batch)); the job runs on
 the KV worker: it loads the ring window at the first decode step, then either every offloaded block
-of every row (exact attention) or the topk candidate blocks per row (top-k), chosen from the scores the
-previous decode step computed for this layer (lagged by one step, so the fetch can start a layer
-ahead of the compute that will use it). Blocks land in a GPU stage buffer (one per fetch parity).
+of every row (exact attention) or the top-k candidates per row (top-k). Blocks land in a GPU stage
+buffer (one per fetch parity).
+
+The candidates are chosen on the device (`topk.candidates`, inside the compiled step that scored the
+layer one step earlier, so the fetch can start a layer ahead of the compute that uses it); the host
+never sees a score. The host knows only how many candidates each row has, min(k, offloaded blocks),
+which fixes the copy's size. How the chosen blocks cross PCIe depends on the tier:
+
+- device gather (the CPU tier on CUDA, and its CPU twin): the KV stream waits for the event after the
+  step that wrote the candidate ids, and a gather kernel reads exactly those blocks from the pinned
+  store through its device mapping (`kv.zerocopy`); the ids never leave the device, the host waits
+  for nothing.
+- host gather (the SSD tier, or a CPU tier whose memory the device cannot map): the compute stream
+  copies the ids to pinned memory right after choosing them (B x k integers); the KV worker waits for
+  that copy (issued a layer-step or more earlier), reads the blocks into pinned memory and copies
+  them up. The compute thread never waits for the device here either.
 """
 
 from __future__ import annotations
@@ -16,8 +29,6 @@ import torch
 
 from worker.host.timing import span_end, span_start
 from worker.kv.offload import KVMover, wait_for
-
-INF = float("inf")
 
 
 @dataclass
@@ -35,6 +46,11 @@ class FetchPlan:
     def max_lo(self) -> int:
         return max(self.lo, default=0)
 
+    @property
+    def counts(self) -> list[int]:
+        """Per row: blocks fetched from the host tier for this step's attention (the ring fill aside)."""
+        return list(self.lo) if self.exact else [min(self.topk, lo) for lo in self.lo]
+
 
 def make_plan(layer: int, parity: int, pos: list[int], bt: int, ring_blocks: int, written: int, first: bool,
               topk: int, recent: int) -> FetchPlan:
@@ -45,38 +61,55 @@ def make_plan(layer: int, parity: int, pos: list[int], bt: int, ring_blocks: int
     return FetchPlan(layer, parity, exact, lo, frontier, fill, topk, recent)
 
 
-def candidates(plan: FetchPlan, scores: torch.Tensor | None) -> torch.Tensor:
-    """Offloaded blocks to fetch per row for top-k: (B, topk) block ids, -1 = none.
+@dataclass
+class Candidates:
+    """Where a layer's device-chosen candidate ids (B, k) are: `ids` on the device, written before
+    `event` fired; for a host gather also `host`, a pinned copy that has landed once `host_event` fired."""
 
-    Always the sink block and offloaded recent blocks, then the best by last step's scores (B, >= lo),
-    or the most recent blocks when no step has been scored yet."""
-    b, n = len(plan.lo), max(plan.max_lo, 1)
-    j = torch.arange(n)[None, :]  # (1, n)
-    lo, f = torch.tensor(plan.lo)[:, None], torch.tensor(plan.frontier)[:, None]
-    off = j < lo
-    forced = off & ((j == 0) | (j > f - plan.recent))
-    s = scores[:, :n].float() if scores is not None else j.expand(b, n).float()
-    s = torch.where(off, torch.where(forced, INF, s), -INF)
-    top, idx = s.topk(min(plan.topk, n), dim=1)
-    cand = torch.full((b, plan.topk), -1, dtype=torch.long)
-    cand[:, :idx.shape[1]] = torch.where(top > -INF, idx, -1)
-    return cand
+    ids: torch.Tensor
+    event: Any
+    host: torch.Tensor | None = None
+    host_event: Any = None
 
 
-def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: tuple | None) -> Any:
-    """The KV worker's part: issue the H2D copies of `plan`; returns the event after them.
+@dataclass
+class FetchCount:
+    """Blocks the decode steps fetched from the host tier for attention, on the compute thread's count."""
 
-    `scores`: (pinned (B * n) tensor, n, event) of the last scored step, or None."""
+    layer_steps: int = 0  # (layer, decode step) pairs
+    row_layer_steps: int = 0  # (row, layer, decode step) triples
+    blocks: int = 0
+
+    def add(self, rows: int, blocks: int) -> None:
+        self.layer_steps += 1
+        self.row_layer_steps += rows
+        self.blocks += blocks
+
+    def reset(self) -> None:
+        self.layer_steps = self.row_layer_steps = self.blocks = 0
+
+    def per_step(self, layers: int, block_bytes: int) -> dict[str, float]:
+        """Mean blocks per (row, layer) step, and KV bytes per decode step (every row and layer)."""
+        if not self.layer_steps:
+            return {"blocks_read_per_step": 0.0, "bytes_per_step": 0.0}
+        return {"blocks_read_per_step": self.blocks / self.row_layer_steps,
+                "bytes_per_step": self.blocks * block_bytes * layers / self.layer_steps}
+
+
+def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, cand: Candidates | None) -> Any:
+    """The KV worker's part: issue the copies of `plan` on the KV stream; returns the event after them."""
     t0 = span_start()
-    done = _issue(m, cache, plan, stage_free, scores)
+    done = _issue(m, cache, plan, stage_free, cand)
     span_end("kv.fetch", t0)
     return done
 
 
-def _issue(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: tuple | None) -> Any:
+def _issue(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, cand: Candidates | None) -> Any:
     m.sync.wait(stage_free, m.stream)  # the compute that read this stage parity last has run
-    m.wait_uploaded(plan.parity)  # ... and the pinned buffers of this parity are free again
     geo, bufs, store = cache.geo, cache.bufs, m.store
+    device_gather = not plan.exact and plan.max_lo > 0 and store.device_view is not None
+    if plan.fill or not device_gather:
+        m.wait_uploaded(plan.parity)  # the pinned buffers of this parity are free again
     bb, L, p = geo.block_bytes, plan.layer, plan.parity
     pairs = []
     if plan.fill:
@@ -88,19 +121,23 @@ def _issue(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, scores: tup
         rows = [(b, lo) for b, lo in enumerate(plan.lo) if lo > 0]
         pairs += [(stage[b, :lo].view(-1), src) for (b, lo), src in zip(rows, store.prefix(L, rows, p))]
         return m.upload(pairs, p)
-    if plan.max_lo == 0:  # nothing offloaded yet: every candidate slot stays empty
-        bufs.cand_host[p].fill_(-1)
-        return m.upload(pairs, p, untimed=[(bufs.cand[p], bufs.cand_host[p])])
-    host = None
-    if scores is not None:
-        buf, n, ev = scores
-        wait_for(ev)
-        host = buf[:geo.batch * n].view(geo.batch, n)
+    if plan.max_lo == 0:  # nothing offloaded yet: the device chose no candidates
+        return m.upload(pairs, p)
+    counts = plan.counts
+    if device_gather:
+        m.sync.wait(cand.event, m.stream)  # the step that wrote the ids has run
+        if pairs:
+            m.upload(pairs, p)
+        return m.pull(lambda: store.pull(L, cand.ids, stage, counts), sum(counts) * bb)
+    wait_for(cand.host_event)  # the ids' copy to the host, issued a layer-step or more ago
     t0 = span_start()
-    cand = candidates(plan, host)  # (B, topk)
+    ids, k = cand.host, plan.topk  # (B, k)
+    flat = torch.where(ids >= 0, torch.arange(geo.batch)[:, None] * geo.n_blocks + ids, -1).view(-1)
+    src = store.gather(L, flat, p)  # (B * k, ext) pinned
     span_end("kv.candidates", t0)
-    flat = torch.where(cand >= 0, torch.arange(geo.batch)[:, None] * geo.n_blocks + cand, -1).view(-1)
-    src = store.gather(L, flat, p)  # (B * topk, ext) pinned
-    pairs.append((stage.view(-1)[:src.numel()], src.view(-1)))
-    bufs.cand_host[p].copy_(cand)
-    return m.upload(pairs, p, untimed=[(bufs.cand[p], bufs.cand_host[p])])  # which block is where: not KV bytes
+    if all(c == k for c in counts):
+        pairs.append((stage.view(-1)[:src.numel()], src.view(-1)))
+    else:
+        pairs += [(stage[b, :c].view(-1), src[b * k:b * k + c].view(-1)) for b, c in enumerate(counts) if c]
+    return m.upload(pairs, p)
+

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from worker.kv import zerocopy
 from worker.kv.layout import Geometry
 from worker.stream.devsync import Sync
 from worker.stream.hostmem import HostArena
@@ -88,15 +89,26 @@ def wait_for(handle: Any) -> None:
 class CpuStore:
     """The CPU tier: every block of every (layer, row) in pinned memory, (L, B, J, block_bytes) bytes.
 
-    Zeroed once, so a block that was never written reads as zeros (finite: attention masks it)."""
+    Zeroed once, so a block that was never written reads as zeros (finite: attention masks it). With
+    top-k the device reads the chosen blocks itself through `device_view` (`kv.zerocopy`; None when
+    the device cannot map it: then `gather` copies them on the host)."""
 
-    def __init__(self, geo: Geometry, arena: HostArena, topk: int):
+    def __init__(self, geo: Geometry, arena: HostArena, topk: int, device: torch.device, zero_copy: bool = True):
         self.geo, self.ext = geo, geo.block_bytes
-        self.buf = arena.empty(geo.layers * geo.batch * geo.n_blocks * self.ext)
-        self.buf.zero_()
-        self.buf = self.buf.view(geo.layers, geo.batch, geo.n_blocks, self.ext)
-        # host-side gathers for top-k land here, one per fetch parity: (B * k, ext)
-        self.gather_buf = [arena.empty(geo.batch * topk * self.ext).view(-1, self.ext) for _ in range(2)] if topk else []
+        flat = arena.empty(geo.layers * geo.batch * geo.n_blocks * self.ext)
+        flat.zero_()
+        self.buf = flat.view(geo.layers, geo.batch, geo.n_blocks, self.ext)
+        self.device_view = zerocopy.device_view(flat, device) if topk and zero_copy else None
+        self.warnings = ([] if self.device_view is not None or not (topk and zero_copy) else
+                         ["kv zero-copy: the device cannot read the pinned CPU tier; top-k gathers on the host"])
+        self.gather_buf: list[torch.Tensor] = []
+        if self.device_view is not None:
+            self._wide = zerocopy.wide_dtype(self.ext)
+            # (L, B * J, ext / w): one row per block, read as wide integers
+            self._src = self.device_view.view(geo.layers, geo.batch * geo.n_blocks, self.ext).view(self._wide)
+            self._base = torch.arange(geo.batch, device=device)[:, None] * geo.n_blocks  # (B, 1)
+        elif topk:  # host-side gathers for top-k land here, one per fetch parity: (B * k, ext)
+            self.gather_buf = [arena.empty(geo.batch * topk * self.ext).view(-1, self.ext) for _ in range(2)]
         self._written: list[Any] = [None] * geo.layers  # last D2H into each layer (host gathers wait on it)
         self.nbytes = arena.nbytes
 
@@ -112,6 +124,20 @@ class CpuStore:
 
     def blocks(self, layer: int, items: list[tuple[int, int]]) -> list[torch.Tensor]:
         return [self.buf[layer, b, j] for b, j in items]
+
+    def pull(self, layer: int, ids: torch.Tensor, out: torch.Tensor, counts: list[int]) -> None:
+        """out (B, k, ext) on the device ← the blocks `ids` (B, k) name (best first, -1 none), the first
+        counts[b] of row b: a gather kernel on the current stream that reads the store across PCIe.
+
+        Write-backs into the layer ran earlier on the same (KV) stream, so it reads what they wrote."""
+        b, k = ids.shape
+        dst = out.view(b, out.shape[1], -1).view(self._wide)  # (B, k, ext / w)
+        if all(c == k for c in counts):  # the usual case: one kernel for every row
+            torch.index_select(self._src[layer], 0, (ids + self._base).view(-1), out=dst.view(b * k, -1))
+            return
+        for row, c in enumerate(counts):  # rows with fewer offloaded blocks than k read only theirs
+            if c:
+                torch.index_select(self._src[layer], 0, ids[row, :c] + self._base[row], out=dst[row, :c])
 
     def gather(self, layer: int, flat: torch.Tensor, parity: int) -> torch.Tensor:
         """Blocks at flat indices b * J + j (N,), -1 = none (block 0 is read) → pinned (N, ext).
@@ -227,6 +253,13 @@ class KVMover:
     def wait_uploaded(self, parity: int) -> None:
         """Before the host rewrites a parity's pinned buffers: the last upload from them has finished."""
         wait_for(self._uploaded[parity])
+
+    def pull(self, gather: Callable[[], None], nbytes: int):
+        """Run `gather` (kernels that read `nbytes` of KV blocks from the host tier themselves) on the KV
+        stream, timed as H2D bytes; returns the event after it."""
+        timer = _Timer(self.sync, self.stream, self.h2d)
+        gather()
+        return timer.stop(nbytes)
 
     def upload(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], parity: int | None = None, untimed=()):
         """H2D copies (device dst, pinned src) on the KV stream, then `untimed` ones (bookkeeping, not

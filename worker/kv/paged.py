@@ -14,9 +14,12 @@ from the stage, ring blocks over them) and runs the very attention function of `
 the same values, masked columns hold finite values whose weight is exactly 0, so the result is the
 same bit for bit.
 
-Top-k decode (topk < live blocks): score every block by its key bounds (`kv.topk`), keep the sink and the
-most recent block(s) and the best of the rest among the blocks on the GPU (the ring and the blocks
-the KV worker prefetched by last step's scores), gather them and attend exactly over those topk.
+Top-k decode (topk < live blocks) is one device function per layer (`kv.kernels.topk_step`,
+compiled on CUDA): score every block by its key bounds (`kv.topk`), keep the sink and the most
+recent block(s) and the best of the rest among the blocks on the GPU (the ring and the blocks the
+KV worker prefetched by last step's scores), gather them, attend exactly over those topk, and choose
+the offloaded blocks for the layer's next step. The compute thread only plans from host-known
+positions and launches: it never reads a device value back, so it runs ahead of the device.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from worker.host.timing import span_end, span_start
-from worker.kv.fetch import make_plan, run_fetch
+from worker.kv import kernels
+from worker.kv.fetch import Candidates, FetchCount, make_plan, run_fetch
 from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
-from worker.kv.topk import block_bounds, block_scores, recent_blocks, select_blocks
+from worker.kv.topk import block_bounds, recent_blocks
 from worker.kv.tracker import BlockTracker
 from worker.model import attention
 from worker.model.step import Step
@@ -53,27 +57,32 @@ class PagedBuffers:
     smin: list[torch.Tensor] | None = None  # per layer (B, J, KV, hd): per-block key bounds (top-k)
     smax: list[torch.Tensor] | None = None
     stage: list[torch.Tensor] | None = None  # per fetch parity (B, Js, ext) uint8: blocks from the host tier
-    cand: list[torch.Tensor] | None = None  # per parity (B, topk) long: block ids in the stage (top-k), -1 none
-    cand_host: list[torch.Tensor] | None = None
-    scores_host: torch.Tensor | None = None  # (L, B * J) float32 pinned: last scores, for the next fetch
+    cand: list[torch.Tensor] | None = None  # per layer (B, topk) long: the next step's candidates (top-k), -1 none
+    cand_host: list[torch.Tensor] | None = None  # per layer, pinned copies of cand (host gathers only)
     mover: Any = None  # KVMover when there is a host tier
 
 
 class PagedKVCache:
     def __init__(self, bufs: PagedBuffers, topk: int, sync: Sync, tracker: BlockTracker | None = None,
-                 compiled: bool = False):
+                 compiled: bool = False, counter: FetchCount | None = None):
         self.bufs, self.geo, self.sync = bufs, bufs.geo, sync
         self.attention = attention.kernels(compiled)[0]  # the resident cache's very attention
+        self.fns = kernels.kernels(compiled)  # put / score / topk on the device
         self.bt, self.R, self.topk = bufs.geo.block_tokens, bufs.ring_blocks, topk
         self.recent = recent_blocks(topk) if topk else 0
         self.mover = bufs.mover
+        self.counter = counter if counter is not None else FetchCount()
+        # the device reads the CPU tier itself, or the chosen ids go to the host for it (SSD tier)
+        self.host_ids = bool(self.mover and topk and self.mover.store.device_view is None)
         self.tracker = tracker if topk else None
         device = bufs.wb_k.device
         self.rows = torch.arange(self.geo.batch, device=device)
         self.slots = torch.arange(self.R, device=device)
+        self.track: list[Any] = [None] * self.geo.layers
         if self.tracker:
             self.tracker.ensure(self.geo.batch, self.geo.n_blocks, device)
             self.tracker.reset()
+            self.track = [self.tracker.rows(layer, self.geo.batch) for layer in range(self.geo.layers)]
         self.retired = False
         self._reset(None)
         self._fetches = 0
@@ -87,7 +96,7 @@ class PagedKVCache:
         self.written = 0  # blocks per row the prefill wrote to the host tier
         self.steps = 0
         self._queued: dict[int, Any] = {}  # layer → its queued FetchPlan
-        self._scores: list[Any] = [None] * self.geo.layers  # (pinned buf, n, event) of the last scoring
+        self._cand: list[Candidates | None] = [None] * self.geo.layers  # each layer's latest candidates
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """Store k, v (B, KV, T, hd) and attend q (B, H, T, hd) over the cached sequence → (B, H, T, hd)."""
@@ -145,26 +154,25 @@ class PagedKVCache:
 
     def _decode(self, layer: int, q, k, v) -> torch.Tensor:
         plan = self._fetch_ahead(layer, q) if self.mover else None
-        ring = self.bufs.ring[layer]
-        slot = self.f_d % self.R
-        ring[:, :, 0][self.rows, slot, :, self.off_d] = k[:, :, 0]  # (B, KV, hd)
-        ring[:, :, 1][self.rows, slot, :, self.off_d] = v[:, :, 0]
-        written = self.sync.record() if self.mover else None
-        if self.topk:
-            lo, hi = block_bounds(ring[self.rows, slot, 0][:, None], self.off_d + 1)  # (B, 1, KV, hd)
-            self.bufs.smin[layer][self.rows, self.f_d] = lo[:, 0]
-            self.bufs.smax[layer][self.rows, self.f_d] = hi[:, 0]
         exact = plan.exact if plan else (self.topk == 0 or self.topk >= self.nbk)
+        self.counter.add(self.geo.batch, sum(plan.counts) if plan else 0)
         t0 = span_start()
-        out = self._exact(layer, q, plan) if exact else self._topk(layer, q, plan)
+        out, written = self._exact(layer, q, k, v, plan) if exact else self._topk(layer, q, k, v, plan)
         span_end("kv.exact" if exact else "kv.topk", t0)
-        if plan:
-            self._stage_free[plan.parity] = self.sync.record()
+        if plan:  # the top-k step's one event comes after its last read of the stage too
+            self._stage_free[plan.parity] = self.sync.record() if exact else written
             self._write_back(layer, written)
         return out
 
-    def _exact(self, layer: int, q, plan) -> torch.Tensor:
+    def _bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key bounds of the blocks this step can see: (B, nbk, KV, hd) each (views)."""
+        return self.bufs.smin[layer][:, :self.nbk], self.bufs.smax[layer][:, :self.nbk]
+
+    def _exact(self, layer: int, q, k, v, plan):
+        """Store the token, assemble the blocks in position order, attend → (out, event after the store)."""
         span, ring = self.kv_len, self.bufs.ring[layer]
+        self.fns.put(ring, k, v, self.pos_d, self.bt, self._bounds(layer) if self.topk else None)
+        written = self.sync.record() if self.mover else None
         nb = math.ceil(span / self.bt)
         vk, vv = block_view(self.bufs.wb_k, self.bt), block_view(self.bufs.wb_v, self.bt)  # (B, J, KV, bt, hd)
         if plan is None:
@@ -178,65 +186,53 @@ class PagedKVCache:
             src = ring[self.rows[:, None], jw % self.R]  # (B, R, 2, KV, bt, hd)
             vk[self.rows[:, None], jw] = src[:, :, 0]
             vv[self.rows[:, None], jw] = src[:, :, 1]
-        if self.topk:
-            self._score(layer, q, self.nbk)
-        return self.attention(q, self.bufs.wb_k[:, :, :span], self.bufs.wb_v[:, :, :span], self.pos_d)
+        if self.topk:  # scores for the tracker, and the candidates of a later top-k step
+            cand = self.bufs.cand[layer] if self.mover else None
+            self.fns.score(q, *self._bounds(layer), self.pos_d, self.bt, self.track[layer], cand, 1, self.R,
+                           self.recent)
+            if cand is not None:
+                self._chosen(layer)
+        return self.attention(q, self.bufs.wb_k[:, :, :span], self.bufs.wb_v[:, :, :span], self.pos_d), written
 
-    def _score(self, layer: int, q, n: int, record: bool = True) -> torch.Tensor:
-        sc = block_scores(q, self.bufs.smin[layer][:, :n], self.bufs.smax[layer][:, :n], self.f_d)  # (B, n)
-        if self.tracker and record:
-            self.tracker.record_scores(layer, sc)
-        if self.mover:
-            buf = self.bufs.scores_host[layer]
-            buf[:sc.numel()].view(sc.shape).copy_(sc, non_blocking=True)
-            self._scores[layer] = (buf, n, self.sync.record())
-        return sc
+    def _topk(self, layer: int, q, k, v, plan):
+        """The compiled top-k step (`kernels.topk_step`) → (out, event after it)."""
+        stage = typed(self.bufs.stage[plan.parity], self.geo) if plan else None  # (B, topk, 2, KV, bt, hd)
+        cand = self.bufs.cand[layer] if plan else None
+        out = self.fns.topk(q, k, v, self.pos_d, self.bufs.ring[layer], *self._bounds(layer), stage, cand,
+                            self.track[layer], self.bt, self.topk, self.recent)
+        if not plan:
+            return out, None
+        done = self.sync.record()
+        self._chosen(layer, done)
+        return out, done
 
-    def _topk(self, layer: int, q, plan) -> torch.Tensor:
-        b, kv, bt, topk, n = self.geo.batch, self.geo.kv_heads, self.bt, self.topk, self.nbk
-        sc = self._score(layer, q, n)
-        j = torch.arange(n, device=q.device)[None, :]  # (1, n)
-        if plan is None:
-            pool, slot_of, avail = self.bufs.ring[layer], j.expand(b, n), None
-        else:
-            stage = typed(self.bufs.stage[plan.parity].view(-1)[:b * topk * self.bufs.stage[0].shape[2]]
-                          .view(b, topk, -1), self.geo)  # (B, topk, 2, KV, bt, hd)
-            pool = torch.cat([self.bufs.ring[layer], stage], dim=1)  # (B, R + topk, ...)
-            in_ring = (j >= self.lo_d[:, None]) & (j <= self.f_d[:, None])
-            slot_of = torch.cat([torch.where(in_ring, j % self.R, -1),
-                                 torch.full((b, 1), -1, device=q.device, dtype=torch.long)], 1)  # (B, n + 1)
-            cand = self.bufs.cand[plan.parity]  # (B, topk)
-            stage_slots = (self.R + torch.arange(topk, device=q.device)).expand(b, topk)  # (B, topk)
-            slot_of.scatter_(1, torch.where(cand >= 0, cand, n), stage_slots)
-            slot_of = slot_of[:, :n]
-            avail = slot_of >= 0
-        sel, valid = select_blocks(sc, topk, self.f_d, avail, self.recent)  # (B, topk)
-        if self.tracker:
-            self.tracker.record_hits(layer, sel, valid)
-        blocks = pool[self.rows[:, None], slot_of.gather(1, sel).clamp(min=0)]  # (B, topk, 2, KV, bt, hd)
-        kk = blocks[:, :, 0].transpose(1, 2).reshape(b, kv, topk * bt, -1)  # (B, KV, topk * bt, hd)
-        vv = blocks[:, :, 1].transpose(1, 2).reshape(b, kv, topk * bt, -1)
-        cols = (sel[:, :, None] * bt + torch.arange(bt, device=q.device)).view(b, topk * bt)  # positions
-        visible = valid.repeat_interleave(bt, dim=1) & (cols <= self.pos_d[:, None])
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible[:, None, None, :], enable_gqa=True)
+    def _chosen(self, layer: int, event=None) -> None:
+        """The device has written the layer's next candidates (before `event`): where the fetch finds them."""
+        ids = self.bufs.cand[layer]
+        event = self.sync.record() if event is None else event
+        if not self.host_ids:
+            self._cand[layer] = Candidates(ids, event)
+            return
+        host = self.bufs.cand_host[layer]
+        host.copy_(ids, non_blocking=True)  # B x k ids; the KV worker waits for this copy, not the compute thread
+        self._cand[layer] = Candidates(ids, event, host, self.sync.record())
 
     # ---- host tier -----------------------------------------------------------------------------------
 
     def _fetch_ahead(self, layer: int, q):
         """Queue this layer's fetch (if not already) and the next one's, then wait for this one.
 
-        Top-k fetches choose blocks by the previous step's scores of the layer. The first decode step
-        has none: it scores with the current query and reads the scores back (a host sync per layer,
-        once per generation), so it cannot queue the next layer ahead."""
+        Top-k fetches take the candidates the device chose from the previous step's scores of the
+        layer. The first decode step has none: the device scores with the current query first and
+        the fetch waits for that (on the KV stream), so it cannot be queued a layer ahead."""
         first = self.steps == 1
         now = first and 0 < self.topk < max(self.pos) // self.bt + 1  # top-k at the first step: score now
         if layer not in self._queued:
-            scores = None
             if now:
-                self._score(layer, q, self.nbk, record=False)
-                scores = self._scores[layer]
-                scores[2].synchronize()
-            self._queue(layer, self.pos, first, scores)
+                self.fns.score(q, *self._bounds(layer), self.pos_d, self.bt, None, self.bufs.cand[layer], 0, self.R,
+                               self.recent)
+                self._chosen(layer)
+            self._queue(layer, self.pos, first)
         if layer + 1 < self.geo.layers:
             nxt, pos, ahead = layer + 1, self.pos, not now
         else:
@@ -248,13 +244,13 @@ class PagedKVCache:
         span_end("kv.ready", t0)
         return self._queued.pop(layer)
 
-    def _queue(self, layer: int, pos: list[int], first: bool, scores=None) -> None:
+    def _queue(self, layer: int, pos: list[int], first: bool) -> None:
         parity = self._fetches % 2
         self._fetches += 1
         plan = make_plan(layer, parity, pos, self.bt, self.R, self.written, first, self.topk, self.recent)
         self._queued[layer] = plan
-        free, scores = self._stage_free[parity], scores or self._scores[layer]
-        self.mover.fetch(layer, lambda m: run_fetch(m, self, plan, free, scores))
+        free, cand = self._stage_free[parity], self._cand[layer]
+        self.mover.fetch(layer, lambda m: run_fetch(m, self, plan, free, cand))
 
     def _write_back(self, layer: int, after) -> None:
         """Blocks completed by this step's token go to the host tier."""

@@ -5,12 +5,18 @@ largest q·k any key of the block can reach is sum_c max(q_c * max_c, q_c * min_
 (Quest-style) computed in O(hd) per block instead of O(bt * hd). Per query head the bounds are
 turned into log-softmax estimates over the row's blocks, and a block's score is its best estimate
 over heads: a block that matters to any head is kept. The first block (attention sink) and the most
-recent block(s) are always kept. Everything here runs on the device with static shapes.
+recent block(s) are always kept.
+
+Everything here is device code with static shapes (no host reads, no data-dependent shapes), so it
+traces into the compiled decode step (`kv.kernels`). Selection is one defined function of the
+scores on every device: `order_key` breaks ties toward the lower block id, so a brute-force
+reference (tests/test_kv_topk_device.py) picks the very same blocks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 INF = float("inf")
 
@@ -55,12 +61,30 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, fronti
     return est.amax(dim=1)  # (B, n)
 
 
+def order_key(scores: torch.Tensor) -> torch.Tensor:
+    """scores (B, n) float32 → int64 keys (B, n) in the scores' order, ties broken toward the lower block id.
+
+    The float's bits, made monotonic (negative floats count down), above the reversed block id: every
+    key is distinct, so `topk` of the keys is one selection whatever the device's topk does with ties."""
+    s = scores.float() + 0.0  # -0.0 → +0.0: equal scores, equal bits
+    bits = s.view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # (B, n) in [-2^31, 2^31)
+    n = scores.shape[1]
+    return ordered * (1 << 32) + (n - 1 - torch.arange(n, device=scores.device))
+
+
+def _top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of s (B, n) by `order_key`, best first → (idx (B, k), finite (B, k): idx holds a candidate)."""
+    idx = order_key(s).topk(k, dim=1).indices
+    return idx, s.gather(1, idx) > -INF
+
+
 def select_blocks(scores: torch.Tensor, k: int, frontier: torch.Tensor, available: torch.Tensor | None = None,
                   recent: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The k blocks to attend over per row, in position order.
 
     scores (B, n), frontier (B,), available (B, n) bool (blocks that can be read now; None = all; the
-    planner makes sure the forced blocks are available).
+    planner makes sure the forced blocks are available); k <= n.
     Returns sel (B, k) block ids ascending and valid (B, k); a row with fewer than k candidate blocks
     gets invalid entries (id 0, valid False) at the end."""
     n = scores.shape[1]
@@ -69,9 +93,26 @@ def select_blocks(scores: torch.Tensor, k: int, frontier: torch.Tensor, availabl
     forced = live & ((j == 0) | (j > frontier[:, None] - recent))
     s = torch.where(forced, INF, scores)
     ok = live if available is None else live & available
-    s = torch.where(ok, s, -INF)
-    top, idx = s.topk(k, dim=1)  # (B, k)
-    valid = top > -INF
+    idx, valid = _top(torch.where(ok, s, -INF), k)  # (B, k)
     idx = torch.where(valid, idx, n).sort(dim=1).values  # invalid ones last
     valid = idx < n
     return torch.where(valid, idx, 0), valid
+
+
+def candidates(scores: torch.Tensor, frontier: torch.Tensor, ring_blocks: int, k: int, recent: int) -> torch.Tensor:
+    """The offloaded blocks to prefetch for a step whose rows write into block `frontier` (B,): (B, k)
+    block ids, best first, -1 = none.
+
+    scores (B, n): the latest scores of the row's blocks (the step before, or this one at the first
+    step). Offloaded are the blocks below the GPU ring, j < frontier - ring_blocks + 1. The sink block
+    and offloaded recent blocks come first, then the best by score. Every offloaded block of a row
+    holds keys (it is below the ring), so a row gets exactly min(k, offloaded) candidates: the count
+    the host plans its copy from (`kv.fetch`)."""
+    n = scores.shape[1]
+    j = torch.arange(n, device=scores.device)[None, :]  # (1, n)
+    off = j < (frontier - ring_blocks + 1)[:, None]
+    forced = off & ((j == 0) | (j > frontier[:, None] - recent))
+    m = min(k, n)
+    idx, valid = _top(torch.where(off, torch.where(forced, INF, scores), -INF), m)  # (B, m)
+    cand = torch.where(valid, idx, -1)
+    return F.pad(cand, (0, k - m), value=-1) if m < k else cand

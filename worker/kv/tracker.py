@@ -3,8 +3,10 @@
 As in the seed, it is created before the model is built (`init_global_tracker`), so every part of
 the engine can find it; unlike the seed it is sized from the model's config (its layer count, not a
 hard-coded 80) and the run's max_seq / kv_block_tokens. Its tensors live on the compute device and
-are only written by device ops (no host sync); they are allocated when a top-k cache first records,
-since a tracker for a long context and a large batch is not small. `snapshot()` reads them back.
+are only written by device ops (no host sync): a cache takes each layer's slices (`rows`) once and
+the compiled decode step writes them (`record_scores`, `record_hits`). They are allocated when a top-k
+cache is made, since a tracker for a long context and a large batch is not small. `snapshot()` reads
+them back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+Track = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one layer's (scores, hits, steps) slices
 
 
 class BlockTracker:
@@ -46,21 +50,26 @@ class BlockTracker:
             self.hits.zero_()
             self.steps.zero_()
 
-    def record_scores(self, layer: int, scores: torch.Tensor) -> None:
-        """scores (B, n): this decode step's score of each block (-inf: holds no keys yet)."""
-        b, n = scores.shape
-        self.scores[:b, layer, :n] = scores
-        self.steps[layer] += 1
-
-    def record_hits(self, layer: int, sel: torch.Tensor, valid: torch.Tensor) -> None:
-        """sel (B, k) block ids top-k attended over, valid (B, k)."""
-        self.hits[:sel.shape[0], layer].scatter_add_(1, sel, valid.to(torch.int32))
+    def rows(self, layer: int, batch: int) -> Track:
+        """The layer's slices for `batch` rows: scores (B, N), hits (B, N), steps (1,) (views: writes go through)."""
+        return self.scores[:batch, layer], self.hits[:batch, layer], self.steps[layer:layer + 1]
 
     def snapshot(self) -> dict[str, Any]:
         """Host copies (a device sync: call outside the hot path)."""
         if self.scores is None:
             return {"layers": self.layers, "hits": None, "scores": None, "steps": None}
         return {"layers": self.layers, "hits": self.hits.cpu(), "scores": self.scores.cpu(), "steps": self.steps.cpu()}
+
+
+def record_scores(track: Track, scores: torch.Tensor) -> None:
+    """scores (B, n): this decode step's score of each block (-inf: holds no keys yet)."""
+    track[0][:, :scores.shape[1]] = scores
+    track[2].add_(1)
+
+
+def record_hits(track: Track, sel: torch.Tensor, valid: torch.Tensor) -> None:
+    """sel (B, k) block ids top-k attended over, valid (B, k)."""
+    track[1].scatter_add_(1, sel, valid.to(torch.int32))
 
 
 _GLOBAL: BlockTracker | None = None

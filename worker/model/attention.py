@@ -36,11 +36,17 @@ Store = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """q (B, H, 1, hd) over k, v (B, KV, n, hd), column j visible to row b iff j <= pos[b] → (B, H, 1, hd)."""
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] <= pos[:, None]  # (B, n)
+    return masked_decode_attention(q, k, v, visible)
+
+
+def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """`decode_attention` with the visible columns given, visible (B, n) bool (top-k decode attends over
+    gathered blocks, whose columns are not in position order); every row sees at least one column."""
     b, h, t, hd = q.shape
-    kv, n = k.shape[1], k.shape[2]
+    kv = k.shape[1]
     qg = q.reshape(b, kv, (h // kv) * t, hd)  # the query heads sharing a KV head, side by side
     scores = torch.matmul(qg, k.transpose(-1, -2)) * hd ** -0.5  # (B, KV, G, n)
-    visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # (B, n)
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     return torch.matmul(probs, v).reshape(b, h, t, hd)

@@ -1,0 +1,113 @@
+"""The device side of one paged decode step of one layer, as a few functions of tensors.
+
+Three functions, each one compiled graph on CUDA (`worker.model.compiled`: fullgraph, dynamic=False,
+deterministic; one variant per span bucket, since the block count n = ceil(kv_len / bt) is the only
+shape that changes during a generation) and run eagerly on CPU:
+
+- `put_token`: the step's k, v into the GPU ring, and the new key into its block's bounds (top-k).
+- `score_step`: score every block with the current query, record the scores in the tracker, and
+  choose the offloaded blocks the KV worker fetches for the layer's next step (`topk.candidates`).
+  The exact path runs it when top-k is on (so a later top-k step has candidates), and the first
+  top-k step runs it before its fetch (no earlier scores exist).
+- `topk_step`: `put_token`, scores, tracker, the selection among the blocks on the GPU (ring and the
+  stage the KV worker filled with last step's candidates), the gather of the chosen blocks, exact
+  attention over them, and the next step's candidates.
+
+Nothing in them reads the host or depends on data for a shape: `fullgraph=True` would refuse a
+graph break (an `.item()`, a `nonzero`), and tests/test_kv_topk_device.py traces them so on CPU.
+Layer-independent: a layer's tensors are arguments (the tracker's slices are views of the same
+strides for every layer), so every layer replays the same compiled code.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from worker.kv import topk as sel
+from worker.kv.tracker import Track, record_hits, record_scores
+from worker.model import attention
+from worker.model import compiled as compiling
+
+Bounds = tuple[torch.Tensor, torch.Tensor]
+
+
+def put_token(ring: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bt: int,
+              bounds: Bounds | None) -> None:
+    """Write k, v (B, KV, 1, hd) into ring (B, R, 2, KV, bt, hd) at each row's position pos (B,); with
+    bounds (kmin, kmax (B, n, KV, hd)) also fold the block's keys so far into its bounds."""
+    b, r = ring.shape[0], ring.shape[1]
+    rows = torch.arange(b, device=ring.device)
+    f = torch.div(pos, bt, rounding_mode="floor")  # (B,) the block being written
+    off = pos - f * bt
+    slot = f % r
+    ring[:, :, 0][rows, slot, :, off] = k[:, :, 0]  # (B, KV, hd)
+    ring[:, :, 1][rows, slot, :, off] = v[:, :, 0]
+    if bounds is not None:
+        lo, hi = sel.block_bounds(ring[rows, slot, 0][:, None], off + 1)  # (B, 1, KV, hd)
+        bounds[0][rows, f] = lo[:, 0]
+        bounds[1][rows, f] = hi[:, 0]
+
+
+def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pos: torch.Tensor, bt: int,
+               track: Track | None, cand: torch.Tensor | None, ahead: int, ring_blocks: int, recent: int) -> None:
+    """Score the n blocks (kmin/kmax (B, n, KV, hd)) for q (B, H, 1, hd) at positions pos (B,); record
+    the scores (track); write into cand (B, k) the candidates for the step at pos + ahead."""
+    sc = sel.block_scores(q, kmin, kmax, torch.div(pos, bt, rounding_mode="floor"))  # (B, n)
+    if track is not None:
+        record_scores(track, sc)
+    if cand is not None:
+        frontier = torch.div(pos + ahead, bt, rounding_mode="floor")
+        cand.copy_(sel.candidates(sc, frontier, ring_blocks, cand.shape[1], recent))
+
+
+def topk_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
+              kmin: torch.Tensor, kmax: torch.Tensor, stage: torch.Tensor | None, cand: torch.Tensor | None,
+              track: Track | None, bt: int, topk: int, recent: int) -> torch.Tensor:
+    """One top-k decode step of a layer → attention output (B, H, 1, hd).
+
+    q (B, H, 1, hd); k, v (B, KV, 1, hd); pos (B,); ring (B, R, 2, KV, bt, hd); kmin/kmax (B, n, KV, hd)
+    with n > topk; stage (B, kc, 2, KV, bt, hd) the fetched candidates cand (B, kc) (block ids, -1
+    none; overwritten with the next step's), or both None when the ring holds every block."""
+    b, r = ring.shape[0], ring.shape[1]
+    n = kmin.shape[1]
+    dev = q.device
+    rows = torch.arange(b, device=dev)[:, None]  # (B, 1)
+    put_token(ring, k, v, pos, bt, (kmin, kmax))
+    f = torch.div(pos, bt, rounding_mode="floor")  # (B,)
+    sc = sel.block_scores(q, kmin, kmax, f)  # (B, n)
+    avail, slot = None, None
+    if stage is not None:
+        kc = cand.shape[1]
+        j = torch.arange(n, device=dev)[None, :]  # (1, n)
+        lo = (f - r + 1).clamp(min=0)[:, None]
+        in_ring = (j >= lo) & (j <= f[:, None])  # (B, n)
+        slot = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)  # stage slot of each block, -1 none
+        slot.scatter_(1, torch.where(cand >= 0, cand, n), torch.arange(kc, device=dev).expand(b, kc))
+        slot = slot[:, :n]
+        avail = in_ring | (slot >= 0)
+    chosen, valid = sel.select_blocks(sc, topk, f, avail, recent)  # (B, topk)
+    if track is not None:
+        record_scores(track, sc)
+        record_hits(track, chosen, valid)
+    blocks = ring[rows, chosen % r]  # (B, topk, 2, KV, bt, hd)
+    if stage is not None:
+        at = slot.gather(1, chosen)  # (B, topk) stage slot, -1: in the ring
+        staged = stage[rows, at.clamp(min=0)]
+        blocks = torch.where((at >= 0)[:, :, None, None, None, None], staged, blocks)
+        cand.copy_(sel.candidates(sc, torch.div(pos + 1, bt, rounding_mode="floor"), r, cand.shape[1], recent))
+    kv, hd = ring.shape[3], ring.shape[5]
+    kk = blocks[:, :, 0].transpose(1, 2).reshape(b, kv, topk * bt, hd)  # (B, KV, topk * bt, hd)
+    vv = blocks[:, :, 1].transpose(1, 2).reshape(b, kv, topk * bt, hd)
+    cols = (chosen[:, :, None] * bt + torch.arange(bt, device=dev)).reshape(b, topk * bt)  # positions
+    visible = valid[:, :, None].expand(b, topk, bt).reshape(b, topk * bt) & (cols <= pos[:, None])
+    return attention.masked_decode_attention(q, kk, vv, visible)
+
+
+@functools.cache
+def kernels(compiled: bool) -> SimpleNamespace:
+    """put / score / topk, compiled once per process when asked (CUDA), else the plain functions."""
+    wrap = compiling.compiled if compiled else (lambda fn: fn)
+    return SimpleNamespace(put=wrap(put_token), score=wrap(score_step), topk=wrap(topk_step))
