@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--preset", default="llama3-70b")
+    p.add_argument("--preset", default="llama3.1-70b")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=6.0)

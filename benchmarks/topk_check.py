@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--topk-tokens", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
     args = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cuda = dev.type == "cuda"
     prompt = args.prompt or (4096 if cuda else 512)
     budget = args.topk_tokens or (1024 if cuda else 128)

@@ -181,14 +181,17 @@ class KVMover:
         self.store, self.geo, self.sync, self.throttle = store, geo, sync, throttle
         self.h2d, self.d2h = h2d, d2h
         self.stream = sync.stream()
+        # the mover thread's device, fixed here: a bare "cuda" device means this thread's current one
+        self._cuda_index = (torch.device(sync.device).index if torch.device(sync.device).index is not None
+                            else torch.cuda.current_device()) if sync.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-mover", initializer=self._init_thread)
         self._jobs: dict[int, Future] = {}
         self._uploaded: list[Any] = [None, None]  # last upload from each parity's host buffers
         self._lock = threading.Lock()
 
     def _init_thread(self) -> None:
-        if self.sync.cuda:
-            torch.cuda.set_device(self.sync.device)
+        if self._cuda_index is not None:
+            torch.cuda.set_device(self._cuda_index)
 
     # ---- compute thread ----------------------------------------------------------------------------
 
