@@ -5,11 +5,22 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.cluster.hosts import Slot, display_names, slots_of
+from orchestrator.cluster.hosts import (
+    Slot,
+    all_slots,
+    check_selectable,
+    display_names,
+    idle_gpu_notes,
+    idle_gpus,
+    slots_of,
+    unused_devices,
+)
 from orchestrator.suite.selector import NodeFacts, Selector
+from worker.errors import UserError
 from worker.host import hostinfo
 
 
@@ -61,6 +72,42 @@ def test_slots_pair_gpus_with_nvme_devices():
     assert len({x.key for x in slots_of(H100) + slots_of(CPU)}) == 3
 
 
+def test_a_multi_gpu_host_without_devices_has_one_slot_per_gpu():
+    """The embedded local Ray of a two-GPU box advertises no device: two slots, two keys (the scheduler
+    keys slots by them; one shared key made one slot, so runs went one at a time)."""
+    two = slots_of(node(gpus=2))
+    assert [(s.gpu, s.nvme, s.index) for s in two] == [(True, None, 0), (True, None, 1)]
+    assert len({s.key for s in two}) == 2 and two[0].key.endswith("/gpu0")
+    assert len({s.key for s in all_slots([node("a" * 9, gpus=8), node("b" * 9, gpus=8)])}) == 16
+    assert [s.key for s in slots_of(H100)] == ["hhhhhhhh/nvme0n1p4", "hhhhhhhh/nvme1n1"]  # keys with a device unchanged
+
+
+def test_gpus_and_devices_that_do_not_pair_are_named():
+    two_gpus_one_disk = node(gpus=2, nvme=("nvme0n1",))
+    assert len(slots_of(two_gpus_one_disk)) == 1 and idle_gpus(two_gpus_one_disk) == 1
+    assert unused_devices(two_gpus_one_disk) == []
+    one_gpu_two_disks = node(gpus=1, nvme=("nvme1n1", "nvme0n1"))
+    assert [s.nvme for s in slots_of(one_gpu_two_disks)] == ["nvme0n1"] and unused_devices(one_gpu_two_disks) == ["nvme1n1"]
+    assert idle_gpus(node(gpus=2)) == 0 and idle_gpus(H100) == 0 and unused_devices(CPU) == []
+    (note,) = idle_gpu_notes([two_gpus_one_disk, H100, node("x", "y", gpus=2)])
+    assert "2 GPUs but 1 NVMe device(s) advertised (nvme0n1): 1 slot(s), 1 GPU(s) idle" in note
+
+
+def test_a_run_selecting_a_device_its_host_cannot_use_is_refused_in_one_line():
+    one_gpu_two_disks = node("u" * 9, "gpu-u", gpus=1, nvme=("nvme0n1", "nvme1n1"))
+    with pytest.raises(UserError) as e:
+        check_selectable({"r1": Selector(nvme=("nvme1n1",))}, [one_gpu_two_disks, CPU])
+    msg = str(e.value)
+    assert "run r1 selects NVMe device nvme1n1, which host gpu-u advertises but cannot use" in msg
+    assert "1 GPU(s) for 2 devices (nvme0n1, nvme1n1)" in msg and "select nvme0n1" in msg and "\n" not in msg
+    check_selectable({"r1": Selector(nvme=("nvme0n1", "nvme1n1"))}, [one_gpu_two_disks])  # nvme0n1 has a slot
+    check_selectable({"r1": Selector(nvme=("gone",)), "r2": Selector()}, [one_gpu_two_disks])  # absent: not refused
+    other = node("v" * 9, "gpu-v", gpus=2, nvme=("nvme0n1", "nvme1n1"))
+    check_selectable({"r1": Selector(nvme=("nvme1n1",))}, [one_gpu_two_disks, other])  # another host can take it
+    with pytest.raises(UserError):  # a selector that rules the usable host out still names the stranded one
+        check_selectable({"r1": Selector(nvme=("nvme1n1",), hosts=("gpu-u",))}, [one_gpu_two_disks, other])
+
+
 def test_slot_match_needs_node_and_device():
     a, b = slots_of(H100)
     sel = Selector(gpu="H100", nvme=("nvme1n1",))
@@ -83,6 +130,36 @@ def test_fingerprint_of_this_host_is_plain_data():
     assert fp["ram_gb"] > 0 and isinstance(fp["gpu_count"], int)
     assert fp["gpu_name"] is None or fp["gpu_count"] >= 1
     assert hostinfo.host_fingerprint("/dev/no-such-disk")["nvme_model"] is None  # unknown: None, not invented
+
+
+def test_fingerprint_names_the_run_s_own_gpu_and_cuda_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fp = hostinfo.host_fingerprint(None)
+    if fp["gpu_name"] is None:  # a CPU host: null, not invented
+        assert (fp["gpu_index"], fp["gpu_uuid"], fp["cuda_visible_devices"]) == (None, None, None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert hostinfo.host_fingerprint(None)["cuda_visible_devices"] is None  # empty: no GPU, as unset
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # as Ray sets it for an actor holding GPU 1
+    assert hostinfo.host_fingerprint(None)["cuda_visible_devices"] == "1"
+
+
+def test_gpu_fields_come_from_the_run_s_device(monkeypatch):
+    """The CUDA path on a CPU machine: torch.cuda answered by a fake with two cards."""
+    import torch
+
+    cards = [SimpleNamespace(name="NVIDIA H200", total_memory=140 * 2**30, uuid="58af5a8f-1c2e-4d6a-9c0b-0123456789ab"),
+             SimpleNamespace(name="NVIDIA H200", total_memory=140 * 2**30, uuid="GPU-77aa5a8f-1c2e-4d6a-9c0b-0123456789ab")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: cards[i])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    fp = hostinfo.host_fingerprint(None)  # default: the current device
+    assert (fp["gpu_index"], fp["gpu_uuid"], fp["gpu_name"], fp["gpu_count"], fp["cuda_visible_devices"]) == (
+        1, "GPU-77aa5a8f-1c2e-4d6a-9c0b-0123456789ab", "NVIDIA H200", 2, "2,3")
+    fp0 = hostinfo.host_fingerprint(None, 0)
+    assert (fp0["gpu_index"], fp0["gpu_uuid"]) == (0, "GPU-58af5a8f-1c2e-4d6a-9c0b-0123456789ab")
+    assert hostinfo.gpu_uuid(SimpleNamespace()) is None and hostinfo.gpu_uuid(SimpleNamespace(uuid="")) is None
 
 
 def test_nvme_model_from_sysfs_for_a_disk_and_its_partition(tmp_path, monkeypatch):

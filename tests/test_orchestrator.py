@@ -5,6 +5,8 @@ Hosts (one cluster for the whole module):
   A     2 "GPUs" (accelerator_type H100), NVMe resources nvme:a0, nvme:a1 -> two (GPU, NVMe) slots
   B     CPU host, NVMe resource nvme:b0
   C     CPU host, NVMe device only as a label (nvme=c0), label rack=r7 (a label-only selector match)
+  G     2 "GPUs", no NVMe device, label host=gpubox: a two-GPU box as the embedded local Ray sees it
+  U     1 "GPU", NVMe resources nvme:u0, nvme:u1: more devices than GPUs (u1 cannot be used)
 Most tests inject a fake engine (sleeps, reports phases) to test placement and faults quickly; the
 end-to-end test runs the real engine on the tiny checkpoint.
 """
@@ -44,6 +46,8 @@ def cluster(tmp_path_factory):
         "A": c.add_node(num_cpus=2, num_gpus=2, resources={"nvme:a0": 1, "nvme:a1": 1, "accelerator_type:H100": 1}),
         "B": c.add_node(num_cpus=2, resources={"nvme:b0": 1}),
         "C": c.add_node(num_cpus=2, labels={"rack": "r7", "nvme": "c0"}),
+        "G": c.add_node(num_cpus=2, num_gpus=2, labels={"host": "gpubox"}),
+        "U": c.add_node(num_cpus=1, num_gpus=1, resources={"nvme:u0": 1, "nvme:u1": 1}),
     }
     ray.init(address=c.address)
     c.names = {k: n.node_id for k, n in nodes.items()}
@@ -129,6 +133,70 @@ def test_runs_land_where_selectors_say_one_run_per_device_in_parallel(cluster, t
     assert [r["run_id"] for r in again.rows] == [nowhere["run_id"]]
     rows2 = read_results(str(tmp_path)).to_pylist()
     assert len(rows2) == 9 and len({r["run_id"] for r in rows2}) == 9
+
+
+def gpu_reporting_engine(sleep_s: float, out_dir: Path):
+    """A fake engine that writes down, from inside the actor, the GPU Ray gave it: `ray.get_gpu_ids()`
+    and the process's CUDA_VISIBLE_DEVICES, with its pid and the times it ran."""
+
+    def run(cfg, on_phase=None):
+        import json as _json
+        import os as _os
+        import time as _time
+
+        import ray as _ray
+
+        t0 = _time.time()
+        _time.sleep(sleep_s)
+        seen = {"batch_size": cfg.batch_size, "ray_gpu_ids": [str(i) for i in _ray.get_gpu_ids()],
+                "cuda_visible_devices": _os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": _os.getpid(),
+                "start": t0, "end": _time.time()}
+        (out_dir / f"run-{cfg.batch_size}.json").write_text(_json.dumps(seen))
+        return {"config": cfg.to_dict(), "system": {"device": "cpu"}, "metrics": {"ttft_ms": 1.0, "batch_size": cfg.batch_size}}
+
+    return run
+
+
+def test_a_two_gpu_host_runs_two_pinned_actors_at_once_on_distinct_gpus(cluster, tiny_ckpt, tmp_path):
+    """Issue 15 on simulated GPUs: host G (2 GPUs, no device) is two slots; 4 runs go two at a time;
+    concurrent runs never share a GPU; each row names the GPU Ray gave its actor."""
+    seen_dir = tmp_path / "seen"
+    seen_dir.mkdir()
+    suite = parse_suite(suite_doc(tiny_ckpt, "two-gpu", "  host: [{hosts: [gpubox]}]\n  batch_size: [1, 2, 3, 4]\n"))
+    out = submit(suite, str(tmp_path / "rows"), "g-1", run_fn=gpu_reporting_engine(1.5, seen_dir), poll_s=0.1)
+    rows = read_results(str(tmp_path / "rows")).to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert {r["node_id"] for r in rows} == {cluster.names["G"]} and not out.interrupted
+    seen = {s["batch_size"]: s for s in (json.loads(p.read_text()) for p in seen_dir.glob("*.json"))}
+    for r in rows:  # the row's device is the one Ray assigned, as the engine's process saw it
+        inside = seen[r["batch_size"]]
+        assert r["cuda_visible_devices"] == inside["cuda_visible_devices"] == ",".join(inside["ray_gpu_ids"])
+        assert len(inside["ray_gpu_ids"]) == 1 and r["device"] == "cpu" and r["gpu_uuid"] is None  # fake GPUs
+    assert {r["cuda_visible_devices"] for r in rows} == {"0", "1"}
+    assert len({s["pid"] for s in seen.values()}) == 2  # one actor per GPU, each kept for its runs
+    assert intervals_overlap(rows)  # two in flight at once
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]:
+                assert a["cuda_visible_devices"] != b["cuda_visible_devices"], (a["run_id"], b["run_id"])
+    inside = sorted(seen.values(), key=lambda s: s["start"])  # the engine calls themselves overlapped too
+    assert any(x["start"] < y["end"] and y["start"] < x["end"] for i, x in enumerate(inside) for y in inside[i + 1:])
+
+
+def test_a_run_on_a_device_its_host_cannot_pair_is_refused_before_anything_runs(cluster, tiny_ckpt, tmp_path):
+    """U advertises u0 and u1 for one GPU: u1 gets no slot. A run selecting it is one line, exit 2, before any
+    run (it used to be a failed row saying "no live host matches", while `bench hosts` listed u1)."""
+    from benchcli import bench
+
+    path = tmp_path / "u.yaml"
+    path.write_text(suite_doc(tiny_ckpt, "unpaired", "  host: [{nvme: [u1]}]\n"))
+    done = bench("submit", str(path), "--results", str(tmp_path / "rows"), "--address", cluster.address,
+                 cwd=tmp_path, timeout=90)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: run ") and "selects NVMe device u1, which host" in line, line
+    assert "1 GPU(s) for 2 devices (u0, u1)" in line and "select u0" in line
+    assert not list((tmp_path / "rows").rglob("*.parquet"))
 
 
 def test_engine_errors_become_failed_rows_and_timeouts_are_bounded(cluster, tiny_ckpt, tmp_path):
@@ -217,6 +285,9 @@ def test_bench_hosts_lists_gpus_nvme_devices_and_slots(cluster):
     assert (a["gpus"], a["accelerator"], a["nvme"], a["slots"]) == (2, "H100", ["a0", "a1"], 2)
     assert (b["gpus"], b["nvme"], b["slots"]) == (0, ["b0"], 1)
     assert (c["nvme"], c["labels"]) == (["c0"], {"rack": "r7", "nvme": "c0"})
+    g, u = (hosts[cluster.names[k]] for k in "GU")
+    assert (g["gpus"], g["nvme"], g["slots"], g["idle_gpus"]) == (2, [], 2, 0)  # a two-GPU box: two slots
+    assert (u["gpus"], u["nvme"], u["slots"], u["unused_nvme"]) == (1, ["u0", "u1"], 1, ["u1"])
     # one machine, one cache dir: every simulated host reports the same probe figures, or None when not probed
     probes = [h["probe"] for h in hosts.values()]
     assert all(p == probes[0] for p in probes) and (probes[0] is None or "ssd_gbps" in probes[0])

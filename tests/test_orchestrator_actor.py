@@ -98,3 +98,31 @@ def test_actor_module_does_not_import_ray():
 def test_fingerprint_taken_once_at_start(tiny_ckpt, nvme):
     w = BenchWorker(nvme=nvme, run_fn=lambda cfg, on_phase=None: {})
     assert w.info()["fingerprint"]["nvme_device"] == nvme
+
+
+PLAIN = (dict, list, tuple, str, int, float, bool, type(None))
+
+
+def _not_plain(x, path="outcome") -> list[str]:
+    """Paths of values whose type is not exactly a plain Python one (a str subclass counts as not)."""
+    if type(x) not in PLAIN:
+        return [f"{path}: {type(x).__module__}.{type(x).__qualname__}"]
+    if isinstance(x, dict):
+        return [p for k, v in x.items() for p in _not_plain(v, f"{path}.{k}")]
+    if isinstance(x, (list, tuple)):
+        return [p for i, v in enumerate(x) for p in _not_plain(v, f"{path}[{i}]")]
+    return []
+
+
+def test_outcomes_hold_only_plain_values_so_the_driver_never_imports_torch(tiny_ckpt):
+    """The outcome crosses Ray to the driver: one torch.TorchVersion in it (torch.__version__) made the
+    driver import torch on the first result, seconds of every `bench submit` (2-3 s measured here)."""
+    w = BenchWorker(nvme=None)
+    matrix = "{mode: [gpu, ssd], max_new_tokens: 2, prompt_len: 4, max_seq_len: 32, warmup_rounds: 0}"
+    for spec in parse_suite(f"name: a\nmodels: [{{name: t, path: {tiny_ckpt}}}]\nmatrix: {matrix}\n").specs:
+        out = w.run(spec)
+        assert out.status == "ok", out.error
+        assert _not_plain(out.result) == [] and _not_plain(out.fingerprint) == []
+        system = out.result["system"]  # the run JSON's host section names the run's own GPU (none here)
+        assert {"gpu_index", "gpu_uuid", "gpu_name", "cuda_visible_devices"} <= set(system)
+        assert system["device"] != "cpu" or system["gpu_uuid"] is None

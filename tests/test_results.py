@@ -58,6 +58,24 @@ def failed_outcome(reason="no live host matches selector (any host)") -> RunOutc
     return RunOutcome("failed", reason, None, None, None, None, time.time(), attempts=0)
 
 
+def test_row_records_the_run_s_own_gpu():
+    """Index as the process saw it, UUID, name and CUDA_VISIBLE_DEVICES from the engine's system section;
+    a failed run with no result keeps the actor's (null on a CPU worker)."""
+    spec = SUITE.specs[0]
+    outcome = ok_outcome(spec)
+    outcome.result["system"].update(gpu_index=0, gpu_uuid="GPU-77aa5a8f", cuda_visible_devices="1")
+    row = build_row(spec, "sr-1", outcome)
+    assert (row["gpu_index"], row["gpu_uuid"], row["gpu_name"], row["cuda_visible_devices"]) == (
+        0, "GPU-77aa5a8f", "NVIDIA H100 80GB HBM3", "1")
+    pa.Table.from_pylist([row], schema=FILE_SCHEMA)
+    docs = {f.name: f.metadata[b"doc"] for f in FILE_SCHEMA if f.name in ("gpu_index", "gpu_uuid", "cuda_visible_devices")}
+    assert len(docs) == 3 and all(docs.values())
+    cpu = RunOutcome("failed", "boom", None, {**FP, "gpu_name": None, "gpu_count": 0, "gpu_index": None,
+                                              "gpu_uuid": None, "cuda_visible_devices": None}, "n", 0.0, 1.0)
+    row = build_row(spec, "sr-1", cpu)
+    assert (row["gpu_index"], row["gpu_uuid"], row["cuda_visible_devices"]) == (None, None, None)
+
+
 def test_row_maps_the_engine_result_and_leaves_unknowns_null():
     spec = SUITE.specs[0]
     row = build_row(spec, "sr-1", ok_outcome(spec))

@@ -123,6 +123,12 @@ def lock_dir() -> str:
     return os.environ.get("STREAMBENCH_LOCK_DIR") or "/tmp/streambench-locks"
 
 
+def cuda_visible_devices() -> str | None:
+    """CUDA_VISIBLE_DEVICES of this process (Ray sets it for an actor that holds GPUs); None where
+    unset or empty, as on a CPU-only worker."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() or None
+
+
 def snapshot(prefixes: tuple[str, ...] = ("WSM_", "OMP_", "MALLOC_", "CUDA_VISIBLE", "STREAMBENCH_")) -> dict[str, str]:
     """Relevant variables as set now, for the run record."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}

@@ -35,13 +35,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def system_info(device: torch.device) -> dict[str, Any]:
+    """The host as the run saw it; the GPU fields (name, index, UUID, CUDA_VISIBLE_DEVICES) are those
+    of the run's own device, so two runs on one multi-GPU host say which card each had."""
     try:
         from worker.host.hostinfo import host_fingerprint
 
-        fp = host_fingerprint(None)
+        fp = host_fingerprint(None, device.index if device.type == "cuda" else None)
     except ImportError:
         fp = {"hostname": platform.node()}
-    return {**fp, "device": device.type, "torch_version": torch.__version__, "engine_version": __version__}
+    return {**fp, "device": device.type, "torch_version": str(torch.__version__), "engine_version": __version__}
 
 
 def memory(device: torch.device, pinned_bytes: int | None) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def hosts_cmd(address: str | None, as_json: bool) -> None:
         nvme = "\n".join(f"{d} ({h['nvme_models'].get(d) or 'model unknown'})" for d in h["nvme"]) or "-"
         figures = " / ".join("None" if probe.get(k) is None else f"{probe[k]:.1f}"
                              for k in ("ssd_gbps", "h2d_gbps", "hbm_gbps")) if probe else "None"
-        t.add_row(h["host"], h["node_id"][:8], gpus, nvme, str(h["slots"]),
+        slots = str(h["slots"]) + (f" ({h['idle_gpus']} GPU idle)" if h["idle_gpus"] else "") + (
+            f" ({', '.join(h['unused_nvme'])} unused)" if h["unused_nvme"] else "")
+        t.add_row(h["host"], h["node_id"][:8], gpus, nvme, slots,
                   f"{fp.get('cpu_model') or '?'} / {fp.get('ram_gb') or '?'} GB", figures,
                   ", ".join(f"{k}={v}" for k, v in h["labels"].items()) or "-")
     console.print(t)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from orchestrator.cluster.actor import RunFn, RunOutcome
 from orchestrator.cluster.connect import ray_session
+from orchestrator.cluster.hosts import check_selectable, idle_gpu_notes, list_nodes
 from orchestrator.cluster.lease import claim
 from orchestrator.cluster.progress import Progress
 from orchestrator.results.schema import build_row
@@ -96,6 +97,10 @@ def _submit(suite: Suite, results_uri: str, suite_run_id: str, address: str | No
         return out
     with ray_session(address) as where:
         out.where = where
+        nodes = list_nodes()
+        check_selectable({s.run_id: s.selector for s in todo}, nodes)  # bad advertisements: before any run
+        for note in idle_gpu_notes(nodes):
+            log.warning("%s", note)
         scheduler = Scheduler(todo, record, retries=suite.doc.retries, on_no_host=suite.doc.on_no_host,
                               run_fn=run_fn, on_update=on_update, poll_s=poll_s, progress=out.progress)
         try:

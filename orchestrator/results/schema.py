@@ -49,7 +49,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("torch_version", _STR, ""),
     ("cuda_version", _STR, ""),
     ("device", _STR, "cuda | cpu"),
-    ("gpu_name", _STR, ""),
+    ("gpu_name", _STR, "model of the run's own GPU"),
+    ("gpu_index", pa.int32(), "the run's GPU as its process numbers the GPUs it sees (0 in an actor holding one); "
+                              "null on CPU"),
+    ("gpu_uuid", _STR, "UUID of the run's GPU (GPU-..., as nvidia-smi -L writes it): the physical card; null on CPU"),
+    ("cuda_visible_devices", _STR, "CUDA_VISIBLE_DEVICES of the run's process (set by Ray for an actor holding a "
+                                   "GPU: the GPU id Ray assigned); null where unset or empty"),
     ("gpu_count", pa.int32(), "GPUs visible to the run"),
     ("gpu_mem_gb", _F64, ""),
     ("gpu_pcie", _STR, "GPU PCIe link"),
@@ -203,8 +208,8 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
         "config_json": json.dumps(res.get("config") or spec.config(_checkpoint_of(spec)).to_dict(),
                                   sort_keys=True, default=str),
     }
-    for k in ("torch_version", "cuda_version", "gpu_name", "gpu_count", "gpu_mem_gb", "gpu_pcie", "cpu_model",
-              "ram_gb", "nvme_device", "nvme_model"):
+    for k in ("torch_version", "cuda_version", "gpu_name", "gpu_index", "gpu_uuid", "cuda_visible_devices",
+              "gpu_count", "gpu_mem_gb", "gpu_pcie", "cpu_model", "ram_gb", "nvme_device", "nvme_model"):
         row[k] = system.get(k)
     for k in ("generated_tokens", "ttft_ms", "prefill_ms", "decode_ms", "decode_tok_s", "e2e_ms", "itl_p50_ms",
               "itl_p90_ms", "itl_p99_ms", "host_rss_gb", "pinned_host_gb", "itl_ms", "kv_gpu_gb", "kv_cpu_gb",

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from worker import envs
+
 log = logging.getLogger(__name__)
 
 SYS_BLOCK = Path("/sys/class/block")
@@ -31,9 +33,15 @@ SYS_PCI = Path("/sys/bus/pci/devices")
 HARDWARE_FIELDS = ("gpu_name", "gpu_count", "gpu_mem_gb", "gpu_pcie", "nvme_model", "ram_gb", "cpu_model")
 
 
-def host_fingerprint(nvme_device: str | None = None) -> dict[str, Any]:
-    """Hardware and software of this host as seen by this process (GPUs: those visible to it)."""
-    gpu = _gpu_info()
+def host_fingerprint(nvme_device: str | None = None, gpu_index: int | None = None) -> dict[str, Any]:
+    """Hardware and software of this host as seen by this process (GPUs: those visible to it).
+
+    The GPU fields describe one GPU: `gpu_index` (as this process numbers its visible GPUs; default
+    the current device, which in a Ray actor holding one GPU is its only one), with its UUID, so a
+    row says which physical card ran it whatever CUDA_VISIBLE_DEVICES renumbered; and the
+    CUDA_VISIBLE_DEVICES this process got (from Ray, in an actor), None where unset or empty.
+    """
+    gpu = _gpu_info(gpu_index)
     nvme_device = _strip_dev(nvme_device)
     return {
         "hostname": socket.gethostname(),
@@ -187,19 +195,33 @@ def _pcie_link(pci_dir: Path | None) -> str | None:
     return f"{speed} x{width}"
 
 
+def gpu_uuid(props: Any) -> str | None:
+    """`GPU-xxxxxxxx-...` as nvidia-smi and CUDA_VISIBLE_DEVICES write it, from torch's device
+    properties; None where torch has no UUID."""
+    raw = getattr(props, "uuid", None)
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text:
+        return None
+    return text if text.upper().startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
 def _torch_version() -> str | None:
     try:
         import torch
 
-        return torch.__version__
+        return str(torch.__version__)  # a plain str: a TorchVersion makes whoever unpickles a row import torch
     except ImportError:
         return None
 
 
-def _gpu_info() -> dict[str, Any]:
-    """GPU model, count, memory and PCIe link of the GPUs visible to this process."""
-    info: dict[str, Any] = {"gpu_name": None, "gpu_count": 0, "gpu_mem_gb": None, "gpu_pcie": None,
-                            "cuda_version": None}
+def _gpu_info(index: int | None = None) -> dict[str, Any]:
+    """Count of the GPUs visible to this process; model, index, UUID, memory and PCIe link of one
+    of them (`index`, default the current device)."""
+    info: dict[str, Any] = {"gpu_name": None, "gpu_count": 0, "gpu_index": None, "gpu_uuid": None,
+                            "gpu_mem_gb": None, "gpu_pcie": None, "cuda_version": None,
+                            "cuda_visible_devices": envs.cuda_visible_devices()}
     try:
         import torch
     except ImportError:
@@ -208,12 +230,13 @@ def _gpu_info() -> dict[str, Any]:
     try:
         if not torch.cuda.is_available():
             return info
-        props = torch.cuda.get_device_properties(0)
+        index = torch.cuda.current_device() if index is None else index
+        props = torch.cuda.get_device_properties(index)
     except Exception as e:  # a broken driver is a host fact, not a crash
         log.warning("could not query the GPU: %s", e)
         return info
-    info.update(gpu_name=props.name, gpu_count=torch.cuda.device_count(),
-                gpu_mem_gb=round(props.total_memory / 2**30, 2))
+    info.update(gpu_name=props.name, gpu_count=torch.cuda.device_count(), gpu_index=index,
+                gpu_uuid=gpu_uuid(props), gpu_mem_gb=round(props.total_memory / 2**30, 2))
     bus = getattr(props, "pci_bus_id", None)
     if bus is not None:
         addr = f"{getattr(props, 'pci_domain_id', 0):04x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
