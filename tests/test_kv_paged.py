@@ -145,3 +145,18 @@ def test_ssd_write_back_wider_than_its_outbox(tmp_path):
         assert_equal(drive(cache, lens, 6), ref)
     finally:
         f.close()
+
+
+def test_the_kv_worker_thread_takes_the_device_index_of_a_bare_cuda_device(monkeypatch):
+    """A bare `cuda` device (no index) broke the worker thread's initializer on the H200
+    (`torch.cuda.set_device` wants an index); the thread now gets the caller's current device."""
+    from worker.kv.offload import KVMover
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    sync = types.SimpleNamespace(cuda=True, device=torch.device("cuda"), stream=lambda: None)
+    mover = KVMover(None, None, sync, None, None, None)
+    mover._pool.submit(lambda: None).result()  # the initializer runs with the first job
+    mover._pool.shutdown(wait=True)
+    assert chosen == [3]
