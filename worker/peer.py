@@ -39,9 +39,9 @@ from worker import envs
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate, measure
-from worker.host import devlock
-from worker.model import compile_cache
+from worker.host import devlock, reuse
 from worker.host.walltime import RunClock
+from worker.model import compile_cache
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
 from worker.pack.source import SourceTensor, read_index
@@ -313,6 +313,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
                              io={"warnings": warnings}, locks=held)
     result["locks"] = held.to_dict()  # with the release time
     result["compile_cache"] = compile_cache.report(compiled_since)  # the same record as the engine's
+    result["reuse"] = reuse.record()  # the peer always loads its own copy
     result["setup"] = clock.report()
     if cfg.out_json:
         write_json(result, cfg.out_json)

@@ -23,6 +23,7 @@ from worker.files import check_output_file
 from worker.generate import Generation, decode_spans, generate, measure
 from worker.host import adjacent, devlock
 from worker.host.reuse import EngineCache, engine_key
+from worker.host.reuse import record as reuse_record
 from worker.host.walltime import RunClock
 from worker.model.geometry import ModelConfig
 from worker.result import build_result, write_json
@@ -138,8 +139,8 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         raise
     finally:
         locks.close()
-    result["reuse"] = {"mode": "weights" if reuse is not None else "none", "reused_engine": reused,
-                       "engine_key": key, "engine_runs": kept.runs + 1 if kept is not None else 1}
+    result["reuse"] = reuse_record("weights" if reuse is not None else "none", reused, key,
+                                   kept.runs + 1 if kept is not None else 1)
     result["locks"] = held.to_dict()  # with the release time: the devices were the run's until then
     roof = result["roofline"] or {}
     if roof.get("floor_suspect"):

@@ -42,6 +42,11 @@ MEASUREMENT_ONLY = frozenset({
 MODES = ("none", "weights")
 
 
+def record(mode: str = "none", reused: bool = False, key: str | None = None, runs: int = 1) -> dict[str, Any]:
+    """The run JSON's `reuse` section (the peer, which never reuses, writes it too: same shape)."""
+    return {"mode": mode, "reused_engine": reused, "engine_key": key, "engine_runs": runs}
+
+
 def file_identity(path: str | os.PathLike) -> list[int] | None:
     """(device, inode, size, mtime_ns) of a file or block device; None when it is gone."""
     try:
