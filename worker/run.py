@@ -119,6 +119,8 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
             clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
             if reuse is not None:
                 kept = reuse.keep(key, engine, held, locks.pop_all())  # the cache owns engine and locks now
+        if _done_with_disk(cfg, pack, extents):
+            held.release(devlock.disk_key(pack.blob_path))
         try:
             gen = _measure(engine, cfg, prompt_ids, tok, device, phase, clock)
             result = build_result(cfg, engine, pack, device, gen, prompt_ids, tok, base_env=applied, locks=held)
@@ -190,6 +192,22 @@ def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
     return None
 
 
+def _probe_path(pack) -> str:
+    return str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path)
+
+
+def _done_with_disk(cfg: RunConfig, pack, extents: list) -> bool:
+    """Whether the built engine never reads its disk again: weights all in memory, no KV spilled to the
+    SSD, and no host probe still to measure it. Then the disk's lock goes back before the measured
+    round, so another GPU's engine can fill from the same disk meanwhile (its fill is not spoiled:
+    this engine reads nothing from it), and engines on one disk run in parallel, not in turn."""
+    if extents or cfg.kv.kv_offload == "ssd":
+        return False
+    from worker.host.probe import cached_for
+
+    return not cfg.roofline or cached_for(_probe_path(pack), quick=True) is not None
+
+
 def _ssd_window(cfg: RunConfig, pack, extents: list[tuple[int, int]], device: torch.device, clock: RunClock,
                 when: str) -> dict[str, Any] | None:
     """One adjacent SSD window (worker.host.adjacent) for a run that streams from the SSD and reports
@@ -208,7 +226,7 @@ def _roofline(pack, placement, metrics: dict[str, Any], gen: Generation, kv_step
     from worker.host.probe import probe_host
     from worker.host.roofline import roofline
 
-    probe = probe_host(path=str(pack.blob_path.parent if pack.blob_path.is_file() else pack.blob_path), quick=True)
+    probe = probe_host(path=_probe_path(pack), quick=True)
     roof = roofline(pack.manifest, placement, probe, metrics["batch_size"], metrics["prompt_len"],
                     gen.prefill_ms, gen.decode_ms, gen.decode_steps, credit=gen.prefetched, kv_step=kv_step,
                     ssd_gbps=adjacent.floor_ssd(before, after))

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from worker import envs
 from worker.errors import UserError
@@ -45,10 +45,21 @@ class Held:
     acquired_at: float | None = None
     released_at: float | None = None
     waited_for: list[dict] = field(default_factory=list)  # the holders it waited behind
+    released_early: dict[str, float] = field(default_factory=dict)  # key → when it was given back
+    _files: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def release(self, key: str) -> None:
+        """Give one device back before the others: a disk the engine no longer reads (its weights are
+        in memory) may serve the next engine's fill while this one measures on its GPU."""
+        f = self._files.pop(key, None)
+        if f is not None:
+            f.close()
+            self.released_early[key] = time.time()
 
     def to_dict(self) -> dict:
         return {"keys": self.keys, "waited_s": self.waited_s, "acquired_at": self.acquired_at,
-                "released_at": self.released_at, "waited_for": self.waited_for}
+                "released_at": self.released_at, "waited_for": self.waited_for,
+                "released_early": dict(self.released_early)}
 
 
 def device_key(device) -> str:
@@ -74,17 +85,18 @@ def disk_key(path: str | os.PathLike) -> str:
 def hold(keys: list[str], wait_s: float, what: str = "engine") -> Iterator[Held]:
     """Hold every device of `keys` for the block, waiting up to `wait_s` seconds for each one; a
     UserError names the holder when the wait runs out. (`what` holds them: an "engine", a "submit".)"""
-    held, files = Held(sorted(set(keys))), []
+    held = Held(sorted(set(keys)))
     t0 = time.monotonic()
     try:
         for key in held.keys:
-            files.append(_acquire(key, t0 + wait_s, held, what))
+            held._files[key] = _acquire(key, t0 + wait_s, held, what)
         held.waited_s = time.monotonic() - t0
         held.acquired_at = time.time()
         yield held
     finally:
-        for f in files:
+        for f in held._files.values():
             f.close()  # closing the fd drops the flock
+        held._files.clear()
         held.released_at = time.time()
 
 

@@ -85,6 +85,15 @@ def cached_probe() -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and doc.get("schema") == PROBE_SCHEMA else None
 
 
+def cached_for(path: str | None, quick: bool) -> dict[str, Any] | None:
+    """The cached probe if it answers a request for `path`'s disk (`probe_host`), else None."""
+    target = str(Path(path).resolve()) if path else None
+    doc = cached_probe()
+    if doc and (target is None or doc.get("ssd_path") == target) and (quick or not doc.get("quick")):
+        return doc
+    return None
+
+
 def probe_host(path: str | None = None, refresh: bool = False, quick: bool = False) -> dict[str, Any]:
     """This host's bandwidths: the cached figures when they answer the question, else measured and cached.
 
@@ -95,8 +104,8 @@ def probe_host(path: str | None = None, refresh: bool = False, quick: bool = Fal
     """
     target = str(Path(path).resolve()) if path else None
     if not refresh:
-        doc = cached_probe()
-        if doc and (target is None or doc.get("ssd_path") == target) and (quick or not doc.get("quick")):
+        doc = cached_for(path, quick)
+        if doc:
             log.info("probe: using %s (measured %s)", cache_path(), doc.get("measured_at"))
             return doc
     doc = measure(target, quick)
