@@ -147,6 +147,12 @@ def _check_family(raw: dict[str, Any], source: str) -> None:
             raise UserError(f"{source}: {key}=true is not supported (Llama 3 has no biases)")
     if raw.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act={raw['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise UserError(f"{source}: quantization_config.quant_method {method!r} is not supported (no pre-quantized "
+                        "checkpoint format is read yet); use the unquantized checkpoint and pack it with "
+                        "--weight-format int8 or int4")
 
 
 def _as_tuple(v: Any) -> Any:
