@@ -20,10 +20,10 @@ from worker.pack import verify
 from worker.pack.blob import Pack
 from worker.pack.blockdev import CACHE_DIRNAME
 from worker.pack.manifest import checkpoint_source
-from worker.pack.packer import pack_checkpoint, resolve_dtype
+from worker.pack.packer import pack_checkpoint, plan_layout, resolve_dtype
 from worker.pack.source import read_index
-from worker.pack.groups import expected_shapes
-from worker.quant.formats import WeightSpec, check_divides
+from worker.quant.formats import WeightSpec
+from worker.quant.published import detect, resolve
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,12 @@ def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None =
         raise UserError("no checkpoint: pass --checkpoints DIR (or --manifest FILE of an existing pack)")
     root = Path(checkpoint_dir)
     cfg = ModelConfig.from_hf_dir(root)  # a clear error for a bad checkpoint before touching the cache
-    check_divides(weights, expected_shapes(cfg), f"checkpoint {root}")  # and for a format it cannot hold
+    published = detect(root)
+    weights = resolve(published, weights, f"checkpoint {root}")  # a pre-quantized one packs as it is
     cache = Path(pack_dir) if pack_dir else root / CACHE_DIRNAME
-    dtype = resolve_dtype(dtype, read_index(root))
+    index = read_index(root)
+    dtype = resolve_dtype(dtype, index)
+    plan_layout(cfg, index, dtype, root, weights, published)  # every tensor and format check, from the headers
     manifest_path, blob_path = pack_paths(cache, dtype, weights)
     try:
         cache.mkdir(parents=True, exist_ok=True)

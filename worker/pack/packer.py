@@ -36,9 +36,10 @@ from worker.pack.blockdev import check_target
 from worker.pack.groups import all_groups, expected_shapes, group_tensors
 from worker.pack.manifest import (DTYPE_SIZES, TENSOR_DTYPE_SIZES, BlobRef, GroupEntry, Manifest, TensorEntry,
                                   align_up, checkpoint_source)
-from worker.pack.quantized import QuantizedSource, dense_name
+from worker.pack.quantized import QuantizedSource
 from worker.pack.source import ST_DTYPES, SourceTensor, read_index
 from worker.quant.formats import WeightSpec, check_divides, part_name, parts
+from worker.quant.published import Published, check_source, detect, resolve
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def resolve_dtype(dtype: str | None, index: dict[str, SourceTensor]) -> str:
 
 
 def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, where: Path,
-                weights: WeightSpec | None = None) -> tuple[list[tuple[str, int, int]], list[TensorEntry], int]:
+                weights: WeightSpec | None = None, published: Published | None = None
+                ) -> tuple[list[tuple[str, int, int]], list[TensorEntry], int]:
     """Place every tensor: [(group, offset, extent)], tensor entries, blob size. Checks names and shapes.
-    A quantized tensor is placed as its parts (formats.parts), each aligned like a tensor."""
+    A quantized tensor is placed as its parts (formats.parts), each aligned like a tensor; a published
+    checkpoint's (worker.quant.published) come from its own quantized tensors."""
     weights = weights or WeightSpec()
     shapes, itemsize = expected_shapes(cfg), DTYPE_SIZES[dtype]
     check_divides(weights, shapes, f"checkpoint {where}")
@@ -68,6 +71,13 @@ def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, wh
     for key in all_groups(cfg.num_hidden_layers):
         start = offset
         for short, name in group_tensors(key, cfg.tie_word_embeddings).items():
+            quantized = weights.quantizes(short, cfg.tie_word_embeddings)
+            if quantized and published is not None:
+                why = check_source(index, name, shapes[short], published.group_size)
+                if why:
+                    raise UserError(f"checkpoint {where} ({published.method}): {why}; re-download or re-export it")
+                offset = _place_parts(tensors, key.name, short, name, shapes[short], weights, offset, "float16")
+                continue
             src = index.get(name)
             if src is None:
                 hint = " (config.json says tie_word_embeddings=false)" if short == "lm_head" else ""
@@ -81,18 +91,25 @@ def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, wh
             if src.nbytes != math.prod(src.shape) * DTYPE_SIZES[src.dtype]:
                 raise UserError(f"{src.file} is corrupt: tensor {name} spans {src.nbytes} bytes, not "
                                 f"{list(src.shape)} × {src.dtype}")
-            if weights.quantizes(short, cfg.tie_word_embeddings):
-                for suffix, (shape, pdtype) in parts(weights.format, src.shape, weights.group_size).items():
-                    nbytes = math.prod(shape) * TENSOR_DTYPE_SIZES[pdtype]
-                    tensors.append(TensorEntry(part_name(name, suffix), f"{short}.{suffix}", key.name, offset,
-                                               nbytes, shape, pdtype, weights.format))
-                    offset = align_up(offset + nbytes)
+            if quantized:
+                offset = _place_parts(tensors, key.name, short, name, src.shape, weights, offset)
                 continue
             nbytes = math.prod(src.shape) * itemsize
             tensors.append(TensorEntry(name, short, key.name, offset, nbytes, src.shape, dtype))
             offset = align_up(offset + nbytes)
         groups.append((key.name, start, offset - start))
     return groups, tensors, offset
+
+
+def _place_parts(tensors: list[TensorEntry], group: str, short: str, name: str, dense: tuple[int, ...],
+                 weights: WeightSpec, offset: int, scale_dtype: str = "bfloat16") -> int:
+    """Append a quantized weight's parts at `offset` (each aligned); the offset after them."""
+    for suffix, (shape, pdtype) in parts(weights.format, dense, weights.group_size, scale_dtype).items():
+        nbytes = math.prod(shape) * TENSOR_DTYPE_SIZES[pdtype]
+        tensors.append(TensorEntry(part_name(name, suffix), f"{short}.{suffix}", group, offset, nbytes, shape,
+                                   pdtype, weights.format))
+        offset = align_up(offset + nbytes)
+    return offset
 
 
 def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_path: str | Path,
@@ -109,7 +126,9 @@ def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_
     source = checkpoint_source(root)
     index = read_index(root)
     dtype = resolve_dtype(dtype, index)
-    groups, tensors, size = plan_layout(cfg, index, dtype, root, weights)
+    published = detect(root)
+    weights = resolve(published, weights, f"checkpoint {root}")
+    groups, tensors, size = plan_layout(cfg, index, dtype, root, weights, published)
     if not manifest_path.parent.is_dir():
         raise UserError(f"manifest directory {manifest_path.parent} does not exist")
     if manifest_path == blob_path:
@@ -128,7 +147,7 @@ def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_
         try:
             if not block:
                 _preallocate(fd, size)
-            checksums = _write_groups(fd, groups, tensors, index, dtype, weights)
+            checksums = _write_groups(fd, groups, tensors, index, dtype, weights, published)
             os.fsync(fd)
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)  # leave the page cache to the benchmark
         finally:
@@ -181,12 +200,13 @@ def _preallocate(fd: int, size: int) -> None:
 
 
 def _write_groups(fd: int, groups: list[tuple[str, int, int]], tensors: list[TensorEntry],
-                  index: dict[str, SourceTensor], dtype: str, weights: WeightSpec) -> dict[str, str]:
+                  index: dict[str, SourceTensor], dtype: str, weights: WeightSpec,
+                  published: Published | None) -> dict[str, str]:
     """Write every group's extent, window by window, through the pipeline; group name → checksum."""
     by_group: dict[str, list[TensorEntry]] = {}
     for t in tensors:
         by_group.setdefault(t.group, []).append(t)
-    with _Pipeline(fd, index, dtype, tensors, weights.group_size) as pipe:
+    with _Pipeline(fd, index, dtype, QuantizedSource(tensors, index, weights.group_size, published)) as pipe:
         for name, start, nbytes in groups:
             for window in _windows(name, start, nbytes, by_group[name]):
                 pipe.submit(window)
@@ -226,15 +246,14 @@ class _Pipeline:
     aborted, and the source fds are closed: `pack_checkpoint` then removes the partial blob.
     """
 
-    def __init__(self, fd: int, index: dict[str, SourceTensor], dtype: str, tensors: list[TensorEntry],
-                 group_size: int):
-        self.index, self.dtype = index, dtype
+    def __init__(self, fd: int, index: dict[str, SourceTensor], dtype: str, quantized: QuantizedSource):
+        self.index, self.dtype, self.quantized = index, dtype, quantized
         self.free: queue.Queue = queue.Queue()
         for _ in range(POOL_WINDOWS):
             self.free.put(aligned_empty(WINDOW))
         self.waiting: deque[_Filling] = deque()
         self.sources: dict[Path, int] = {}  # checkpoint file → fd: opened here, read by the fillers
-        self.quantized = QuantizedSource(tensors, index, self.sources, group_size)
+        quantized.sources = self.sources
         self.writer = BlobWriter(fd)
         self.fillers = ThreadPoolExecutor(FILLERS, thread_name_prefix="pack-fill")
 
@@ -255,7 +274,11 @@ class _Pipeline:
         return self.writer.finish()
 
     def _open_sources(self, window: _Window) -> None:
-        for file in {self.index[_source_name(t)].file for _, _, t in window.parts if t is not None}:
+        files = set()
+        for _, _, t in window.parts:
+            if t is not None:
+                files |= {self.index[t.name].file} if t.format == "native" else self.quantized.files(t)
+        for file in files:
             if file not in self.sources:
                 self.sources[file] = os.open(file, os.O_RDONLY)
 
@@ -293,11 +316,6 @@ def _windows(group: str, start: int, nbytes: int, tensors: list[TensorEntry]) ->
         we = min(ws + WINDOW, end)
         yield _Window(group, ws, we, [(max(a, ws), min(b, we), t) for a, b, t in segments if a < we and b > ws],
                       first=ws == start, last=we == end)
-
-
-def _source_name(t: TensorEntry) -> str:
-    """The checkpoint tensor a packed entry comes from (a quantized part: its dense weight)."""
-    return t.name if t.format == "native" else dense_name(t)
 
 
 def _fill(buf: torch.Tensor, window: _Window, index: dict[str, SourceTensor], sources: dict[Path, int],

@@ -6,7 +6,9 @@ byte range of a part (`q_proj.qweight`, `q_proj.scales`, ...). A part's bytes de
 of its dense weight, so the first window that needs any part of a weight reads that weight, quantizes
 it (`worker.quant.quantize`, in blocks of rows) and keeps all its parts; later windows copy from
 them, and the parts are dropped once every byte of them was handed out. At most the weights of the
-windows in flight are held (a 70B down_proj's int8 parts are 235 MB), never the checkpoint.
+windows in flight are held (a 70B down_proj's int8 parts are 235 MB), never the checkpoint. A
+published checkpoint's parts come from its own quantized tensors (worker.quant.published), moved
+into the pack's layout without re-quantizing.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from worker.pack.blob import TORCH_DTYPES, read_extent
 from worker.pack.manifest import TensorEntry
 from worker.pack.source import SourceTensor
 from worker.quant.formats import split_short
+from worker.quant.published import Published, source_names, to_int4
 from worker.quant.quantize import quantize
 
 
 class QuantizedSource:
-    def __init__(self, tensors: list[TensorEntry], index: dict[str, SourceTensor], sources: dict[Path, int],
-                 group_size: int):
-        self.index, self.sources, self.group_size = index, sources, group_size
+    def __init__(self, tensors: list[TensorEntry], index: dict[str, SourceTensor], group_size: int,
+                 published: Published | None = None):
+        self.index, self.group_size, self.published = index, group_size, published
+        self.sources: dict[Path, int] = {}  # checkpoint file → fd, the packer's (set by it)
         self._parts: dict[str, dict[str, torch.Tensor]] = {}  # dense HF name → suffix → flat uint8 bytes
         self._left: dict[str, int] = {}  # dense HF name → bytes not yet handed out
         self._locks: dict[str, threading.Lock] = {}
@@ -51,15 +55,30 @@ class QuantizedSource:
             if self._left[dense] == 0:
                 del self._parts[dense]
 
+    def files(self, t: TensorEntry) -> set[Path]:
+        """The checkpoint files part `t` is made from."""
+        dense = dense_name(t)
+        names = source_names(dense).values() if self.published else [dense]
+        return {self.index[n].file for n in names}
+
     def _quantize(self, dense: str, fmt: str) -> dict[str, torch.Tensor]:
-        src = self.index[dense]
-        raw = torch.empty(src.nbytes, dtype=torch.uint8)  # (nbytes,) the checkpoint's bytes of the weight
+        if self.published:
+            awq = {p: self._read(n, torch.int32 if p != "scales" else torch.float16)
+                   for p, n in source_names(dense).items()}
+            parts = to_int4(awq["qweight"], awq["qzeros"], awq["scales"])
+        else:
+            parts = quantize(fmt, self._read(dense, None), self.group_size)
+        return {k: v.contiguous().view(-1).view(torch.uint8) for k, v in parts.items()}
+
+    def _read(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """A checkpoint tensor, whole, in its own dtype (`dtype` for those TORCH_DTYPES lacks)."""
+        src = self.index[name]
+        raw = torch.empty(src.nbytes, dtype=torch.uint8)  # (nbytes,) the checkpoint's bytes of the tensor
         try:
             read_extent(self.sources[src.file], src.offset, src.nbytes, raw)
         except EOFError:
-            raise UserError(f"checkpoint file {src.file} is truncated (ends inside {dense})") from None
-        w = raw.view(TORCH_DTYPES[src.dtype]).view(src.shape)  # (out, in)
-        return {k: v.contiguous().view(-1).view(torch.uint8) for k, v in quantize(fmt, w, self.group_size).items()}
+            raise UserError(f"checkpoint file {src.file} is truncated (ends inside {name})") from None
+        return raw.view(dtype or TORCH_DTYPES[src.dtype]).view(src.shape)
 
 
 def dense_name(t: TensorEntry) -> str:

@@ -63,14 +63,16 @@ class WeightSpec:
                 "quantize_head": self.quantize_head}
 
 
-def parts(fmt: str, shape: tuple[int, ...], group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Part suffix → (shape, dtype) of a quantized (out, in) weight, in pack order."""
+def parts(fmt: str, shape: tuple[int, ...], group_size: int, scale_dtype: str = "bfloat16"
+          ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Part suffix → (shape, dtype) of a quantized (out, in) weight, in pack order. int4 scales are
+    bfloat16 when quantized here, float16 when read from a published checkpoint (worker.quant.published)."""
     out, inn = shape
     if fmt == "int8":
         return {"qweight": ((out, inn), "int8"), "scales": ((out,), "float32")}
     if fmt == "int4":
         ng = inn // group_size
-        return {"qweight": ((out, inn // 2), "uint8"), "scales": ((out, ng), "bfloat16"),
+        return {"qweight": ((out, inn // 2), "uint8"), "scales": ((out, ng), scale_dtype),
                 "zeros": ((out, ng), "uint8")}
     raise ValueError(f"no parts for format {fmt!r}")
 
@@ -108,7 +110,8 @@ def split_short(short: str) -> tuple[str, str | None]:
 def check_parts(fmt: str, base: str, got: dict[str, tuple[tuple[int, ...], str]], dense: tuple[int, ...],
                 group_size: int) -> str | None:
     """Why a quantized tensor's recorded parts do not match its format (a truncated or edited pack), or None."""
-    want = parts(fmt, dense, group_size)
+    scale = got.get("scales", (None, "bfloat16"))[1]
+    want = parts(fmt, dense, group_size, scale if fmt == "int4" and scale in ("bfloat16", "float16") else "bfloat16")
     if set(got) != set(want):
         return f"{base} ({fmt}) has parts {sorted(got)}, expected {sorted(want)}"
     for suffix, (shape, dtype) in want.items():
