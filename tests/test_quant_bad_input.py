@@ -109,7 +109,8 @@ def test_a_truncated_quantized_blob(int8_pack):
 
 
 def test_a_manifest_of_another_format_than_asked(fresh, int8_pack, tmp_path):
-    r = bench("run", "--checkpoints", str(fresh), "--manifest", str(int8_pack), "--weight-format", "int4", "--quant-group-size", "16",
+    r = bench("run", "--checkpoints", str(fresh), "--manifest", str(int8_pack), "--weight-format", "int4",
+              "--quant-group-size", "16",
               "--out-json", str(tmp_path / "r.json"), "--no-roofline")
     one_line_exit_2(r, "holds int8 weights but int4 (group 16) was asked", "pass --weight-format int8")
     assert not (tmp_path / "r.json").exists()

@@ -34,8 +34,16 @@ from worker.pack import verify
 from worker.pack.blob import CHUNK, TORCH_DTYPES, BlobWriter, Pack, aligned_empty, read_extent
 from worker.pack.blockdev import check_target
 from worker.pack.groups import all_groups, expected_shapes, group_tensors
-from worker.pack.manifest import (DTYPE_SIZES, TENSOR_DTYPE_SIZES, BlobRef, GroupEntry, Manifest, TensorEntry,
-                                  align_up, checkpoint_source)
+from worker.pack.manifest import (
+    DTYPE_SIZES,
+    TENSOR_DTYPE_SIZES,
+    BlobRef,
+    GroupEntry,
+    Manifest,
+    TensorEntry,
+    align_up,
+    checkpoint_source,
+)
 from worker.pack.quantized import QuantizedSource
 from worker.pack.source import ST_DTYPES, SourceTensor, read_index
 from worker.quant.formats import WeightSpec, check_divides, part_name, parts

@@ -93,7 +93,8 @@ def check_source(index: dict, hf_name: str, dense: tuple[int, int], group: int) 
             return f"tensor {name} is missing"
         shape, dtype = want[part]
         if src.shape != shape or src.dtype != dtype:
-            return f"tensor {name} is {list(src.shape)} {src.dtype}, but a {list(dense)} weight needs {list(shape)} {dtype}"
+            return (f"tensor {name} is {list(src.shape)} {src.dtype}, but a {list(dense)} weight needs "
+                    f"{list(shape)} {dtype}")
         if src.nbytes != math.prod(shape) * ST_SIZES[dtype]:
             return f"tensor {name} spans {src.nbytes} bytes, not {list(shape)} × {dtype} (truncated)"
     return None
