@@ -122,7 +122,8 @@ def test_an_unknown_quant_method(fresh):
     (fresh / "config.json").write_text(json.dumps(cfg))
     for cmd in ("pack", "run"):
         r = bench(cmd, "--checkpoints", str(fresh))
-        one_line_exit_2(r, "quantization_config.quant_method 'gptq' is not supported (supported: 'awq')",
+        one_line_exit_2(r, "quantization_config.quant_method 'gptq' is not supported",
+                        "(supported: 'awq', 'compressed-tensors')",
                         "pack it with --weight-format int8 or int4")
     assert not (fresh / ".streambench-pack").exists()
 

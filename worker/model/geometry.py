@@ -22,7 +22,7 @@ from pydantic.dataclasses import dataclass
 from worker.errors import UserError, one_line
 
 LLAMA_ARCHS = {"LlamaForCausalLM"}
-QUANT_METHODS = ("awq",)  # pre-quantized checkpoints read as they are (worker.quant.published)
+QUANT_METHODS = ("awq", "compressed-tensors")  # pre-quantized checkpoints read as they are (worker.quant.published)
 Size = Annotated[int, Field(ge=1)]
 Rate = Annotated[float, Field(gt=0)]
 TokenId = Annotated[int, Field(ge=0)]

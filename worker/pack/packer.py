@@ -47,7 +47,7 @@ from worker.pack.manifest import (
 from worker.pack.quantized import QuantizedSource
 from worker.pack.source import ST_DTYPES, SourceTensor, read_index
 from worker.quant.formats import WeightSpec, check_divides, part_name, parts
-from worker.quant.published import Published, check_source, detect, resolve
+from worker.quant.published import Published, check_source, detect, resolve, scale_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, wh
         for short, name in group_tensors(key, cfg.tie_word_embeddings).items():
             quantized = weights.quantizes(short, cfg.tie_word_embeddings)
             if quantized and published is not None:
-                why = check_source(index, name, shapes[short], published.group_size)
+                why = check_source(published, index, name, shapes[short])
                 if why:
                     raise UserError(f"checkpoint {where} ({published.method}): {why}; re-download or re-export it")
-                offset = _place_parts(tensors, key.name, short, name, shapes[short], weights, offset, "float16")
+                offset = _place_parts(tensors, key.name, short, name, shapes[short], weights, offset,
+                                      scale_dtype(published, index, name))
                 continue
             src = index.get(name)
             if src is None:

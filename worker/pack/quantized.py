@@ -24,6 +24,8 @@ from worker.pack.manifest import TensorEntry
 from worker.pack.source import SourceTensor
 from worker.quant.formats import split_short
 from worker.quant.published import Published, source_names, to_int4
+
+INT_DTYPES = {"I32": torch.int32}  # a published checkpoint's packed tensors (safetensors' own name)
 from worker.quant.quantize import quantize
 
 
@@ -58,27 +60,25 @@ class QuantizedSource:
     def files(self, t: TensorEntry) -> set[Path]:
         """The checkpoint files part `t` is made from."""
         dense = dense_name(t)
-        names = source_names(dense).values() if self.published else [dense]
+        names = source_names(self.published, dense).values() if self.published else [dense]
         return {self.index[n].file for n in names}
 
     def _quantize(self, dense: str, fmt: str) -> dict[str, torch.Tensor]:
         if self.published:
-            awq = {p: self._read(n, torch.int32 if p != "scales" else torch.float16)
-                   for p, n in source_names(dense).items()}
-            parts = to_int4(awq["qweight"], awq["qzeros"], awq["scales"])
+            parts = to_int4(self.published, {p: self._read(n) for p, n in source_names(self.published, dense).items()})
         else:
-            parts = quantize(fmt, self._read(dense, None), self.group_size)
+            parts = quantize(fmt, self._read(dense), self.group_size)
         return {k: v.contiguous().view(-1).view(torch.uint8) for k, v in parts.items()}
 
-    def _read(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        """A checkpoint tensor, whole, in its own dtype (`dtype` for those TORCH_DTYPES lacks)."""
+    def _read(self, name: str) -> torch.Tensor:
+        """A checkpoint tensor, whole, in its own dtype."""
         src = self.index[name]
         raw = torch.empty(src.nbytes, dtype=torch.uint8)  # (nbytes,) the checkpoint's bytes of the tensor
         try:
             read_extent(self.sources[src.file], src.offset, src.nbytes, raw)
         except EOFError:
             raise UserError(f"checkpoint file {src.file} is truncated (ends inside {name})") from None
-        return raw.view(dtype or TORCH_DTYPES[src.dtype]).view(src.shape)
+        return raw.view(TORCH_DTYPES.get(src.dtype) or INT_DTYPES[src.dtype]).view(src.shape)
 
 
 def dense_name(t: TensorEntry) -> str:

@@ -66,7 +66,8 @@ class WeightSpec:
 def parts(fmt: str, shape: tuple[int, ...], group_size: int, scale_dtype: str = "bfloat16"
           ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Part suffix → (shape, dtype) of a quantized (out, in) weight, in pack order. int4 scales are
-    bfloat16 when quantized here, float16 when read from a published checkpoint (worker.quant.published)."""
+    bfloat16 when quantized here, the checkpoint's own dtype when read from a published one
+    (worker.quant.published)."""
     out, inn = shape
     if fmt == "int8":
         return {"qweight": ((out, inn), "int8"), "scales": ((out,), "float32")}
@@ -111,7 +112,8 @@ def check_parts(fmt: str, base: str, got: dict[str, tuple[tuple[int, ...], str]]
                 group_size: int) -> str | None:
     """Why a quantized tensor's recorded parts do not match its format (a truncated or edited pack), or None."""
     scale = got.get("scales", (None, "bfloat16"))[1]
-    want = parts(fmt, dense, group_size, scale if fmt == "int4" and scale in ("bfloat16", "float16") else "bfloat16")
+    want = parts(fmt, dense, group_size,
+                 scale if fmt == "int4" and scale in ("bfloat16", "float16", "float32") else "bfloat16")
     if set(got) != set(want):
         return f"{base} ({fmt}) has parts {sorted(got)}, expected {sorted(want)}"
     for suffix, (shape, dtype) in want.items():

@@ -6,15 +6,25 @@ stores each projection as `qweight` int32 (in, out / 8), `qzeros` int32 (in / gr
 (nibble i holds column `AWQ_ORDER[i]` of its 8), and means w[o, i] = (q - z) * s. That is the int4
 format of `worker.quant.formats` up to layout, so packing it moves the same values into the pack's
 layout (transposed, two values per byte) and keeps the float16 scales as they are: nothing is
-re-quantized and the pack dequantizes to exactly what AWQ's own dequantization gives. `bench run
---checkpoints AWQ_DIR` packs it so without being asked; its pack is `int4` with the checkpoint's
-group size.
+re-quantized and the pack dequantizes to exactly what AWQ's own dequantization gives. 
+A compressed-tensors W4A16 checkpoint (`quant_method: compressed-tensors`, `format:
+pack-quantized`, int4 weights in groups) stores `weight_packed` int32 (out, in / 8) with value i at
+bits 4i..4i+3, offset by +8 (q + 8 in 0..15), `weight_scale` (out, in / group) and, when
+asymmetric, `weight_zero_point` int32 (out / 8, in / group) packed the same way along the output
+dimension; w = (q - zp) * s = ((q + 8) - (zp + 8)) * s. Its packed bytes are the pack's qweight
+bytes as they are (little-endian: the low nibble is the even column), and zp + 8 is the pack's zero
+point (8 when symmetric). Other compressed-tensors schemes (FP8, activation quantization) are
+refused in one line.
+
+`bench run --checkpoints DIR` packs either without being asked; the pack is `int4` with the
+checkpoint's group size and its scales' own dtype.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +36,16 @@ AWQ_PARTS = ("qweight", "qzeros", "scales")
 ST_SIZES = {"I32": 4, "float16": 2, "bfloat16": 2, "float32": 4}
 
 
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
 @dataclass(frozen=True)
 class Published:
     """A checkpoint's own quantization, as its config.json's `quantization_config` says."""
 
-    method: str  # "awq"
+    method: str  # "awq" or "compressed-tensors"
     group_size: int
+    symmetric: bool = False  # compressed-tensors without zero points
 
     @property
     def weights(self) -> WeightSpec:
@@ -47,9 +61,12 @@ def detect(checkpoint_dir: str | Path) -> Published | None:
         return None
     where = f"{cfg_file}: quantization_config"
     method = q.get("quant_method")
+    if method == "compressed-tensors":
+        return _detect_ct(q, where)
     if method != "awq":
-        raise UserError(f"{where}.quant_method {method!r} is not supported (supported: 'awq'); use the "
-                        "unquantized checkpoint and pack it with --weight-format int8 or int4")
+        raise UserError(f"{where}.quant_method {method!r} is not supported (supported: 'awq', "
+                        "'compressed-tensors'); use the unquantized checkpoint and pack it with --weight-format "
+                        "int8 or int4")
     bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
     version = str(q.get("version", "gemm")).lower()
     if bits != 4 or version != "gemm" or q.get("zero_point", True) is not True:
@@ -61,6 +78,31 @@ def detect(checkpoint_dir: str | Path) -> Published | None:
     return Published("awq", group)
 
 
+def _detect_ct(q: dict, where: str) -> Published:
+    """compressed-tensors: only W4A16 (int4 weights in groups, pack-quantized, no activation quantization)."""
+    groups = list((q.get("config_groups") or {}).values())
+    fmt = q.get("format") or (groups[0].get("format") if groups else None)
+    weights = [g.get("weights") or {} for g in groups]
+    w = weights[0] if weights else {}
+    shape = (f"format {fmt!r}, weights num_bits={w.get('num_bits')} type={w.get('type')!r} "
+             f"strategy={w.get('strategy')!r}")
+    ok = (fmt == "pack-quantized" and len({json.dumps(x, sort_keys=True) for x in weights}) == 1
+          and w.get("num_bits") == 4 and w.get("type") == "int" and w.get("strategy") == "group"
+          and not w.get("dynamic") and not any(g.get("input_activations") for g in groups))
+    if not ok:
+        raise UserError(f"{where}: compressed-tensors {shape} is not supported; only W4A16 is read (format "
+                        "pack-quantized, int4 weights in groups, no activation quantization): use the unquantized "
+                        "checkpoint and --weight-format int8 or int4")
+    ignored = " ".join(map(str, q.get("ignore") or []))
+    if "lm_head" not in ignored:
+        raise UserError(f"{where}: compressed-tensors quantizes lm_head too (it is not in `ignore`); only "
+                        "checkpoints that keep lm_head unquantized are read")
+    group = w.get("group_size")
+    if not isinstance(group, int) or group < 2 or group % 2:
+        raise UserError(f"{where}: compressed-tensors group_size {group!r} must be an even number >= 2")
+    return Published("compressed-tensors", group, bool(w.get("symmetric", True)))
+
+
 def resolve(published: Published | None, weights: WeightSpec, where: str) -> WeightSpec:
     """The format a checkpoint packs as: its own when it is pre-quantized (the default native means
     "as the checkpoint is"); asking for another is refused, since its dense weights are not there."""
@@ -69,25 +111,40 @@ def resolve(published: Published | None, weights: WeightSpec, where: str) -> Wei
     own = published.weights
     if weights.native or weights == own:
         return own
-    raise UserError(f"{where} is an AWQ int4 checkpoint (group {own.group_size}); it packs only as it is "
+    raise UserError(f"{where} holds {published.method} int4 weights (group {own.group_size}); it packs only as it is "
                     f"(--weight-format int4 --quant-group-size {own.group_size}, or leave --weight-format out), "
                     f"not as {weights.format}" + (" with a quantized head" if weights.quantize_head else ""))
 
 
-def source_names(hf_name: str) -> dict[str, str]:
-    """`...q_proj.weight` → the checkpoint names of its AWQ tensors."""
+def source_names(published: Published, hf_name: str) -> dict[str, str]:
+    """`...q_proj.weight` → part → the checkpoint names of its quantized tensors."""
     base = hf_name.removesuffix(".weight")
-    return {p: f"{base}.{p}" for p in AWQ_PARTS}
+    if published.method == "awq":
+        return {p: f"{base}.{p}" for p in AWQ_PARTS}
+    parts = {"qweight": f"{base}.weight_packed", "scales": f"{base}.weight_scale"}
+    return parts if published.symmetric else {**parts, "zeros": f"{base}.weight_zero_point"}
 
 
-def check_source(index: dict, hf_name: str, dense: tuple[int, int], group: int) -> str | None:
-    """Why the checkpoint's AWQ tensors of `hf_name` cannot be the (out, in) weight `dense`, or None."""
-    out, inn = dense
-    if inn % group or out % 8:
-        return f"{hf_name}: AWQ group {group} must divide the input dimension {inn} and 8 the output {out}"
-    want = {"qweight": ((inn, out // 8), "I32"), "qzeros": ((inn // group, out // 8), "I32"),
-            "scales": ((inn // group, out), "float16")}
-    for part, name in source_names(hf_name).items():
+def scale_dtype(published: Published, index: dict, hf_name: str) -> str:
+    """The dtype the checkpoint stores this weight's scales in (the pack keeps it)."""
+    return index[source_names(published, hf_name)["scales"]].dtype
+
+
+def check_source(published: Published, index: dict, hf_name: str, dense: tuple[int, int]) -> str | None:
+    """Why the checkpoint's quantized tensors of `hf_name` cannot be the (out, in) weight `dense`, or None."""
+    out, inn, group = *dense, published.group_size
+    if inn % group or out % 8 or inn % 8:
+        return f"{hf_name}: group {group} must divide the input dimension {inn}, and 8 both dimensions"
+    names = source_names(published, hf_name)
+    scale = index.get(names["scales"])
+    sdt = scale.dtype if scale is not None and scale.dtype in SCALE_DTYPES else "float16|bfloat16|float32"
+    if published.method == "awq":
+        want = {"qweight": ((inn, out // 8), "I32"), "qzeros": ((inn // group, out // 8), "I32"),
+                "scales": ((inn // group, out), "float16")}
+    else:
+        want = {"qweight": ((out, inn // 8), "I32"), "scales": ((out, inn // group), sdt),
+                "zeros": ((out // 8, inn // group), "I32")}
+    for part, name in names.items():
         src = index.get(name)
         if src is None:
             return f"tensor {name} is missing"
@@ -100,18 +157,30 @@ def check_source(index: dict, hf_name: str, dense: tuple[int, int], group: int) 
     return None
 
 
-def to_int4(qweight, qzeros, scales) -> dict:
-    """AWQ tensors → the pack's int4 parts: qweight uint8 (out, in/2), scales float16 (out, G), zeros uint8 (out, G)."""
+def to_int4(published: Published, t: dict) -> dict:
+    """The checkpoint's tensors (part → tensor) → the pack's int4 parts: qweight uint8 (out, in/2),
+    scales (out, G) in their own dtype, zeros uint8 (out, G)."""
     import torch
 
     from worker.quant.quantize import pack_nibbles
 
-    q = _unpack(qweight).t().contiguous()  # (out, in)
-    z = _unpack(qzeros).t().contiguous()  # (out, G)
-    return {"qweight": pack_nibbles(q), "scales": scales.t().contiguous(), "zeros": z.to(torch.uint8)}
+    if published.method == "awq":
+        q = _unpack_awq(t["qweight"]).t().contiguous()  # (out, in)
+        z = _unpack_awq(t["qzeros"]).t().contiguous()  # (out, G)
+        return {"qweight": pack_nibbles(q), "scales": t["scales"].t().contiguous(), "zeros": z}
+    if sys.byteorder != "little":
+        raise UserError("compressed-tensors packs values into little-endian int32: this host is big-endian")
+    qweight = t["qweight"].contiguous().view(torch.uint8)  # (out, in/2): value 2j low nibble, 2j+1 high
+    s = t["scales"]
+    if published.symmetric:
+        z = torch.full(s.shape, 8, dtype=torch.uint8)
+    else:
+        zt = t["zeros"].t().contiguous().view(torch.uint8)  # (G, out/2) nibble pairs along the output
+        z = torch.stack((zt & 15, zt >> 4), dim=-1).reshape(zt.shape[0], -1).t().contiguous()  # (out, G): zp + 8
+    return {"qweight": qweight, "scales": s.contiguous(), "zeros": z}
 
 
-def _unpack(packed):
+def _unpack_awq(packed):
     """int32 (R, C/8) in AWQ order → uint8 values (R, C) in column order."""
     import torch
 
