@@ -8,6 +8,7 @@ bit arithmetic, not the engine's functions, and the nibble order is checked on h
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -172,3 +173,19 @@ def test_the_floor_counts_the_quantized_bytes(ckpt, tmp_path):
         head = sum(t.nbytes for t in m.group_tensors("resident") if t.short.split(".")[0] in ("lm_head", "norm"))
         assert got[fmt]["hbm"] == layers + head
     assert got["int4"]["h2d"] < got["native"]["h2d"] / 4
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("cc")), reason="Inductor's CPU backend needs a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_dequantization_equals_eager(dtype):
+    """Compiled runs (CUDA in production) dequantize through `compiled` with fullgraph=True: no graph
+    break, and the same bits as the eager function (one product, one cast)."""
+    from worker.model.compiled import compiled
+
+    w = _weights(out=40)
+    p4, p8 = quantize("int4", w, 32), quantize("int4", w[:16], 32)
+    i8 = quantize("int8", w, 32)
+    parts4 = ((p4["qweight"], p4["scales"], p4["zeros"]), (p8["qweight"], p8["scales"], p8["zeros"]))
+    assert torch.equal(compiled(dense_int4)(parts4, dtype), dense_int4(parts4, dtype))
+    parts8 = ((i8["qweight"], i8["scales"]),)
+    assert torch.equal(compiled(dense_int8)(parts8, dtype), dense_int8(parts8, dtype))
