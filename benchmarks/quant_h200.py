@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = ("native", "int8", "int4")
+FORMATS = ("native", "int8", "int4", "fp8")
 MODES = ("gpu", "cpu", "ssd")
 
 

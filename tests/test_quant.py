@@ -78,6 +78,23 @@ def test_int4_round_trip_within_half_a_scale_per_group(group):
     assert torch.equal(dense_int4(((p, s, z),), torch.float32), deq.float())
 
 
+def test_fp8_round_trip_within_half_an_e4m3_step():
+    """e4m3 keeps 3 mantissa bits: |w - deq| <= 2^-4 |w| for normal values, half the subnormal step
+    (2^-10 s) below; the row's max |w| maps to 448 exactly representable, so nothing saturates."""
+    w = _weights()
+    parts = quantize("fp8", w, 128)
+    q, s = parts["qweight"], parts["scales"]
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (48,)
+    deq = q.double() * s.double()[:, None]
+    err = (w.double() - deq).abs()
+    bound = torch.maximum(w.double().abs() * 2.0**-4, s.double()[:, None] * 2.0**-10) * SLOP
+    assert (err <= bound).all(), (err / bound).max()
+    assert torch.isfinite(q.float()).all() and q.float().abs().max() <= 448
+    from worker.quant.dequant import dense_fp8
+
+    assert torch.equal(dense_fp8(((q, s),), torch.float32).double(), deq.float().double())
+
+
 def test_nibble_order_on_hand_made_values():
     q = torch.tensor([[1, 2, 3, 4], [15, 0, 7, 8]], dtype=torch.uint8)
     assert pack_nibbles(q).tolist() == [[0x21, 0x43], [0x0F, 0x87]]
@@ -114,7 +131,7 @@ def ckpt(make_ckpt):
     return make_ckpt(layers=2, intermediate_size=768)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_packed_parts_are_the_quantizers_bytes_across_small_windows(ckpt, tmp_path, monkeypatch, fmt):
     """Windows far smaller than a tensor: every part assembled from many fills equals quantize()."""
     monkeypatch.setattr(packer, "WINDOW", 2 * ALIGNMENT)
@@ -136,15 +153,17 @@ def test_packed_parts_are_the_quantizers_bytes_across_small_windows(ckpt, tmp_pa
 def test_formats_coexist_in_one_cache_and_native_is_unchanged(ckpt, tmp_path):
     packs = {fmt: ensure_pack(ckpt, pack_dir=tmp_path, weights=WeightSpec(fmt, 128))
              for fmt in ("native", "int8", "int4")}
+    packs["fp8"] = ensure_pack(ckpt, pack_dir=tmp_path, weights=WeightSpec("fp8"))
     packs["int4-head"] = ensure_pack(ckpt, pack_dir=tmp_path, weights=WeightSpec("int4", 128, quantize_head=True))
     names = {k: p.manifest_path.name for k, p in packs.items()}
     assert names == {"native": "float32.manifest.json", "int8": "float32.int8.manifest.json",
-                     "int4": "float32.int4-g128.manifest.json", "int4-head": "float32.int4-g128-head.manifest.json"}
+                     "int4": "float32.int4-g128.manifest.json", "int4-head": "float32.int4-g128-head.manifest.json",
+                     "fp8": "float32.fp8.manifest.json"}
     native = json.loads(packs["native"].manifest_path.read_text())
     assert "weight_format" not in native and all("format" not in t for t in native["tensors"])
     sizes = {k: p.manifest.blob_size for k, p in packs.items()}
-    assert sizes["native"] > sizes["int8"] > sizes["int4"] > sizes["int4-head"]
-    for fmt in ("int8", "int4"):
+    assert sizes["native"] > sizes["int8"] == sizes["fp8"] > sizes["int4"] > sizes["int4-head"]
+    for fmt in ("int8", "int4", "fp8"):
         m = packs[fmt].manifest
         assert m.weight_format == fmt
         q = [t for t in m.tensors if t.format == fmt]

@@ -186,7 +186,7 @@ def test_an_unsupported_awq_variant_or_another_format(base, tmp_path):
     ckpt = tmp_path / "awq"
     write_awq(base, ckpt)
     r = bench("pack", "--checkpoints", str(ckpt), "--weight-format", "int8")
-    one_line_exit_2(r, "holds awq int4 weights (group 64); it packs only as it is")
+    one_line_exit_2(r, "holds awq int4 (group 64) weights; it packs only as it is")
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"]["version"] = "gemv"
     (ckpt / "config.json").write_text(json.dumps(cfg))

@@ -36,14 +36,14 @@ def fresh(tiny_ckpt, tmp_path) -> Path:
 @pytest.mark.parametrize("cmd", ["run", "pack"])
 def test_an_unknown_weight_format(fresh, cmd):
     r = bench(cmd, "--checkpoints", str(fresh), "--weight-format", "int3")
-    one_line_exit_2(r, "--weight-format", "'int3' is not one of 'native', 'int8', 'int4'")
+    one_line_exit_2(r, "--weight-format", "'int3' is not one of 'native', 'int8', 'int4', 'fp8'")
     assert not (fresh / ".streambench-pack").exists()
 
 
 def test_an_unknown_weight_format_as_a_suite_key():
     with pytest.raises(UserError) as e:
-        RunConfig.from_flat({"weight_format": "fp8"}, where="suite smoke, point 1")
-    assert "weight_format" in str(e.value) and "'native', 'int8' or 'int4'" in str(e.value)
+        RunConfig.from_flat({"weight_format": "fp4"}, where="suite smoke, point 1")
+    assert "weight_format" in str(e.value) and "'native', 'int8', 'int4' or 'fp8'" in str(e.value)
 
 
 @pytest.mark.parametrize("cmd", ["run", "pack"])

@@ -22,7 +22,8 @@ from worker.text.tokenizer import load_tokenizer
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FORMATS = {"int8": dict(weight_format="int8"), "int4": dict(weight_format="int4"),
-           "int4-g32-head": dict(weight_format="int4", quant_group_size=32, quantize_head=True)}
+           "int4-g32-head": dict(weight_format="int4", quant_group_size=32, quantize_head=True),
+           "fp8": dict(weight_format="fp8")}
 
 
 @pytest.fixture(scope="module")

@@ -145,9 +145,10 @@ class RunConfig:
     warmup_rounds: Count = _f(1, "Untimed generate rounds before the measured one.")
     dtype: DType = _f("auto", "Compute dtype; auto = the checkpoint's.")
     weight_format: WeightFormat = _f("native", "How the pack stores the layers' projections: native (the compute "
-                                     "dtype), int8 (symmetric, per output channel) or int4 (asymmetric, groups of "
-                                     "quant_group_size inputs); quantized bytes cross the SSD and PCIe and are "
-                                     "dequantized in the layer's compute. Streaming engine only.")
+                                     "dtype), int8 (symmetric, per output channel), int4 (asymmetric, groups of "
+                                     "quant_group_size inputs) or fp8 (float8 e4m3, per output channel); quantized "
+                                     "bytes cross the SSD and PCIe and are dequantized in the layer's compute. A "
+                                     "pre-quantized checkpoint packs as its own format. Streaming engine only.")
     quant_group_size: Positive = _f(128, "int4: inputs per scale/zero group; must divide every projection's input "
                                     "dimension. No effect for native and int8.")
     quantize_head: bool = _f(False, "Quantize lm_head too (an untied one; norms and embeddings always stay native). "
@@ -172,7 +173,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.quant_group_size % 2:
-            raise ValueError(f"quant_group_size must be even: two int4 values share a byte (got {self.quant_group_size})")
+            raise ValueError(f"quant_group_size must be even: two int4 values share a byte "
+                             f"(got {self.quant_group_size})")
         if self.engine == "accelerate" and self.weight_format != "native":
             raise ValueError(f"weight_format {self.weight_format} is for the streaming engine; the accelerate peer "
                              "runs the checkpoint as it is: drop weight_format or use engine streaming")

@@ -40,8 +40,8 @@ from worker.config import RunConfig
 from worker.errors import UserError
 from worker.generate import Generation, generate, measure
 from worker.host import devlock
-from worker.model import compile_cache
 from worker.host.walltime import RunClock
+from worker.model import compile_cache
 from worker.model.geometry import ModelConfig
 from worker.model.step import Step
 from worker.pack.source import SourceTensor, read_index

@@ -63,7 +63,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("dtype", _STR, ""),
     ("n_params", _I64, ""),
     ("weight_bytes", _I64, ""),
-    ("weight_format", _STR, "native | int8 | int4: how the pack stored the projections"),
+    ("weight_format", _STR, "native | int8 | int4 | fp8: how the pack stored the projections"),
     ("mode", _STR, "gpu | cpu | ssd | mixed"),
     ("engine", _STR, "streaming | accelerate"),
     ("batch_size", pa.int32(), ""),

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 << 20  # bytes per preadv/pwrite call: large, sequential, O_DIRECT-friendly
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-VIEW_DTYPES = {**TORCH_DTYPES, "int8": torch.int8, "uint8": torch.uint8}  # a quantized pack's parts too
+VIEW_DTYPES = {**TORCH_DTYPES, "int8": torch.int8, "uint8": torch.uint8,  # a quantized pack's parts too
+               "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:

@@ -111,7 +111,7 @@ def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, wh
 
 
 def _place_parts(tensors: list[TensorEntry], group: str, short: str, name: str, dense: tuple[int, ...],
-                 weights: WeightSpec, offset: int, scale_dtype: str = "bfloat16") -> int:
+                 weights: WeightSpec, offset: int, scale_dtype: str | None = None) -> int:
     """Append a quantized weight's parts at `offset` (each aligned); the offset after them."""
     for suffix, (shape, pdtype) in parts(weights.format, dense, weights.group_size, scale_dtype).items():
         nbytes = math.prod(shape) * TENSOR_DTYPE_SIZES[pdtype]

@@ -23,9 +23,10 @@ from worker.pack.blob import TORCH_DTYPES, read_extent
 from worker.pack.manifest import TensorEntry
 from worker.pack.source import SourceTensor
 from worker.quant.formats import split_short
-from worker.quant.published import Published, source_names, to_int4
+from worker.quant.published import Published, source_names, to_parts
 
-INT_DTYPES = {"I32": torch.int32}  # a published checkpoint's packed tensors (safetensors' own name)
+# a published checkpoint's quantized tensors, by safetensors' own dtype names
+INT_DTYPES = {"I32": torch.int32, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}
 from worker.quant.quantize import quantize
 
 
@@ -65,7 +66,7 @@ class QuantizedSource:
 
     def _quantize(self, dense: str, fmt: str) -> dict[str, torch.Tensor]:
         if self.published:
-            parts = to_int4(self.published, {p: self._read(n) for p, n in source_names(self.published, dense).items()})
+            parts = to_parts(self.published, {p: self._read(n) for p, n in source_names(self.published, dense).items()})
         else:
             parts = quantize(fmt, self._read(dense), self.group_size)
         return {k: v.contiguous().view(-1).view(torch.uint8) for k, v in parts.items()}

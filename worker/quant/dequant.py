@@ -26,6 +26,11 @@ def dense_int8(parts: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torc
     return torch.cat([(q.to(torch.float32) * s.to(torch.float32)[:, None]).to(dtype) for q, s in parts])
 
 
+def dense_fp8(parts: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torch.dtype) -> torch.Tensor:
+    """((qweight float8_e4m3fn (o, in), scales (o,)), ...) → (Σo, in), dtype (the same product as int8)."""
+    return torch.cat([(q.to(torch.float32) * s.to(torch.float32)[:, None]).to(dtype) for q, s in parts])
+
+
 def dense_int4(parts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...],
                dtype: torch.dtype) -> torch.Tensor:
     """((qweight uint8 (o, in/2), scales bf16 (o, G), zeros uint8 (o, G)), ...) → (Σo, in), dtype."""
@@ -45,7 +50,7 @@ def format_of(g: Group, name: str) -> str:
     if f"{name}.zeros" in g:
         return "int4"
     if f"{name}.scales" in g:
-        return "int8"
+        return "fp8" if g[f"{name}.qweight"].dtype == torch.float8_e4m3fn else "int8"
     raise KeyError(name)
 
 
@@ -57,7 +62,7 @@ class Dequantizer:
     """Dense weights of a group for the compute; `wrap` is the model's compile wrapper (or identity)."""
 
     def __init__(self, wrap: Callable = lambda f: f):
-        self._fns = {"int8": wrap(dense_int8), "int4": wrap(dense_int4)}
+        self._fns = {"int8": wrap(dense_int8), "int4": wrap(dense_int4), "fp8": wrap(dense_fp8)}
 
     def weight(self, g: Group, name: str, dtype: torch.dtype) -> torch.Tensor:
         """One projection's dense weight (out, in): the tensor itself when native."""
@@ -75,5 +80,5 @@ class Dequantizer:
         if len(fmts) != 1:
             raise AssertionError(f"{names} mix formats {sorted(fmts)} in one group")
         fmt = fmts.pop()
-        suffixes = ("qweight", "scales") if fmt == "int8" else ("qweight", "scales", "zeros")
+        suffixes = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
         return self._fns[fmt](tuple(tuple(g[f"{n}.{s}"] for s in suffixes) for n in names), dtype)

@@ -24,7 +24,7 @@ from worker.errors import UserError
 from worker.pack.blob import TORCH_DTYPES, Pack
 from worker.pack.groups import all_groups
 from worker.pack.quantized import dense_name
-from worker.quant.dequant import dense_int4, dense_int8
+from worker.quant.dequant import dense_fp8, dense_int4, dense_int8
 from worker.quant.formats import split_short
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ def dequantized_tensors(pack: Pack, dtype: torch.dtype):
                 yield t.name, views[t.short].to(dtype, copy=True)  # own storage: safetensors refuses shared
             elif base not in done:
                 done.add(base)
-                if t.format == "int8":
-                    w = dense_int8(((views[f"{base}.qweight"], views[f"{base}.scales"]),), dtype)
+                if t.format in ("int8", "fp8"):
+                    fn = dense_int8 if t.format == "int8" else dense_fp8
+                    w = fn(((views[f"{base}.qweight"], views[f"{base}.scales"]),), dtype)
                 else:
                     w = dense_int4(((views[f"{base}.qweight"], views[f"{base}.scales"], views[f"{base}.zeros"]),),
                                    dtype)

@@ -4,8 +4,9 @@
 output channel: `qweight` int8 (out, in) and `scales` float32 (out,), w = q * s. `int4` is
 asymmetric in groups of `group_size` along the input dimension, two values per byte (low nibble =
 even column): `qweight` uint8 (out, in / 2), `scales` bfloat16 and `zeros` uint8 (out, in / group),
-w = (q - z) * s. Only the seven projections of each layer are quantized; norms and the embedding
-table stay native, and so does lm_head unless `quantize_head` asks for it (with tied embeddings the
+w = (q - z) * s. `fp8` is float8 e4m3 per output channel: `qweight` float8_e4m3fn (out, in) and
+`scales` float32 (out,), w = q * s (max |w| of the row maps to 448). Only the seven projections
+of each layer are quantized; norms and the embedding table stay native, and so does lm_head unless `quantize_head` asks for it (with tied embeddings the
 head is the embedding table, which a gather reads, so it stays native).
 
 Kept free of torch and of `worker.pack` so the manifest can validate against it without a cycle.
@@ -18,11 +19,12 @@ from typing import Literal
 
 from worker.errors import UserError
 
-WeightFormat = Literal["native", "int8", "int4"]
-FORMATS: tuple[str, ...] = ("native", "int8", "int4")
+WeightFormat = Literal["native", "int8", "int4", "fp8"]
+FORMATS: tuple[str, ...] = ("native", "int8", "int4", "fp8")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PART_DTYPE_SIZES = {"int8": 1, "uint8": 1}  # beside the float dtypes of worker.pack.manifest
+PART_DTYPE_SIZES = {"int8": 1, "uint8": 1, "float8_e4m3fn": 1}  # beside the float dtypes of worker.pack.manifest
 INT4_LEVELS = 15  # a nibble holds 0..15
+DEFAULT_SCALES = {"int8": "float32", "int4": "bfloat16", "fp8": "float32"}  # as quantized here
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,15 @@ class WeightSpec:
                 "quantize_head": self.quantize_head}
 
 
-def parts(fmt: str, shape: tuple[int, ...], group_size: int, scale_dtype: str = "bfloat16"
+def parts(fmt: str, shape: tuple[int, ...], group_size: int, scale_dtype: str | None = None
           ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Part suffix → (shape, dtype) of a quantized (out, in) weight, in pack order. int4 scales are
     bfloat16 when quantized here, the checkpoint's own dtype when read from a published one
     (worker.quant.published)."""
     out, inn = shape
-    if fmt == "int8":
-        return {"qweight": ((out, inn), "int8"), "scales": ((out,), "float32")}
+    scale_dtype = scale_dtype or DEFAULT_SCALES[fmt]
+    if fmt in ("int8", "fp8"):
+        return {"qweight": ((out, inn), "int8" if fmt == "int8" else "float8_e4m3fn"), "scales": ((out,), scale_dtype)}
     if fmt == "int4":
         ng = inn // group_size
         return {"qweight": ((out, inn // 2), "uint8"), "scales": ((out, ng), scale_dtype),
@@ -112,8 +115,7 @@ def check_parts(fmt: str, base: str, got: dict[str, tuple[tuple[int, ...], str]]
                 group_size: int) -> str | None:
     """Why a quantized tensor's recorded parts do not match its format (a truncated or edited pack), or None."""
     scale = got.get("scales", (None, "bfloat16"))[1]
-    want = parts(fmt, dense, group_size,
-                 scale if fmt == "int4" and scale in ("bfloat16", "float16", "float32") else "bfloat16")
+    want = parts(fmt, dense, group_size, scale if scale in ("bfloat16", "float16", "float32") else None)
     if set(got) != set(want):
         return f"{base} ({fmt}) has parts {sorted(got)}, expected {sorted(want)}"
     for suffix, (shape, dtype) in want.items():

@@ -20,7 +20,7 @@ ROWS_PER_BLOCK_BYTES = 256 << 20  # float32 bytes of one block of rows being qua
 def quantize(fmt: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     """w (out, in), any float dtype → part suffix → tensor (formats.parts' shapes and dtypes)."""
     rows = max(1, ROWS_PER_BLOCK_BYTES // (4 * w.shape[1]))
-    fn = {"int8": _int8, "int4": lambda x: _int4(x, group_size)}[fmt]
+    fn = {"int8": _int8, "fp8": _fp8, "int4": lambda x: _int4(x, group_size)}[fmt]
     blocks = [fn(w[r:r + rows].float()) for r in range(0, w.shape[0], rows)]
     return {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
 
@@ -31,6 +31,14 @@ def _int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale gives q = 0
     q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)  # (R, in)
     return {"qweight": q, "scales": s}
+
+
+def _fp8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float8 e4m3 per output channel: w (R, in) float32 → qweight float8_e4m3fn (R, in), scales float32 (R,).
+    The row's max |w| maps to the largest finite e4m3 value, so nothing saturates."""
+    s = w.abs().amax(dim=1) / torch.finfo(torch.float8_e4m3fn).max  # (R,)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return {"qweight": (w / s[:, None]).to(torch.float8_e4m3fn), "scales": s}
 
 
 def _int4(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
