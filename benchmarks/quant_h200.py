@@ -16,10 +16,11 @@ fails (e.g. out of memory under the budget) is reported and the others still run
         --prompt-len 64 --new-tokens 3 --no-roofline
 
 One synthetic checkpoint (`bench make-model --preset llama3.1-70b --layers N`, bf16), packed once per
-format (`native`, `int8`, `int4`); then, for each format and batch size (1 and 16, prompt 512): a
-`gpu` mode run (all resident, no budget: the format's reference tokens), a `cpu` and an `ssd` run
-under `--budget-gib` of GPU memory, and the accelerate peer (`--engine accelerate --mode cpu`, the
-same budget, native weights: the peer reads the checkpoint as it is). Every run is its own
+format (`native`, `int8`, `int4`; `fp8` with `--only fp8`); then, for each format and batch size
+(1 and 16, prompt 512): a `gpu` mode run (all resident, no budget: the format's reference tokens),
+a `cpu` and an `ssd` run under `--budget-gib` of GPU memory, and the accelerate peer (`--engine
+accelerate --mode cpu`, the same budget, native weights: the peer reads the checkpoint as it is).
+Every run is its own
 `bench run` process writing `--out-json`. Printed per run: ms/token (decode), speed-up against the
 native run of the same mode and batch, decode attainment against the run's own floor (the floor of
 a quantized run counts its quantized bytes, from the manifest), what bound the floor, and whether
@@ -161,8 +162,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=None,
                     help="int4 group [default: 128; 16 for the tiny preset, whose 688-wide MLP 128 does not divide]")
     ap.add_argument("--no-roofline", dest="roofline", action="store_false")
-    ap.add_argument("--only", nargs="+", default=[*FORMATS, "peer"], choices=[*FORMATS, "peer"],
-                    help="which formats (each with its gpu, cpu and ssd runs) and/or the peer")
+    ap.add_argument("--only", nargs="+", default=["native", "int8", "int4", "peer"], choices=[*FORMATS, "peer"],
+                    help="which formats (each with its gpu, cpu and ssd runs) and/or the peer [default: all but "
+                         "fp8, which adds 6 runs]")
     a = ap.parse_args()
     a.group_size = a.group_size or (16 if a.preset == "tiny" else 128)
     t0 = time.time()
