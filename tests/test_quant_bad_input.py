@@ -44,6 +44,14 @@ def test_an_unknown_weight_format_as_a_suite_key():
     with pytest.raises(UserError) as e:
         RunConfig.from_flat({"weight_format": "fp4"}, where="suite smoke, point 1")
     assert "weight_format" in str(e.value) and "'native', 'int8', 'int4' or 'fp8'" in str(e.value)
+    from orchestrator.suite.load import parse_suite
+
+    with pytest.raises(UserError) as e:
+        parse_suite("name: q\nmodels: [{name: t, preset: tiny}]\ndefaults: {weight_format: int3}\n", source="q.yaml")
+    assert str(e.value).startswith("q.yaml") and "weight_format: Input should be 'native'" in str(e.value)
+    specs = parse_suite("name: q\nmodels: [{name: t, preset: tiny}]\nmatrix: {weight_format: [native, int4]}\n",
+                        source="q.yaml").specs
+    assert [s.flat["weight_format"] for s in specs] == ["native", "int4"] and specs[0].config_key != specs[1].config_key
 
 
 @pytest.mark.parametrize("cmd", ["run", "pack"])
