@@ -15,7 +15,7 @@ import click
 from rich.markup import escape
 
 from orchestrator.cli.console import console, echo_json, err_console
-from orchestrator.cli.options import given, run_options
+from orchestrator.cli.options import given, run_options, weight_options
 from worker.errors import UserError
 from worker.synth.presets import PRESETS
 
@@ -148,26 +148,62 @@ def make_prompts_cmd(checkpoints: str, n: int, length: int, out_path: str, seed:
 @click.option("--manifest", type=click.Path(), default=None, help="Where the manifest goes (with --raw-device).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Dtype of the packed weights; auto = the checkpoint's.")
+@weight_options
 @click.option("--force", is_flag=True, help="Re-pack even if up to date; overwrite a raw device holding a filesystem.")
 def pack_cmd(checkpoints: str, out_dir: str | None, raw_device: str | None, manifest: str | None, dtype: str,
-             force: bool) -> None:
+             weight_format: str, quant_group_size: int, quantize_head: bool, force: bool) -> None:
     """Pack a checkpoint into an aligned, grouped blob + runtime manifest (what streaming reads)."""
     from worker.pack.blob import Pack
     from worker.pack.cache import ensure_pack
     from worker.pack.packer import pack_checkpoint
+    from worker.quant.formats import WeightSpec
+
+    weights = WeightSpec(weight_format, quant_group_size, quantize_head)
 
     if raw_device and out_dir:
         raise UserError("--raw-device and --out-dir are exclusive: a pack goes to a directory or onto a device")
     if bool(raw_device) != bool(manifest):
         raise UserError("--raw-device and --manifest go together: the manifest records what is on the device")
     if raw_device:
-        pack_checkpoint(checkpoints, raw_device, manifest, dtype=None if dtype == "auto" else dtype, force=force)
+        pack_checkpoint(checkpoints, raw_device, manifest, dtype=None if dtype == "auto" else dtype, force=force,
+                        weights=weights)
         pack = Pack.open(manifest)
     else:
-        pack = ensure_pack(checkpoints, pack_dir=out_dir, dtype=dtype, repack=force)
+        pack = ensure_pack(checkpoints, pack_dir=out_dir, dtype=dtype, repack=force, weights=weights)
     m = pack.manifest
     console.print(f"manifest: {pack.manifest_path}\nblob:     {pack.blob_path} ({m.blob_size / 1e9:.2f} GB, "
-                  f"{m.dtype}, {len(m.groups)} groups, {len(m.tensors)} tensors)", highlight=False, soft_wrap=True)
+                  f"{m.dtype}, {m.weight_format} weights, {len(m.groups)} groups, {len(m.tensors)} tensors)",
+                  highlight=False, soft_wrap=True)
+
+
+@bench.command("dequantize")
+@click.option("--checkpoints", type=click.Path(), default=None, help="HF checkpoint whose quantized pack to use.")
+@click.option("--manifest", type=click.Path(), default=None, help="Or: the manifest of a quantized pack.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="New directory for the HF checkpoint.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Dtype of the written weights (float32 keeps the dequantized values exact).")
+@click.option("--pack-dir", type=click.Path(), default=None, help="Pack cache directory (as `bench run --pack-dir`).")
+@weight_options
+def dequantize_cmd(checkpoints: str | None, manifest: str | None, out_dir: str, dtype: str, pack_dir: str | None,
+                   weight_format: str, quant_group_size: int, quantize_head: bool) -> None:
+    """Write a quantized pack's weights, dequantized, as a plain HF checkpoint (what HF runs for "exact")."""
+    from worker.pack.cache import ensure_pack
+    from worker.quant.export import check_out_dir, dequantize_pack
+    from worker.quant.formats import WeightSpec
+
+    if bool(checkpoints) == bool(manifest):
+        raise UserError("give exactly one of --checkpoints DIR (its pack of --weight-format) or --manifest FILE")
+    weights = WeightSpec(weight_format, quant_group_size, quantize_head)
+    check_out_dir(out_dir, [p for p in (checkpoints, manifest) if p])  # before any packing
+    if manifest:
+        from worker.pack.blob import Pack
+
+        pack = Pack.open(manifest)
+    else:
+        pack = ensure_pack(checkpoints, pack_dir=pack_dir, weights=weights)
+    with pack:
+        out = dequantize_pack(pack, out_dir, dtype)
+    console.print(f"{out} ({pack.manifest.weight_format} → {dtype})", highlight=False, soft_wrap=True)
 
 
 @bench.command("verify")

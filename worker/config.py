@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from worker.errors import UserError, one_line
+from worker.quant.formats import WeightFormat, WeightSpec
 
 Mode = Literal["gpu", "cpu", "ssd", "mixed"]
 CpuPolicy = Literal["rolling", "pinned-subset"]
@@ -143,6 +144,15 @@ class RunConfig:
                                "max_seq_len - max_new_tokens tokens.")
     warmup_rounds: Count = _f(1, "Untimed generate rounds before the measured one.")
     dtype: DType = _f("auto", "Compute dtype; auto = the checkpoint's.")
+    weight_format: WeightFormat = _f("native", "How the pack stores the layers' projections: native (the compute "
+                                     "dtype), int8 (symmetric, per output channel), int4 (asymmetric, groups of "
+                                     "quant_group_size inputs) or fp8 (float8 e4m3, per output channel); quantized "
+                                     "bytes cross the SSD and PCIe and are dequantized in the layer's compute. A "
+                                     "pre-quantized checkpoint packs as its own format. Streaming engine only.")
+    quant_group_size: Positive = _f(128, "int4: inputs per scale/zero group; must divide every projection's input "
+                                    "dimension. No effect for native and int8.")
+    quantize_head: bool = _f(False, "Quantize lm_head too (an untied one; norms and embeddings always stay native). "
+                             "No effect for native.")
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
@@ -162,6 +172,12 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
+        if self.quant_group_size % 2:
+            raise ValueError(f"quant_group_size must be even: two int4 values share a byte "
+                             f"(got {self.quant_group_size})")
+        if self.engine == "accelerate" and self.weight_format != "native":
+            raise ValueError(f"weight_format {self.weight_format} is for the streaming engine; the accelerate peer "
+                             "runs the checkpoint as it is: drop weight_format or use engine streaming")
         if self.max_new_tokens >= self.max_seq_len:
             raise ValueError(f"max_new_tokens must be < max_seq_len ({self.max_seq_len}) so the prompt keeps at least "
                              f"one token (got {self.max_new_tokens})")
@@ -171,6 +187,11 @@ class RunConfig:
         if self.prompt_len is not None and not 1 <= self.prompt_len <= self.max_prompt_tokens:
             raise ValueError(f"prompt_len must be in [1, max_seq_len - max_new_tokens = {self.max_prompt_tokens}] "
                              f"(got {self.prompt_len})")
+
+    @property
+    def weights(self) -> WeightSpec:
+        """The pack's weight format as the packer and the pack cache take it."""
+        return WeightSpec(self.weight_format, self.quant_group_size, self.quantize_head)
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -127,4 +127,16 @@ def workspace_bytes(run: RunConfig, cfg: ModelConfig, prompt_tokens: int | None 
     kv = tier_bytes(run.kv, cfg, run.batch_size, run.max_seq_len, item)["gpu"]
     tokens = run.batch_size * (prompt_tokens or run.max_prompt_tokens)
     act = tokens * ((6 * cfg.hidden_size + 3 * cfg.intermediate_size) * item + 2 * cfg.hidden_size * 4)
-    return kv + act + run.batch_size * cfg.vocab_size * 4 + HEADROOM_BYTES
+    return kv + act + run.batch_size * cfg.vocab_size * 4 + HEADROOM_BYTES + dequant_scratch_bytes(run, cfg, item)
+
+
+def dequant_scratch_bytes(run: RunConfig, cfg: ModelConfig, item: int) -> int:
+    """A quantized pack's dense weights of one group, alive while its matmuls run (worker.quant.dequant);
+    twice that for the per-projection pieces an eager concatenation (q|k|v, gate|up) holds at once."""
+    if run.weight_format == "native":
+        return 0
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    group = max((q + 2 * kv) * h + h * q, 3 * h * f)
+    head = cfg.vocab_size * h if run.quantize_head and not cfg.tie_word_embeddings else 0
+    return 2 * item * max(group, head)

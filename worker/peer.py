@@ -306,7 +306,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     n_params = sum(math.prod(t.shape) for t in tensors.values())
     model_block = {"name": Path(cfg.checkpoints).name, "n_layers": mc.num_hidden_layers,
                    "dtype": str(dtype).removeprefix("torch."), "hidden_size": mc.hidden_size,
-                   "n_params": n_params, "weight_bytes": n_params * dtype.itemsize}
+                   "n_params": n_params, "weight_bytes": n_params * dtype.itemsize, "weight_format": "native"}
     warnings = plan.notes + (["peer disk offload reads the safetensors files through the page cache "
                               "(accelerate memory-maps them)"] if plan.layers.get("disk") else [])
     result = assemble_result(cfg, model_block, device, gen, prompt_ids, tok, base_env or {},

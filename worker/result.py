@@ -7,7 +7,6 @@ None. Written as temp file + rename so a reader never sees half a file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -76,8 +75,9 @@ def build_result(cfg: RunConfig, engine, pack, device: torch.device, gen: Genera
         "n_layers": mc.num_hidden_layers,
         "dtype": pack.manifest.dtype,
         "hidden_size": mc.hidden_size,
-        "n_params": sum(math.prod(t.shape) for t in pack.manifest.tensors),
+        "n_params": pack.n_params(),
         "weight_bytes": sum(t.nbytes for t in pack.manifest.tensors),
+        "weight_format": pack.manifest.weight_format,
     }
     return assemble_result(cfg, model, device, gen, prompt_ids, tok, base_env, engine.io(), locks, pack)
 

@@ -97,7 +97,8 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
     phase("pack")
     with clock.phase("pack"):
         pack = ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir, manifest=cfg.manifest, raw_device=cfg.raw_device,
-                           dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days)
+                           dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days,
+                           weights=cfg.weights)
     phase("load")
     compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
     extents = adjacent.ssd_extents(pack.manifest, place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers,

@@ -49,6 +49,22 @@ def run_options(func: Callable) -> Callable:
     return func
 
 
+WEIGHT_FIELDS = ("weight_format", "quant_group_size", "quantize_head")
+
+
+def weight_options(func: Callable) -> Callable:
+    """The weight-format options of the pack commands: the run config's own fields and help, with their
+    defaults (a pack has no other layer of settings to fall back on)."""
+    fields = {f.name: f for f in config.flat_fields()}
+    for name in reversed(WEIGHT_FIELDS):
+        f, ctype = fields[name], _resolve(config.RunConfig, name)
+        flag = flag_name(name)
+        decls = [f"{flag}/--no-{flag[2:]}"] if ctype is bool else [flag]
+        func = click.option(*decls, name, type=None if ctype is bool else ctype, default=f.default,
+                            show_default=True, help=f.metadata["help"])(func)
+    return func
+
+
 def given(params: dict[str, Any]) -> dict[str, Any]:
     """The flat overrides the user actually passed."""
     fields = {f.name for f in config.flat_fields()}

@@ -2,7 +2,9 @@
 
 Per pass (one forward over all layers) the placement fixes the bytes each tier must move: SSD reads
 (groups homed on the SSD or refilled through the ring), H2D copies (every streamed group) and HBM
-reads (every weight the compute touches once). With the host probe's measured bandwidths,
+reads (every weight the compute touches once). Bytes are the manifest's, as packed: a quantized
+pack's floor counts its quantized bytes, the bytes that really cross each link (the HBM term leaves
+out the dequantized scratch weights the compute writes and reads back). With the host probe's measured bandwidths,
 `floor = max(ssd_bytes / ssd_bw, h2d_bytes / pcie_bw, hbm_bytes / hbm_bw, flops / matmul_rate)`
 and `attainment = floor / measured`. Terms whose bandwidth was not measured are left out, never guessed.
 A decode step also moves KV bytes (read by the attention; fetched back when offloaded), passed in by
@@ -33,7 +35,10 @@ def pass_bytes(manifest, placement: Placement) -> dict[str, int]:
         size = sum(ext[GroupKey(layer, k).name] for k in KINDS)
         h2d += 0 if home == "gpu" else size
         ssd += size if home in ("ssd", "ring") else 0
-    tensors = {t.short: t.nbytes for t in manifest.group_tensors(RESIDENT)}
+    tensors: dict[str, int] = {}  # short name → bytes as packed (a quantized head: all its parts)
+    for t in manifest.group_tensors(RESIDENT):
+        base = t.short.split(".")[0]
+        tensors[base] = tensors.get(base, 0) + t.nbytes
     head = tensors.get("lm_head", tensors["embed_tokens"]) + tensors["norm"]
     layers = sum(ext[GroupKey(i, k).name] for i in range(len(placement.home)) for k in KINDS)
     return {"ssd": ssd, "h2d": h2d, "hbm": layers + head}

@@ -22,6 +22,7 @@ from pydantic.dataclasses import dataclass
 from worker.errors import UserError, one_line
 
 LLAMA_ARCHS = {"LlamaForCausalLM"}
+QUANT_METHODS = ("awq", "compressed-tensors")  # pre-quantized checkpoints read as they are (worker.quant.published)
 Size = Annotated[int, Field(ge=1)]
 Rate = Annotated[float, Field(gt=0)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -147,6 +148,13 @@ def _check_family(raw: dict[str, Any], source: str) -> None:
             raise UserError(f"{source}: {key}=true is not supported (Llama 3 has no biases)")
     if raw.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act={raw['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+    quant = raw.get("quantization_config")
+    if quant is not None:  # the supported ones are read by worker.quant.published
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        if method not in QUANT_METHODS:
+            raise UserError(f"{source}: quantization_config.quant_method {method!r} is not supported (supported: "
+                            f"{', '.join(map(repr, QUANT_METHODS))}); use the unquantized checkpoint and pack it "
+                            "with --weight-format int8 or int4")
 
 
 def _as_tuple(v: Any) -> Any:

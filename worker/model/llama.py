@@ -7,7 +7,9 @@ and reuse slots. Each group is released right after its last reader: when the at
 the end of the layer, the next layer's attn copy waited behind this layer's MLP, and the copy engine
 sat idle through every 70B layer's MLP in a 2048-token prefill with one attn slot
 (measured: benchmarks/results/README.md). Every mode runs exactly these kernels on the same shapes,
-which is why streaming modes equal `gpu` mode bit for bit.
+which is why streaming modes equal `gpu` mode bit for bit. A quantized pack's projections arrive as
+their parts and are dequantized right before their matmul (`worker.quant.dequant`), by the same
+function in every mode.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from worker.model import rope
 from worker.model.compiled import compiled
 from worker.model.geometry import ModelConfig
-from worker.model.step import Group, KVCacheLike, Step, WeightSource
+from worker.model.step import KVCacheLike, Step, WeightSource
+from worker.quant.dequant import Dequantizer, has
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,11 +73,7 @@ def head(h: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float) -> 
     return F.linear(rms_norm(h, norm_w, eps), w)
 
 
-def _joined(g: Group, fused_name: str, parts: tuple[str, ...]) -> torch.Tensor:
-    """A group's fused projection: the zero-copy view of a packed group, else a concatenation (groups
-    built from separate tensors, e.g. a state dict in tests)."""
-    w = g.get(fused_name)
-    return w if w is not None else torch.cat([g[p] for p in parts])
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 class Llama:
@@ -88,26 +87,29 @@ class Llama:
         wrap = compiled if compile else (lambda f: f)
         self.attn_in, self.attn_out, self.ffn = wrap(attn_in), wrap(attn_out), wrap(ffn)
         self.cos_sin, self.head = wrap(rope.cos_sin), wrap(head)
+        self.dense = Dequantizer(wrap)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step, cache: KVCacheLike,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → logits (B, V) at column `logits_at` (B,) of each row, or (B, T, V) if None."""
         c = self.cfg
-        res = self.weights.resident()
+        res, dense = self.weights.resident(), self.dense
+        dt = res["norm"].dtype  # the compute dtype (norms are always native)
         h = _embed(tokens, res["embed_tokens"])  # (B, T, D)
         cos, sin = self.cos_sin(self.freq, step.positions, h.dtype)
         for layer in range(c.num_hidden_layers):
             a = self.weights.wait(layer, "attn")
-            q, k, v = self.attn_in(h, a["input_layernorm"], _joined(a, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            q, k, v = self.attn_in(h, a["input_layernorm"], dense.joined(a, "qkv_proj", QKV, dt),
                                    cos, sin, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads,
                                    c.head_dim)
-            o = self.attn_out(cache.attend(layer, q, k, v, step), a["o_proj"])  # (B, T, D)
+            o = self.attn_out(cache.attend(layer, q, k, v, step), dense.weight(a, "o_proj", dt))  # (B, T, D)
             self.weights.release(layer, "attn")
             f = self.weights.wait(layer, "ffn")
-            h = self.ffn(h, o, f["post_attention_layernorm"], _joined(f, "gate_up_proj", ("gate_proj", "up_proj")),
-                         f["down_proj"], c.rms_norm_eps)
+            h = self.ffn(h, o, f["post_attention_layernorm"], dense.joined(f, "gate_up_proj", GATE_UP, dt),
+                         dense.weight(f, "down_proj", dt), c.rms_norm_eps)
             self.weights.release(layer, "ffn")
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, D)
-        return self.head(h, res["norm"], res.get("lm_head", res["embed_tokens"]), c.rms_norm_eps)
+        w_head = dense.weight(res, "lm_head", dt) if has(res, "lm_head") else res["embed_tokens"]
+        return self.head(h, res["norm"], w_head, c.rms_norm_eps)

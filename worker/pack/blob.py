@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 << 20  # bytes per preadv/pwrite call: large, sequential, O_DIRECT-friendly
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VIEW_DTYPES = {**TORCH_DTYPES, "int8": torch.int8, "uint8": torch.uint8,  # a quantized pack's parts too
+               "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
@@ -156,7 +158,14 @@ class Pack:
         return self.manifest.model_config
 
     def n_params(self) -> int:
-        return sum(math.prod(t.shape) for t in self.manifest.tensors)
+        """Parameters of the model (a quantized weight counts its dense shape, not its parts)."""
+        n = 0
+        for t in self.manifest.tensors:
+            if t.format == "native":
+                n += math.prod(t.shape)
+            elif t.short.endswith(".qweight"):
+                n += math.prod(t.shape) * (2 if t.format == "int4" else 1)
+        return n
 
     def weight_bytes(self) -> int:
         """Tensor bytes (without alignment padding)."""
@@ -205,7 +214,7 @@ def group_views(manifest: Manifest, name: str, buf: torch.Tensor) -> dict[str, t
     out = {}
     for t in manifest.group_tensors(name):
         rel = t.offset - base
-        out[t.short] = buf[rel:rel + t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
+        out[t.short] = buf[rel:rel + t.nbytes].view(VIEW_DTYPES[t.dtype]).view(t.shape)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The pack cache `bench run` uses: one pack per checkpoint and dtype, re-packed only when stale.
+"""The pack cache `bench run` uses: one pack per checkpoint, dtype and weight format, re-packed only when stale.
 
 `ensure_pack` is the entry point: an explicit manifest is used as is; otherwise the cache next to the
 checkpoint (or `--pack-dir`) is reused while the checkpoint's fingerprint matches, and rebuilt when it
@@ -20,16 +20,20 @@ from worker.pack import verify
 from worker.pack.blob import Pack
 from worker.pack.blockdev import CACHE_DIRNAME
 from worker.pack.manifest import checkpoint_source
-from worker.pack.packer import pack_checkpoint, resolve_dtype
+from worker.pack.packer import pack_checkpoint, plan_layout, resolve_dtype
 from worker.pack.source import read_index
+from worker.quant.formats import WeightSpec
+from worker.quant.published import detect, resolve
 
 log = logging.getLogger(__name__)
 
 
-def pack_paths(pack_dir: str | Path, dtype: str) -> tuple[Path, Path]:
-    """(manifest, blob) of the `dtype` pack in a pack directory."""
-    d = Path(pack_dir)
-    return d / f"{dtype}.manifest.json", d / f"{dtype}.blob"
+def pack_paths(pack_dir: str | Path, dtype: str, weights: WeightSpec | None = None) -> tuple[Path, Path]:
+    """(manifest, blob) of the `dtype` pack of a weight format in a pack directory (native packs keep
+    the names they always had: `bfloat16.manifest.json`; an int4 one is `bfloat16.int4-g128.manifest.json`)."""
+    d, key = Path(pack_dir), (weights or WeightSpec()).key
+    stem = f"{dtype}.{key}" if key else dtype
+    return d / f"{stem}.manifest.json", d / f"{stem}.blob"
 
 
 @contextmanager
@@ -45,19 +49,23 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None = None,
                 manifest: str | Path | None = None, raw_device: str | Path | None = None,
-                dtype: str | None = None, repack: bool = False, verify_days: float | None = None) -> Pack:
+                dtype: str | None = None, repack: bool = False, verify_days: float | None = None,
+                weights: WeightSpec | None = None) -> Pack:
     """The pack `bench run` uses: an explicit manifest as is, else a cached pack, (re-)packed when stale.
 
     The cache (`<checkpoint>/.streambench-pack/` or `pack_dir`) holds one pack per dtype and is rebuilt
     only when the checkpoint's fingerprint changed (or `repack`). Every checksum is verified when no
     full verification younger than `verify_days` is on record; otherwise only the edges are.
+    `weights` is the weight format asked (native by default); an explicit manifest must hold it.
     """
     dtype = None if dtype == "auto" else dtype
+    weights = weights or WeightSpec()
     if manifest is not None:
         pack = Pack.open(manifest, blob_path=raw_device)
         if dtype and pack.manifest.dtype != dtype:
             raise UserError(f"manifest {manifest} holds {pack.manifest.dtype} weights but dtype {dtype} was asked; "
                             f"re-pack with `bench pack --dtype {dtype}` or drop --dtype")
+        _check_format(pack, weights, manifest)
         if checkpoint_dir and Path(checkpoint_dir).is_dir():
             if checkpoint_source(checkpoint_dir).fingerprint != pack.manifest.source.fingerprint:
                 log.warning("checkpoint %s changed since manifest %s was packed; using the pack as is",
@@ -70,10 +78,14 @@ def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None =
     if not checkpoint_dir:
         raise UserError("no checkpoint: pass --checkpoints DIR (or --manifest FILE of an existing pack)")
     root = Path(checkpoint_dir)
-    ModelConfig.from_hf_dir(root)  # a clear error for a bad checkpoint before touching the cache
+    cfg = ModelConfig.from_hf_dir(root)  # a clear error for a bad checkpoint before touching the cache
+    published = detect(root)
+    weights = resolve(published, weights, f"checkpoint {root}")  # a pre-quantized one packs as it is
     cache = Path(pack_dir) if pack_dir else root / CACHE_DIRNAME
-    dtype = resolve_dtype(dtype, read_index(root))
-    manifest_path, blob_path = pack_paths(cache, dtype)
+    index = read_index(root)
+    dtype = resolve_dtype(dtype, index)
+    plan_layout(cfg, index, dtype, root, weights, published)  # every tensor and format check, from the headers
+    manifest_path, blob_path = pack_paths(cache, dtype, weights)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -91,10 +103,27 @@ def ensure_pack(checkpoint_dir: str | Path | None, pack_dir: str | Path | None =
         log.info("packing %s into %s: %s", root, cache, reason)
         for p in (manifest_path, blob_path):
             p.unlink(missing_ok=True)  # free the space before writing the new blob
-        pack_checkpoint(root, blob_path, manifest_path, dtype=dtype)
+        pack_checkpoint(root, blob_path, manifest_path, dtype=dtype, weights=weights)
         pack = Pack.open(manifest_path)
         pack.check = verify.PackCheck("full", (verify.record_of(pack) or {}).get("verified_at")).to_dict()
         return pack
+
+
+def _check_format(pack: Pack, weights: WeightSpec, manifest: str | Path) -> None:
+    """An explicit manifest must hold the weight format the run asks for: the run's record says it does."""
+    m = pack.manifest
+    held = WeightSpec(m.weight_format, m.group_size or weights.group_size,
+                      any(t.short.startswith("lm_head.") for t in m.tensors))
+    if held != weights:
+        raise UserError(f"manifest {manifest} holds {_describe(held)} weights but {_describe(weights)} was asked; "
+                        f"pass --weight-format {held.format}"
+                        + (f" --quant-group-size {held.group_size}" if held.format == "int4" else "")
+                        + (" --quantize-head" if held.quantize_head else "") + " (or re-pack)")
+
+
+def _describe(w: WeightSpec) -> str:
+    return w.format + (f" (group {w.group_size})" if w.format == "int4" else "") + (
+        ", quantized head" if w.quantize_head else "")
 
 
 def _stale_reason(manifest_path: Path, checkpoint: Path) -> str | None:

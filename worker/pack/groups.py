@@ -8,7 +8,10 @@ by their short name (`q_proj`, `input_layernorm`, ...).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from worker.model.geometry import ModelConfig
 
 RESIDENT = "resident"
 KINDS = ("attn", "ffn")
@@ -85,3 +88,12 @@ def fused(group: dict) -> dict:
             rows = sum(t.shape[0] for t in ts)
             group[name] = ts[0].as_strided((rows, ts[0].shape[1]), (ts[0].shape[1], 1))  # (rows, in)
     return group
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Short name → shape config.json implies (HF Linear weights are (out, in))."""
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"embed_tokens": (v, h), "norm": (h,), "lm_head": (v, h), "input_layernorm": (h,),
+            "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "post_attention_layernorm": (h,), "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}

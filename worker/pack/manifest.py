@@ -4,7 +4,13 @@ A pack is a blob (regular file or raw block device) plus this JSON. The blob has
 so the manifest is the only description of it: model geometry, dtype, every group's extent and
 checksum, every tensor's offset, shape and dtype, and the checkpoint it came from (with a fingerprint,
 so a cache can tell when the checkpoint changed). `Manifest.load` validates everything the engine
-relies on (format version, alignment, extents inside the blob), so readers can trust offsets blindly.
+relies on (format version, alignment, extents inside the blob, every quantized tensor's parts), so
+readers can trust offsets blindly.
+
+A quantized pack (`weight_format` int8 or int4, worker.quant.formats) records the format per tensor:
+each quantized weight is its parts, each a tensor entry of its own (`q_proj.qweight`,
+`q_proj.scales`, ...) with `format` naming the weight's format. A native pack writes neither key,
+so its manifest is what it always was.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from typing import Any
 from worker.errors import UserError
 from worker.files import write_atomic
 from worker.model.geometry import ModelConfig
-from worker.pack.groups import all_groups
+from worker.pack.groups import all_groups, expected_shapes
+from worker.quant import formats
 
 FORMAT = "streambench-pack"
 FORMAT_VERSION = 1
 ALIGNMENT = 4096
-DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}  # what a native tensor (and the compute) may be
+TENSOR_DTYPE_SIZES = {**DTYPE_SIZES, **formats.PART_DTYPE_SIZES}  # what a tensor entry may be
 BLOB_KINDS = ("file", "block")
 
 
@@ -73,6 +81,7 @@ class TensorEntry:
     nbytes: int
     shape: tuple[int, ...]
     dtype: str
+    format: str = "native"  # the weight format of the tensor this entry is (a part of)
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class Manifest:
     alignment: int = ALIGNMENT
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    weight_format: str = "native"
+    group_size: int | None = None  # int4's group along the input dimension
     _index: dict[str, tuple[GroupEntry, tuple[TensorEntry, ...]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -118,8 +129,10 @@ class Manifest:
         d["model_config"] = self.model_config.to_dict()
         d["blob"] = asdict(self.blob)
         d["source"] = asdict(self.source)
+        if self.weight_format != "native":
+            d["weight_format"], d["group_size"] = self.weight_format, self.group_size
         d["groups"] = [asdict(g) for g in self.groups]
-        d["tensors"] = [asdict(t) for t in self.tensors]
+        d["tensors"] = [_tensor_dict(t) for t in self.tensors]
         return d
 
     def save(self, path: str | Path) -> None:
@@ -157,6 +170,8 @@ class Manifest:
                 created_at=str(_req(d, "created_at")),
                 groups=tuple(GroupEntry(**g) for g in _req(d, "groups")),
                 tensors=tuple(TensorEntry(**{**t, "shape": tuple(t["shape"])}) for t in _req(d, "tensors")),
+                weight_format=d.get("weight_format", "native"),
+                group_size=d.get("group_size"),
             )
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
@@ -199,10 +214,43 @@ class Manifest:
             if t.group not in self._index:
                 raise bad(f"tensor {t.name} names unknown group {t.group!r}")
             g = self.group(t.group)
-            if t.dtype not in DTYPE_SIZES or t.nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
+            if t.dtype not in TENSOR_DTYPE_SIZES or t.nbytes != math.prod(t.shape) * TENSOR_DTYPE_SIZES[t.dtype]:
                 raise bad(f"tensor {t.name}: nbytes {t.nbytes} does not match shape {list(t.shape)} × {t.dtype}")
             if t.offset % self.alignment or t.offset < g.offset or t.offset + t.nbytes > g.offset + g.nbytes:
                 raise bad(f"tensor {t.name} at [{t.offset}, +{t.nbytes}) is unaligned or outside group {g.name}")
+        problem = self._quantized_problem()
+        if problem:
+            raise bad(problem)
+
+    def _quantized_problem(self) -> str | None:
+        """Why the tensors do not hold what `weight_format` says (a truncated or edited pack), or None."""
+        if self.weight_format not in formats.FORMATS:
+            return f"weight_format {self.weight_format!r} is not one of {', '.join(formats.FORMATS)}"
+        if self.weight_format == "int4" and (not isinstance(self.group_size, int) or self.group_size < 2):
+            return f"int4 pack without a valid group_size ({self.group_size!r})"
+        shapes = expected_shapes(self.model_config)
+        found: dict[tuple[str, str], dict[str, tuple[tuple[int, ...], str]]] = {}
+        for t in self.tensors:
+            base, suffix = formats.split_short(t.short)
+            if t.format == "native":
+                if suffix is not None or t.dtype not in DTYPE_SIZES:
+                    return f"tensor {t.name} is native but named or typed as a quantized part ({t.short}, {t.dtype})"
+                continue
+            if t.format != self.weight_format or base not in shapes or suffix is None:
+                return f"tensor {t.name} has format {t.format!r} in a {self.weight_format} pack"
+            found.setdefault((t.group, base), {})[suffix] = (t.shape, t.dtype)
+        for (group, base), got in found.items():
+            why = formats.check_parts(self.weight_format, base, got, shapes[base], self.group_size or 0)
+            if why:
+                return f"group {group}: {why}"
+        return None
+
+
+def _tensor_dict(t: TensorEntry) -> dict[str, Any]:
+    d = asdict(t)
+    if t.format == "native":
+        del d["format"]
+    return d
 
 
 def _req(d: dict[str, Any], key: str) -> Any:

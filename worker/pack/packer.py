@@ -5,8 +5,10 @@ Streaming reads one group per O_DIRECT request, so the packer lays every group o
 in `groups.all_groups` order. It streams through a fixed pool of aligned 64 MiB windows (a 70B
 checkpoint never sits in memory), reads the checkpoint with pread (no mmap), writes with O_DIRECT,
 hashes while writing, and writes the manifest last: a crash leaves no blob and no manifest behind.
-`ensure_pack` is what `bench run` calls: it keeps a per-dtype pack cache next to the checkpoint and
-re-packs only when the checkpoint's fingerprint changed.
+`ensure_pack` is what `bench run` calls: it keeps a per-dtype, per-format pack cache next to the
+checkpoint and re-packs only when the checkpoint's fingerprint changed. A quantized format
+(worker.quant) lays each projection out as its parts, side by side in the same group extent, so a
+group is still one read and one copy; their bytes come from `worker.pack.quantized`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,21 @@ from worker.model.geometry import ModelConfig
 from worker.pack import verify
 from worker.pack.blob import CHUNK, TORCH_DTYPES, BlobWriter, Pack, aligned_empty, read_extent
 from worker.pack.blockdev import check_target
-from worker.pack.groups import all_groups, group_tensors
-from worker.pack.manifest import DTYPE_SIZES, BlobRef, GroupEntry, Manifest, TensorEntry, align_up, checkpoint_source
+from worker.pack.groups import all_groups, expected_shapes, group_tensors
+from worker.pack.manifest import (
+    DTYPE_SIZES,
+    TENSOR_DTYPE_SIZES,
+    BlobRef,
+    GroupEntry,
+    Manifest,
+    TensorEntry,
+    align_up,
+    checkpoint_source,
+)
+from worker.pack.quantized import QuantizedSource
 from worker.pack.source import ST_DTYPES, SourceTensor, read_index
+from worker.quant.formats import WeightSpec, check_divides, part_name, parts
+from worker.quant.published import Published, check_source, detect, resolve, scale_dtype
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +66,27 @@ def resolve_dtype(dtype: str | None, index: dict[str, SourceTensor]) -> str:
     return dtype
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Short name → shape config.json implies (HF Linear weights are (out, in))."""
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"embed_tokens": (v, h), "norm": (h,), "lm_head": (v, h), "input_layernorm": (h,),
-            "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "post_attention_layernorm": (h,), "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
-
-
-def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, where: Path
+def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, where: Path,
+                weights: WeightSpec | None = None, published: Published | None = None
                 ) -> tuple[list[tuple[str, int, int]], list[TensorEntry], int]:
-    """Place every tensor: [(group, offset, extent)], tensor entries, blob size. Checks names and shapes."""
+    """Place every tensor: [(group, offset, extent)], tensor entries, blob size. Checks names and shapes.
+    A quantized tensor is placed as its parts (formats.parts), each aligned like a tensor; a published
+    checkpoint's (worker.quant.published) come from its own quantized tensors."""
+    weights = weights or WeightSpec()
     shapes, itemsize = expected_shapes(cfg), DTYPE_SIZES[dtype]
+    check_divides(weights, shapes, f"checkpoint {where}")
     groups, tensors, offset = [], [], 0
     for key in all_groups(cfg.num_hidden_layers):
         start = offset
         for short, name in group_tensors(key, cfg.tie_word_embeddings).items():
+            quantized = weights.quantizes(short, cfg.tie_word_embeddings)
+            if quantized and published is not None:
+                why = check_source(published, index, name, shapes[short])
+                if why:
+                    raise UserError(f"checkpoint {where} ({published.method}): {why}; re-download or re-export it")
+                offset = _place_parts(tensors, key.name, short, name, shapes[short], weights, offset,
+                                      scale_dtype(published, index, name))
+                continue
             src = index.get(name)
             if src is None:
                 hint = " (config.json says tie_word_embeddings=false)" if short == "lm_head" else ""
@@ -82,6 +100,9 @@ def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, wh
             if src.nbytes != math.prod(src.shape) * DTYPE_SIZES[src.dtype]:
                 raise UserError(f"{src.file} is corrupt: tensor {name} spans {src.nbytes} bytes, not "
                                 f"{list(src.shape)} × {src.dtype}")
+            if quantized:
+                offset = _place_parts(tensors, key.name, short, name, src.shape, weights, offset)
+                continue
             nbytes = math.prod(src.shape) * itemsize
             tensors.append(TensorEntry(name, short, key.name, offset, nbytes, src.shape, dtype))
             offset = align_up(offset + nbytes)
@@ -89,26 +110,42 @@ def plan_layout(cfg: ModelConfig, index: dict[str, SourceTensor], dtype: str, wh
     return groups, tensors, offset
 
 
+def _place_parts(tensors: list[TensorEntry], group: str, short: str, name: str, dense: tuple[int, ...],
+                 weights: WeightSpec, offset: int, scale_dtype: str | None = None) -> int:
+    """Append a quantized weight's parts at `offset` (each aligned); the offset after them."""
+    for suffix, (shape, pdtype) in parts(weights.format, dense, weights.group_size, scale_dtype).items():
+        nbytes = math.prod(shape) * TENSOR_DTYPE_SIZES[pdtype]
+        tensors.append(TensorEntry(part_name(name, suffix), f"{short}.{suffix}", group, offset, nbytes, shape,
+                                   pdtype, weights.format))
+        offset = align_up(offset + nbytes)
+    return offset
+
+
 def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_path: str | Path,
-                    dtype: str | None = None, force: bool = False) -> Manifest:
+                    dtype: str | None = None, force: bool = False, weights: WeightSpec | None = None) -> Manifest:
     """Pack a checkpoint into `blob_path` (regular file or block device) and write `manifest_path` last.
 
-    `force` lets a raw target that holds a filesystem signature be overwritten (never a mounted one).
+    `force` lets a raw target that holds a filesystem signature be overwritten (never a mounted one);
+    `weights` is the weight format (native by default).
     """
+    weights = weights or WeightSpec()
     t0 = time.perf_counter()
     root, blob_path, manifest_path = Path(checkpoint_dir), Path(blob_path).absolute(), Path(manifest_path).absolute()
     cfg = ModelConfig.from_hf_dir(root)
     source = checkpoint_source(root)
     index = read_index(root)
     dtype = resolve_dtype(dtype, index)
-    groups, tensors, size = plan_layout(cfg, index, dtype, root)
+    published = detect(root)
+    weights = resolve(published, weights, f"checkpoint {root}")
+    groups, tensors, size = plan_layout(cfg, index, dtype, root, weights, published)
     if not manifest_path.parent.is_dir():
         raise UserError(f"manifest directory {manifest_path.parent} does not exist")
     if manifest_path == blob_path:
         raise UserError(f"manifest and blob must be different files (both {blob_path})")
     target = check_target(blob_path, size, force, reads=root, manifest=manifest_path)
     block = target.kind == "block"
-    log.info("packing %s (%d layers, %s, %.2f GB) into %s", root, cfg.num_hidden_layers, dtype, size / 1e9, blob_path)
+    log.info("packing %s (%d layers, %s, %s weights, %.2f GB) into %s", root, cfg.num_hidden_layers, dtype,
+             weights.format, size / 1e9, blob_path)
     tmp = blob_path if block else blob_path.with_name(f".{blob_path.name}.tmp{os.getpid()}")
     if block:
         manifest_path.unlink(missing_ok=True)  # the device's old contents are about to go
@@ -119,7 +156,7 @@ def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_
         try:
             if not block:
                 _preallocate(fd, size)
-            checksums = _write_groups(fd, groups, tensors, index, dtype)
+            checksums = _write_groups(fd, groups, tensors, index, dtype, weights, published)
             os.fsync(fd)
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)  # leave the page cache to the benchmark
         finally:
@@ -128,7 +165,8 @@ def pack_checkpoint(checkpoint_dir: str | Path, blob_path: str | Path, manifest_
         manifest = Manifest(
             model_config=cfg, dtype=dtype, blob_size=size, blob=BlobRef(blob_ref, target.kind), source=source,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            groups=tuple(GroupEntry(n, off, nb, checksums[n]) for n, off, nb in groups), tensors=tuple(tensors))
+            groups=tuple(GroupEntry(n, off, nb, checksums[n]) for n, off, nb in groups), tensors=tuple(tensors),
+            weight_format=weights.format, group_size=weights.group_size if weights.format == "int4" else None)
         if not block:
             manifest_path.unlink(missing_ok=True)  # an old manifest must never describe the new blob
             os.replace(tmp, blob_path)
@@ -171,12 +209,13 @@ def _preallocate(fd: int, size: int) -> None:
 
 
 def _write_groups(fd: int, groups: list[tuple[str, int, int]], tensors: list[TensorEntry],
-                  index: dict[str, SourceTensor], dtype: str) -> dict[str, str]:
+                  index: dict[str, SourceTensor], dtype: str, weights: WeightSpec,
+                  published: Published | None) -> dict[str, str]:
     """Write every group's extent, window by window, through the pipeline; group name → checksum."""
     by_group: dict[str, list[TensorEntry]] = {}
     for t in tensors:
         by_group.setdefault(t.group, []).append(t)
-    with _Pipeline(fd, index, dtype) as pipe:
+    with _Pipeline(fd, index, dtype, QuantizedSource(tensors, index, weights.group_size, published)) as pipe:
         for name, start, nbytes in groups:
             for window in _windows(name, start, nbytes, by_group[name]):
                 pipe.submit(window)
@@ -216,13 +255,14 @@ class _Pipeline:
     aborted, and the source fds are closed: `pack_checkpoint` then removes the partial blob.
     """
 
-    def __init__(self, fd: int, index: dict[str, SourceTensor], dtype: str):
-        self.index, self.dtype = index, dtype
+    def __init__(self, fd: int, index: dict[str, SourceTensor], dtype: str, quantized: QuantizedSource):
+        self.index, self.dtype, self.quantized = index, dtype, quantized
         self.free: queue.Queue = queue.Queue()
         for _ in range(POOL_WINDOWS):
             self.free.put(aligned_empty(WINDOW))
         self.waiting: deque[_Filling] = deque()
         self.sources: dict[Path, int] = {}  # checkpoint file → fd: opened here, read by the fillers
+        quantized.sources = self.sources
         self.writer = BlobWriter(fd)
         self.fillers = ThreadPoolExecutor(FILLERS, thread_name_prefix="pack-fill")
 
@@ -232,7 +272,7 @@ class _Pipeline:
         while len(self.waiting) >= POOL_WINDOWS // 2:
             self._hand_on()
         buf = self.free.get()
-        done = self.fillers.submit(_fill, buf, window, self.index, self.sources, self.dtype)
+        done = self.fillers.submit(_fill, buf, window, self.index, self.sources, self.dtype, self.quantized)
         self.waiting.append(_Filling(window, buf, done))
 
     def finish(self) -> dict[str, str]:
@@ -243,7 +283,11 @@ class _Pipeline:
         return self.writer.finish()
 
     def _open_sources(self, window: _Window) -> None:
-        for file in {self.index[t.name].file for _, _, t in window.parts if t is not None}:
+        files = set()
+        for _, _, t in window.parts:
+            if t is not None:
+                files |= {self.index[t.name].file} if t.format == "native" else self.quantized.files(t)
+        for file in files:
             if file not in self.sources:
                 self.sources[file] = os.open(file, os.O_RDONLY)
 
@@ -284,13 +328,17 @@ def _windows(group: str, start: int, nbytes: int, tensors: list[TensorEntry]) ->
 
 
 def _fill(buf: torch.Tensor, window: _Window, index: dict[str, SourceTensor], sources: dict[Path, int],
-          dtype: str) -> memoryview:
+          dtype: str, quantized: QuantizedSource) -> memoryview:
     """Fill the window's blob bytes into `buf` (aligned, uint8) straight from the checkpoint (pread into
-    place, or read and convert into place; zeros between tensors); return their view."""
+    place, or read and convert into place; zeros between tensors; quantized parts from `quantized`);
+    return their view."""
     for a, b, t in window.parts:
         dst = buf[a - window.start:b - window.start]  # (b - a,) bytes of the blob
         if t is None:
             dst.zero_()
+            continue
+        if t.format != "native":
+            quantized.fill(dst, t, a - t.offset)
             continue
         src = index[t.name]
         src_t, dst_t = TORCH_DTYPES[src.dtype], TORCH_DTYPES[dtype]

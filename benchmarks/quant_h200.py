@@ -1,0 +1,182 @@
+"""Issue 17 on a GPU: the weight formats against their own floors, and the peer, in one command.
+
+    # on the GPU machine (PYTHONPATH=<repo>), all in one call:
+    python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/quant_runs.tar.gz
+    # or split over calls (the runs of earlier calls in --work are kept and reported too):
+    python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q1.tar.gz --only native peer
+    python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q2.tar.gz --only int8 int4
+
+Time (an estimate from the byte counts, not measured yet): at 4 layers the checkpoint is ~11 GB,
+each `ssd` run streams ~16 passes of its layers (a warm-up round and the measured one) and the
+native ones dominate (~1 minute each on a 2 GB/s disk); all 20 runs plus making and packing come to
+roughly 10-14 minutes, so split with `--only` where a call is limited to 10 minutes. A run that
+fails (e.g. out of memory under the budget) is reported and the others still run.
+    # a CPU dry run of the script itself (tiny geometry; minutes on a laptop)
+    python benchmarks/quant_h200.py --work /tmp/sbq-dry --out /tmp/sbq-dry.tar.gz --preset tiny --layers 2 \
+        --prompt-len 64 --new-tokens 3 --no-roofline
+
+One synthetic checkpoint (`bench make-model --preset llama3.1-70b --layers N`, bf16), packed once per
+format (`native`, `int8`, `int4`; `fp8` with `--only fp8`); then, for each format and batch size
+(1 and 16, prompt 512): a `gpu` mode run (all resident, no budget: the format's reference tokens),
+a `cpu` and an `ssd` run under `--budget-gib` of GPU memory, and the accelerate peer (`--engine
+accelerate --mode cpu`, the same budget, native weights: the peer reads the checkpoint as it is).
+Every run is its own
+`bench run` process writing `--out-json`. Printed per run: ms/token (decode), speed-up against the
+native run of the same mode and batch, decode attainment against the run's own floor (the floor of
+a quantized run counts its quantized bytes, from the manifest), what bound the floor, and whether
+its tokens equal the gpu-mode tokens of its format at its batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = ("native", "int8", "int4", "fp8")
+MODES = ("gpu", "cpu", "ssd")
+
+
+def bench(*args: str, log: Path | None = None, must: bool = True) -> bool:
+    """One `bench` process; a failed run (`must=False`) is reported and the rest still run."""
+    import os
+
+    cmd = [sys.executable, "-c", "import cli; cli.main()", "-v", "WARNING", *args]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        if must:
+            raise SystemExit(f"failed ({proc.returncode}): bench {' '.join(args)}")
+        print(f"failed ({proc.returncode}): bench {' '.join(args)}", file=sys.stderr)
+    return proc.returncode == 0
+
+
+def weight_args(fmt: str, a) -> list[str]:
+    return [] if fmt == "native" else ["--weight-format", fmt, "--quant-group-size", str(a.group_size)]
+
+
+def plan(a) -> list[tuple[str, str, int]]:
+    """(format or "peer", mode, batch) of every run asked for, in run order."""
+    runs = []
+    for fmt in FORMATS:
+        if fmt in a.only:
+            runs += [(fmt, mode, b) for b in a.batches for mode in MODES]
+    if "peer" in a.only:
+        runs += [("peer", "cpu", b) for b in a.batches]
+    return runs
+
+
+def run_args(ckpt: Path, fmt: str, mode: str, batch: int, out: Path, a) -> list[str]:
+    args = ["run", "--checkpoints", str(ckpt), "--mode", mode, "--batch-size", str(batch),
+            "--prompt-len", str(a.prompt_len), "--max-new-tokens", str(a.new_tokens), "--temperature", "0",
+            "--out-json", str(out)]
+    if mode != "gpu":  # the gpu reference runs unbudgeted; streaming runs act as a small card
+        args += ["--gpu-memory-limit-gb", f"{a.budget_gib * 2**30 / 1e9:.3f}"]
+    if not a.roofline:
+        args += ["--no-roofline"]
+    if fmt == "peer":
+        return args + ["--engine", "accelerate"]
+    return args + weight_args(fmt, a)
+
+
+def measure(a) -> Path:
+    work = Path(a.work)
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"{a.preset}-{a.layers}L"
+    if not (ckpt / "config.json").exists():
+        bench("make-model", str(ckpt), "--preset", a.preset, "--layers", str(a.layers))
+    for fmt in FORMATS:  # packed (and verified) outside any timed run
+        if fmt in a.only:
+            t0 = time.time()
+            bench("pack", "--checkpoints", str(ckpt), *weight_args(fmt, a), log=runs / f"pack-{fmt}.log")
+            print(f"packed {fmt} in {time.time() - t0:.1f} s", flush=True)
+    for fmt, mode, batch in plan(a):
+        name = f"{fmt}-{mode}-b{batch}"
+        t0 = time.time()
+        (runs / f"{name}.json").unlink(missing_ok=True)  # a failed run must not report an earlier call's JSON
+        ok = bench(*run_args(ckpt, fmt, mode, batch, runs / f"{name}.json", a), log=runs / f"{name}.log", must=False)
+        print(f"  {name:18} wall {time.time() - t0:6.1f} s{'' if ok else '  FAILED (see its .log)'}", flush=True)
+    return runs
+
+
+def load(runs: Path) -> dict[tuple[str, str, int], dict]:
+    out = {}
+    for f in sorted(runs.glob("*-b*.json")):
+        fmt, mode, b = f.stem.rsplit("-", 2)
+        out[(fmt, mode, int(b[1:]))] = json.loads(f.read_text())
+    return out
+
+
+def ms_per_token(doc: dict) -> float | None:
+    m = doc["metrics"]
+    return m["decode_ms"] / m["decode_steps"] if m.get("decode_steps") else None
+
+
+def tokens(doc: dict) -> list[list[int]]:
+    return [o["token_ids"] for o in doc["outputs"]]
+
+
+def report(runs: Path) -> str:
+    docs = load(runs)
+    lines = [f"{'format':7} {'mode':4} {'batch':>5} {'ms/token':>10} {'vs native':>9} {'attain':>7} {'bound':>6} "
+             f"{'weights GB':>10} {'= gpu tokens':>12}"]
+    order = lambda k: (k[2], FORMATS.index(k[0]) if k[0] in FORMATS else 9, MODES.index(k[1]))  # noqa: E731
+    for (fmt, mode, b), doc in sorted(docs.items(), key=lambda kv: order(kv[0])):
+        ms = ms_per_token(doc)
+        base = docs.get(("native", mode, b))
+        speed = f"{ms_per_token(base) / ms:8.2f}x" if base and ms and fmt != "native" else "—"
+        if fmt == "peer" and ("native", "cpu", b) in docs:
+            speed = f"{ms_per_token(docs[('native', 'cpu', b)]) / ms:8.2f}x"  # the peer against native cpu
+        roof = doc.get("roofline") or {}
+        att = roof.get("attainment_decode")
+        ref = docs.get((fmt if fmt != "peer" else "native", "gpu", b))
+        same = "—" if ref is None or (mode == "gpu" and fmt != "peer") else str(tokens(doc) == tokens(ref))
+        gb = (doc["model"].get("weight_bytes") or 0) / 1e9
+        lines.append(f"{fmt:7} {mode:4} {b:5d} {ms:10.2f} {speed:>9} {'—' if att is None else f'{att:.2f}':>7} "
+                     f"{roof.get('bound_decode') or '—':>6} {gb:10.3f} {same:>12}")
+    lines.append("vs native: native ms/token of the same mode and batch over this run's (the peer: native cpu's); "
+                 "attain: decode floor / measured, the floor counting the run's packed bytes; "
+                 "= gpu tokens: greedy tokens equal that format's gpu-mode run (the peer: native gpu's)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/sbq")
+    ap.add_argument("--out", required=True, help="tarball of the run JSONs, logs and the printed table")
+    ap.add_argument("--preset", default="llama3.1-70b", help="geometry (tiny: a CPU dry run of the script)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--budget-gib", type=float, default=6.0, help="GPU memory of the cpu/ssd/peer runs")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="int4 group [default: 128; 16 for the tiny preset, whose 688-wide MLP 128 does not divide]")
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false")
+    ap.add_argument("--only", nargs="+", default=["native", "int8", "int4", "peer"], choices=[*FORMATS, "peer"],
+                    help="which formats (each with its gpu, cpu and ssd runs) and/or the peer [default: all but "
+                         "fp8, which adds 6 runs]")
+    a = ap.parse_args()
+    a.group_size = a.group_size or (16 if a.preset == "tiny" else 128)
+    t0 = time.time()
+    runs = measure(a)
+    table = report(runs)
+    print(f"\n{a.preset}, {a.layers} layers, prompt {a.prompt_len}, {a.new_tokens} new tokens, budget "
+          f"{a.budget_gib} GiB, int4 group {a.group_size}; {time.time() - t0:.0f} s\n\n{table}")
+    (runs / "table.txt").write_text(table + "\n")
+    with tarfile.open(a.out, "w:gz") as tar:
+        tar.add(runs, arcname="runs")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
