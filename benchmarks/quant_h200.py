@@ -68,7 +68,7 @@ def plan(a) -> list[tuple[str, str, int]]:
     runs = []
     for fmt in FORMATS:
         if fmt in a.only:
-            runs += [(fmt, mode, b) for b in a.batches for mode in MODES]
+            runs += [(fmt, mode, b) for b in a.batches for mode in MODES if mode in a.modes]
     if "peer" in a.only:
         runs += [("peer", "cpu", b) for b in a.batches]
     return runs
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=None,
                     help="int4 group [default: 128; 16 for the tiny preset, whose 688-wide MLP 128 does not divide]")
     ap.add_argument("--no-roofline", dest="roofline", action="store_false")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="which modes (gpu is every format's reference for the token check)")
     ap.add_argument("--only", nargs="+", default=["native", "int8", "int4", "peer"], choices=[*FORMATS, "peer"],
                     help="which formats (each with its gpu, cpu and ssd runs) and/or the peer [default: all but "
                          "fp8, which adds 6 runs]")
