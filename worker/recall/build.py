@@ -30,18 +30,21 @@ log = logging.getLogger(__name__)
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 MAX_POSITIONS = 131072  # Llama 3.1's; RoPE's llama3 scaling is what makes lengths beyond training usable
-TASK = RecallTask(pairs=4, value_tokens=4, keys=64, values_per_slot=32, fillers=32)
+# One record per context: the passkey task. Four records (associative recall among distractors) did not
+# learn within a CPU budget: stuck at 1.6 nats per answer token after 2000 steps (see the report)
+TASK = RecallTask(pairs=1, value_tokens=4, keys=64, values_per_slot=32, fillers=32)
 SIZES: dict[str, TrainConfig] = {
     "cpu": TrainConfig(
         geometry=Geometry(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=32),
-        stages=(Stage(48, 3500, 32), Stage(256, 300, 16), Stage(1024, 100, 8), Stage(2048, 60, 4)), task=TASK),
+                          num_key_value_heads=2, head_dim=64),
+        stages=(Stage(48, 600, 32), Stage(256, 200, 16), Stage(1024, 80, 8), Stage(2048, 60, 4)), task=TASK, queries=1,
+        rope_theta=10000.0),
     "gpu": TrainConfig(
         geometry=Geometry(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=64),
-        stages=(Stage(48, 4000, 64), Stage(512, 400, 32), Stage(2048, 300, 16), Stage(8192, 150, 8),
+        stages=(Stage(48, 1500, 64), Stage(512, 400, 32), Stage(2048, 300, 16), Stage(8192, 150, 8),
                 Stage(32768, 60, 2)),
-        task=TASK, bf16=True),
+        task=TASK, queries=1, rope_theta=10000.0, bf16=True),
 }
 
 
@@ -63,7 +66,7 @@ def make_recall_model(out_dir: str | Path, size: str = "cpu", seed: int = 0, dev
              sum(s.steps for s in cfg.stages), cfg.max_length)
     model, report = train(cfg, device, MAX_POSITIONS)
     _write(out, model.cpu(), cfg, {"size": size, "trained_on": str(device), "torch": torch.__version__,
-                                   "threads": torch.get_num_threads(), "stages": report})
+                                   "threads": cfg.cpu_threads if device.type == "cpu" else None, "stages": report})
     return out
 
 

@@ -1,4 +1,7 @@
-"""The synthetic retrieval task: key→value pairs scattered through filler, then a query for one key.
+"""The synthetic retrieval task: key→value records scattered through filler, then a query for one key.
+
+With one record (the sizes in `build`) it is passkey retrieval; with several it is associative
+recall among distractors, which the 2-layer model did not learn within a CPU budget.
 
 A context of `length` tokens is filler words with `pairs` records `k v1 .. vL` inserted at random,
 non-overlapping positions (distinct keys; each value slot's symbols distinct within a context, so
@@ -7,8 +10,9 @@ non-overlapping positions (distinct keys; each value slot's symbols distinct wit
 current token: `k` → `v1` → `v2` ...), the circuit a 2-layer model learns fastest. The first answer
 token comes from the prompt's forward (the prefill, which attends exactly); `v2 .. vL` come from
 decode steps, which is where top-k block attention decides what the model sees, so a passkey is
-right under top-k only if those steps still find the record. Training sequences append several queries (a loss on every
-answer token of each: more signal per long sequence); a passkey prompt has exactly one.
+right under top-k only if those steps still find the record. Training sequences append several queries, keys drawn with
+replacement (a loss on every answer token of each: more signal per long sequence); a passkey prompt
+has exactly one.
 """
 
 from __future__ import annotations
@@ -72,8 +76,8 @@ def sample(task: RecallTask, batch: int, length: int, queries: int, g: torch.Gen
     row is `v1 .. vL` and the further queries. Labels are the answer tokens, IGNORE elsewhere."""
     if length < task.min_length():
         raise ValueError(f"length {length} is too short for {task.pairs} pairs (need >= {task.min_length()})")
-    if not 1 <= queries <= task.pairs:
-        raise ValueError(f"queries must be in 1..{task.pairs} (got {queries})")
+    if queries < 1:
+        raise ValueError(f"queries must be >= 1 (got {queries})")
     v = task.vocab
     ctx, rec, L = length - 2, task.record, task.value_tokens
     fill = torch.tensor(v.filler_ids)[torch.randint(len(v.filler_ids), (batch, ctx), generator=g)]
@@ -87,7 +91,9 @@ def sample(task: RecallTask, batch: int, length: int, queries: int, g: torch.Gen
     starts = starts + torch.arange(task.pairs) * rec  # (B, P)
     cols = starts[:, :, None] + torch.arange(rec)  # (B, P, 1+L)
     fill.scatter_(1, cols.reshape(batch, -1), records.reshape(batch, -1))
-    asked = torch.stack([torch.randperm(task.pairs, generator=g)[:queries] for _ in range(batch)])  # (B, Q)
+    # drawn with replacement: asking each record once would let the last answer follow by elimination
+    # (measured: a model that learned that answered the last query 0.84-0.97 right and the first 0.25)
+    asked = torch.randint(task.pairs, (batch, queries), generator=g)  # (B, Q)
     rows = torch.arange(batch)[:, None]
     answers = vals[rows, asked]  # (B, Q, L)
     tail = torch.cat([torch.full((batch, queries, 1), v.query_id), keys[rows, asked][:, :, None], answers], -1)
