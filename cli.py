@@ -106,7 +106,8 @@ def run_summary(result: dict):
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of layers [default: the preset's].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Dtype of the weights.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights (recall: of training).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights (recall: of training).")
 @click.option("--tie-embeddings", is_flag=True, help="Tie lm_head to the embeddings (no lm_head tensor).")
 @click.option("--shard-max-gb", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Largest safetensors shard.")

@@ -119,7 +119,8 @@ def kv_settings(a: argparse.Namespace, budget: int) -> dict:
 
 
 @torch.no_grad()
-def forced_mass(engine, a, prompts: list[list[int]], answers: list[list[int]], budget: int, device) -> tuple[float, float]:
+def forced_mass(engine, a, prompts: list[list[int]], answers: list[list[int]], budget: int,
+                device) -> tuple[float, float]:
     """Teacher-forced decode of the answers with every block on the device: (mass kept, oracle)."""
     kept, oracle = [], []
     steps = len(answers[0])
@@ -187,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "topk_tokens": budget}, **settings)
                 row["resident_accuracy"] = r["accuracy"]
             if "mass" in a.only and budget and "mass_kept" not in row:
-                engine = build_engine(resolve_config({"checkpoints": str(ckpt), "max_seq_len": length + task.value_tokens,
-                                                      "batch_size": a.mass_batch, "compile": False, "dtype": engine_dtype(a)}),
-                                      ensure_pack(ckpt, dtype=engine_dtype(a)), device)
+                flat = {"checkpoints": str(ckpt), "max_seq_len": length + task.value_tokens,
+                        "batch_size": a.mass_batch, "compile": False, "dtype": engine_dtype(a)}
+                engine = build_engine(resolve_config(flat), ensure_pack(ckpt, dtype=engine_dtype(a)), device)
                 try:
                     row["mass_kept"], row["oracle"] = forced_mass(engine, a, keys.prompts, keys.answers, budget, device)
                 finally:

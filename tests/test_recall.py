@@ -118,6 +118,30 @@ def reference(tmp_path_factory) -> Path:
     return copy_reference(tmp_path_factory.mktemp("recall") / "ref")
 
 
+def test_the_engine_computes_what_hf_computes_on_the_reference(reference):
+    """Tied embeddings, RoPE base 10000 with llama3 scaling and transformers-5 config keys: the engine's
+    logits equal HF's on the trained model (fp32)."""
+    from transformers import LlamaForCausalLM
+
+    from worker.engine import build_engine
+    from worker.model.step import Step
+    from worker.pack.cache import ensure_pack
+    from worker.run import resolve_config
+
+    prompts, _ = passkey_prompts(task_of(reference), 2, 300, seed=3)
+    ids = torch.tensor(prompts)
+    engine = build_engine(resolve_config({"checkpoints": str(reference), "max_seq_len": 320, "batch_size": 2}),
+                          ensure_pack(reference), torch.device("cpu"))
+    try:
+        got = engine.model.forward(ids, Step(torch.arange(300).expand(2, 300), 300, (300, 300)),
+                                   engine.new_cache(2, 320), logits_at=torch.tensor([299, 299]))
+    finally:
+        engine.close()
+    with torch.no_grad():
+        want = LlamaForCausalLM.from_pretrained(reference).eval()(input_ids=ids).logits[:, -1]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+
+
 OFFLOAD = {"kv_offload": "cpu", "kv_gpu_blocks": 4, "kv_block_tokens": 16}
 
 
