@@ -1,11 +1,13 @@
 """`bench make-model DIR --preset recall`: the trained recall model as an HF checkpoint.
 
-Two sizes of one recipe (`worker.recall.train`): `cpu`, trained to 2k tokens in minutes on a CPU,
-and `gpu`, trained to 32k tokens in minutes on one H200. The cpu size is committed
-(`worker/recall/reference/`, a few MB of float32 safetensors) because CI cannot afford to train it
+Two sizes of one recipe (`worker.recall.train`): `cpu`, trained to 2k tokens on one CPU core in
+about 6 minutes (348-354 s measured on a shared 2-core machine), and `gpu`, meant to train to 32k
+tokens in a few minutes on one H200 (not yet run there). The cpu size is committed
+(`worker/recall/reference/`, 1.7 MB of float32 safetensors) because CI cannot afford to train it
 on every run; `make_recall_model` rebuilds either size from scratch with the same seeds (bit-exact
-on the same torch version, device and thread count; the accuracy claims hold for any rebuild that
-passes its own stage checks, which `recall.json` records). A checkpoint is written to a temporary
+on the same torch version, device and thread count: a CPU rebuild reproduced the committed weights'
+sha256; the accuracy claims hold for any rebuild that passes its own stage checks, which
+`recall.json` records). A checkpoint is written to a temporary
 directory next to the target and renamed into place whole, like the synthetic ones.
 """
 
