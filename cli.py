@@ -17,7 +17,7 @@ from rich.markup import escape
 from orchestrator.cli.console import console, echo_json, err_console
 from orchestrator.cli.options import given, run_options, weight_options
 from worker.errors import UserError
-from worker.synth.presets import PRESETS
+from worker.synth.presets import PRESETS, TRAINED_PRESETS
 
 
 def _version(ctx: click.Context, _param, value: bool) -> None:
@@ -100,25 +100,52 @@ def run_summary(result: dict):
 
 @bench.command("make-model")
 @click.argument("out_dir", type=click.Path())
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny",
-              show_default=True, help="Geometry: tiny (CPU tests) or the real Llama-3.1 8B / 70B shapes.")
+@click.option("--preset", type=click.Choice([*PRESETS, *TRAINED_PRESETS]), default="tiny", show_default=True,
+              help="Geometry: tiny (CPU tests) or the real Llama-3.1 8B / 70B shapes; or recall: a small Llama "
+                   "trained on associative recall (the reference model of top-k accuracy).")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Number of layers [default: the preset's].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Dtype of the weights.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights (recall: of training).")
 @click.option("--tie-embeddings", is_flag=True, help="Tie lm_head to the embeddings (no lm_head tensor).")
 @click.option("--shard-max-gb", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Largest safetensors shard.")
+@click.option("--train-size", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="recall only: train this size here with the committed recipe (cpu: minutes on a CPU, to 2k "
+                   "tokens; gpu: minutes on an H200, to 32k) instead of copying the committed cpu-size model.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def make_model_cmd(out_dir: str, preset: str, layers: int | None, dtype: str, seed: int, tie_embeddings: bool,
-                   shard_max_gb: float, force: bool) -> None:
-    """Write a random-weight Llama-3.1 checkpoint (HF format + local tokenizer) for tests and benchmarks."""
+                   shard_max_gb: float, train_size: str | None, force: bool) -> None:
+    """Write a random-weight Llama-3.1 checkpoint (HF format + local tokenizer) for tests and benchmarks,
+    or the trained recall model."""
     from worker.synth.checkpoints import dir_size, make_model
 
-    overrides = {"tie_word_embeddings": True} if tie_embeddings else None
-    path = make_model(out_dir, preset=preset, layers=layers, dtype=dtype, seed=seed, overrides=overrides,
-                      shard_max_gb=shard_max_gb, force=force)
+    if preset in TRAINED_PRESETS:
+        path = _make_recall(out_dir, layers, tie_embeddings, seed, train_size, force)
+    else:
+        if train_size is not None:
+            raise UserError(f"--train-size applies to the recall preset only (got --preset {preset})")
+        overrides = {"tie_word_embeddings": True} if tie_embeddings else None
+        path = make_model(out_dir, preset=preset, layers=layers, dtype=dtype, seed=seed, overrides=overrides,
+                          shard_max_gb=shard_max_gb, force=force)
     console.print(f"{path} ({dir_size(path) / 1e9:.2f} GB)", highlight=False, soft_wrap=True)
+
+
+def _make_recall(out_dir: str, layers: int | None, tie: bool, seed: int, train_size: str | None, force: bool):
+    from worker.recall.build import copy_reference, make_recall_model
+
+    ctx = click.get_current_context()
+    fixed = [f"--{n.replace('_', '-')}" for n in ("layers", "dtype", "tie_embeddings", "shard_max_gb")
+             if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+    if fixed:
+        raise UserError(f"the recall preset is a trained model of a fixed geometry (float32): {', '.join(fixed)} "
+                        "does not apply; drop it")
+    if train_size is None:
+        if ctx.get_parameter_source("seed") != click.core.ParameterSource.DEFAULT:
+            raise UserError("--seed needs --train-size: without it the committed recall model is copied")
+        return copy_reference(out_dir, force=force)
+    return make_recall_model(out_dir, size=train_size, seed=seed, force=force)
 
 
 @bench.command("make-prompts")

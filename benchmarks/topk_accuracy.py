@@ -31,7 +31,8 @@ import torch
 
 from worker.config import KVConfig
 from worker.engine import build_engine
-from worker.kv import paged
+from worker.kv import kernels
+from worker.kv import topk as topk_sel
 from worker.kv.factory import KVFactory
 from worker.model.step import Step
 from worker.pack.cache import ensure_pack
@@ -62,8 +63,9 @@ def decode(model, cache, prompts: list[list[int]], steps: int, forced: torch.Ten
 
 
 class MassProbe:
-    """Records, for each top-k decode call of an all-resident paged cache, the exact attention mass of
-    the selected blocks and the mass the best k blocks would hold (benchmark instrumentation only)."""
+    """Records, for each top-k decode step of an all-resident paged cache (eager kernels), the exact
+    attention mass of the blocks it selected and the mass the best k blocks would hold (benchmark
+    instrumentation only: it wraps `kernels.topk_step` and `topk.select_blocks` while active)."""
 
     def __init__(self):
         self.kept: list[float] = []
@@ -71,38 +73,39 @@ class MassProbe:
         self._sel = None
 
     def __enter__(self):
-        self._select, self._topk = paged.select_blocks, paged.PagedKVCache._topk
+        self._fns = kernels.kernels(False)  # the eager namespace every uncompiled paged cache calls through
+        self._select, self._topk = topk_sel.select_blocks, self._fns.topk
         probe = self
 
-        def select(scores, k, frontier, available=None, recent=1):
-            probe._sel = probe._select(scores, k, frontier, available, recent)
+        def select(*args, **kw):
+            probe._sel = probe._select(*args, **kw)
             return probe._sel
 
-        def topk(cache, layer, q, plan):
-            out = probe._topk(cache, layer, q, plan)
-            if plan is None:
-                probe._measure(cache, layer, q)
+        def topk(q, k, v, pos, ring, kmin, kmax, stage, cand, track, bt, topk, recent):
+            out = probe._topk(q, k, v, pos, ring, kmin, kmax, stage, cand, track, bt, topk, recent)
+            if stage is None:  # every block is in the ring: the exact weights can be computed here
+                probe._measure(q, pos, ring, kmin.shape[1], bt, topk, recent)
             return out
 
-        paged.select_blocks, paged.PagedKVCache._topk = select, topk
+        topk_sel.select_blocks, self._fns.topk = select, topk
         return self
 
     def __exit__(self, *exc):
-        paged.select_blocks, paged.PagedKVCache._topk = self._select, self._topk
+        topk_sel.select_blocks, self._fns.topk = self._select, self._topk
 
-    def _measure(self, cache, layer, q) -> None:
+    def _measure(self, q, pos, ring, n, bt, k, recent) -> None:
         b, h, _, hd = q.shape
-        n, bt = cache.nbk, cache.bt
-        keys = cache.bufs.ring[layer][:, :n, 0].transpose(1, 2).reshape(b, -1, n * bt, hd)  # (B, KV, n*bt, hd)
+        keys = ring[:, :n, 0].transpose(1, 2).reshape(b, -1, n * bt, hd)  # (B, KV, n*bt, hd)
         keys = keys.repeat_interleave(h // keys.shape[1], dim=1)  # (B, H, n*bt, hd)
-        s = (q @ keys.transpose(-1, -2))[:, :, 0] * hd ** -0.5  # (B, H, n*bt)
-        s = s.masked_fill(torch.arange(n * bt)[None, None, :] > cache.pos_d[:, None, None], float("-inf"))
+        s = (q.float() @ keys.float().transpose(-1, -2))[:, :, 0] * hd ** -0.5  # (B, H, n*bt)
+        s = s.masked_fill(torch.arange(n * bt, device=q.device)[None, None, :] > pos[:, None, None], float("-inf"))
         mass = s.softmax(-1).view(b, h, n, bt).sum(-1).mean(1)  # (B, n): exact weight per block
         sel, valid = self._sel
         self.kept.append((mass.gather(1, sel) * valid).sum(1).mean().item())
-        j = torch.arange(n)[None, :]
-        forced = (j == 0) | ((j > cache.f_d[:, None] - cache.recent) & (j <= cache.f_d[:, None]))
-        best = torch.where(forced, 2.0, mass).topk(cache.topk, dim=1).indices
+        f = torch.div(pos, bt, rounding_mode="floor")
+        j = torch.arange(n, device=q.device)[None, :]
+        forced = (j == 0) | ((j > f[:, None] - recent) & (j <= f[:, None]))
+        best = torch.where(forced, 2.0, mass).topk(k, dim=1).indices
         self.oracle.append(mass.gather(1, best).sum(1).mean().item())
 
 

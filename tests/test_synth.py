@@ -15,6 +15,7 @@ import cli
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
 from worker.synth import checkpoints as synth
+from worker.synth.presets import TRAINED_PRESETS
 from worker.text.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_layout, special_token_policy
 
 TEXTS = ["Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\r\nlines", "héllo wörld — ünïcödé",
@@ -351,7 +352,7 @@ def test_cli_make_model(tmp_path, monkeypatch, capsys):
 
 def test_cli_presets_match_the_library():
     choices = cli.bench.commands["make-model"].params[1].type.choices
-    assert tuple(choices) == tuple(synth.PRESETS)
+    assert tuple(choices) == (*synth.PRESETS, *TRAINED_PRESETS)
 
 
 def test_cli_user_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):

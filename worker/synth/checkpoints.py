@@ -228,7 +228,7 @@ def _generation_config(cfg: dict[str, Any]) -> dict[str, Any]:
             "do_sample": True, "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.43.0.dev0"}
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output {str(out)!r} exists and is not a directory; choose another OUT_DIR")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -246,7 +246,7 @@ def make_model(out_dir: str | Path, preset: str = "tiny", layers: int | None = N
     """
     out = Path(out_dir).absolute()
     cfg = build_config(preset, layers, dtype, overrides)
-    _check_target(out, force)
+    check_target(out, force)
     if shard_max_gb <= 0:
         raise UserError(f"shard_max_gb must be > 0 (got {shard_max_gb})")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def make_model(out_dir: str | Path, preset: str = "tiny", layers: int | None = N
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2) + "\n")
         save_tokenizer(build_tokenizer(cfg["vocab_size"]), tmp, cfg["max_position_embeddings"])
         total = write_weights(tmp, tensor_specs(cfg), DTYPES[dtype], seed, int(shard_max_gb * 1e9))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -268,7 +268,7 @@ def make_model(out_dir: str | Path, preset: str = "tiny", layers: int | None = N
     return out
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` is moved aside first and removed only afterwards."""
     old = None
     if dst.is_dir():

@@ -35,3 +35,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "llama3.1-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                      "num_attention_heads": 64, "num_key_value_heads": 8},
 }
+
+# Presets whose weights are trained, not drawn (`bench make-model DIR --preset recall`, worker.recall).
+TRAINED_PRESETS: dict[str, str] = {
+    "recall": "a 2-layer Llama trained on associative recall: the reference model of top-k accuracy claims",
+}
