@@ -76,7 +76,7 @@ def test_selection_equals_brute_force(seed):
 @pytest.mark.parametrize("seed", range(24))
 def test_prefetch_candidates_equal_brute_force(seed):
     """Offloaded blocks only (below the ring), the sink and offloaded recent blocks first, then the best
-    by score; exactly min(k, offloaded) per row (the count the host sizes the copy by), -1 after."""
+    by the better of a block's and its predecessor's score; exactly min(k, offloaded) per row (the count the host sizes the copy by), -1 after."""
     g = torch.Generator().manual_seed(100 + seed)
     b, n, ring = 4, int(torch.randint(4, 40, (), generator=g)), int(torch.randint(1, 6, (), generator=g))
     k = int(torch.randint(2, n + 4, (), generator=g))  # sometimes more than there are blocks
@@ -89,7 +89,9 @@ def test_prefetch_candidates_equal_brute_force(seed):
         f = int(frontier[r])
         lo = min(max(0, f - ring + 1), n)
         pool = list(range(lo))
-        want = _best(scores[r].tolist(), pool, [j for j in pool if j == 0 or j > f - recent])[:k]
+        row = scores[r].tolist()
+        ahead = [max(row[j], row[j - 1]) if j else row[j] for j in range(n)]  # a block or the one before it
+        want = _best(ahead, pool, [j for j in pool if j == 0 or j > f - recent])[:k]
         assert got[r].tolist() == want + [-1] * (k - len(want))
         assert len(want) == min(k, lo)
 

@@ -163,11 +163,6 @@ def test_passkeys_at_2k_with_a_256_token_budget_equal_exact(reference, passkeys_
     assert topk["hits"] == exact["hits"] and topk["accuracy"] == exact["accuracy"]
 
 
-@pytest.mark.xfail(strict=True, reason="known defect of the offloaded top-k path (issue 14.2's design): the blocks "
-                   "fetched from the CPU tier are chosen by the previous decode step's scores, so when a record's last "
-                   "value symbol starts a new block the step that needs it cannot select it (rows 2 and 25 of 32 "
-                   "here, both records whose last symbol crosses a block boundary; exact and all-on-device top-k get "
-                   "them right)")
 def test_passkeys_at_2k_with_a_256_token_budget_offloaded_equal_exact(reference, passkeys_2k):
     keys, exact = passkeys_2k
     topk = run_passkeys(reference, keys, {**OFFLOAD, "topk_tokens": 256})
