@@ -89,6 +89,10 @@ def run_summary(result: dict):
     if roof.get("floor_ssd_gbps") is not None:
         t.add_row("floor SSD", f"{roof['floor_ssd_gbps']:,.2f} GB/s ({roof.get('floor_ssd_source')}; probe "
                                f"{fmt(roof.get('ssd_gbps'), ' GB/s')})")
+    acc = result.get("accuracy") or {}
+    if acc.get("positions"):
+        t.add_row(f"vs {acc['ref']} (teacher-forced)", f"top-1 agreement {acc['top1_agreement']:.4f}, mean KL "
+                  f"{acc['mean_kl']:.3g} nats over {acc['positions']} positions")
     setup = result.get("setup") or {}
     if setup.get("wall_s"):
         t.add_row("wall time", f"{setup['wall_s']:,.2f} s, {setup['measure_s']:,.2f} s of it measured")

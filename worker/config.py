@@ -27,6 +27,7 @@ KvOffload = Literal["none", "cpu", "ssd"]
 Engine = Literal["streaming", "accelerate"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cuda", "cpu"]
+AccuracyRef = Literal["native"]
 
 _STRICT = ConfigDict(extra="forbid")
 Count = Annotated[int, Field(ge=0)]  # zero allowed
@@ -153,6 +154,11 @@ class RunConfig:
                                     "dimension. No effect for native and int8.")
     quantize_head: bool = _f(False, "Quantize lm_head too (an untied one; norms and embeddings always stay native). "
                              "No effect for native.")
+    accuracy_ref: AccuracyRef | None = _f(None, "After the measured round (untimed), compare a quantized run's "
+                                          "next-token distributions with the native checkpoint's on the same "
+                                          "tokens: teacher-forced top-1 agreement and mean KL over the generated "
+                                          "positions (worker/quant/accuracy.py). Needs weight_format int8, int4 "
+                                          "or fp8.")
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
@@ -178,6 +184,9 @@ class RunConfig:
         if self.engine == "accelerate" and self.weight_format != "native":
             raise ValueError(f"weight_format {self.weight_format} is for the streaming engine; the accelerate peer "
                              "runs the checkpoint as it is: drop weight_format or use engine streaming")
+        if self.accuracy_ref is not None and self.weight_format == "native":
+            raise ValueError(f"accuracy_ref {self.accuracy_ref} compares a quantized run with the native weights: "
+                             "give weight_format int8, int4 or fp8 (a native run is its own reference)")
         if self.max_new_tokens >= self.max_seq_len:
             raise ValueError(f"max_new_tokens must be < max_seq_len ({self.max_seq_len}) so the prompt keeps at least "
                              f"one token (got {self.max_new_tokens})")

@@ -136,6 +136,7 @@ def assemble_result(cfg: RunConfig, model: dict[str, Any], device: torch.device,
         "locks": locks.to_dict() if locks is not None else None,  # the devices held, and the wait for them
         "pack": pack_record(pack),
         "warnings": io.get("warnings", []),
+        "accuracy": None,  # worker.run fills it when accuracy_ref is set (worker.quant.accuracy)
         "setup": None,  # worker.run fills it last: each phase's host time (worker.host.walltime)
         "outputs": [
             {"prompt_token_ids": p, "token_ids": t, "text": tok.decode(t, skip_special_tokens=True)}

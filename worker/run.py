@@ -5,7 +5,8 @@ on first use, builds the engine for the mode, runs untimed warm-up rounds and on
 and returns the result dict (schema `streambench.run/1`), also written to `cfg.out_json`. A run that
 streams from the SSD measures the disk just before its engine is built and just after it is closed
 (`worker.host.adjacent`) for its floor; every phase's host time goes in the result's `setup` section
-(`worker.host.walltime`).
+(`worker.host.walltime`). With `accuracy_ref`, the engine's agreement with the native weights is
+computed after the measured round's numbers are taken, before the engine closes (`worker.quant.accuracy`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
 
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
+    if cfg.accuracy_ref:
+        from worker.quant.accuracy import check_reference
+
+        check_reference(cfg.checkpoints)
     with clock.phase("tokenizer"):
         tok = reuse.tokenizer(cfg.checkpoints, load_tokenizer) if reuse is not None else load_tokenizer(cfg.checkpoints)
         prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
@@ -128,6 +133,11 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
             placement = engine.placement
             kv_step = engine.kv_step_bytes(result["metrics"]["batch_size"],
                                            result["metrics"]["prompt_len"] + gen.decode_steps // 2)
+            compiled = compile_cache.report(compiled_since)  # the run's compiles, not the accuracy check's
+            if cfg.accuracy_ref:
+                result["accuracy"] = _accuracy(engine, cfg, pack, prompt_ids, gen, device, clock)
+                if "error" in result["accuracy"]:
+                    result["warnings"].append(result["accuracy"]["error"])
         finally:
             if kept is None:
                 with clock.phase("close"):
@@ -152,7 +162,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         result["warnings"].append(suspect_warning(roof))
         log.warning("%s", result["warnings"][-1])
     result["setup"] = clock.report()
-    result["compile_cache"] = compile_cache.report(compiled_since)
+    result["compile_cache"] = compiled
     if cfg.out_json:
         write_json(result, cfg.out_json)
     phase("done")
@@ -179,6 +189,23 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase, cloc
 
     return measure(clock.rounds_of(once, cfg.warmup_rounds), cfg.warmup_rounds, cfg.max_new_tokens, device, phase,
                    prepare=prepare, start=start)
+
+
+def _accuracy(engine, cfg: RunConfig, pack, prompt_ids, gen: Generation, device: torch.device,
+              clock: RunClock) -> dict[str, Any]:
+    """After `build_result` took every measured number (times, bytes, peak memory, counters), so the
+    extra forwards change none of them; timed as the `accuracy` setup phase. A reference that does not
+    fit in memory costs the comparison, not the measured run: an `error` and a warning."""
+    from worker.quant.accuracy import measure_accuracy
+
+    with clock.phase("accuracy"):
+        try:
+            return measure_accuracy(engine, cfg.checkpoints, prompt_ids, gen.token_ids, cfg.max_seq_len,
+                                    getattr(torch, pack.manifest.dtype), device)
+        except torch.OutOfMemoryError as e:
+            msg = f"accuracy vs {cfg.accuracy_ref} skipped: the reference did not fit ({str(e).splitlines()[0]})"
+            log.warning("%s", msg)
+            return {"ref": cfg.accuracy_ref, "error": msg}
 
 
 def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):

@@ -136,11 +136,17 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("setup_slots_s", _F64, "the rest of the engine build: resident weights, GPU slots, threads, model"),
     ("setup_compile_s", _F64, "the first warm-up round (compilation on CUDA, first kernels and allocations)"),
     ("setup_warmup_s", _F64, "the later warm-up rounds and CUDA graph capture"),
+    ("setup_accuracy_s", _F64, "the comparison with the native weights after the measured round (accuracy_ref)"),
     ("setup_probe_s", _F64, "host probe and the SSD windows next to the run"),
     ("setup_close_s", _F64, "closing the engine"),
     ("setup_other_s", _F64, "the rest outside the measured round: device lock, result document"),
     ("measure_s", _F64, "the measured round, host clock"),
     ("wall_s", _F64, "the run's wall time: every setup phase plus the measured round"),
+    ("accuracy_ref", _STR, "what the run's next-token distributions were compared with (native), after the "
+                           "measured round; null without --accuracy-ref"),
+    ("accuracy_positions", _I64, "generated positions compared (every row's, teacher-forced on the run's tokens)"),
+    ("top1_agreement", _F64, "share of those positions where the run's argmax equals the reference's"),
+    ("mean_kl", _F64, "mean KL(reference || run) in nats over those positions"),
     ("warnings", pa.list_(_STR), ""),
     ("itl_ms", pa.list_(_F64), "per-token decode latencies"),
     ("output_token_ids", pa.list_(pa.list_(_I64)), "generated tokens per batch row"),
@@ -225,6 +231,9 @@ def build_row(spec: RunSpec, suite_run_id: str, outcome: RunOutcome) -> dict[str
                floor_ssd_spread=near.get("spread"))
     for k in SETUP_PHASES:
         row[f"setup_{k}_s"] = setup.get(f"{k}_s")
+    acc = res.get("accuracy") or {}
+    row.update(accuracy_ref=acc.get("ref"), accuracy_positions=acc.get("positions"),
+               top1_agreement=acc.get("top1_agreement"), mean_kl=acc.get("mean_kl"))
     row.update(fill_gbps=setup.get("fill_gbps"), measure_s=setup.get("measure_s"), wall_s=setup.get("wall_s"))
     for ch in ("ssd_read", "weight_h2d", "kv_h2d", "kv_d2h", "kv_ssd"):  # kv_ssd: absent unless the KV spilled
         stats = io.get(ch) or {}

@@ -24,6 +24,8 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
   allocators and streaming threads fill up; it is also one short round's work (`warmup_rounds_s`
   lists each warm-up round, so a later one shows what a round costs without the first-time work).
 - `warmup_s`: the later warm-up rounds, and capturing the measured round's CUDA graphs.
+- `accuracy_s`: `--accuracy-ref`'s comparison with the native weights, after the measured round
+  (`worker.quant.accuracy`); 0 without it.
 - `probe_s`: the host probe (a cached figure costs nothing) and the SSD windows next to the run
   (`worker.host.adjacent`).
 - `close_s`: closing the engine (its threads joined, pinned memory released).
@@ -43,7 +45,8 @@ import psutil
 
 from worker.units import GB
 
-PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile", "warmup", "probe", "close", "other")
+PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile", "warmup", "accuracy", "probe",
+          "close", "other")
 _last_end: float | None = None  # epoch seconds when the last run of this process reported
 
 

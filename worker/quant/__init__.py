@@ -8,5 +8,6 @@ pre-quantized checkpoint's own parts (AWQ int4 GEMM) into the same layout withou
 `dequant` is the one function every mode's compute calls on the device to turn a group's parts
 back into dense weights, so the small bytes are what crosses the SSD and PCIe and every mode still
 runs the same kernels; `export` writes a pack's dequantized weights as a plain HF checkpoint
-(`bench dequantize`), the reference HF runs on.
+(`bench dequantize`), the reference HF runs on; `accuracy` is what a format costs: a quantized
+run's teacher-forced agreement with the native checkpoint (`bench run --accuracy-ref native`).
 """
