@@ -106,4 +106,5 @@ def test_bisect_names_the_commit_that_slowed_the_engine(tiny_ckpt, tmp_path, mon
     slow = {r["git_commit"]: r["decode_ms"] for r in rows}
     assert min(r["decode_ms"] for r in rows if r["git_commit"] in (b, c)) > max(
         r["decode_ms"] for r in rows if r["git_commit"] in (base, a)) + 200, slow
+    print(done.stdout)
     print(f"bisect wall time {wall:.0f} s for {len(rows)} runs")
