@@ -64,3 +64,15 @@ def _private_lock_dir(tmp_path_factory):
         os.environ.pop("STREAMBENCH_LOCK_DIR", None)
     else:
         os.environ["STREAMBENCH_LOCK_DIR"] = old
+
+
+@pytest.fixture()
+def tiny_run(tiny_ckpt, tmp_path, monkeypatch) -> dict[str, Any]:
+    """Flat settings of a quick in-process `worker.run.run` of the tiny preset in `mixed` mode (layer 0
+    in the CPU tier, layer 1 on the SSD), with its own cache and pack dirs; override keys as needed."""
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    for var in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX"):  # a run sets them: restore afterwards
+        monkeypatch.setenv(var, "2")
+    return {"checkpoints": str(tiny_ckpt), "prompt_len": 8, "batch_size": 1, "max_new_tokens": 6, "max_seq_len": 64,
+            "temperature": 0.0, "warmup_rounds": 1, "pack_dir": str(tmp_path / "pack"), "out_json": None,
+            "mode": "mixed", "gpu_cached_layers": 0, "cpu_cache_layers": 1}

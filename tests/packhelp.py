@@ -49,3 +49,23 @@ def flip_byte(path: Path, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def write_published(base: Path, out: Path, tensors: dict[str, torch.Tensor], dtype: str,
+                    quantization_config: dict) -> None:
+    """A published quantized checkpoint beside `base`: `tensors` as its one safetensors file, base's
+    tokenizer and other files, and base's config with `torch_dtype` and `quantization_config` set."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["torch_dtype"] = dtype
+    cfg.pop("dtype", None)
+    cfg["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(cfg))

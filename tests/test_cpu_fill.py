@@ -199,14 +199,9 @@ def test_streamer_reports_the_fill(pack):
     finally:
         w.close()
 
-
-@pytest.mark.parametrize("fail", ["read", "register"])
-def test_a_failure_mid_fill_unpins_and_raises(pack, monkeypatch, fail):
-    """The streamer's build raises the error; every registered range is unregistered and no read is
-    still running into a buffer when it does."""
-    monkeypatch.setattr(fill_mod, "PIN_UNIT", PAGE)
-    pinner = RecordingPinner(fail_at=5 if fail == "register" else None)
-    monkeypatch.setattr(streamer_mod, "HostArena", lambda pin: HostArena(pin=True, pinner=pinner))
+def failing_reads(monkeypatch, fail_at: int | None, delay_s: float = 0.0) -> tuple[list[int], list[int]]:
+    """SSDReader._read with an injected I/O error at the `fail_at`-th read (None: never), each read
+    taking at least `delay_s`; returns the live counters [reads running], [reads started]."""
     running, calls, lock = [0], [0], threading.Lock()
     real = SSDReader._read
 
@@ -216,7 +211,8 @@ def test_a_failure_mid_fill_unpins_and_raises(pack, monkeypatch, fail):
             n = calls[0]
             running[0] += 1
         try:
-            if fail == "read" and n == 7:
+            time.sleep(delay_s)
+            if n == fail_at:
                 raise OSError(5, "Input/output error (injected)")
             real(self, offset, nbytes, out, fd)
         finally:
@@ -224,6 +220,17 @@ def test_a_failure_mid_fill_unpins_and_raises(pack, monkeypatch, fail):
                 running[0] -= 1
 
     monkeypatch.setattr(SSDReader, "_read", flaky)
+    return running, calls
+
+
+@pytest.mark.parametrize("fail", ["read", "register"])
+def test_a_failure_mid_fill_unpins_and_raises(pack, monkeypatch, fail):
+    """The streamer's build raises the error; every registered range is unregistered and no read is
+    still running into a buffer when it does."""
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", PAGE)
+    pinner = RecordingPinner(fail_at=5 if fail == "register" else None)
+    monkeypatch.setattr(streamer_mod, "HostArena", lambda pin: HostArena(pin=True, pinner=pinner))
+    running, _ = failing_reads(monkeypatch, 7 if fail == "read" else None)
     cfg = resolve_config({"checkpoints": "unused", "mode": "cpu", "staging_mb": 1}, where="test")
     n = pack.manifest.model_config.num_hidden_layers
     with pytest.raises((OSError, RuntimeError), match="injected|stand-in"):
@@ -236,24 +243,7 @@ def test_a_failure_mid_fill_unpins_and_raises(pack, monkeypatch, fail):
 def test_fill_waits_for_reads_in_flight_before_raising(pack, monkeypatch):
     """A failed read must not free or unpin buffers other reads are still writing into: fill returns
     (raises) only once no read is running."""
-    running, calls, lock = [0], [0], threading.Lock()
-    real = SSDReader._read
-
-    def flaky(self, offset, nbytes, out, fd):
-        with lock:
-            calls[0] += 1
-            n = calls[0]
-            running[0] += 1
-        try:
-            time.sleep(0.005)
-            if n == 3:
-                raise OSError(5, "Input/output error (injected)")
-            real(self, offset, nbytes, out, fd)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(SSDReader, "_read", flaky)
+    running, calls = failing_reads(monkeypatch, 3, delay_s=0.005)
     pinner = RecordingPinner()
     arena = HostArena(pin=True, pinner=pinner)
     reader = SSDReader(pack.blob_path, threads=4, chunk=PAGE)

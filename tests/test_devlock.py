@@ -179,17 +179,12 @@ def test_two_engines_on_one_device_never_overlap(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("mode, frees", [("cpu", True), ("gpu", True), ("ssd", False), ("mixed", False)])
-def test_an_engine_gives_its_disk_back_once_nothing_reads_it(tiny_ckpt, tmp_path, monkeypatch, mode, frees):
+def test_an_engine_gives_its_disk_back_once_nothing_reads_it(tiny_run, tmp_path, monkeypatch, mode, frees):
     """Two GPUs, one disk: an engine whose weights are all in memory holds the disk only while it is
     built, so the other GPU's engine can fill from it meanwhile; one that streams from it keeps it."""
     import worker.run as run_mod
 
-    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
-    for var in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX"):
-        monkeypatch.setenv(var, "2")
-    cfg = run_mod.resolve_config({"checkpoints": str(tiny_ckpt), "prompt_len": 8, "max_new_tokens": 4,
-                                  "max_seq_len": 64, "temperature": 0.0, "mode": mode, "roofline": False,
-                                  "pack_dir": str(tmp_path / "pack"), "gpu_cached_layers": 0, "cpu_cache_layers": 1})
+    cfg = run_mod.resolve_config({**tiny_run, "max_new_tokens": 4, "mode": mode, "roofline": False})
     measure, seen = run_mod._measure, []
 
     def measure_and_try_the_disk(engine, cfg, *a, **k):

@@ -10,14 +10,13 @@ dequantized checkpoint, and that broken or unsupported AWQ checkpoints are one-l
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from benchcli import bench
+from packhelp import write_published
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from worker.pack.cache import ensure_pack
 from worker.quant.export import dequantized_tensors
@@ -69,16 +68,8 @@ def write_awq(base: Path, out: Path, edit=None) -> dict[str, torch.Tensor]:
                     tensors[name] = t.half()
     if edit:
         edit(tensors)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in base.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, out / f.name)
-    cfg = json.loads((base / "config.json").read_text())
-    cfg["torch_dtype"] = "float16"
-    cfg.pop("dtype", None)
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm",
-                                  "zero_point": True}
-    (out / "config.json").write_text(json.dumps(cfg))
+    write_published(base, out, tensors, "float16", {"quant_method": "awq", "bits": 4, "group_size": GROUP,
+                                                    "version": "gemm", "zero_point": True})
     return refs
 
 

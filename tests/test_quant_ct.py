@@ -10,14 +10,13 @@ not installed (`pip install --no-deps compressed-tensors loguru`).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from benchcli import bench
+from packhelp import write_published
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from worker.pack.cache import ensure_pack
 from worker.quant.export import dequantized_tensors
@@ -80,18 +79,10 @@ def write_ct(base: Path, out: Path, kind: str, scale_dtype=torch.bfloat16, edit=
                 refs[name] = compressor.decompress(packed, sch)["weight"]
     if edit:
         edit(tensors)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in base.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, out / f.name)
-    cfg = json.loads((base / "config.json").read_text())
-    cfg["torch_dtype"] = "bfloat16"
-    cfg.pop("dtype", None)
-    cfg["quantization_config"] = {
+    write_published(base, out, tensors, "bfloat16", {
         "quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
-                                      "weights": sch.weights.model_dump(mode="json")}}}
-    (out / "config.json").write_text(json.dumps(cfg))
+                                      "weights": sch.weights.model_dump(mode="json")}}})
     return refs
 
 

@@ -16,9 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchcli import bench_inprocess
 
-import cli
-from worker.recall.build import REFERENCE, SIZES, copy_reference, make_recall_model, read_meta, task_of
+from worker.recall.build import (
+    REFERENCE,
+    SIZES,
+    copy_reference,
+    make_recall_model,
+    read_meta,
+    task_of,
+)
 from worker.recall.passkey import run_passkeys, write_passkeys
 from worker.recall.task import IGNORE, RecallTask, accuracy, passkey_prompts, sample
 from worker.recall.train import Stage, TrainConfig
@@ -174,15 +181,7 @@ def test_passkeys_at_2k_with_a_256_token_budget_offloaded_equal_exact(reference,
 # ---- the command line --------------------------------------------------------------------------
 
 
-def _bench(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_bench = bench_inprocess
 
 
 def test_make_model_recall_writes_the_reference(tmp_path, monkeypatch, capsys):

@@ -19,13 +19,8 @@ from worker.run import resolve_config, run
 
 
 @pytest.fixture()
-def flat(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
-    for var in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX"):  # a run sets them: restore afterwards
-        monkeypatch.setenv(var, "2")
-    return {"checkpoints": str(tiny_ckpt), "prompt_len": 8, "batch_size": 1, "max_new_tokens": 6, "max_seq_len": 64,
-            "temperature": 0.0, "warmup_rounds": 1, "pack_dir": str(tmp_path / "pack"), "out_json": None,
-            "mode": "mixed", "gpu_cached_layers": 0, "cpu_cache_layers": 1}
+def flat(tiny_run):
+    return tiny_run
 
 
 class _Pack:

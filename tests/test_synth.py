@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from benchcli import bench_inprocess
 from safetensors import safe_open
 
 import cli
@@ -16,7 +16,13 @@ from worker.errors import UserError
 from worker.model.geometry import ModelConfig
 from worker.synth import checkpoints as synth
 from worker.synth.presets import TRAINED_PRESETS
-from worker.text.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, special_layout, special_token_policy
+from worker.text.tokenizer import (
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    special_layout,
+    special_token_policy,
+)
 
 TEXTS = ["Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\r\nlines", "héllo wörld — ünïcödé",
          "漢字とかな 🙂👍🏽", "x=1; y = x**2 # don't", "<|begin_of_text|> is only text here", ""]
@@ -329,16 +335,7 @@ def test_bad_arguments_are_user_errors(tmp_path, kwargs, match):
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 
-def _bench(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the console entry point in-process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_bench = bench_inprocess
 
 
 def test_cli_make_model(tmp_path, monkeypatch, capsys):

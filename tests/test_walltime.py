@@ -21,13 +21,8 @@ SLACK_S = 0.05
 
 
 @pytest.fixture()
-def flat(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
-    for var in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX"):  # a run sets them: restore afterwards
-        monkeypatch.setenv(var, "2")
-    return {"checkpoints": str(tiny_ckpt), "prompt_len": 8, "batch_size": 1, "max_new_tokens": 6, "max_seq_len": 64,
-            "temperature": 0.0, "warmup_rounds": 2, "pack_dir": str(tmp_path / "pack"), "out_json": None,
-            "mode": "mixed", "gpu_cached_layers": 0, "cpu_cache_layers": 1}  # layer 0 in the CPU tier, 1 on the SSD
+def flat(tiny_run):
+    return {**tiny_run, "warmup_rounds": 2}
 
 
 def test_a_run_says_where_its_wall_time_went(flat):

@@ -182,8 +182,8 @@ class KVMover:
         self.h2d, self.d2h = h2d, d2h
         self.stream = sync.stream()
         # the mover thread's device, fixed here: a bare "cuda" device means this thread's current one
-        self._cuda_index = (torch.device(sync.device).index if torch.device(sync.device).index is not None
-                            else torch.cuda.current_device()) if sync.cuda else None
+        index = torch.device(sync.device).index if sync.cuda else None
+        self._cuda_index = (torch.cuda.current_device() if index is None else index) if sync.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-mover", initializer=self._init_thread)
         self._jobs: dict[int, Future] = {}
         self._uploaded: list[Any] = [None, None]  # last upload from each parity's host buffers
