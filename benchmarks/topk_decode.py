@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import kv_decode  # noqa: E402  (beside this script: its `bench run` subprocess and per-token figure)
+from kv_decode import per_token_ms  # noqa: E402
+
 TARGETS = {8192: 1.5, 32768: 3.0}
 
 
@@ -35,20 +36,7 @@ def bench_run(out: Path, resume: bool, *args: str) -> dict:
     if resume and out.exists():
         print(f"  [ reused ] {out.name}", flush=True)
         return json.loads(out.read_text())
-    cmd = [sys.executable, str(ROOT / "cli.py"), "-v", "WARNING", "run", *args, "--temperature", "0",
-           "--out-json", str(out)]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if p.returncode:
-        print(p.stdout[-2000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"failed: {' '.join(args)}")
-    print(f"  [{time.perf_counter() - t0:6.1f} s] bench run {' '.join(args)}", flush=True)
-    return json.loads(out.read_text())
-
-
-def per_token_ms(r: dict) -> float:
-    m = r["metrics"]
-    return m["decode_ms"] / m["decode_steps"]
+    return kv_decode.bench_run(out, *args)
 
 
 def agreement(toks: list[int], ref: list[int]) -> int:

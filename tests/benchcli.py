@@ -27,3 +27,13 @@ def bench_inprocess(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         code = e.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def one_line_exit_2(r: subprocess.CompletedProcess, *expected: str) -> None:
+    """The bad-input promise: exit 2, one `error:` line naming each of `expected`, no traceback."""
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    flat = " ".join(lines[0].split())
+    for e in expected:
+        assert e in flat, flat

@@ -8,17 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from benchcli import bench
+from benchcli import bench, one_line_exit_2
 
 from worker.errors import UserError
 from worker.model.geometry import ModelConfig
-
-
-def one_line_exit_2(r, expected: str) -> None:
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    assert expected in " ".join(lines[0].split()), lines[0]
 
 
 def bad_config(ckpt: Path, tmp_path: Path, edit) -> Path:

@@ -8,21 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from benchcli import bench
+from benchcli import bench, one_line_exit_2
 
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.pack.cache import ensure_pack
 from worker.quant.formats import WeightSpec
-
-
-def one_line_exit_2(r, *expected: str) -> None:
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    flat = " ".join(lines[0].split())
-    for e in expected:
-        assert e in flat, flat
 
 
 @pytest.fixture()

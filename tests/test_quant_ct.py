@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchcli import bench
+from benchcli import bench, one_line_exit_2
 from packhelp import write_published
 from safetensors import safe_open
 
@@ -118,13 +118,6 @@ def test_bench_run_reads_it_and_modes_agree(base, tmp_path):
         toks[mode] = [o["token_ids"] for o in doc["outputs"]]
     assert toks["gpu"] == toks["ssd"]
 
-
-def one_line_exit_2(r, *expected: str) -> None:
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    for e in expected:
-        assert e in " ".join(lines[0].split()), lines[0]
 
 
 def test_a_truncated_packed_tensor_and_unsupported_schemes_are_one_line(base, tmp_path):
