@@ -18,7 +18,9 @@ fails (e.g. out of memory under the budget) is reported and the others still run
 One synthetic checkpoint (`bench make-model --preset llama3.1-70b --layers N`, bf16), packed once per
 format (`native`, `int8`, `int4`; `fp8` with `--only fp8`); then, for each format and batch size
 (1 and 16, prompt 512): a `gpu` mode run (all resident, no budget: the format's reference tokens),
-a `cpu` and an `ssd` run under `--budget-gib` of GPU memory, and the accelerate peer (`--engine
+a `cpu`, an `ssd` and a `mixed` run (no GPU-cached layer, half the layers pinned in CPU memory, the
+rest read from the SSD; the disk probed right before each `ssd` and `mixed` run, as its rate wanders)
+under `--budget-gib` of GPU memory, and the accelerate peer (`--engine
 accelerate --mode cpu`, the same budget, native weights: the peer reads the checkpoint as it is).
 Every run is its own
 `bench run` process writing `--out-json`. Printed per run: ms/token (decode), speed-up against the
@@ -39,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("native", "int8", "int4", "fp8")
-MODES = ("gpu", "cpu", "ssd")
+MODES = ("gpu", "cpu", "ssd", "mixed")
 
 
 def bench(*args: str, log: Path | None = None, must: bool = True) -> bool:
@@ -80,6 +82,9 @@ def run_args(ckpt: Path, fmt: str, mode: str, batch: int, out: Path, a) -> list[
             "--out-json", str(out)]
     if mode != "gpu":  # the gpu reference runs unbudgeted; streaming runs act as a small card
         args += ["--gpu-memory-limit-gb", f"{a.budget_gib * 2**30 / 1e9:.3f}"]
+    if mode == "mixed":  # no layer kept on the GPU; half of them in pinned CPU memory, the rest from the SSD
+        args += ["--gpu-cached-layers", "0", "--cpu-cache-layers", str(max(1, a.layers // 2)),
+                 "--cpu-policy", "pinned-subset"]
     if not a.roofline:
         args += ["--no-roofline"]
     if fmt == "peer":
@@ -103,6 +108,9 @@ def measure(a) -> Path:
         name = f"{fmt}-{mode}-b{batch}"
         t0 = time.time()
         (runs / f"{name}.json").unlink(missing_ok=True)  # a failed run must not report an earlier call's JSON
+        if mode in ("ssd", "mixed") and a.roofline:  # a virtual disk's rate wanders: probe it next to the run
+            bench("probe", "--path", str(ckpt / ".streambench-pack"), "--refresh", log=runs / f"{name}.probe.log",
+                  must=False)
         ok = bench(*run_args(ckpt, fmt, mode, batch, runs / f"{name}.json", a), log=runs / f"{name}.log", must=False)
         print(f"  {name:18} wall {time.time() - t0:6.1f} s{'' if ok else '  FAILED (see its .log)'}", flush=True)
     return runs
@@ -165,7 +173,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="which modes (gpu is every format's reference for the token check)")
     ap.add_argument("--only", nargs="+", default=["native", "int8", "int4", "peer"], choices=[*FORMATS, "peer"],
-                    help="which formats (each with its gpu, cpu and ssd runs) and/or the peer [default: all but "
+                    help="which formats (each with its runs of --modes) and/or the peer [default: all but "
                          "fp8, which adds 6 runs]")
     a = ap.parse_args()
     a.group_size = a.group_size or (16 if a.preset == "tiny" else 128)
