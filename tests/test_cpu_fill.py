@@ -262,8 +262,8 @@ def test_cpu_mode_copies_each_registered_range_as_its_own_piece(make_ckpt, monke
     """Groups split into several registered ranges still give gpu mode's logits bit for bit."""
     from worker.engine import build_engine
     from worker.generate import generate
+    from worker.text.checkpoint import load_tokenizer
     from worker.text.prompts import prompt_ids_for
-    from worker.text.tokenizer import load_tokenizer
 
     monkeypatch.setattr(fill_mod, "PIN_UNIT", PAGE)  # one range per 1 MiB read request: 3 per ffn group
     ckpt = make_ckpt(layers=3)

@@ -16,7 +16,7 @@ from worker.generate import generate
 from worker.pack.cache import ensure_pack
 from worker.run import resolve_config
 from worker.text.prompts import prompt_ids_for
-from worker.text.tokenizer import load_tokenizer
+from worker.text.checkpoint import load_tokenizer
 
 # On a GPU host the same tests run on CUDA (streams, events, pinned buffers); in CI on the CPU.
 CPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")

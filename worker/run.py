@@ -88,7 +88,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         from worker.model import compile_cache
         from worker.pack.cache import ensure_pack
         from worker.stream.plan import place
-        from worker.text.tokenizer import load_tokenizer
+        from worker.text.checkpoint import load_tokenizer
 
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
