@@ -106,11 +106,11 @@ class Upload:
     def _issue(self, key: GroupKey, g) -> _Pending:
         reader = self._reader
         p = _Pending(key, aligned_empty(g.nbytes), targets=self._targets(key, g))  # (extent,) pageable
+        cached = iter(reader.cached_chunks(g.offset, g.nbytes))
         for o in range(0, g.nbytes, reader.chunk):
-            n = min(reader.chunk, g.nbytes - o)
-            cached = reader.cached_bytes(g.offset + o, n) == n
-            self.stats.page_cache_bytes += n if cached else 0
-            p.reads.append((o, o + n, reader.read(g.offset + o, n, p.buf[o:o + n], buffered=cached)))
+            n, in_cache = min(reader.chunk, g.nbytes - o), next(cached)
+            self.stats.page_cache_bytes += n if in_cache else 0
+            p.reads.append((o, o + n, reader.read(g.offset + o, n, p.buf[o:o + n], buffered=in_cache)))
         self.stats.bytes += g.nbytes
         return p
 
