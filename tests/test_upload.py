@@ -26,13 +26,17 @@ def pack(make_ckpt):
     return ensure_pack(str(make_ckpt(layers=3)))
 
 
+CUDA = pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
 @pytest.mark.parametrize("host_embeddings", [True, False])
-@pytest.mark.parametrize("copies", [False, True])  # True: the CUDA path's request-by-request copies, on the CPU
-@pytest.mark.parametrize("window", [1, 1 << 40])  # one group in host memory at a time, or all at once
-def test_upload_holds_the_packs_bytes(pack, host_embeddings, copies, window):
+@pytest.mark.parametrize("device, copies", [("cpu", False), ("cpu", True), CUDA])  # cpu + copies: the CUDA
+@pytest.mark.parametrize("window", [1, 1 << 40])  # path's request-by-request copies; window: one group or all
+def test_upload_holds_the_packs_bytes(pack, host_embeddings, device, copies, window):
+    dev = torch.device(device, 0) if device == "cuda" else CPU
     reader = SSDReader(pack.blob_path, threads=3, chunk=64 * PAGE + PAGE)  # requests straddle tensors
     try:
-        up = Upload(pack, device_keys([0, 2]), reader, CPU, host_embeddings=host_embeddings, copies=copies,
+        up = Upload(pack, device_keys([0, 2]), reader, dev, host_embeddings=host_embeddings, copies=copies,
                     window=window)
         got = up.result()
     finally:
@@ -41,7 +45,10 @@ def test_upload_holds_the_packs_bytes(pack, host_embeddings, copies, window):
     for key, group in got.items():
         want = pack.read_group(key)
         assert set(want) <= set(group)  # and the fused views of a layer
-        assert all(torch.equal(group[name], t) for name, t in want.items()), key
+        assert all(torch.equal(group[name].cpu(), t) for name, t in want.items()), key
+        if device == "cuda":  # only an embedding table kept on the host stays there
+            on_host = {name for name, t in group.items() if t.device.type == "cpu"}
+            assert on_host == ({"embed_tokens"} if key.layer is None and host_embeddings else set()), key
     assert up.stats.bytes == sum(pack.manifest.group(k.name).nbytes for k in got)
     assert up.stats.read_s > 0 and up.stats.copy_s >= 0
     sizes = [pack.manifest.group(k.name).nbytes for k in got]
