@@ -53,7 +53,7 @@ def block(worker, ckpt: Path, a, reuse: str) -> list[dict]:
                "fill_gbps": s.get("fill_gbps"), "decode_ms_per_token": m["decode_ms"] / m["decode_steps"],
                "prefill_ms": m["prefill_ms"], "tokens": [o_["token_ids"] for o_ in r["outputs"]],
                "compiled_from_cache": (r.get("compile_cache") or {}).get("compiled_from_cache")}
-        row["slots_parts"] = s.get("slots_parts")  # the engine build's spans (None when reused)
+        row["slots_parts"] = s.get("slots_parts")  # the engine build's spans (nulls when reused)
         out.append(row)
         print(f"  {reuse:7} #{spec.repeat} reused={row['reused_engine']!s:5} wall {row['wall_s']:6.2f} s  setup "
               f"{row['setup_total_s']:6.2f} s (" + " ".join(f"{k[:-2]} {v:.2f}" for k, v in row["setup"].items() if v >= 0.05)
@@ -66,10 +66,11 @@ def block(worker, ckpt: Path, a, reuse: str) -> list[dict]:
 def parts_line(parts: dict, fill_gbps) -> str:
     """The slots phase by its spans, and the device-resident groups' load beside the fill."""
     up = parts.get("upload") or {}
-    spans = " ".join(f"{k[:-2]} {v:.2f}" for k, v in parts.items() if k.endswith("_s") and v >= 0.01)
+    spans = " ".join(f"{k[:-2]} {v:.2f}" for k, v in parts.items() if k.endswith("_s") and (v or 0) >= 0.01)
     fill = f"; fill {fill_gbps:.2f} GB/s" if fill_gbps else ""
-    return (f"slots: {spans}; upload {up.get('bytes', 0) / 1e9:.2f} GB ({up.get('page_cache_bytes', 0) / 1e9:.2f} "
-            f"cached) reads done {up.get('read_s', 0):.2f} s, copies {up.get('copy_s', 0):.2f} s{fill}")
+    return (f"slots: {spans}; upload {(up.get('bytes') or 0) / 1e9:.2f} GB "
+            f"({(up.get('page_cache_bytes') or 0) / 1e9:.2f} cached) reads done {up.get('read_s') or 0:.2f} s, "
+            f"copies {up.get('copy_s') or 0:.2f} s{fill}")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -88,17 +88,35 @@ def test_a_failed_upload_read_raises_once_no_read_runs(pack, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["cpu", "gpu", "mixed"])
 def test_a_runs_setup_splits_the_engine_build(tiny_run, mode):
+    from worker.host.walltime import SLOTS_PARTS, UPLOAD_KEYS
+
     res = run(resolve_config({**tiny_run, "mode": mode}))
     setup = res["setup"]
     parts = setup["slots_parts"]
-    spans = {k: v for k, v in parts.items() if k.endswith("_s")}
-    assert {"kv_s", "upload_issue_s", "upload_wait_s", "model_s", "other_s"} <= set(spans)
-    assert "fill_s" not in spans and all(v >= 0 for v in spans.values())
+    assert list(parts) == [f"{k}_s" for k in SLOTS_PARTS] + ["upload"]  # one shape for every run
+    spans = {k: v for k, v in parts.items() if k != "upload"}
+    assert all(v >= 0 for v in spans.values()) and parts["upload_issue_s"] > 0 and parts["upload_wait_s"] > 0
     assert sum(spans.values()) == pytest.approx(setup["slots_s"], abs=0.02)  # the parts add up to the phase
     up = parts["upload"]
+    assert list(up) == list(UPLOAD_KEYS)
     pk = ensure_pack(tiny_run["checkpoints"], pack_dir=tiny_run["pack_dir"])
     device_groups = [GroupKey(None, RESIDENT)] + ([GroupKey(i, k) for i in range(2) for k in KINDS]
                                                   if mode == "gpu" else [])
     assert up["bytes"] == sum(pk.manifest.group(k.name).nbytes for k in device_groups)
     if mode == "cpu":
-        assert setup["fill_s"] > 0 and "slot_pool_s" in spans and "preload_s" in spans
+        assert setup["fill_s"] > 0 and parts["ring_s"] == parts["stager_s"] == 0.0
+    if mode == "mixed":  # layer 1 streams from the SSD through the stager
+        assert parts["stager_s"] > 0
+
+
+def test_a_reused_engine_reports_no_build(tiny_run):
+    from worker.host.reuse import EngineCache
+
+    cache = EngineCache()
+    try:
+        first, second = (run(resolve_config({**tiny_run, "mode": "cpu"}), reuse=cache) for _ in range(2))
+    finally:
+        cache.close()
+    assert first["setup"]["slots_parts"]["model_s"] is not None and second["reuse"]["reused_engine"]
+    parts = second["setup"]["slots_parts"]
+    assert all(v is None for k, v in parts.items() if k != "upload") and set(parts["upload"].values()) == {None}

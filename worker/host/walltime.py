@@ -21,7 +21,8 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
 - `slots_s`: the rest of the engine build: resident weights onto the device, GPU slot pool, reader
   and stager threads, the model (the peer: `from_pretrained` with its accelerate placement).
   `slots_parts` splits it by the build's own spans (`Spans`, host time on the build thread, so they
-  add up to `slots_s`; `other` is what no span covers): `kv` (the KV cache), `reader` (SSD reader
+  add up to `slots_s`; `other` is what no span covers; 0 for a part the build did not have, null
+  when the run built no engine of its own: a reused engine, the peer): `kv` (the KV cache), `reader` (SSD reader
   threads), `upload_issue` (issuing the device-resident groups' reads, after the fill),
   `ring`, `stager`, `upload_wait` (waiting for the rest of those reads and their device copies:
   worker.stream.upload), `slot_pool` (the GPU slots' allocation), `preload` (the first groups
@@ -55,6 +56,11 @@ from worker.units import GB
 
 PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile", "warmup", "accuracy", "probe",
           "close", "other")
+# the engine build's spans, in build order (`slots_parts`); every run reports all of them, null where
+# the run built no engine of its own (a reused engine, the peer)
+SLOTS_PARTS = ("kv", "reader", "upload_issue", "ring", "stager", "upload_wait", "slot_pool", "preload", "model",
+               "other")
+UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes")  # worker.stream.upload's stats
 _last_end: float | None = None  # epoch seconds when the last run of this process reported
 
 
@@ -89,7 +95,7 @@ class RunClock:
         self.rounds: list[float] = []  # host seconds of each generate round, warm-ups first
         self.warmups = 0
         self.fill: dict[str, Any] = {}
-        self.slots_parts: dict[str, Any] | None = None
+        self.slots_parts: dict[str, Any] = {**{f"{k}_s": None for k in SLOTS_PARTS}, "upload": dict.fromkeys(UPLOAD_KEYS)}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -129,9 +135,10 @@ class RunClock:
     def build_parts(self, spans: dict[str, float], upload: dict[str, Any] | None) -> None:
         """The engine build's spans (`Engine.build`): `slots_parts` of the report, the fill left out
         (it is a phase of its own) and `other` the part of `slots_s` no span covers."""
-        parts = {f"{k}_s": v for k, v in spans.items() if k != "fill"}
+        assert set(spans) <= {*SLOTS_PARTS[:-1], "fill"}, f"a build span without a slots_parts name: {set(spans)}"
+        parts = {f"{k}_s": spans.get(k, 0.0) for k in SLOTS_PARTS[:-1]}
         parts["other_s"] = max(0.0, self.seconds.get("slots", 0.0) - sum(parts.values()))
-        self.slots_parts = {**parts, "upload": upload}
+        self.slots_parts = {**parts, "upload": {k: (upload or {}).get(k) for k in UPLOAD_KEYS}}
 
     def report(self) -> dict[str, Any]:
         """The run JSON's `setup` section, up to now."""
