@@ -4,19 +4,26 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
 
 - the source: the same extents read through `SSDReader` (threads × chunk, like
   benchmarks/ssd_sweep.py) into a small reused buffer, O_DIRECT; and buffered when the blob is in
-  the page cache (memory speed);
+  the page cache (memory speed), on the reader's `--threads` (the reference of the ratios, as in
+  the first H200 run) and on `--cached-threads` (what the fill's page-cache reads now run on);
 - the old fill, rebuilt from public pieces: one buffer per group registered (`cudaHostRegister`)
   when allocated, then its reads issued, all awaited (worker.stream.cpu_tier before issue 13);
 - the new fill (`worker.stream.fill.fill`): pageable buffers, every read issued at once, each
-  256 MiB range registered once its reads are done; variants register on several threads
-  (`pin2`) or back the buffers with transparent huge pages (`pin1+huge`).
+  256 MiB range registered once its reads are done. Variants, `+`-joined: `pinN` registers on N
+  threads; `huge` backs the buffers with transparent huge pages (MADV_HUGEPAGE); `memT` runs the
+  page-cache reads on T threads (`mem8` with `--threads 8` is the fill before the page-cache pool;
+  without `mem`, the engine's default: the CPUs this process may use, at most 32);
+- `mmap` (warm only, an experiment, not the engine's path): no copy at all. Each extent is mapped
+  from the page cache (MAP_SHARED, PROT_READ, MAP_POPULATE) and registered read-only
+  (cudaHostRegisterReadOnly), then one group is copied to the GPU from it and checked against the
+  blob; prints the map and register seconds, or the error where the driver or kernel refuses.
 
 Both cache states run by default: `cold` (the blob dropped from the page cache with
 posix_fadvise, so every read is the disk's) and `warm` (read once buffered first, so the new fill
 reads it at memory speed). It prints GB/s and each fill's ratio to the source of that state. On a
 CPU-only host nothing is pinned, so the old and new fills differ only in allocation and order.
 
-    python benchmarks/cpu_fill.py --work /tmp/sb70 --layers 6 [--repeats 2] [--variants pin1 pin2 pin1+huge]
+    python benchmarks/cpu_fill.py --work /tmp/sb70 --layers 6 [--repeats 2] [--variants pin1 pin1+huge mmap]
     python benchmarks/cpu_fill.py --manifest PACK/bfloat16.manifest.json      # an existing pack
 
 `--work DIR --layers N` uses (or makes, then packs) DIR/llama3.1-70b-NL, the checkpoint
@@ -39,7 +46,7 @@ from worker.pack.blob import Pack
 from worker.pack.groups import KINDS, GroupKey
 from worker.stream.fill import fill
 from worker.stream.hostmem import HostArena
-from worker.stream.ssd import SSDReader
+from worker.stream.ssd import SSDReader, default_cached_threads
 from worker.units import MiB
 
 
@@ -71,8 +78,9 @@ def timed(fn) -> float:
 
 
 def source(pack: Pack, keys, reader: SSDReader, buffered: bool) -> float:
-    """Seconds to read the extents with at most 2 × threads requests' worth of buffer."""
-    slots = 2 * reader.threads
+    """Seconds to read the extents with at most 2 × threads requests' worth of buffer (the page-cache
+    pool's threads when buffered)."""
+    slots = 2 * (reader.cached_threads if buffered else reader.threads)
     arena = HostArena(pin=torch.cuda.is_available())
     buf = arena.empty(slots * reader.chunk)  # registered (and faulted) before the clock starts
     try:
@@ -113,24 +121,107 @@ def old_fill(pack: Pack, keys, reader: SSDReader) -> tuple[float, float]:
         arena.close()
 
 
+def parse_variant(variant: str) -> dict:
+    """"pin2+huge+mem16" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16}."""
+    out = {"pin_threads": 1, "huge_pages": False, "cached_threads": None}
+    for part in variant.split("+"):
+        if part.startswith("pin"):
+            out["pin_threads"] = int(part.removeprefix("pin"))
+        elif part == "huge":
+            out["huge_pages"] = True
+        elif part.startswith("mem"):
+            out["cached_threads"] = int(part.removeprefix("mem") or default_cached_threads())
+        else:
+            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT; or mmap)")
+    return out
+
+
 def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
-    """`variant`: "pinN" (N registering threads), "+huge" adds MADV_HUGEPAGE (e.g. "pin1+huge")."""
-    threads = int(variant.split("+")[0].removeprefix("pin"))
+    """`variant` (see parse_variant): the engine's fill with those settings, on a reader of its own
+    when the variant sets the page-cache threads."""
+    v = parse_variant(variant)
+    own = SSDReader(pack.blob_path, reader.threads, reader.chunk, v["cached_threads"]) if v["cached_threads"] else None
     arena = HostArena(pin=True)
     try:
-        filled = fill(pack.manifest, keys, arena, reader, pin_threads=threads, huge_pages="+huge" in variant)
+        filled = fill(pack.manifest, keys, arena, own or reader, pin_threads=v["pin_threads"],
+                      huge_pages=v["huge_pages"])
         return filled.stats.to_dict()
     finally:
         arena.close()
+        if own:
+            own.close()
 
 
-LINE = "  {:34} {:6.2f} GB/s  {:5.2f} of the source  ({:.2f} GB in {:.2f} s){}"
+def mmap_fill(pack: Pack, keys) -> dict:
+    """The zero-copy experiment (module doc): seconds to map (populating from the page cache) and
+    to register every extent, an H2D rate from one registered group and whether it equals the blob."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    cuda = torch.cuda.is_available()
+    fd = os.open(pack.blob_path, os.O_RDONLY)
+    maps, registered, out = [], [], {"error": None, "map_s": 0.0, "pin_s": 0.0, "h2d_gbps": None, "equal": None}
+    try:
+        t0 = time.perf_counter()
+        for key in keys:
+            g = pack.manifest.group(key.name)
+            addr = libc.mmap(None, g.nbytes, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, g.offset)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {key.name} failed")
+            maps.append((addr, g.nbytes))
+        out["map_s"] = time.perf_counter() - t0
+        if cuda:
+            t0 = time.perf_counter()
+            for addr, n in maps:
+                rc = int(torch.cuda.cudart().cudaHostRegister(addr, n, 8))  # 8: cudaHostRegisterReadOnly
+                if rc != 0:
+                    raise RuntimeError(f"cudaHostRegister(ReadOnly) of a file mapping: CUDA error {rc}")
+                registered.append(addr)
+            out["pin_s"] = time.perf_counter() - t0
+        addr, n = maps[-1]
+        host = torch.frombuffer((ctypes.c_ubyte * n).from_address(addr), dtype=torch.uint8)  # (n,) the mapping
+        if cuda:
+            dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dev.copy_(host, non_blocking=True)
+            torch.cuda.synchronize()
+            out["h2d_gbps"] = n / (time.perf_counter() - t0) / 1e9
+            host = dev.cpu()
+        out["equal"] = bool(torch.equal(host, pack.read_raw(keys[-1])))
+    except (OSError, RuntimeError) as e:
+        out["error"] = str(e)
+    finally:
+        for addr in registered:
+            torch.cuda.cudart().cudaHostUnregister(addr)
+        for addr, n in maps:
+            libc.munmap(addr, n)
+        os.close(fd)
+    out["seconds"] = out["map_s"] + out["pin_s"]
+    return out
 
 
-def scenario(name: str, pack: Pack, keys, reader: SSDReader, nbytes: int, variants: list[str],
+LINE = "  {:40} {:6.2f} GB/s  {:5.2f} of the source  ({:.2f} GB in {:.2f} s){}"
+
+
+def mmap_line(st: dict, nbytes: int, ref: float) -> str:
+    if st["error"]:
+        return f"  {'mmap: map + register read-only':40} failed: {st['error']}"
+    h2d = f", H2D from it {st['h2d_gbps']:.1f} GB/s" if st["h2d_gbps"] else ""
+    return (LINE.format("mmap: map + register read-only", nbytes / 1e9 / st["seconds"], ref / st["seconds"],
+                        nbytes / 1e9, st["seconds"], f"; map {st['map_s']:.2f} s, register {st['pin_s']:.2f} s"
+                        f"{h2d}, bytes equal the blob: {st['equal']}"))
+
+
+def scenario(name: str, pack: Pack, keys, reader: SSDReader, narrow: SSDReader, nbytes: int, variants: list[str],
              repeats: int) -> dict:
     """Rounds of source, old fill, new fill(s), each ratio against the source of its own round (a
-    virtual disk's rate wanders by tens of percent over minutes)."""
+    virtual disk's rate wanders by tens of percent over minutes): O_DIRECT when cold, buffered on
+    `narrow` (the reader's own thread count) when warm."""
     blob = pack.blob_path
     if name == "cold":
         print("cold: the blob dropped from the page cache before each measurement")
@@ -146,11 +237,13 @@ def scenario(name: str, pack: Pack, keys, reader: SSDReader, nbytes: int, varian
         print(f" round {r + 1}")
         out: dict = {}
         if name == "warm":
-            out["source_buffered_s"] = source(pack, keys, reader, buffered=True)
+            out["source_buffered_s"] = source(pack, keys, narrow, buffered=True)
+            out["source_buffered_wide_s"] = source(pack, keys, reader, buffered=True)
         reset()
         out["source_direct_s"] = source(pack, keys, reader, buffered=False)
         ref = out.get("source_buffered_s", out["source_direct_s"])
-        for label, key in (("source: buffered reads", "source_buffered_s"),
+        for label, key in ((f"source: buffered, {narrow.cached_threads} thr", "source_buffered_s"),
+                           (f"source: buffered, {reader.cached_threads} thr", "source_buffered_wide_s"),
                            ("source: O_DIRECT reads", "source_direct_s")):
             if key in out:
                 print(LINE.format(label, nbytes / 1e9 / out[key], ref / out[key], nbytes / 1e9, out[key], ""))
@@ -161,15 +254,22 @@ def scenario(name: str, pack: Pack, keys, reader: SSDReader, nbytes: int, varian
                           f"; registering {pin_s:.2f} s"))
         for k in variants:
             reset()
+            if k == "mmap":
+                if name == "warm":
+                    out["mmap"] = st = mmap_fill(pack, keys)
+                    st["of_source"] = ref / st["seconds"] if st["seconds"] and not st["error"] else None
+                    print(mmap_line(st, nbytes, ref))
+                continue
             st = new_fill(pack, keys, reader, k)
             out[f"new_{k}"] = {**st, "of_source": ref / st["seconds"]}
             print(LINE.format(f"new: read, pin behind ({k})", st["gbps"], ref / st["seconds"], nbytes / 1e9,
                               st["seconds"], f"; registering {st['pin_seconds']:.2f} s, "
                                              f"{st['page_cache_bytes'] / 1e9:.2f} GB from the page cache"))
         rounds.append(out)
-    fills = ["old"] + [f"new_{k}" for k in variants]
+    fills = ["old"] + [f"new_{k}" for k in variants if k != "mmap"] + (["mmap"] if "mmap" in variants and name == "warm" else [])
+    medians = {f: [r[f]["of_source"] for r in rounds if r[f].get("of_source") is not None] for f in fills}
     print(f" {name}, median over {repeats} round(s), fill / source: "
-          + ", ".join(f"{f} {statistics.median(r[f]['of_source'] for r in rounds):.2f}" for f in fills), flush=True)
+          + ", ".join(f"{f} {statistics.median(v):.2f}" if v else f"{f} -" for f, v in medians.items()), flush=True)
     return {"rounds": rounds}
 
 
@@ -182,8 +282,13 @@ def main() -> None:
     ap.add_argument("--tier-layers", type=int, default=None, help="layers in the tier (default: all)")
     ap.add_argument("--threads", type=int, default=8, help="reader threads (the tier's ssd_readers)")
     ap.add_argument("--chunk-mb", type=int, default=64, help="request size (the tier's staging_mb)")
-    ap.add_argument("--variants", nargs="+", default=["pin1", "pin2", "pin1+huge"],
-                    help="new-fill variants: pinN = N registering threads, +huge = MADV_HUGEPAGE buffers")
+    ap.add_argument("--cached-threads", type=int, default=None,
+                    help="page-cache reader threads of the default fill (default: the engine's, CPUs up to 32)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="new-fill variants, +-joined: pinN = N registering threads, huge = MADV_HUGEPAGE "
+                         "buffers, memT = T page-cache reader threads; mmap = the zero-copy experiment "
+                         "(default: pin1+memTHREADS pin1+huge+memTHREADS, i.e. before the page-cache pool, "
+                         "then pin1 pin1+huge pin2+huge pin4+huge mmap)")
     ap.add_argument("--cache", choices=["both", "cold", "warm"], default="both")
     ap.add_argument("--repeats", type=int, default=2, help="rounds per cache state")
     ap.add_argument("--json", help="also write the figures here")
@@ -192,17 +297,23 @@ def main() -> None:
     n = pack.manifest.model_config.num_hidden_layers
     keys = [GroupKey(i, k) for i in range(args.tier_layers or n) for k in KINDS]
     nbytes = sum(pack.manifest.group(k.name).nbytes for k in keys)
-    reader = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB)
+    reader = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB, args.cached_threads)
+    narrow = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB, args.threads)  # the source's reference
+    t = args.threads
+    variants = args.variants or [f"pin1+mem{t}", f"pin1+huge+mem{t}", "pin1", "pin1+huge", "pin2+huge", "pin4+huge",
+                                 "mmap"]
     pinned = "pinned with cudaHostRegister" if torch.cuda.is_available() else "not pinned (no CUDA)"
     print(f"{pack.blob_path}: {len(keys) // 2} layers, {len(keys)} groups, {nbytes / 1e9:.2f} GB; reader "
-          f"{args.threads} threads x {args.chunk_mb} MiB, O_DIRECT {'yes' if reader.direct else 'REFUSED'}; "
-          f"{pinned}", flush=True)
-    results = {"bytes": nbytes, "threads": args.threads, "chunk_mb": args.chunk_mb, "cuda": torch.cuda.is_available()}
+          f"{args.threads} threads x {args.chunk_mb} MiB, O_DIRECT {'yes' if reader.direct else 'REFUSED'}, "
+          f"page-cache reads on {reader.cached_threads} threads; {pinned}", flush=True)
+    results = {"bytes": nbytes, "threads": args.threads, "chunk_mb": args.chunk_mb, "cuda": torch.cuda.is_available(),
+               "cached_threads": reader.cached_threads, "variants": variants}
     try:
         for name in (["cold", "warm"] if args.cache == "both" else [args.cache]):
-            results[name] = scenario(name, pack, keys, reader, nbytes, args.variants, args.repeats)
+            results[name] = scenario(name, pack, keys, reader, narrow, nbytes, variants, args.repeats)
     finally:
         reader.close()
+        narrow.close()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -7,7 +7,8 @@ orchestrator's own worker (`BenchWorker.run`, what a Ray actor runs, minus Ray):
 one `cpu`-mode point with `reuse: none` (every run builds its engine: tokenizer, CPU tier fill, GPU
 slots, compile from the host's cache) and then with `reuse: weights` (the first run builds, the rest
 measure the kept engine). `--order` puts the reuse block first or second, so drift between the blocks
-is visible when run both ways. Printed per run: wall time, the setup phases and decode ms/token;
+is visible when run both ways. Printed per run: wall time, the setup phases and decode ms/token, and
+for a built engine the slots phase by its spans (`slots_parts`: worker.host.walltime);
 per block: total wall, the share that was measurement, decode mean, CV and the difference of the
 means against their combined standard error (Welch).
 """
@@ -52,11 +53,24 @@ def block(worker, ckpt: Path, a, reuse: str) -> list[dict]:
                "fill_gbps": s.get("fill_gbps"), "decode_ms_per_token": m["decode_ms"] / m["decode_steps"],
                "prefill_ms": m["prefill_ms"], "tokens": [o_["token_ids"] for o_ in r["outputs"]],
                "compiled_from_cache": (r.get("compile_cache") or {}).get("compiled_from_cache")}
+        row["slots_parts"] = s.get("slots_parts")  # the engine build's spans (nulls when reused)
         out.append(row)
         print(f"  {reuse:7} #{spec.repeat} reused={row['reused_engine']!s:5} wall {row['wall_s']:6.2f} s  setup "
               f"{row['setup_total_s']:6.2f} s (" + " ".join(f"{k[:-2]} {v:.2f}" for k, v in row["setup"].items() if v >= 0.05)
               + f")  measure {row['measure_s']:.2f} s  decode {row['decode_ms_per_token']:.2f} ms/token", flush=True)
+        if row["slots_parts"] and not row["reused_engine"]:
+            print("          " + parts_line(row["slots_parts"], s.get("fill_gbps")), flush=True)
     return out
+
+
+def parts_line(parts: dict, fill_gbps) -> str:
+    """The slots phase by its spans, and the device-resident groups' load beside the fill."""
+    up = parts.get("upload") or {}
+    spans = " ".join(f"{k[:-2]} {v:.2f}" for k, v in parts.items() if k.endswith("_s") and (v or 0) >= 0.01)
+    fill = f"; fill {fill_gbps:.2f} GB/s" if fill_gbps else ""
+    return (f"slots: {spans}; upload {(up.get('bytes') or 0) / 1e9:.2f} GB "
+            f"({(up.get('page_cache_bytes') or 0) / 1e9:.2f} cached) reads done {up.get('read_s') or 0:.2f} s, "
+            f"copies {up.get('copy_s') or 0:.2f} s{fill}")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -262,8 +262,8 @@ def test_cpu_mode_copies_each_registered_range_as_its_own_piece(make_ckpt, monke
     """Groups split into several registered ranges still give gpu mode's logits bit for bit."""
     from worker.engine import build_engine
     from worker.generate import generate
+    from worker.text.checkpoint import load_tokenizer
     from worker.text.prompts import prompt_ids_for
-    from worker.text.tokenizer import load_tokenizer
 
     monkeypatch.setattr(fill_mod, "PIN_UNIT", PAGE)  # one range per 1 MiB read request: 3 per ffn group
     ckpt = make_ckpt(layers=3)
@@ -285,3 +285,49 @@ def test_cpu_mode_copies_each_registered_range_as_its_own_piece(make_ckpt, monke
     assert max(pieces) > 1
     assert len(logits["cpu"]) == len(logits["gpu"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(logits["cpu"], logits["gpu"]))
+
+
+def test_cached_chunks_says_which_requests_are_all_in_the_page_cache(tmp_path):
+    from worker.stream.pagecache import cached_chunks
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(64 * PAGE))
+    _drop_from_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 8 * PAGE, 16 * PAGE)  # pages 16..23 cached, nothing else
+        # requests of 3 pages from page 14 on: [14,17) [17,20) [20,23) [23,26) [26,28)
+        assert cached_chunks(fd, 14 * PAGE, 14 * PAGE, 3 * PAGE) == [False, True, True, False, False]
+        assert cached_chunks(fd, 16 * PAGE + 100, 2 * PAGE, PAGE) == [True, True]  # unaligned: 2 pages each
+        assert cached_chunks(fd, 23 * PAGE + 100, PAGE, PAGE) == [False]  # its second page is not cached
+        assert cached_chunks(fd, 0, 0, PAGE) == []
+    finally:
+        os.close(fd)
+
+
+def test_page_cache_reads_run_on_their_own_wider_pool(pack, monkeypatch):
+    """Buffered (page-cache) reads on `cached_threads` threads of their own, O_DIRECT ones on the
+    disk's `threads`; the bytes are the blob's either way."""
+    from worker.pack.blob import aligned_empty
+
+    names = []
+    real = SSDReader._read
+    monkeypatch.setattr(SSDReader, "_read", lambda self, *a: names.append(threading.current_thread().name)
+                        or real(self, *a))
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=5)
+    try:
+        if not reader.direct:
+            pytest.skip("O_DIRECT refused here: every read is buffered, on the one pool")
+        g = pack.manifest.group(_keys(pack)[0].name)
+        a, b = aligned_empty(g.nbytes), aligned_empty(g.nbytes)  # O_DIRECT wants 4 KiB-aligned buffers
+        pack.blob_path.read_bytes()  # cached
+        for f in [reader.read(g.offset + o, PAGE, a[o:o + PAGE], buffered=True) for o in range(0, g.nbytes, PAGE)]:
+            f.result()
+        cached, names[:] = set(names), []
+        for f in reader.read_split(g.offset, g.nbytes, b):
+            f.result()
+    finally:
+        reader.close()
+    assert all(n.startswith("cache-read") for n in cached) and len(cached) <= reader.cached_threads == 5
+    assert all(n.startswith("ssd-read") for n in names) and len(set(names)) <= 2
+    assert torch.equal(a, b) and torch.equal(a, pack.read_raw(_keys(pack)[0]))

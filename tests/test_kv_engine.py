@@ -24,7 +24,7 @@ from worker.kv.static import StaticKVCache
 from worker.pack.cache import ensure_pack
 from worker.run import resolve_config, run
 from worker.text.prompts import prompt_ids_for
-from worker.text.tokenizer import load_tokenizer
+from worker.text.checkpoint import load_tokenizer
 
 CPU = torch.device("cpu")
 

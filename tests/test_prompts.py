@@ -20,12 +20,13 @@ from worker.text.prompts import (
     synth_prompts,
     word_pool,
 )
-from worker.text.tokenizer import build_tokenizer, load_tokenizer
+from worker.text.checkpoint import load_tokenizer
+from worker.text.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_ckpt):
-    """The tiny checkpoint's tokenizer as the engine loads it (AutoTokenizer, vocabulary 1000)."""
+    """The tiny checkpoint's tokenizer as the engine loads it (tokenizers, vocabulary 1000)."""
     return load_tokenizer(tiny_ckpt)
 
 

@@ -101,7 +101,7 @@ def _logits(ckpt, **flat):
     from worker.generate import generate
     from worker.run import resolve_config
     from worker.text.prompts import prompt_ids_for
-    from worker.text.tokenizer import load_tokenizer
+    from worker.text.checkpoint import load_tokenizer
 
     cfg = resolve_config({"checkpoints": str(ckpt), "temperature": 0, "max_new_tokens": 4, "prompt_len": 20,
                           "max_seq_len": 48, **flat})

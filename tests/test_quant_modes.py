@@ -18,7 +18,7 @@ from worker.pack.cache import ensure_pack
 from worker.quant.export import dequantize_pack
 from worker.run import resolve_config
 from worker.text.prompts import prompt_ids_for
-from worker.text.tokenizer import load_tokenizer
+from worker.text.checkpoint import load_tokenizer
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FORMATS = {"int8": dict(weight_format="int8"), "int4": dict(weight_format="int4"),

@@ -75,18 +75,18 @@ def test_bad_task_sizes_are_refused():
 
 def test_the_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
     from worker.recall.vocab import save_tokenizer
-    from worker.text.tokenizer import load_tokenizer
+    from worker.text.checkpoint import load_tokenizer
 
     vocab = TASK.vocab
     assert vocab.size % 64 == 0 and len(set(vocab.words)) == vocab.size
     prompts, _ = passkey_prompts(TASK, 3, 25, seed=2)
     tok = build_tokenizer(vocab)
     save_tokenizer(vocab, tmp_path, 4096)
-    hf = load_tokenizer(tmp_path)  # what the engine loads: AutoTokenizer, local files only
+    loaded = load_tokenizer(tmp_path)  # what the engine loads, local files only
     for p in prompts:
         text = tok.decode(p)
         assert len(text.split()) == 25 and tok.encode(text).ids == p
-        assert hf(text, add_special_tokens=False)["input_ids"] == p
+        assert loaded.encode([text], False) == [p]
 
 
 # ---- training and the checkpoint ------------------------------------------------------------------

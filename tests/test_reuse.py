@@ -176,7 +176,7 @@ def test_the_row_says_whether_the_engine_was_reused():
 
 def test_a_kept_tokenizer_makes_its_word_pool_once(tiny_ckpt, monkeypatch):
     from worker.text import prompts
-    from worker.text.tokenizer import load_tokenizer
+    from worker.text.checkpoint import load_tokenizer
 
     tok = load_tokenizer(str(tiny_ckpt))
     made = []

@@ -16,7 +16,7 @@ from worker.generate import generate
 from worker.pack.cache import ensure_pack
 from worker.run import resolve_config
 from worker.text.prompts import prompt_ids_for
-from worker.text.tokenizer import load_tokenizer
+from worker.text.checkpoint import load_tokenizer
 
 # On a GPU host the same tests run on CUDA (streams, events, pinned buffers); in CI on the CPU.
 CPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,11 +163,15 @@ def test_resident_layers_count_once_against_the_memory_limit(ckpt):
     limit must be charged its size once (counted per view it was charged ~2x, and a 70B mixed run
     with one cached layer under 6 GiB was refused)."""
     from worker.stream.plan import place
-    from worker.stream.streamer import _load_resident, device_bytes
+    from worker.stream.ssd import SSDReader
+    from worker.stream.streamer import device_bytes
+    from worker.stream.upload import Upload, device_keys
 
     cfg = resolve_config({"checkpoints": str(ckpt), "mode": "mixed", "gpu_cached_layers": 2, "cpu_cache_layers": 1})
     pack = ensure_pack(cfg.checkpoints)
-    resident = _load_resident(pack, place("mixed", 5, cfg.stream), CPU)
+    reader = SSDReader(pack.blob_path, 2, 1 << 20)
+    resident = Upload(pack, device_keys(place("mixed", 5, cfg.stream).layers("gpu")), reader, CPU).result()
+    reader.close()
     layer_groups = [g for k, g in resident.items() if k.layer is not None]
     assert any("qkv_proj" in g for g in layer_groups)  # the fused views are there...
     extents = sum(pack.manifest.group(k.name).nbytes for k in resident if k.layer is not None)

@@ -16,13 +16,8 @@ from worker.errors import UserError
 from worker.model.geometry import ModelConfig
 from worker.synth import checkpoints as synth
 from worker.synth.presets import TRAINED_PRESETS
-from worker.text.tokenizer import (
-    build_tokenizer,
-    load_tokenizer,
-    save_tokenizer,
-    special_layout,
-    special_token_policy,
-)
+from worker.text.checkpoint import load_tokenizer, special_token_policy
+from worker.text.tokenizer import build_tokenizer, save_tokenizer, special_layout
 
 TEXTS = ["Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\r\nlines", "héllo wörld — ünïcödé",
          "漢字とかな 🙂👍🏽", "x=1; y = x**2 # don't", "<|begin_of_text|> is only text here", ""]
@@ -115,7 +110,7 @@ def test_auto_tokenizer_loads_offline_and_agrees(tmp_path):
         assert hf.encode(text) == raw.encode(text).ids  # default encode adds no BOS
         assert hf.decode(hf.encode(text)) == text
     assert special_token_policy(hf) is False
-    assert load_tokenizer(tmp_path)("a b").input_ids == raw.encode("a b").ids
+    assert load_tokenizer(tmp_path).encode(["a b"], False) == [raw.encode("a b").ids]
 
 
 def test_special_token_policy_follows_add_bos_token(tmp_path):
@@ -267,7 +262,7 @@ def _greedy(ckpt: Path, dtype: torch.dtype, n_new: int = 32):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
-    ids = load_tokenizer(ckpt)("the quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    ids = torch.tensor(load_tokenizer(ckpt).encode(["the quick brown fox jumps over the lazy dog"], False))  # (1, seq)
     with torch.no_grad():
         logits = model(ids).logits  # (1, seq, vocab)
         out = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)

@@ -8,13 +8,14 @@ the seed's order.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from worker.config import RunConfig
 from worker.errors import UserError
+from worker.host.walltime import Spans
 from worker.kv.factory import KVFactory, merge_io, tier_bytes
 from worker.kv.tracker import init_global_tracker
 from worker.model.geometry import ModelConfig
@@ -50,6 +51,7 @@ class Engine:
         return step(batch, context) if step else None
 
     device: torch.device | None = None
+    build: dict[str, Any] = field(default_factory=dict)  # {"spans": name → s, "upload": stats}: slots_parts
 
     def close(self) -> None:
         for part in (self.new_cache, self.weights):
@@ -67,19 +69,22 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
     cfg = pack.manifest.model_config
     dtype = getattr(torch, pack.manifest.dtype)
     mode = run.stream.mode
+    span = Spans()
     limit_gpu_memory(run.stream.gpu_memory_limit_gb, device)
     placement = place(mode, cfg.num_hidden_layers, run.stream)
     tracker = init_global_tracker(max_batch=run.batch_size, layers=cfg.num_hidden_layers,
                                   n_blocks=-(-run.max_seq_len // run.kv.kv_block_tokens))  # before the model
     compiled = run.compile and device.type == "cuda"
     try:
-        kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
-                       spill_dir=pack.manifest_path.parent, compiled=compiled)
+        with span("kv"):
+            kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
+                           spill_dir=pack.manifest_path.parent, compiled=compiled)
         if mode == "gpu":
-            weights = ResidentWeights.from_pack(pack, device)
+            weights = ResidentWeights.from_pack(pack, device, run.stream, span)
         else:
             weights = WeightStreamer(pack, placement, run.stream, device,
                                      reserve_bytes=workspace_bytes(run, cfg, prompt_tokens))
+            span.seconds.update(weights.build_spans.seconds)
     except torch.cuda.OutOfMemoryError:
         lift_gpu_memory_limit(device)
         raise UserError(f"mode {mode}: the weights placed on the GPU do not fit in its memory"
@@ -89,8 +94,10 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
         lift_gpu_memory_limit(device)  # the cap is process-wide: never leave it behind a failed build
         raise
     log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
-    model = Llama(cfg, weights, device, compile=compiled)
-    return Engine(cfg, model, weights, placement, kv, device)
+    with span("model"):
+        model = Llama(cfg, weights, device, compile=compiled)
+    span.log(log, "engine build")
+    return Engine(cfg, model, weights, placement, kv, device, {"spans": span.seconds, "upload": weights.upload})
 
 
 def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:

@@ -271,7 +271,7 @@ def run_peer(cfg: RunConfig, device: torch.device, phase: Callable[[str], None],
     `slots`, the rounds, close); pack, fill and probe stay 0: the peer has none of them."""
     clock = clock or RunClock()
     with clock.phase("imports"):
-        from worker.text.tokenizer import load_tokenizer
+        from worker.text.checkpoint import load_tokenizer
 
     cfg = dataclasses.replace(cfg, engine="accelerate")
     mc = ModelConfig.from_hf_dir(cfg.checkpoints)

@@ -88,7 +88,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         from worker.model import compile_cache
         from worker.pack.cache import ensure_pack
         from worker.stream.plan import place
-        from worker.text.tokenizer import load_tokenizer
+        from worker.text.checkpoint import load_tokenizer
 
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
@@ -123,6 +123,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
             with clock.phase("slots"):
                 engine = build_engine(cfg, pack, device, prompt_tokens=prompt_tokens)
             clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
+            clock.build_parts(engine.build.get("spans", {}), engine.build.get("upload"))
             if reuse is not None:
                 kept = reuse.keep(key, engine, held, locks.pop_all())  # the cache owns engine and locks now
         if _done_with_disk(cfg, pack, extents):

@@ -20,6 +20,15 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
   `cpu_fill`); 0 s (bytes and rate null) where no layer is pinned in RAM.
 - `slots_s`: the rest of the engine build: resident weights onto the device, GPU slot pool, reader
   and stager threads, the model (the peer: `from_pretrained` with its accelerate placement).
+  `slots_parts` splits it by the build's own spans (`Spans`, host time on the build thread, so they
+  add up to `slots_s`; `other` is what no span covers; 0 for a part the build did not have, null
+  when the run built no engine of its own: a reused engine, the peer): `kv` (the KV cache), `reader` (SSD reader
+  threads), `upload_issue` (issuing the device-resident groups' reads, after the fill),
+  `ring`, `stager`, `upload_wait` (waiting for the rest of those reads and their device copies:
+  worker.stream.upload), `slot_pool` (the GPU slots' allocation), `preload` (the first groups
+  copied into the slots), `model`; and `upload`: that load's bytes, page-cache bytes, seconds until
+  its reads were done, device-copy seconds, peak host bytes (the copies overlap the reads, and the
+  reads the ring's and stager's set-up, so these are not parts of `slots_s`).
 - `compile_s`: the first warm-up round, where torch.compile compiles (CUDA), kernels load and the
   allocators and streaming threads fill up; it is also one short round's work (`warmup_rounds_s`
   lists each warm-up round, so a later one shows what a round costs without the first-time work).
@@ -47,7 +56,30 @@ from worker.units import GB
 
 PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile", "warmup", "accuracy", "probe",
           "close", "other")
+# the engine build's spans, in build order (`slots_parts`); every run reports all of them, null where
+# the run built no engine of its own (a reused engine, the peer)
+SLOTS_PARTS = ("kv", "reader", "upload_issue", "ring", "stager", "upload_wait", "slot_pool", "preload", "model",
+               "other")
+UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes")  # worker.stream.upload's stats
 _last_end: float | None = None  # epoch seconds when the last run of this process reported
+
+
+class Spans:
+    """Named host-time spans of one step: `with spans("name"): ...` adds the block's seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def log(self, logger, what: str) -> None:
+        logger.debug("%s: %s", what, ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items()))
 
 
 class RunClock:
@@ -63,6 +95,7 @@ class RunClock:
         self.rounds: list[float] = []  # host seconds of each generate round, warm-ups first
         self.warmups = 0
         self.fill: dict[str, Any] = {}
+        self.slots_parts: dict[str, Any] = {**{f"{k}_s": None for k in SLOTS_PARTS}, "upload": dict.fromkeys(UPLOAD_KEYS)}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -99,6 +132,14 @@ class RunClock:
             self.add("fill", fill["seconds"])
             self.add("slots", -fill["seconds"])
 
+    def build_parts(self, spans: dict[str, float], upload: dict[str, Any] | None) -> None:
+        """The engine build's spans (`Engine.build`): `slots_parts` of the report, the fill left out
+        (it is a phase of its own) and `other` the part of `slots_s` no span covers."""
+        assert set(spans) <= {*SLOTS_PARTS[:-1], "fill"}, f"a build span without a slots_parts name: {set(spans)}"
+        parts = {f"{k}_s": spans.get(k, 0.0) for k in SLOTS_PARTS[:-1]}
+        parts["other_s"] = max(0.0, self.seconds.get("slots", 0.0) - sum(parts.values()))
+        self.slots_parts = {**parts, "upload": {k: (upload or {}).get(k) for k in UPLOAD_KEYS}}
+
     def report(self) -> dict[str, Any]:
         """The run JSON's `setup` section, up to now."""
         inside = time.perf_counter() - self.t0
@@ -108,7 +149,8 @@ class RunClock:
         fill_b, fill_s = self.fill.get("bytes"), self.fill.get("seconds")
         return {"process_s": self.process_s, **out, "measure_s": measured, "wall_s": self.process_s + inside,
                 "fill_bytes": fill_b, "fill_gbps": fill_b / fill_s / GB if fill_b and fill_s else None,
-                "process_since": self.process_since, "warmup_rounds_s": self.rounds[:self.warmups]}
+                "process_since": self.process_since, "warmup_rounds_s": self.rounds[:self.warmups],
+                "slots_parts": self.slots_parts}
 
     def close(self) -> None:
         global _last_end

@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 import uuid
 from importlib import metadata
@@ -120,7 +121,10 @@ def _prepare() -> dict[str, Any]:
 
 
 def counters() -> dict[str, int]:
-    """This process's cache counters now (torch's, cumulative): a `since` for `report`."""
+    """This process's cache counters now (torch's, cumulative): a `since` for `report`. All zero while
+    torch._dynamo is not imported: nothing can have compiled yet, and importing it costs a second."""
+    if "torch._dynamo" not in sys.modules:
+        return dict.fromkeys(COUNTERS, 0)
     from torch._dynamo.utils import counters as torch_counters
 
     return {name: int(torch_counters[group][leaf]) for name, (group, leaf) in COUNTERS.items()}

@@ -13,8 +13,11 @@ disk waited (benchmarks/cpu_fill.py measures the old and the new fill against th
 Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
 two registrations is not promised to be treated as pinned by the driver.
 
-A request whose bytes are all in the page cache is read buffered, at memory speed, instead of
-O_DIRECT at disk speed. On a CPU device nothing is pinned and the fill is the reads alone.
+A request whose bytes are all in the page cache (one mincore per extent) is read buffered, at
+memory speed, instead of O_DIRECT at disk speed, on the reader's page-cache pool: as many threads as
+the process has CPUs (worker.stream.ssd), since such a read is a copy plus the destination's page
+faults, bound by cores, not by the disk. On a CPU device nothing is pinned and the fill is the
+reads alone.
 
 A failed read cancels the reads not yet started and waits for those in flight (their buffers must
 outlive them) before raising; the caller's `HostArena.close()` then unregisters what was pinned.
@@ -112,14 +115,14 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_ca
     """Submit every read of one extent, grouped by the registered range they fill."""
     chunk = reader.chunk
     nbytes = buf.numel()
+    cached = reader.cached_chunks(offset, nbytes) if page_cache else [False] * -(-nbytes // chunk)
     out = []
     for u in range(0, nbytes, unit):
         piece = _Unit(buf[u:min(u + unit, nbytes)])
         for o in range(u, min(u + unit, nbytes), chunk):
             n = min(chunk, nbytes - o)
-            cached = page_cache and reader.cached_bytes(offset + o, n) == n
-            stats.page_cache_bytes += n if cached else 0
-            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached))
+            stats.page_cache_bytes += n if cached[o // chunk] else 0
+            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached[o // chunk]))
         out.append(piece)
     return out
 

@@ -26,30 +26,55 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 SYSTEM_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def cached_bytes(fd: int, offset: int, nbytes: int) -> int:
-    """Bytes of [offset, offset + nbytes) of the file behind `fd` that are in the page cache
-    (whole pages, clipped to the range); 0 where the file cannot be mapped."""
-    if nbytes <= 0:
-        return 0
+def _resident_pages(fd: int, offset: int, nbytes: int):
+    """(first mapped page's file offset, (pages,) uint8 residency: bit 0 set where the page is in the
+    page cache), or None where the file cannot be mapped."""
     start = offset - offset % SYSTEM_PAGE  # mmap offsets are page-aligned
     length = offset + nbytes - start
     addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
     if addr in (None, _MAP_FAILED):
         log.debug("page cache: cannot map fd %d at %d (+%d): errno %d", fd, start, length, ctypes.get_errno())
-        return 0
+        return None
     try:
         pages = -(-length // SYSTEM_PAGE)
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(addr, length, vec) != 0:
             log.debug("page cache: mincore failed: errno %d", ctypes.get_errno())
-            return 0
-        resident = np.frombuffer(vec, dtype=np.uint8) & 1  # (pages,) bit 0: in the page cache
+            return None
+        return start, np.frombuffer(vec, dtype=np.uint8) & 1  # (pages,)
     finally:
         _libc.munmap(addr, length)
+
+
+def cached_bytes(fd: int, offset: int, nbytes: int) -> int:
+    """Bytes of [offset, offset + nbytes) of the file behind `fd` that are in the page cache
+    (whole pages, clipped to the range); 0 where the file cannot be mapped."""
+    if nbytes <= 0:
+        return 0
+    got = _resident_pages(fd, offset, nbytes)
+    if got is None:
+        return 0
+    start, resident = got
     total = int(resident.sum()) * SYSTEM_PAGE
     total -= int(resident[0]) * (offset - start)  # the part of the first page before the range
     total -= int(resident[-1]) * (start + len(resident) * SYSTEM_PAGE - offset - nbytes)  # after it
     return total
+
+
+def cached_chunks(fd: int, offset: int, nbytes: int, chunk: int) -> list[bool]:
+    """For each `chunk` bytes of [offset, offset + nbytes) (the last one shorter): is every page of it
+    in the page cache? All False where the file cannot be mapped."""
+    n = -(-nbytes // chunk) if nbytes > 0 else 0
+    got = _resident_pages(fd, offset, nbytes) if n else None
+    if got is None:
+        return [False] * n
+    start, resident = got
+    out = []
+    for o in range(0, nbytes, chunk):
+        lo = (offset + o - start) // SYSTEM_PAGE
+        hi = -(-(offset + min(o + chunk, nbytes) - start) // SYSTEM_PAGE)
+        out.append(bool(resident[lo:hi].all()))
+    return out
 
 
 def is_cached(fd: int, offset: int, nbytes: int) -> bool:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from worker.config import StreamConfig
+from worker.host.walltime import Spans
 from worker.model.step import Group
-from worker.pack.blob import group_views
-from worker.pack.groups import RESIDENT, GroupKey, all_groups, fused
+from worker.pack.groups import RESIDENT, GroupKey
+from worker.stream.ssd import SSDReader
+from worker.stream.upload import Upload, device_keys
 
 
 class ResidentWeights:
@@ -17,11 +20,23 @@ class ResidentWeights:
         self.groups = groups
         self._res = groups[GroupKey(None, RESIDENT)]
 
+    upload: dict | None = None  # the load's stats (worker.stream.upload), for the run's setup
+
     @classmethod
-    def from_pack(cls, pack, device: torch.device) -> ResidentWeights:
+    def from_pack(cls, pack, device: torch.device, cfg: StreamConfig, span: Spans) -> ResidentWeights:
+        """Every group read on a reader of the SSD tier's settings and copied whole to `device` as its
+        reads finish (worker.stream.upload)."""
         n = pack.manifest.model_config.num_hidden_layers
-        return cls({key: fused(group_views(pack.manifest, key.name, pack.read_raw(key).to(device)))
-                    for key in all_groups(n)})
+        reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20)
+        try:
+            with span("upload_issue"):
+                upload = Upload(pack, device_keys(list(range(n))), reader, device, host_embeddings=False)
+            with span("upload_wait"):
+                out = cls(upload.result())
+        finally:
+            reader.close()
+        out.upload = upload.stats.to_dict()
+        return out
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from worker.config import StreamConfig
+from worker.host.walltime import Spans
 from worker.errors import UserError
 from worker.pack.blob import group_views
 from worker.pack.groups import KINDS, RESIDENT, GroupKey, fused
@@ -30,23 +31,9 @@ from worker.stream.iostats import Channel
 from worker.stream.plan import Placement, lookahead
 from worker.stream.ssd import SSDReader
 from worker.stream.staging import DirectStager
+from worker.stream.upload import Upload, device_keys
 
 log = logging.getLogger(__name__)
-
-
-def _load_resident(pack, placement: Placement, device: torch.device) -> dict[GroupKey, dict[str, torch.Tensor]]:
-    """GPU-resident layers and the resident group on the device, except an untied embedding table:
-    it is only gathered from, so it stays in host memory (2 GB of GPU memory saved at 70B)."""
-    tied = pack.manifest.model_config.tie_word_embeddings
-    keys = [GroupKey(None, RESIDENT)] + [GroupKey(i, k) for i in placement.layers("gpu") for k in KINDS]
-    out = {}
-    for key in keys:
-        if key.layer is None:
-            out[key] = {name: t if (name == "embed_tokens" and not tied) else t.to(device)
-                        for name, t in pack.read_group(key).items()}
-        else:  # one copy of the whole extent keeps q/k/v and gate/up adjacent (fused views)
-            out[key] = fused(group_views(pack.manifest, key.name, pack.read_raw(key).to(device)))
-    return out
 
 
 def device_bytes(groups, device: torch.device) -> int:
@@ -126,28 +113,32 @@ class WeightStreamer:
         self.ahead = lookahead(cfg)
         self.arena = HostArena(pin=device.type == "cuda")
         self.h2d = Channel("weight_h2d")
-        self._resident = _load_resident(pack, placement, device)
+        span = self.build_spans = Spans()  # the build's parts, for the run's setup (`slots_parts`)
         needs_ssd = any(h in ("ssd", "ring", "cpu") for h in placement.home)
-        self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
-        self.providers: dict[str, Any] = {}
-        self.cpu_fill: dict[str, Any] | None = None  # the CPU tier's load (FixedTier.fill_stats), for the run's setup
-        if placement.layers("cpu"):
-            self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader)
-            self.cpu_fill = self.providers["cpu"].fill_stats
-        if placement.layers("ring"):
-            self.providers["ring"] = RingTier(m, placement.layers("ring"), placement.ring_slots, self.arena,
-                                              self.reader, cfg.cpu_ring_offset, cfg.cpu_wrap_around,
-                                              cfg.cpu_roll_stride, cfg.cpu_roll_sync)
-        ssd_groups = [k for k in self.order if placement.home[k.layer] == "ssd"]
-        if ssd_groups:
-            biggest = max(m.group(k.name).nbytes for k in ssd_groups)
-            n_buf = max(2 * cfg.ssd_readers, -(-biggest // self.reader.chunk) + cfg.ssd_readers)
-            self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
+        with span("reader"):
+            self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
+            reader = self.reader or SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20)
+        try:
+            self._fill_cpu_tier(m, placement, span)
+            with span("upload_issue"):  # after the fill, which keeps the disk to itself; before the other buffers
+                upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device)
+            try:
+                self._add_ring_and_stager(m, placement, cfg, span)
+                with span("upload_wait"):
+                    self._resident = upload.result()
+            except BaseException:
+                upload.close()
+                raise
+        finally:
+            if reader is not self.reader:
+                reader.close()
+        self.upload = upload.stats.to_dict()
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
         on_device = device_bytes(self._resident.values(), device)
         counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
         self.slots = counts  # GPU slots per group kind, as reported in io_stats()["gpu_slots"]
-        self.pool = SlotPool(capacity, counts, device, cfg.evict_finished)
+        with span("slot_pool"):
+            self.pool = SlotPool(capacity, counts, device, cfg.evict_finished)
         self.ahead = min(self.ahead, sum(counts.values()) - 1)
         self._cond = threading.Condition()
         self._fetched: collections.deque[tuple[GroupKey, Slot]] = collections.deque()
@@ -161,12 +152,35 @@ class WeightStreamer:
         self._preload = max(self.ahead, min(2 * cfg.warmup_layers, sum(counts.values()) - 1))
         self._fillable = fillable(self.order, counts)
         self._thread = threading.Thread(target=self._fetch_loop, name="h2d-fetch", daemon=True)
-        if self.order:
-            self._thread.start()
-            if not cfg.skip_preload_wait:
-                self._wait_preload()
+        with span("preload"):
+            if self.order:
+                self._thread.start()
+                if not cfg.skip_preload_wait:
+                    self._wait_preload()
         log.info("streamer: %d streamed groups, GPU slots %s (%.2f GB), lookahead %d, pinned %.2f GB",
                  len(self.order), _slots(counts), self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
+
+    def _fill_cpu_tier(self, m, placement: Placement, span: Spans) -> None:
+        """The layers kept in RAM (a fixed subset), loaded now: the run's `fill`."""
+        self.cpu_fill: dict[str, Any] | None = None  # the CPU tier's load (FixedTier.fill_stats), for the run's setup
+        if placement.layers("cpu"):
+            with span("fill"):
+                self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader)
+            self.cpu_fill = self.providers["cpu"].fill_stats
+
+    def _add_ring_and_stager(self, m, placement: Placement, cfg: StreamConfig, span: Spans) -> None:
+        """The host side of the other streamed layers: the rolling ring, the SSD stager."""
+        if placement.layers("ring"):
+            with span("ring"):
+                self.providers["ring"] = RingTier(m, placement.layers("ring"), placement.ring_slots, self.arena,
+                                                  self.reader, cfg.cpu_ring_offset, cfg.cpu_wrap_around,
+                                                  cfg.cpu_roll_stride, cfg.cpu_roll_sync)
+        ssd_groups = [k for k in self.order if placement.home[k.layer] == "ssd"]
+        if ssd_groups:
+            with span("stager"):
+                biggest = max(m.group(k.name).nbytes for k in ssd_groups)
+                n_buf = max(2 * cfg.ssd_readers, -(-biggest // self.reader.chunk) + cfg.ssd_readers)
+                self.providers["ssd"] = DirectStager(m, ssd_groups, self.reader, self.arena, n_buf)
 
     # ---- the compute side (model.forward) -------------------------------------------------------
 

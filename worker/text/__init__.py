@@ -1,5 +1,6 @@
-"""Text in and out of the model: `tokenizer` (a checkpoint's tokenizer from local files only, and the
-Llama-3-style byte-level BPE built locally for synthetic checkpoints) and `prompts` (prompt files
-made to an exact token length, and the seed's rules for the batch as fed: each prompt encoded
-alone, its tail kept, cycled to the batch size).
+"""Text in and out of the model: `tokenizer` (the Llama-3-style byte-level BPE built locally for
+synthetic checkpoints), `checkpoint` (a checkpoint's tokenizer from local files only: the
+`tokenizers` library directly where that is identical to transformers' AutoTokenizer, else
+AutoTokenizer) and `prompts` (prompt files made to an exact token length, and the seed's rules for
+the batch as fed: each prompt encoded alone, its tail kept, cycled to the batch size).
 """

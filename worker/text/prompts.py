@@ -19,10 +19,12 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
+from tokenizers import Tokenizer
+
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.files import write_atomic
-from worker.text.tokenizer import load_tokenizer, special_token_policy
+from worker.text.checkpoint import load_tokenizer, special_token_policy
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,13 @@ _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def encode_texts(tokenizer, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-    """Token ids of each text, encoded separately (HF tokenizer or a `tokenizers.Tokenizer`)."""
+    """Token ids of each text, encoded separately (a checkpoint's tokenizer, `worker.text.checkpoint`,
+    or a bare `tokenizers.Tokenizer`)."""
     if not texts:
         return []
-    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+    if isinstance(tokenizer, Tokenizer):
         return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-    return list(tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"])
+    return tokenizer.encode(texts, add_special_tokens)
 
 
 def word_pool(tokenizer) -> tuple[list[str], dict[str, int]]:

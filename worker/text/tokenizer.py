@@ -1,4 +1,4 @@
-"""A real byte-level BPE tokenizer built locally, and loading a checkpoint's tokenizer offline.
+"""A real byte-level BPE tokenizer built locally, for synthetic checkpoints.
 
 Synthetic checkpoints need a tokenizer that behaves like Llama 3's (byte-level BPE, the Llama 3
 pre-tokenizer split, special tokens at the top of the id range) without downloading one. Training
@@ -37,7 +37,6 @@ LLAMA3_NAMED = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_rig
                 10: "<|python_tag|>"}
 LARGE_VOCAB = 32768  # from here on: Llama 3's 256 special tokens; below: 16 (same offsets)
 BOS, EOS = LLAMA3_NAMED[0], LLAMA3_NAMED[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -176,38 +175,3 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int) -
         "model_max_length": int(model_max_length),
     }
     write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n", "tokenizer config")
-
-
-def load_tokenizer(checkpoint_dir: str | Path):
-    """The checkpoint's tokenizer via `AutoTokenizer`, from local files only (never a hub)."""
-    from transformers import AutoTokenizer
-
-    path = Path(checkpoint_dir)
-    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer in {str(path)!r} (expected tokenizer.json): point --checkpoints at a HF "
-                        "checkpoint directory with its tokenizer, or make one with `bench make-model`")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer in {str(path)!r}: {str(e).splitlines()[0]}") from None
-
-
-def special_token_policy(tokenizer) -> bool:
-    """Whether prompts get special tokens: only when the tokenizer config says `add_bos_token: true`.
-
-    The seed encodes prompts with `add_special_tokens=False`; Llama 3.1's tokenizer_config has no
-    `add_bos_token`, so real and synthetic Llama 3 checkpoints both follow the seed. transformers 5
-    drops the key from a generic fast tokenizer's attributes, so the file is read when it is there.
-    """
-    cfg_file = Path(getattr(tokenizer, "name_or_path", "") or "") / "tokenizer_config.json"
-    value = None
-    if cfg_file.is_file():
-        try:
-            value = json.loads(cfg_file.read_text()).get("add_bos_token")
-        except (OSError, ValueError, AttributeError):
-            value = None
-    if value is None:
-        value = (getattr(tokenizer, "init_kwargs", None) or {}).get("add_bos_token")
-    if value is None:
-        value = getattr(tokenizer, "add_bos_token", False)
-    return bool(value)
