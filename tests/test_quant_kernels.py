@@ -14,7 +14,8 @@ weight back bit for bit, all 16 nibble values in both halves of a byte, zero poi
 every dtype the formats store), decode-shaped products (rows 1, 3, 16, 33; output sizes that are no
 multiple of the block; one to three parts; K splits) are the float32 product rounded once, repeated
 calls give the same bits, the custom ops trace under torch.compile (fullgraph) to the eager bits,
-and a bfloat16 int4 engine gives the same logits in every mode with the kernels in its matmuls.
+a bfloat16 int4 engine gives the same logits in every mode with the kernels in its matmuls, and (on
+CUDA) its graphed decode step replays to the eager step's bits.
 """
 
 from __future__ import annotations
@@ -266,7 +267,37 @@ def test_a_bf16_int4_engine_gives_the_same_logits_in_every_mode(make_ckpt, monke
                  dict(mode="ssd", staging_mb=1, ssd_readers=2)):
         assert torch.equal(logits(**mode), ref), mode
     monkeypatch.setattr(fused, "DEVICES", ())
+    torch._dynamo.reset()  # compiled layers (CUDA) were traced with the kernels in
     launches.clear()
     scratch = logits(mode="gpu")
     assert not launches
     assert (scratch - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
+def test_graph_replay_of_a_fused_int4_decode_equals_eager(make_ckpt, monkeypatch, tmp_path):
+    """The decode step's CUDA graph (gpu mode) captures the kernels' launches: a replay computes what the
+    eager step computes, bit for bit (the prefill, 2 × 40 rows, takes the scratch path)."""
+    from worker.engine import build_engine
+    from worker.generate import decode_spans, generate
+    from worker.model.graphs import GraphedDecode
+    from worker.pack.cache import ensure_pack
+    from worker.run import resolve_config
+
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    ckpt = make_ckpt(layers=2, dtype="bfloat16", intermediate_size=512)
+    cfg = resolve_config({"checkpoints": str(ckpt), "mode": "gpu", "weight_format": "int4", "quant_group_size": 64})
+    engine = build_engine(cfg, ensure_pack(cfg.checkpoints, weights=cfg.weights), DEV)
+    try:
+        prompts = [list(range(5, 45)), list(range(7, 20))]
+        cache = engine.new_cache(2, 128)
+        run = dict(keep_logits=True, capacity=128)
+        eager = generate(engine.model, cache, prompts, 12, 0.0, 1.0, 0, (), 0, DEV, **run)
+        graphs = GraphedDecode(engine.model, cache, 2, DEV)
+        graphs.prepare(decode_spans(40, 12, 128))
+        replay = generate(engine.model, cache, prompts, 12, 0.0, 1.0, 0, (), 0, DEV, decode=graphs, **run)
+        assert graphs.graphs
+        assert all(torch.equal(a, b) for a, b in zip(eager.logits, replay.logits))
+        assert eager.token_ids == replay.token_ids
+    finally:
+        engine.close()
