@@ -1,20 +1,20 @@
-"""Quantized parts → dense weights, inside the layer's compute, the same function in every mode.
+"""Quantized parts → what a projection's matmul multiplies by, the same function in every mode.
 
 The weight source hands the compute a group as it sits in its slot: a quantized projection is its
 parts (`q_proj.qweight`, `q_proj.scales`, ...), so only the small bytes crossed the SSD and PCIe.
-Just before a projection's matmul, its parts are turned into a dense weight of the compute dtype
-(a scratch tensor the allocator reuses), and projections that share an input (q|k|v, gate|up) are
-turned into one concatenated weight, as packed native groups give one fused view. Dequantization is
+`joined` gives the layer the weight of projections that share an input (q|k|v, gate|up) as one:
+the zero-copy fused view of a packed native group, native tensors concatenated, or the parts of
+quantized ones as a `Packed` weight, which `worker.quant.matmul.linear` multiplies by (fused with
+its dequantization, or after dequantizing to a dense scratch weight). Dequantization (`DENSE`) is
 elementwise (an exact integer difference, one float32 product, one cast), so it is the same
-function on every device and in every mode: modes stay bit-identical, and `bench dequantize`
-(`worker.quant.export`) writes exactly these values for HF to run on. Compiled runs compile these
-functions with the layer's other code (Inductor fuses the unpacking, scaling and concatenation
-into one kernel per weight).
+function on every device and in every mode: modes stay bit-identical, `bench dequantize`
+(`worker.quant.export`) writes exactly these values for HF to run on, and the fused kernels
+dequantize each element the same way in registers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -43,8 +43,23 @@ def dense_int4(parts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...
     return torch.cat(out)
 
 
+DENSE = {"int8": dense_int8, "int4": dense_int4, "fp8": dense_fp8}
+SUFFIXES = {"int8": ("qweight", "scales"), "fp8": ("qweight", "scales"), "int4": ("qweight", "scales", "zeros")}
+
+
+class Packed(NamedTuple):
+    """A quantized weight as its parts, one tuple per projection stacked by rows (int4: qweight,
+    scales, zeros; int8 and fp8: qweight, scales): `DENSE[fmt](parts, dtype)` is its dense weight."""
+
+    fmt: str
+    parts: tuple[tuple[torch.Tensor, ...], ...]
+
+
+Weight = torch.Tensor | Packed  # what a projection's matmul multiplies by (worker.quant.matmul)
+
+
 def format_of(g: Group, name: str) -> str:
-    """How the group holds `name`: native (a dense tensor), int8 or int4 (its parts)."""
+    """How the group holds `name`: native (a dense tensor), int8, fp8 or int4 (its parts)."""
     if name in g:
         return "native"
     if f"{name}.zeros" in g:
@@ -58,27 +73,21 @@ def has(g: Group, name: str) -> bool:
     return name in g or f"{name}.qweight" in g
 
 
-class Dequantizer:
-    """Dense weights of a group for the compute; `wrap` is the model's compile wrapper (or identity)."""
+def weight(g: Group, name: str) -> Weight:
+    """One projection's weight (out, in): the tensor itself when native."""
+    return joined(g, name, (name,))
 
-    def __init__(self, wrap: Callable = lambda f: f):
-        self._fns = {"int8": wrap(dense_int8), "int4": wrap(dense_int4), "fp8": wrap(dense_fp8)}
 
-    def weight(self, g: Group, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """One projection's dense weight (out, in): the tensor itself when native."""
-        return self.joined(g, name, (name,), dtype)
-
-    def joined(self, g: Group, fused_name: str, names: tuple[str, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Projections sharing an input as one weight stacked by rows: the zero-copy fused view of a packed
-        native group, a concatenation of native tensors (groups built from separate tensors), or the
-        dequantization of their parts."""
-        if fused_name in g:
-            return g[fused_name]
-        fmts = {format_of(g, n) for n in names}
-        if fmts == {"native"}:
-            return g[names[0]] if len(names) == 1 else torch.cat([g[n] for n in names])
-        if len(fmts) != 1:
-            raise AssertionError(f"{names} mix formats {sorted(fmts)} in one group")
-        fmt = fmts.pop()
-        suffixes = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
-        return self._fns[fmt](tuple(tuple(g[f"{n}.{s}"] for s in suffixes) for n in names), dtype)
+def joined(g: Group, fused_name: str, names: tuple[str, ...]) -> Weight:
+    """Projections sharing an input as one weight stacked by rows: the zero-copy fused view of a packed
+    native group, a concatenation of native tensors (groups built from separate tensors), or their
+    parts."""
+    if fused_name in g:
+        return g[fused_name]
+    fmts = {format_of(g, n) for n in names}
+    if fmts == {"native"}:
+        return g[names[0]] if len(names) == 1 else torch.cat([g[n] for n in names])
+    if len(fmts) != 1:
+        raise AssertionError(f"{names} mix formats {sorted(fmts)} in one group")
+    fmt = fmts.pop()
+    return Packed(fmt, tuple(tuple(g[f"{n}.{s}"] for s in SUFFIXES[fmt]) for n in names))

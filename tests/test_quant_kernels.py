@@ -1,0 +1,303 @@
+"""The fused dequantize-matmul (`worker.quant.fused`) against the scratch path it replaces.
+
+On CUDA the kernels run as the engine runs them. Without CUDA they run under Triton's interpreter,
+which is chosen when a kernel is defined (`TRITON_INTERPRET=1`), so in a process of its own:
+`test_kernels_under_the_triton_interpreter` runs this file again there, with the CPU added to the
+kernels' devices. The interpreter does not support bfloat16 arithmetic (its `tl.dot` multiplies the
+raw bit patterns, triton-lang/triton#11584, and its float32 → bfloat16 cast truncates), so under it
+those two operations are patched to what the GPU computes (`_interpreter`); float16 runs unpatched.
+What the interpreter does not check is the GPU compiler's own rules (a dot needs 16 x 16 at least:
+`fused.matmul` asserts it, so the interpreter fails where the GPU would).
+
+What is checked: every element dequantizes to exactly what `DENSE` gives (a one-hot x reads the
+weight back bit for bit, all 16 nibble values in both halves of a byte, zero points 0..15, scales of
+every dtype the formats store), decode-shaped products (rows 1, 3, 16, 33; output sizes that are no
+multiple of the block; one to three parts; K splits) are the float32 product rounded once, repeated
+calls give the same bits, the custom ops trace under torch.compile (fullgraph) to the eager bits,
+a bfloat16 int4 engine gives the same logits in every mode with the kernels in its matmuls, and (on
+CUDA) its graphed decode step replays to the eager step's bits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.quant import fused
+from worker.quant.dequant import DENSE, Packed
+from worker.quant.matmul import linear
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = torch.device("cuda" if CUDA else "cpu")
+kernels_run = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="without CUDA these run under Triton's "
+                                 "interpreter, in test_kernels_under_the_triton_interpreter")
+DTYPES = [torch.bfloat16, torch.float16]
+UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # the largest relative rounding error
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("triton").split(".")[:2])
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA runs the kernel tests directly")
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter's run")
+@pytest.mark.skipif(_triton_version() is None,
+                    reason="triton is not installed (it is in the test extras: pip install -e '.[test]')")
+@pytest.mark.skipif((_triton_version() or (99,)) < (3, 9),
+                    reason="Triton's interpreter before 3.9 fails on these kernels under numpy 2 (seen with 3.6: "
+                    "int() of a 1-element array in a loop bound); CPU checks need triton>=3.9")
+@pytest.mark.timeout(900)
+def test_kernels_under_the_triton_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " skipped" in proc.stdout  # only the entry point skips there
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Under the interpreter: CPU tensors take the fused path, and bfloat16 behaves as on the GPU. The
+    interpreter keeps bfloat16 as raw 16-bit integers; its `tl.dot` multiplies those bit patterns and
+    its float32 → bfloat16 cast truncates. Here a dot multiplies the values (exact products, float32
+    sums, as the GPU's matrix units) and the cast rounds to nearest even (as `cvt.rn.bf16.f32`)."""
+    if not INTERPRETED:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(fused, "DEVICES", ("cuda", "cpu"))
+    builder = interpreter.InterpreterBuilder
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def value(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        f32 = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(f32, tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, value(a), value(b), d, *args)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bf16 = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(bf16.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+
+
+def random_parts(fmt: str, sizes: tuple[int, ...], k: int, group: int = 64, scale_dtype=None, seed: int = 0):
+    """Parts of `fmt` for weights of `sizes` output channels and k inputs, every code drawn at random:
+    int4 bytes 0..255 (both nibbles 0..15) and zeros 0..15, int8 -128..127, fp8 every finite code."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for n in sizes:
+        if fmt == "int4":
+            q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+            s = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(scale_dtype or torch.bfloat16)
+            parts.append((q, s, torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8)))
+        else:
+            raw = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+            if fmt == "fp8":
+                raw = torch.where((raw & 0x7F) == 0x7F, torch.zeros_like(raw), raw)  # no NaN codes
+                q = raw.view(torch.float8_e4m3fn)
+            else:
+                q = raw
+            parts.append((q, (torch.rand(n, generator=g) * 0.01 + 1e-4).to(scale_dtype or torch.float32)))
+    return tuple(tuple(t.to(DEV) for t in p) for p in parts)
+
+
+CASES = [  # (format, output sizes of the parts, K, int4 group, scale dtype)
+    ("int4", (200,), 256, 64, None),
+    ("int4", (72, 40, 40), 256, 128, None),  # q|k|v
+    ("int4", (130, 130), 160, 32, torch.float16),  # gate|up; AWQ's float16 scales; K not a multiple of a step
+    ("int4", (48,), 384, 128, torch.float32),
+    ("int4", (48,), 264, 24, None),  # groups of 3 words
+    ("int8", (200,), 256, 0, None),
+    ("int8", (72, 40, 40), 200, 0, torch.bfloat16),  # K not a multiple of the block
+    ("fp8", (130, 130), 256, 0, None),
+    ("fp8", (40,), 136, 0, torch.float16),
+]
+SPLIT = {"int4": fused.Config(64, 128, 3), "int8": fused.Config(64, 64, 3), "fp8": fused.Config(16, 32, 3)}
+
+
+def configs(fmt, dtype):
+    """The fixed table's configuration, and in bfloat16 a 3-way split of K with other blocks too (under
+    the interpreter every program is Python: the split runs once per case)."""
+    return (None, SPLIT[fmt]) if dtype == torch.bfloat16 else (None,)
+
+
+@kernels_run
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{len(c[1])}parts-k{c[2]}")
+def test_every_element_dequantizes_as_the_scratch_path(case, dtype):
+    fmt, sizes, k, group, scale_dtype = case
+    parts = random_parts(fmt, sizes, k, group, scale_dtype)
+    dense = DENSE[fmt](parts, dtype)  # (Σ N, K)
+    eye = torch.eye(k, dtype=dtype, device=DEV)  # row i reads column i of the weight: one exact product
+    for cfg in configs(fmt, dtype):
+        got = fused.matmul(fmt, eye, parts, cfg)
+        assert got.dtype == dtype and got.shape == (k, sum(sizes))
+        assert torch.equal(got, dense.t()), f"{cfg}: {(got.float() - dense.t().float()).abs().max()}"
+
+
+@kernels_run
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 16, 33])
+@pytest.mark.parametrize("case", CASES[1:3] + CASES[6:8], ids=lambda c: f"{c[0]}-{len(c[1])}parts-k{c[2]}")
+def test_decode_products_are_the_float32_product_rounded_once(case, rows, dtype):
+    fmt, sizes, k, group, scale_dtype = case
+    parts = random_parts(fmt, sizes, k, group, scale_dtype, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype).to(DEV)
+    w = DENSE[fmt](parts, dtype)
+    exact = x.double() @ w.double().t()  # products of the compute dtype's values, summed without error
+    slack = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())  # float32 sums in another order
+    scratch = torch.nn.functional.linear(x, w)
+    for cfg in configs(fmt, dtype):
+        got = fused.matmul(fmt, x, parts, cfg)
+        err = (got.double() - exact).abs()
+        assert (err <= UNIT[dtype] * exact.abs() + 2 * slack).all(), f"{cfg}: max |err| {err.max():.3e}"
+        assert (got.double() - scratch.double()).abs().max() <= 2 * UNIT[dtype] * exact.abs().max()
+    assert torch.equal(fused.matmul(fmt, x, parts, cfg), got)  # the same bits on every call
+
+
+@kernels_run
+@pytest.mark.skipif(not CUDA and not (shutil.which("g++") or shutil.which("cc")),
+                    reason="Inductor's CPU backend needs a C compiler")
+def test_the_ops_trace_under_torch_compile_to_the_eager_bits():
+    from worker.model.compiled import compiled
+
+    def layer(x, w4, w8):
+        return linear(torch.nn.functional.silu(linear(x, w4)), w8)  # (B, T, 64)
+
+    w4 = Packed("int4", random_parts("int4", (72, 40, 40), 128, 32))
+    w8 = Packed("int8", random_parts("int8", (64,), 152))
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(DEV)
+    assert fused.applies(w4, x)
+    eager = layer(x, w4, w8)
+    assert eager.shape == (2, 3, 64)
+    assert torch.equal(compiled(layer)(x, w4, w8), eager)
+
+
+def _packed(fmt, rows=1, k=256, group=64, dtype=torch.bfloat16, device="cpu"):
+    parts = random_parts(fmt, (48,), k, group)
+    return Packed(fmt, tuple(tuple(t.to(device) for t in p) for p in parts)), torch.zeros(rows, k, dtype=dtype,
+                                                                                           device=device)
+
+
+def test_the_fused_path_is_chosen_by_rows_dtype_format_and_device_alone(monkeypatch):
+    monkeypatch.setattr(fused, "DEVICES", ("cuda",))
+    assert not fused.applies(*_packed("int4"))  # CPU tensors keep the scratch path
+    monkeypatch.setattr(fused, "DEVICES", ("cpu",))
+    monkeypatch.setattr(fused, "HAVE_TRITON", True)
+    for fmt in ("int4", "int8", "fp8"):
+        assert fused.applies(*_packed(fmt, rows=fused.FUSED_ROWS))
+        assert not fused.applies(*_packed(fmt, rows=fused.FUSED_ROWS + 1))  # a prefill: scratch + dense matmul
+        assert not fused.applies(*_packed(fmt, dtype=torch.float32))  # float32: the reference path
+    assert fused.applies(*_packed("int4", dtype=torch.float16, group=32))
+    assert not fused.applies(*_packed("int4", group=4))  # a word of nibbles would span two groups
+    w, x = _packed("int4")
+    assert not fused.applies(Packed("int4", w.parts * 4), x)  # more parts than a launch takes
+    monkeypatch.setattr(fused, "HAVE_TRITON", False)
+    assert not fused.applies(*_packed("int4"))
+
+
+def test_the_fixed_configurations_fill_the_gpu_and_split_only_long_inputs():
+    for n, k in ((10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)):
+        for fmt in ("int4", "int8"):
+            cfg = fused.config_for(fmt, n, k)
+            assert cfg == fused.config_for(fmt, n, k)
+            programs = -(-n // cfg.block_n) * cfg.split
+            assert programs >= 256 and k // cfg.block_k // cfg.split >= fused.MIN_STEPS, (fmt, n, k, cfg)
+    assert fused.config_for("int4", 200, 256).split == 1  # too short to split
+    assert [fused.block_m(m) for m in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 64]
+
+
+@kernels_run
+def test_a_bf16_int4_engine_gives_the_same_logits_in_every_mode(make_ckpt, monkeypatch, tmp_path):
+    """The kernels in the layer's matmuls (a prefill of 2 × 11 rows, a decode step of 2): `gpu` mode equals the
+    streaming modes bit for bit, and is close to the scratch path's logits."""
+    from worker.engine import build_engine
+    from worker.generate import generate
+    from worker.pack.cache import ensure_pack
+    from worker.run import resolve_config
+
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    ckpt = make_ckpt(layers=2, dtype="bfloat16", intermediate_size=512)
+    prompts = [list(range(5, 16)), list(range(40, 47))]
+
+    def logits(**flat):
+        cfg = resolve_config({"checkpoints": str(ckpt), "weight_format": "int4", "quant_group_size": 64,
+                              "max_new_tokens": 2, "max_seq_len": 32, **flat})
+        engine = build_engine(cfg, ensure_pack(cfg.checkpoints, weights=cfg.weights), DEV)
+        try:
+            gen = generate(engine.model, engine.new_cache(2, 32), prompts, 3, 0.0, 1.0, 0, (), 0, DEV,
+                           keep_logits=True)
+            return torch.stack(gen.logits).float()
+        finally:
+            engine.close()
+
+    launches, launch = [], fused.matmul
+
+    def counted(fmt, x, parts, cfg=None):
+        launches.append(tuple(x.shape))
+        return launch(fmt, x, parts, cfg)
+
+    monkeypatch.setattr(fused, "matmul", counted)
+    ref = logits(mode="gpu")
+    assert (22, 256) in launches and (2, 512) in launches  # prefill and decode, down_proj's input among them
+    for mode in (dict(mode="cpu", gpu_max_groups=2, group_prefetch_depth=1),
+                 dict(mode="ssd", staging_mb=1, ssd_readers=2)):
+        assert torch.equal(logits(**mode), ref), mode
+    monkeypatch.setattr(fused, "DEVICES", ())
+    torch._dynamo.reset()  # compiled layers (CUDA) were traced with the kernels in
+    launches.clear()
+    scratch = logits(mode="gpu")
+    assert not launches
+    assert (scratch - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
+def test_graph_replay_of_a_fused_int4_decode_equals_eager(make_ckpt, monkeypatch, tmp_path):
+    """The decode step's CUDA graph (gpu mode) captures the kernels' launches: a replay computes what the
+    eager step computes, bit for bit (the prefill, 2 × 40 rows, takes the scratch path)."""
+    from worker.engine import build_engine
+    from worker.generate import decode_spans, generate
+    from worker.model.graphs import GraphedDecode
+    from worker.pack.cache import ensure_pack
+    from worker.run import resolve_config
+
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    ckpt = make_ckpt(layers=2, dtype="bfloat16", intermediate_size=512)
+    cfg = resolve_config({"checkpoints": str(ckpt), "mode": "gpu", "weight_format": "int4", "quant_group_size": 64})
+    engine = build_engine(cfg, ensure_pack(cfg.checkpoints, weights=cfg.weights), DEV)
+    try:
+        prompts = [list(range(5, 45)), list(range(7, 20))]
+        cache = engine.new_cache(2, 128)
+        run = dict(keep_logits=True, capacity=128)
+        eager = generate(engine.model, cache, prompts, 12, 0.0, 1.0, 0, (), 0, DEV, **run)
+        graphs = GraphedDecode(engine.model, cache, 2, DEV)
+        graphs.prepare(decode_spans(40, 12, 128))
+        replay = generate(engine.model, cache, prompts, 12, 0.0, 1.0, 0, (), 0, DEV, decode=graphs, **run)
+        assert graphs.graphs
+        assert all(torch.equal(a, b) for a, b in zip(eager.logits, replay.logits))
+        assert eager.token_ids == replay.token_ids
+    finally:
+        engine.close()
