@@ -47,15 +47,23 @@ class Config:
     stages: int = 4
 
 
+# Launches measured fastest per 70B projection (benchmarks/results/quant_h200/quant_kernels_sweep1.txt)
+# where the rule below picks another split: (format, n, k) → split.
+MEASURED_SPLIT = {("int4", 57344, 8192): 8, ("int8", 10240, 8192): 8, ("int8", 8192, 8192): 2}
+
+
 def config_for(fmt: str, n: int, k: int) -> Config:
     """The fixed configuration of a shape: n output channels (all parts), k inputs. A K step is 128
-    columns (for int4 16 words, the least a dot takes) whatever the group size."""
-    block_n, block_k = 128, 128
+    columns (for int4 16 words, the least a dot takes) whatever the group size. 64 channels per
+    program and 3 stages were the fastest on every 70B shape swept; K is split until there are about
+    `TARGET_PROGRAMS` programs, unless the sweep measured another split for the shape."""
+    block_n, block_k = 64, 128
     blocks, steps = cdiv(n, block_n), cdiv(k, block_k)
     split = 1
     while split < 16 and blocks * split < TARGET_PROGRAMS and steps >= 2 * split * MIN_STEPS:
         split *= 2
-    return Config(block_n, block_k, split)
+    split = MEASURED_SPLIT.get((fmt, n, k), split)
+    return Config(block_n, block_k, split, stages=3)
 
 
 def block_m(rows: int) -> int:
