@@ -11,9 +11,12 @@ the log of that mass averaged over the heads: what the mass measure of benchmark
 
 Why bits and not only the range (Quest's bound sum_c max(q_c * max_c, q_c * min_c)): on the trained
 recall model (`worker.recall`, gpu size, 8k context) the second layer's heads put ~all their weight on
-one key with scores near 100 and margins of a few units; the range bound was loose by 80-140 there
-(even over pairs of keys), so it ranked the block holding that key far down and the selection kept
-0.81 of the oracle's mass at a 1024-token budget. With the bits: 0.96 (benchmarks/results/topk_selection_cpu.txt).
+one key, scaled scores of 50-240 with runner-up keys a few units below; the range bound is loose by far
+more than that (even over pairs of keys), so it ranked the block holding that key far down (median
+24th) and the selection kept 0.80 of the oracle's mass at a 1024-token budget; with the bits 0.97
+(benchmarks/results/topk_selection_cpu.txt, benchmarks/topk_selection.py). The price: a one-bit
+product with every key, O(bt * hd) per block and head instead of O(hd) (H200, compiled, batch 100:
+1.5x the range bound's time at 8k, 4x at 32k), and 1.5x the summary's bytes.
 
 Everything here is device code with static shapes (no host reads, no data-dependent shapes), so it
 traces into the compiled decode step (`kv.kernels`). Selection is one defined function of the
@@ -87,8 +90,7 @@ def key_estimates(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs
     base = torch.einsum("bkgd,bnkd->bkgn", qg, lo + w / 4)  # every bit 0: each channel at its lower quartile
     up = qg[:, None, :, :, None, :] * (w / 2)[:, :, :, None, None, :]  # (B, n, KV, G, 1, hd): what a set bit adds
     bits = unpack_bits(signs, hd)[:, :, :, None]  # (B, n, KV, 1, bt, hd)
-    # one fused reduction when compiled (H200: ~1.5x the range bound's time at 8k, batch 100); as a batched
-    # matmul it was 5x slower compiled, though 2x faster eager
+    # one fused reduction when compiled; as a batched matmul it was up to 5x slower compiled (2x faster eager)
     best = (up * bits).sum(-1).amax(-1)  # (B, n, KV, G): the block's best key
     return (base + best.permute(0, 2, 3, 1)).reshape(b, h, -1) * hd ** -0.5
 
