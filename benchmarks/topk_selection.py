@@ -1,11 +1,12 @@
 """Which block score keeps the most attention mass: the scores tried for issue 14, per layer, on a recall model.
 
-Teacher-forced decode of passkey answers (as `topk_recall.py`'s mass step) through an all-resident
-paged cache whose top-k budget is all blocks but one, so the queries are those of (nearly) exact
-attention. At every decode step of every layer the exact attention weights are computed from the
-cache's keys, and each score below chooses k blocks with the engine's own `topk.select_blocks` (sink
-and recent blocks forced); the table gives the mass each keeps (mean over heads, rows and steps)
-over what the oracle keeps (the best k blocks by that mass, `MassProbe`'s oracle), per layer and in all:
+Teacher-forced decode of passkey answers (as `topk_recall.py`'s mass step; eager, float32, on CUDA
+when there is one) through an all-resident paged cache whose top-k budget is all blocks but one, so
+the queries are those of (nearly) exact attention. At every decode step of every layer the exact
+attention weights are computed from the cache's keys, and each score below chooses k blocks with the
+engine's own `topk.select_blocks` (sink and recent blocks forced); the table gives the mass each
+keeps (mean over heads, rows and steps) over what the oracle keeps (the best k blocks by that mass,
+`MassProbe`'s oracle), per layer and in all:
 
 - `range bound, max over heads`: the per-channel key min/max bound (Quest), per head a log-softmax
   over blocks, a block's score the best over heads (the score before this change);
@@ -17,7 +18,7 @@ over what the oracle keeps (the best k blocks by that mass, `MassProbe`'s oracle
 - `key bits (topk.py)`: the engine's score now (`topk.block_scores`).
 
     python benchmarks/topk_selection.py                                     # committed cpu-size model, 1k/2k
-    python benchmarks/topk_selection.py --ckpt /tmp/sb-recall/recall-gpu --lengths 8192 --n 24
+    python benchmarks/topk_selection.py --ckpt /tmp/sb-recall/recall-gpu --lengths 8192 32768 --n 24
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from worker.recall.task import passkey_prompts  # noqa: E402
 from worker.run import resolve_config  # noqa: E402
 
 INF = float("inf")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _live(est: torch.Tensor, pos: torch.Tensor, bt: int) -> torch.Tensor:
@@ -167,7 +169,7 @@ class Tally:
 def run_length(engine, ckpt: Path, length: int, n: int, budgets: list[int], bt: int) -> list[str]:
     task = task_of(ckpt)
     prompts, answers = passkey_prompts(task, n, length, seed=length)  # topk_recall.py's prompts
-    dev = torch.device("cpu")
+    dev = DEV
     steps = task.value_tokens
     max_seq = length + steps
     layers = engine.cfg.num_hidden_layers
@@ -185,10 +187,11 @@ def run_length(engine, ckpt: Path, length: int, n: int, budgets: list[int], bt: 
     fns.topk = topk
     try:
         cache = factory(n, max_seq)
-        want = torch.tensor(answers)
-        engine.model.forward(torch.tensor(prompts), Step(torch.arange(length).expand(n, length), length, (length,) * n),
-                             cache, logits_at=torch.full((n,), length - 1))
-        pos = torch.full((n,), length)
+        want = torch.tensor(answers, device=dev)
+        engine.model.forward(torch.tensor(prompts, device=dev),
+                             Step(torch.arange(length, device=dev).expand(n, length), length, (length,) * n),
+                             cache, logits_at=torch.full((n,), length - 1, device=dev))
+        pos = torch.full((n,), length, device=dev)
         for t in range(1, steps):
             engine.model.forward(want[:, t - 1, None], Step(pos[:, None], length + t), cache)
             pos += 1
@@ -214,11 +217,11 @@ def main() -> None:
     for length in a.lengths:
         flat = {"checkpoints": str(ckpt), "max_seq_len": length + task_of(ckpt).value_tokens, "batch_size": a.n,
                 "compile": False, "dtype": "float32"}
-        engine = build_engine(resolve_config(flat), ensure_pack(ckpt, dtype="float32"), torch.device("cpu"))
+        engine = build_engine(resolve_config(flat), ensure_pack(ckpt, dtype="float32"), DEV)
         try:
             if layers is None:
                 layers = engine.cfg.num_hidden_layers
-                print(f"model: {ckpt}; {a.n} passkeys per length, blocks of {a.block_tokens} tokens, float32, CPU")
+                print(f"model: {ckpt}; {a.n} passkeys per length, blocks of {a.block_tokens} tokens, float32, {DEV}")
                 print(f"{'length':>6} {'budget':>6}  {'score':<30} "
                       + " ".join(f"{'L' + str(la):>6}" for la in range(layers)) + f"  {'all':>6}   (kept / oracle)")
             for row in run_length(engine, ckpt, length, a.n, [b for b in a.budgets if b < length], a.block_tokens):
