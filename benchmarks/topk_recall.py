@@ -14,7 +14,8 @@ row and layer stay on the GPU): exact, then `topk_tokens` budgets of 256/512/102
   scores, which misses a record whose last symbol starts a new block: tests/test_recall.py);
 - attention mass kept: a teacher-forced pass over the same prompts with every block on the device
   and eager kernels (`MassProbe` of benchmarks/topk_accuracy.py): the exact softmax weight inside the
-  selected blocks against the best k blocks' (the oracle), mean over heads, layers, rows and steps.
+  selected blocks against the best k blocks' (the oracle), mean over heads, layers, rows and steps;
+  also kept / oracle per layer (printed under the row, `kept_over_oracle_layers` in the JSON).
 
 Targets at a 1024-token budget: kept >= 0.9 x oracle, accuracy within 1 point of exact. A JSON with
 every row is written after each setting; `--resume` keeps the rows it already holds, so a run cut by
@@ -120,8 +121,9 @@ def kv_settings(a: argparse.Namespace, budget: int) -> dict:
 
 @torch.no_grad()
 def forced_mass(engine, a, prompts: list[list[int]], answers: list[list[int]], budget: int,
-                device) -> tuple[float, float]:
-    """Teacher-forced decode of the answers with every block on the device: (mass kept, oracle)."""
+                device) -> tuple[float, float, list[float]]:
+    """Teacher-forced decode of the answers with every block on the device: (mass kept, oracle, kept /
+    oracle per layer)."""
     kept, oracle = [], []
     steps = len(answers[0])
     for i in range(0, len(prompts), a.mass_batch):
@@ -142,9 +144,11 @@ def forced_mass(engine, a, prompts: list[list[int]], answers: list[list[int]], b
                     pos += 1
         finally:
             factory.close()
-        kept += probe.kept
+        kept += probe.kept  # in call order: layers 0 .. L-1 of each step
         oracle += probe.oracle
-    return sum(kept) / max(1, len(kept)), sum(oracle) / max(1, len(oracle))
+    layers = engine.cfg.num_hidden_layers
+    per_layer = [sum(kept[la::layers]) / max(1e-12, sum(oracle[la::layers])) for la in range(layers)]
+    return sum(kept) / max(1, len(kept)), sum(oracle) / max(1, len(oracle)), per_layer
 
 
 def engine_dtype(a) -> str:
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                         "batch_size": a.mass_batch, "compile": False, "dtype": engine_dtype(a)}
                 engine = build_engine(resolve_config(flat), ensure_pack(ckpt, dtype=engine_dtype(a)), device)
                 try:
-                    row["mass_kept"], row["oracle"] = forced_mass(engine, a, keys.prompts, keys.answers, budget, device)
+                    row["mass_kept"], row["oracle"], row["kept_over_oracle_layers"] = forced_mass(
+                        engine, a, keys.prompts, keys.answers, budget, device)
                 finally:
                     engine.close()
             row["wall_s"] = round(row.get("wall_s", 0) + time.perf_counter() - t0, 1)
@@ -202,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["same_as_exact"] = sum(g == e for g, e in zip(row["generated"], exact["generated"])) / a.n
             write(a, meta, trained, rows, cut=False)
             print(line(row), flush=True)
+            if row.get("kept_over_oracle_layers"):
+                print("        kept/oracle per layer: " + " ".join(
+                    f"L{la} {x:.3f}" for la, x in enumerate(row["kept_over_oracle_layers"])), flush=True)
     write(a, meta, trained, rows, cut)
     table(a, rows, trained, cut, time.perf_counter() - t_start)
     return 0

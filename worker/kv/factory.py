@@ -2,7 +2,7 @@
 
 - kv_offload none, no top-k budget (the default): `StaticKVCache`, the exact all-resident reference.
 - kv_offload none, a top-k budget of k blocks (topk_blk k, or topk_tokens mapped to blocks): a paged
-  cache with every block on the GPU (top-k needs block bounds).
+  cache with every block on the GPU (top-k needs block key summaries).
 - kv_offload cpu|ssd and a kv_gpu_blocks budget below the blocks max_seq needs: a paged cache with a
   GPU ring of kv_gpu_blocks blocks per (row, layer) over a pinned-CPU or SSD tier. Without a budget
   (or one that covers max_seq) nothing is offloaded and the cache is the resident one.
@@ -31,6 +31,7 @@ from worker.kv.offload import CpuStore, KVMover, Throttle
 from worker.kv.paged import PagedBuffers, PagedKVCache
 from worker.kv.spill import SLOT_BYTES, SLOTS, SpillStore, check_spill_dir
 from worker.kv.static import StaticKVCache
+from worker.kv.topk import sign_bytes, summary_bytes
 from worker.kv.tracker import BlockTracker
 from worker.model.geometry import ModelConfig
 from worker.stream.devsync import Sync
@@ -71,7 +72,7 @@ def offloads(kv: KVConfig, max_seq: int) -> bool:
 
 
 def tier_bytes(kv: KVConfig, cfg: ModelConfig, batch: int, max_seq: int, item: int) -> dict[str, int]:
-    """Bytes each tier holds for a cache of (batch, max_seq): GPU (ring, bounds, working buffers), pinned
+    """Bytes each tier holds for a cache of (batch, max_seq): GPU (ring, key summaries, working buffers), pinned
     CPU and the SSD spill file."""
     geo = Geometry(batch, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv.kv_block_tokens, max_seq,
                    {2: torch.bfloat16, 4: torch.float32}.get(item, torch.bfloat16))
@@ -85,7 +86,7 @@ def tier_bytes(kv: KVConfig, cfg: ModelConfig, batch: int, max_seq: int, item: i
     js = min(k, j) if k else j
     ext = geo.padded_block_bytes() if kv.kv_offload == "ssd" else bb
     gpu = layers * batch * ring * bb + batch * j * bb  # ring + the exact path's working buffers
-    gpu += 2 * layers * batch * j * geo.kv_heads * geo.head_dim * item if k else 0
+    gpu += layers * batch * j * summary_bytes(geo.kv_heads, geo.block_tokens, geo.head_dim, item) if k else 0
     gpu += 2 * batch * js * ext if off else 0
     if not off:
         return {"gpu": gpu, "cpu": 0, "ssd": 0}
@@ -153,6 +154,8 @@ class KVFactory:
             if kv.topk_blocks:
                 bufs.smin = [zeros(b, j, geo.kv_heads, geo.head_dim) for _ in range(geo.layers)]
                 bufs.smax = [zeros(b, j, geo.kv_heads, geo.head_dim) for _ in range(geo.layers)]
+                bufs.ssign = [zeros(b, j, geo.kv_heads, geo.block_tokens, sign_bytes(geo.head_dim), dtype=torch.uint8)
+                              for _ in range(geo.layers)]
             if off:
                 self._tier(geo, bufs)
         except torch.cuda.OutOfMemoryError:
@@ -223,7 +226,7 @@ class KVFactory:
 
     def step_bytes(self, batch: int, context: int) -> dict[str, int]:
         """Least bytes one decode step moves for the KV at `context` positions: read from HBM by the
-        attention (and by top-k's scoring: every block's key bounds), fetched H2D from the host tier
+        attention (and by top-k's scoring: every block's key summary), fetched H2D from the host tier
         (top-k: only its candidates, min(k, offloaded) blocks per row and layer, what
         `kv_bytes_per_step` counts), and read from / written to the SSD (spill)."""
         kv, k = self.kv, self.kv.topk_blocks
@@ -234,7 +237,7 @@ class KVFactory:
         out = {"hbm": rows * (context if exact else min(context, k * kv.kv_block_tokens)) * geo.token_bytes,
                "h2d": 0, "ssd": 0}
         if k:
-            out["hbm"] += rows * blocks * 2 * geo.kv_heads * geo.head_dim * geo.item  # the bounds scored
+            out["hbm"] += rows * blocks * summary_bytes(geo.kv_heads, geo.block_tokens, geo.head_dim, geo.item)
         if offloads(kv, self.max_seq):
             off = max(0, blocks - kv.kv_gpu_blocks)
             out["h2d"] = rows * (off if exact else min(k, off)) * geo.block_bytes

@@ -4,7 +4,7 @@ Three functions, each one compiled graph on CUDA (`worker.model.compiled`: fullg
 deterministic; one variant per span bucket, since the block count n = ceil(kv_len / bt) is the only
 shape that changes during a generation) and run eagerly on CPU:
 
-- `put_token`: the step's k, v into the GPU ring, and the new key into its block's bounds (top-k).
+- `put_token`: the step's k, v into the GPU ring, and the new key into its block's summary (top-k).
 - `score_step`: score every block with the current query, record the scores in the tracker, and
   choose the offloaded blocks the KV worker fetches for the layer's next step (`topk.candidates`).
   The exact path runs it when top-k is on (so a later top-k step has candidates), and the first
@@ -31,13 +31,11 @@ from worker.kv.tracker import Track, record_hits, record_scores
 from worker.model import attention
 from worker.model import compiled as compiling
 
-Bounds = tuple[torch.Tensor, torch.Tensor]
-
 
 def put_token(ring: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bt: int,
-              bounds: Bounds | None) -> None:
+              summary: sel.Summary | None) -> None:
     """Write k, v (B, KV, 1, hd) into ring (B, R, 2, KV, bt, hd) at each row's position pos (B,); with
-    bounds (kmin, kmax (B, n, KV, hd)) also fold the block's keys so far into its bounds."""
+    a summary (kmin, kmax, signs: `topk.block_summary`) also summarize the block's keys so far into it."""
     b, r = ring.shape[0], ring.shape[1]
     rows = torch.arange(b, device=ring.device)
     f = torch.div(pos, bt, rounding_mode="floor")  # (B,) the block being written
@@ -45,17 +43,18 @@ def put_token(ring: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.T
     slot = f % r
     ring[:, :, 0][rows, slot, :, off] = k[:, :, 0]  # (B, KV, hd)
     ring[:, :, 1][rows, slot, :, off] = v[:, :, 0]
-    if bounds is not None:
-        lo, hi = sel.block_bounds(ring[rows, slot, 0][:, None], off + 1)  # (B, 1, KV, hd)
-        bounds[0][rows, f] = lo[:, 0]
-        bounds[1][rows, f] = hi[:, 0]
+    if summary is not None:
+        for dst, part in zip(summary, sel.block_summary(ring[rows, slot, 0][:, None], off + 1)):  # (B, 1, ...)
+            dst[rows, f] = part[:, 0]
 
 
-def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pos: torch.Tensor, bt: int,
-               track: Track | None, cand: torch.Tensor | None, ahead: int, ring_blocks: int, recent: int) -> None:
-    """Score the n blocks (kmin/kmax (B, n, KV, hd)) for q (B, H, 1, hd) at positions pos (B,); record
-    the scores (track); write into cand (B, k) the candidates for the step at pos + ahead."""
-    sc = sel.block_scores(q, kmin, kmax, torch.div(pos, bt, rounding_mode="floor"))  # (B, n)
+def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor, pos: torch.Tensor,
+               bt: int, track: Track | None, cand: torch.Tensor | None, ahead: int, ring_blocks: int,
+               recent: int) -> None:
+    """Score the n blocks (their summary kmin, kmax, signs: `topk.block_summary`) for q (B, H, 1, hd) at
+    positions pos (B,); record the scores (track); write into cand (B, k) the candidates for the step
+    at pos + ahead."""
+    sc = sel.block_scores(q, kmin, kmax, signs, torch.div(pos, bt, rounding_mode="floor"))  # (B, n)
     if track is not None:
         record_scores(track, sc)
     if cand is not None:
@@ -64,20 +63,21 @@ def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pos: tor
 
 
 def topk_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
-              kmin: torch.Tensor, kmax: torch.Tensor, stage: torch.Tensor | None, cand: torch.Tensor | None,
-              track: Track | None, bt: int, topk: int, recent: int) -> torch.Tensor:
+              kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor, stage: torch.Tensor | None,
+              cand: torch.Tensor | None, track: Track | None, bt: int, topk: int, recent: int) -> torch.Tensor:
     """One top-k decode step of a layer → attention output (B, H, 1, hd).
 
     q (B, H, 1, hd); k, v (B, KV, 1, hd); pos (B,); ring (B, R, 2, KV, bt, hd); kmin/kmax (B, n, KV, hd)
-    with n > topk; stage (B, kc, 2, KV, bt, hd) the fetched candidates cand (B, kc) (block ids, -1
-    none; overwritten with the next step's), or both None when the ring holds every block."""
+    and signs (B, n, KV, bt, nb), the blocks' summary (`topk.block_summary`), with n > topk; stage
+    (B, kc, 2, KV, bt, hd) the fetched candidates cand (B, kc) (block ids, -1 none; overwritten with the
+    next step's), or both None when the ring holds every block."""
     b, r = ring.shape[0], ring.shape[1]
     n = kmin.shape[1]
     dev = q.device
     rows = torch.arange(b, device=dev)[:, None]  # (B, 1)
-    put_token(ring, k, v, pos, bt, (kmin, kmax))
+    put_token(ring, k, v, pos, bt, (kmin, kmax, signs))
     f = torch.div(pos, bt, rounding_mode="floor")  # (B,)
-    sc = sel.block_scores(q, kmin, kmax, f)  # (B, n)
+    sc = sel.block_scores(q, kmin, kmax, signs, f)  # (B, n)
     avail, slot = None, None
     if stage is not None:
         kc = cand.shape[1]

@@ -15,7 +15,7 @@ the same values, masked columns hold finite values whose weight is exactly 0, so
 same bit for bit.
 
 Top-k decode (topk < live blocks) is one device function per layer (`kv.kernels.topk_step`,
-compiled on CUDA): score every block by its key bounds (`kv.topk`), keep the sink and the most
+compiled on CUDA): score every block by its key summary (`kv.topk`), keep the sink and the most
 recent block(s) and the best of the rest among the blocks on the GPU (the ring and the blocks the
 KV worker prefetched by last step's scores), gather them, attend exactly over those topk, and choose
 the offloaded blocks for the layer's next step. The compute thread only plans from host-known
@@ -36,7 +36,7 @@ from worker.host.timing import span_end, span_start
 from worker.kv import kernels
 from worker.kv.fetch import Candidates, FetchCount, make_plan, run_fetch
 from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
-from worker.kv.topk import block_bounds, recent_blocks
+from worker.kv.topk import block_summary, recent_blocks
 from worker.kv.tracker import BlockTracker
 from worker.model import attention
 from worker.model.step import Step
@@ -54,8 +54,9 @@ class PagedBuffers:
     ring: list[torch.Tensor]  # per layer (B, R, 2, KV, bt, hd)
     wb_k: torch.Tensor  # (B, KV, J * bt, hd): one exact decode step's keys in position order
     wb_v: torch.Tensor
-    smin: list[torch.Tensor] | None = None  # per layer (B, J, KV, hd): per-block key bounds (top-k)
+    smin: list[torch.Tensor] | None = None  # per layer (B, J, KV, hd): per-block key ranges (top-k)
     smax: list[torch.Tensor] | None = None
+    ssign: list[torch.Tensor] | None = None  # per layer (B, J, KV, bt, ceil(hd / 8)) uint8: the keys' bits (top-k)
     stage: list[torch.Tensor] | None = None  # per fetch parity (B, Js, ext) uint8: blocks from the host tier
     cand: list[torch.Tensor] | None = None  # per layer (B, topk) long: the next step's candidates (top-k), -1 none
     cand_host: list[torch.Tensor] | None = None  # per layer, pinned copies of cand (host gathers only)
@@ -121,7 +122,8 @@ class PagedKVCache:
         jt = blocks.shape[1]
         self.written = jt
         if self.topk:
-            self.bufs.smin[layer][:, :jt], self.bufs.smax[layer][:, :jt] = block_bounds(blocks[:, :, 0])
+            for dst, part in zip(self._summary(layer, jt), block_summary(blocks[:, :, 0])):
+                dst.copy_(part)
         if self.mover:
             self.mover.write(layer, [(b, 0, raw_blocks(blocks[b])) for b in range(self.geo.batch)], self.sync.record())
         else:
@@ -164,14 +166,15 @@ class PagedKVCache:
             self._write_back(layer, written)
         return out
 
-    def _bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key bounds of the blocks this step can see: (B, nbk, KV, hd) each (views)."""
-        return self.bufs.smin[layer][:, :self.nbk], self.bufs.smax[layer][:, :self.nbk]
+    def _summary(self, layer: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key summary (`topk.block_summary`) of the first n blocks (the blocks this step can see): views."""
+        n = self.nbk if n is None else n
+        return self.bufs.smin[layer][:, :n], self.bufs.smax[layer][:, :n], self.bufs.ssign[layer][:, :n]
 
     def _exact(self, layer: int, q, k, v, plan):
         """Store the token, assemble the blocks in position order, attend → (out, event after the store)."""
         span, ring = self.kv_len, self.bufs.ring[layer]
-        self.fns.put(ring, k, v, self.pos_d, self.bt, self._bounds(layer) if self.topk else None)
+        self.fns.put(ring, k, v, self.pos_d, self.bt, self._summary(layer) if self.topk else None)
         written = self.sync.record() if self.mover else None
         nb = math.ceil(span / self.bt)
         vk, vv = block_view(self.bufs.wb_k, self.bt), block_view(self.bufs.wb_v, self.bt)  # (B, J, KV, bt, hd)
@@ -188,7 +191,7 @@ class PagedKVCache:
             vv[self.rows[:, None], jw] = src[:, :, 1]
         if self.topk:  # scores for the tracker, and the candidates of a later top-k step
             cand = self.bufs.cand[layer] if self.mover else None
-            self.fns.score(q, *self._bounds(layer), self.pos_d, self.bt, self.track[layer], cand, 1, self.R,
+            self.fns.score(q, *self._summary(layer), self.pos_d, self.bt, self.track[layer], cand, 1, self.R,
                            self.recent)
             if cand is not None:
                 self._chosen(layer)
@@ -198,7 +201,7 @@ class PagedKVCache:
         """The compiled top-k step (`kernels.topk_step`) → (out, event after it)."""
         stage = typed(self.bufs.stage[plan.parity], self.geo) if plan else None  # (B, topk, 2, KV, bt, hd)
         cand = self.bufs.cand[layer] if plan else None
-        out = self.fns.topk(q, k, v, self.pos_d, self.bufs.ring[layer], *self._bounds(layer), stage, cand,
+        out = self.fns.topk(q, k, v, self.pos_d, self.bufs.ring[layer], *self._summary(layer), stage, cand,
                             self.track[layer], self.bt, self.topk, self.recent)
         if not plan:
             return out, None
@@ -229,7 +232,7 @@ class PagedKVCache:
         now = first and 0 < self.topk < max(self.pos) // self.bt + 1  # top-k at the first step: score now
         if layer not in self._queued:
             if now:
-                self.fns.score(q, *self._bounds(layer), self.pos_d, self.bt, None, self.bufs.cand[layer], 0, self.R,
+                self.fns.score(q, *self._summary(layer), self.pos_d, self.bt, None, self.bufs.cand[layer], 0, self.R,
                                self.recent)
                 self._chosen(layer)
             self._queue(layer, self.pos, first)
