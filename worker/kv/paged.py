@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from worker.host.timing import span_end, span_start
 from worker.kv import kernels
 from worker.kv.fetch import Candidates, FetchCount, make_plan, run_fetch
-from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
+from worker.kv.layout import Geometry, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_bounds, recent_blocks
 from worker.kv.tracker import BlockTracker
 from worker.model import attention
