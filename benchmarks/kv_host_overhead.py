@@ -8,14 +8,16 @@ dispatch, thread handoffs and locks. Per run (exact, top-k):
 1. the engine's host-time spans (`worker.host.timing`: kv.decode, kv.exact / kv.topk, kv.ready on the
    compute thread, kv.fetch on the KV worker or inline), µs per call, i.e. per layer-step, the best
    of a few runs (the machine may be shared);
-2. the ATen ops the compute thread dispatches in the KV cache's decode work per layer-step (each a
-   kernel launch on CUDA where it runs eagerly);
+2. on the compute thread, in the KV cache's decode work per layer-step: the calls of the cache's device
+   functions (`kv.kernels` and the decode attention: one compiled call each on CUDA) and the ATen
+   ops dispatched outside them (an eager kernel launch or a host-side tensor op each on CUDA);
 3. the same work under cProfile, on the compute thread and on the KV worker: function calls (Python
    and C, torch's included) per layer-step, and the functions called most.
 
-The spans' µs on a CPU are not the GPU's (eager kernels run here, on CUDA they are compiled and
-launched), so compare a proxy run with another proxy run (the commit before a change and after it),
-never with an H200 log.
+The spans' µs on a CPU are not the GPU's (the device functions run here as eager CPU kernels, on
+CUDA each is one compiled call), and on a shared machine they move with its load (printed): compare
+a proxy run with another proxy run of the same load (the commit before a change and after it),
+never with an H200 log. The counts do not depend on the load.
 
     python benchmarks/kv_host_overhead.py --work /tmp/sbkvhost
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import platform
 import subprocess
 import sys
@@ -270,9 +273,11 @@ def main() -> None:
     print(f"commit {commit()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"1 thread; tiny {args.dtype} model, {args.layers} layers, batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, KV offloaded to the CPU tier, blocks of {args.block_tokens}, "
-          f"{args.gpu_blocks} on the device", flush=True)
+          f"{args.gpu_blocks} on the device; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+          flush=True)
     for topk in (False, True):
         print("\n".join(measure(ckpt, args, topk)), flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
