@@ -7,7 +7,8 @@ dispatch, thread handoffs and locks. Per run (exact, top-k):
 
 1. the engine's host-time spans (`worker.host.timing`: kv.decode, kv.exact / kv.topk, kv.ready on the
    compute thread, kv.fetch on the KV worker or inline), µs per call, i.e. per layer-step, the best
-   of a few runs (the machine may be shared);
+   of a few runs (the machine may be shared): in wall time, and in CPU time of the thread that ran
+   them (robust to other load, but blind to waits);
 2. on the compute thread, in the KV cache's decode work per layer-step: the calls of the cache's device
    functions (`kv.kernels` and the decode attention: one compiled call each on CUDA) and the ATen
    ops dispatched outside them (an eager kernel launch or a host-side tensor op each on CUDA);
@@ -25,12 +26,14 @@ never with an H200 log. The counts do not depend on the load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import platform
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -130,9 +133,23 @@ class DeviceFunctions:
         return False
 
 
-def spans_round(flat: dict) -> tuple[dict, dict]:
+class ThreadClock:
+    """The spans timed in CPU seconds of the thread that runs them (`time.thread_time`), not wall seconds:
+    what a layer-step costs the host, whatever else the machine runs meanwhile (and without the waits:
+    kv.ready then counts only its own work)."""
+
+    def __enter__(self):
+        self._real, timing.time = timing.time, types.SimpleNamespace(perf_counter=time.thread_time)
+        return self
+
+    def __exit__(self, *exc):
+        timing.time = self._real
+        return False
+
+
+def spans_round(flat: dict, cpu_clock: bool = False) -> tuple[dict, dict]:
     """One run with the spans recording over its measured round → ({span: (µs per call, calls)}, result)."""
-    with DeviceFunctions(), timing.recording() as spans:
+    with DeviceFunctions(), ThreadClock() if cpu_clock else contextlib.nullcontext(), timing.recording() as spans:
         def on_phase(name: str) -> None:
             if name == "measure":
                 spans.reset()
@@ -214,18 +231,24 @@ def busiest(stats: dict, layer_steps: int, n: int) -> list[str]:
     return out
 
 
+def best(rounds) -> str:
+    """The least µs per call of each span over rounds of {span: (µs per call, calls)}."""
+    rounds = list(rounds)
+    return ", ".join(f"{s} {min(p[s][0] for p in rounds):.0f}" for s in SPANS if s in rounds[0])
+
+
 def measure(ckpt: Path, args, topk: bool) -> list[str]:
     flat = config(ckpt, args, topk)
     name = f"top-k {args.topk_tokens} tokens" if topk else "exact"
     rounds = [spans_round(flat) for _ in range(args.repeats)]
+    cpu = [spans_round(flat, cpu_clock=True)[0] for _ in range(args.repeats)]
     m = rounds[0][1]["metrics"]
     assert rounds[0][0]["kv.decode"][1] == m["decode_steps"] * args.layers  # one kv.decode span per layer-step
-    best = {s: min(p[s][0] for p, _ in rounds) for s in SPANS if s in rounds[0][0]}
     ms = min(x["metrics"]["decode_ms"] for _, x in rounds) / m["decode_steps"]
-    per_span = ", ".join(f"{s} {v:.0f}" for s, v in best.items())
     head = (f"== {name}: {ms:.2f} ms/token on this CPU, {m['kv_blocks_read_per_step']:.1f} blocks read per "
             f"(row, layer) step, {m['kv_bytes_per_step'] / 1e6:.3f} MB KV per step")
-    lines = [head, f"  host us per layer-step (best of {args.repeats}): {per_span}"]
+    lines = [head, f"  host us per layer-step, wall (best of {args.repeats}): {best(p for p, _ in rounds)}",
+             f"  host us per layer-step, CPU time of the thread (best of {args.repeats}): {best(cpu)}"]
     ops, fns, r3 = ops_round(flat)
     main, worker, r2 = profile_round(flat)
     ls2, ls3 = (x["metrics"]["decode_steps"] * args.layers for x in (r2, r3))
