@@ -114,8 +114,8 @@ class CpuStore:
         self.gather_buf: list[torch.Tensor] = []
         if self.device_view is not None:
             self._wide = zerocopy.wide_dtype(self.ext)
-            # (L, B * J, ext / w): one row per block, read as wide integers
-            self._src = self.device_view.view(geo.layers, geo.batch * geo.n_blocks, self.ext).view(self._wide)
+            # per layer (B * J, ext / w): one row per block, read as wide integers
+            self._src = list(self.device_view.view(geo.layers, geo.batch * geo.n_blocks, self.ext).view(self._wide))
             # (B, 1) row offsets into the store's (B * J) blocks; None at batch 1 (no add kernel per layer-step)
             self._base = torch.arange(geo.batch, device=device)[:, None] * geo.n_blocks if geo.batch > 1 else None
         elif topk:  # host-side gathers for top-k land here, one per fetch parity: (B * k, ext)

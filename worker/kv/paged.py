@@ -63,6 +63,17 @@ class PagedBuffers:
     mover: Any = None  # KVMover when there is a host tier
 
 
+@dataclass
+class SpanViews:
+    """The views a decode step over `span` positions passes to the device functions, made once per span
+    (a few buckets per generation) instead of once per layer-step."""
+
+    bounds: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (B, min(nb, J), KV, hd) each (top-k)
+    wb: tuple[torch.Tensor, torch.Tensor]  # the exact path's buffers over the span's nb blocks (B, KV, nb * bt, hd)
+    attend: tuple[torch.Tensor, torch.Tensor]  # and over the span's columns (B, KV, span, hd)
+    stage: list[torch.Tensor] | None  # per fetch parity, its first min(nb, Js) blocks (B, ., 2, KV, bt, hd)
+
+
 class PagedKVCache:
     def __init__(self, bufs: PagedBuffers, topk: int, sync: Sync, tracker: BlockTracker | None = None,
                  compiled: bool = False, counter: FetchCount | None = None):
@@ -83,6 +94,7 @@ class PagedKVCache:
             self.tracker.reset()
             self.track = [self.tracker.rows(layer, self.geo.batch) for layer in range(self.geo.layers)]
         self.stage = [typed(raw, self.geo) for raw in bufs.stage] if bufs.stage else None  # (B, Js, 2, KV, bt, hd)
+        self._spans: dict[int, SpanViews] = {}
         self.retired = False
         self._reset(None)
         self._fetches = 0
@@ -137,6 +149,7 @@ class PagedKVCache:
         self.kv_len = step.kv_len
         self.pos_d = step.positions[:, 0]  # (B,)
         self.nbk = min(math.ceil(step.kv_len / self.bt), self.geo.n_blocks)  # blocks the step can see
+        self.views = self._spans.get(step.kv_len) or self._span_views(step.kv_len)
         if self.mover:  # every decode step moves every row by one
             self.pos = self._first_positions(step) if self.pos is None else self.pos_next
             self.pos_next = tuple(p + 1 for p in self.pos)
@@ -163,26 +176,34 @@ class PagedKVCache:
             self._write_back(layer, written)
         return out
 
+    def _span_views(self, span: int) -> SpanViews:
+        bufs, nb = self.bufs, math.ceil(span / self.bt)
+        nbk = min(nb, self.geo.n_blocks)  # the key bounds of the blocks the step can see
+        bounds = [(lo[:, :nbk], hi[:, :nbk]) for lo, hi in zip(bufs.smin, bufs.smax)] if self.topk else None
+        wb = (bufs.wb_k[:, :, :nb * self.bt], bufs.wb_v[:, :, :nb * self.bt])
+        stage = [st[:, :nb] for st in self.stage] if self.stage else None
+        views = SpanViews(bounds, wb, (wb[0][:, :, :span], wb[1][:, :, :span]), stage)
+        self._spans[span] = views
+        return views
+
     def _bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The key bounds of the blocks this step can see: (B, nbk, KV, hd) each (views)."""
-        return self.bufs.smin[layer][:, :self.nbk], self.bufs.smax[layer][:, :self.nbk]
+        return self.views.bounds[layer]
 
     def _exact(self, layer: int, q, k, v, plan):
         """Store the token, assemble the blocks in position order, attend → (out, event after the store).
 
         One device function (`kernels.exact_step`), then the resident cache's attention on the span."""
-        span, nb = self.kv_len, math.ceil(self.kv_len / self.bt)
-        stage = None
-        if plan is not None:  # every block the stage holds up to the span's: the step's fetch filled the offloaded ones
-            stage = self.stage[plan.parity][:, :nb]  # (B, min(nb, Js), 2, KV, bt, hd)
+        views = self.views
+        # every block the stage holds up to the span's: the step's fetch filled the offloaded ones
+        stage = views.stage[plan.parity] if plan is not None else None  # (B, min(nb, Js), 2, KV, bt, hd)
         cand = self.bufs.cand[layer] if self.topk and self.mover else None
-        wb_k, wb_v = self.bufs.wb_k[:, :, :nb * self.bt], self.bufs.wb_v[:, :, :nb * self.bt]
         self.fns.exact(q, k, v, self.pos_d, self.bufs.ring[layer], self._bounds(layer) if self.topk else None, stage,
-                       wb_k, wb_v, self.bt, self.track[layer], cand, self.recent)
+                       *views.wb, self.bt, self.track[layer], cand, self.recent)
         written = self.sync.record() if self.mover else None
         if cand is not None:  # the candidates of a later top-k step
             self._chosen(layer, written)
-        return self.attention(q, wb_k[:, :, :span], wb_v[:, :, :span], self.pos_d), written
+        return self.attention(q, *views.attend, self.pos_d), written
 
     def _topk(self, layer: int, q, k, v, plan):
         """The compiled top-k step (`kernels.topk_step`) → (out, event after it)."""
