@@ -67,7 +67,7 @@ def drive(cache, cfg, lens, steps, seed=0, strict_from=None):
 
 
 def cache_device(cache) -> torch.device:
-    return cache.rows.device
+    return cache.bufs.wb_k.device if isinstance(cache, paged.PagedKVCache) else cache.rows.device
 
 
 def factory(cfg, dev, max_seq, batch, compiled, **kv):

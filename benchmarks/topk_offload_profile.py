@@ -2,8 +2,9 @@
 
 Runs `bench run` in-process (gpu weights, KV offloaded to CPU, long prompt) for top-k 0 and k, with
 the engine's host-time spans recording (`worker.host.timing`): the compute thread's wait for the KV
-worker (`kv.ready`), the worker's fetch jobs (`kv.fetch`) and, for a tier the device cannot read, its
-host gather of the device-chosen candidates (`kv.candidates`), the compiled top-k step (`kv.topk`),
+worker (`kv.ready`), the fetch jobs (`kv.fetch`, inline on the compute thread for the CPU tier) and,
+for a tier the device cannot read, the worker's host gather of the device-chosen candidates
+(`kv.candidates`), the compiled top-k step (`kv.topk`),
 the exact path (`kv.exact`) and all of a layer's KV work (`kv.decode`). The recorder is reset at the
 run's "measure" phase, so the totals are the measured round's. Host milliseconds per decode step,
 next to the step's CUDA-event time.
@@ -24,7 +25,7 @@ from worker.run import resolve_config, run
 # What each span times, in the order printed (the names are worker.host.timing's).
 SPANS = {
     "kv.ready": "compute thread waits for the KV worker (ready)",
-    "kv.fetch": "KV worker: fetch job",
+    "kv.fetch": "fetch job (KV worker, or inline: CPU tier)",
     "kv.candidates": "KV worker: host gather of the device's candidates",
     "kv.topk": "compute thread: top-k step (store, score, select, gather, attend)",
     "kv.exact": "compute thread: exact (assemble, attend)",

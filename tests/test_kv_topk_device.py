@@ -140,7 +140,7 @@ def test_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier)
     def trace(fn):
         return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
 
-    traced = types.SimpleNamespace(put=trace(kernels_mod.put_token), score=trace(kernels_mod.score_step),
+    traced = types.SimpleNamespace(score=trace(kernels_mod.score_step), exact=trace(kernels_mod.exact_step),
                                    topk=trace(kernels_mod.topk_step))
     f, tr = _factory(tmp_path, tier)
     try:
@@ -161,6 +161,40 @@ def test_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier)
     assert not torch._dynamo.utils.counters["graph_break"]
     # one graph for the top-k step, one for the first step's scoring (host tiers only): not one per layer
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (1 if tier == "none" else 2)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "ssd"])
+@pytest.mark.parametrize("topk", [0, 32])
+def test_exact_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier, topk):
+    """The exact path over a host tier (no top-k, or a budget covering every block: scored for the
+    tracker) is one traced device function per layer-step too, beside the resident cache's attention."""
+    import torch._dynamo
+
+    def trace(fn):
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    f, tr = _factory(tmp_path, tier, topk=topk)
+    try:
+        ref = _drive(f(2, 128), LENS, 10, kv_len=64)
+        hits = tr.snapshot()["hits"]
+    finally:
+        f.close()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    traced = types.SimpleNamespace(score=trace(kernels_mod.score_step), exact=trace(kernels_mod.exact_step),
+                                   topk=trace(kernels_mod.topk_step))
+    monkeypatch.setattr(paged_mod.kernels, "kernels", lambda compiled: traced)
+    f, tr = _factory(tmp_path, tier, topk=topk)
+    try:
+        cache = f(2, 128)
+        got = _drive(cache, LENS, 10, kv_len=64)
+    finally:
+        f.close()
+    assert cache.topk == 0 or cache.topk >= 64 // 4  # every step exact
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert hits is None if not topk else torch.equal(tr.snapshot()["hits"], hits)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 SYNCING_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
@@ -265,6 +299,29 @@ def test_topk_decode_never_syncs_the_host(tmp_path, monkeypatch, tier):
         assert guard.at("worker", after=1) == []
     if tier == "ssd":
         assert guard.at("worker", after=1)  # the host gather's waits are visible to the guard
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+@pytest.mark.parametrize("tier", ["cpu", "cpu-no-zero-copy", "ssd"])
+def test_device_only_fetches_run_inline_on_the_compute_thread(tmp_path, monkeypatch, tier, topk):
+    """The CPU tier's jobs are device work only (copies, the device gather) unless top-k gathers on the
+    host: the compute thread issues them itself, with no handoff to the KV worker per layer-step. The
+    SSD tier and a host gather keep the worker (their jobs wait for the disk or the device)."""
+    from worker.kv import offload
+
+    threads = []
+    real = offload.KVMover._run
+    monkeypatch.setattr(offload.KVMover, "_run", lambda m, job: threads.append(threading.get_ident()) or real(m, job))
+    f, _ = _factory(tmp_path, tier.split("-")[0], topk=topk, **({"kv_zero_copy": False} if "no-zero" in tier else {}))
+    try:
+        cache = f(2, 128)
+        _drive(cache, LENS, 6)
+        f.drain()
+    finally:
+        f.close()
+    inline = tier == "cpu" or (tier == "cpu-no-zero-copy" and not topk)
+    assert cache.mover.inline == inline
+    assert threads and all((t == threading.get_ident()) == inline for t in threads)
 
 
 # ---- what crosses to the device, and what is recorded ---------------------------------------------

@@ -12,9 +12,10 @@ a `with` block: entering and leaving even a shared `nullcontext` costs about thr
 The names are public API (benchmarks/topk_offload_profile.py prints them, tests/test_timing.py checks
 that a run records them). On the compute thread: `kv.decode` (all of a layer's decode-step KV work
 in the paged cache), within it `kv.exact` or `kv.topk` (assemble or select, and attend) and
-`kv.ready` (waiting for the KV worker to have issued the layer's fetch); on the KV worker:
-`kv.fetch` (one layer's fetch job) and within it `kv.candidates` (gathering the device-chosen top-k
-blocks on the host: the SSD tier, or a CPU tier the device cannot map).
+`kv.ready` (waiting for the KV worker to have issued the layer's fetch); `kv.fetch` (one layer's
+fetch job: on the KV worker, or inline on the compute thread, within `kv.decode`, where the job is
+device work only: the CPU tier, `worker.kv.offload`) and within it `kv.candidates` (gathering the
+device-chosen top-k blocks on the host: the SSD tier, or a CPU tier the device cannot map).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Host-side planning of one layer's fetch, and the job the KV worker runs for it.
+"""Host-side planning of one layer's fetch, and the job that issues it on the KV stream.
 
-A plan is made on the compute thread from host-known positions (cheap, O(batch)); the job runs on
-the KV worker: it loads the ring window at the first decode step, then either every offloaded block
+A plan is made on the compute thread from host-known positions (O(batch), once per step: every layer
+of a step shares it); the job runs inline on the compute thread or on the KV worker
+(`kv.offload`): it loads the ring window at the first decode step, then either every offloaded block
 of every row (exact attention) or the top-k candidates per row (top-k). Blocks land in a GPU stage
 buffer (one per fetch parity).
 
@@ -13,7 +14,7 @@ which fixes the copy's size. How the chosen blocks cross PCIe depends on the tie
 - device gather (the CPU tier on CUDA, and its CPU twin): the KV stream waits for the event after the
   step that wrote the candidate ids, and a gather kernel reads exactly those blocks from the pinned
   store through its device mapping (`kv.zerocopy`); the ids never leave the device, the host waits
-  for nothing.
+  for nothing, and the compute thread issues the job itself.
 - host gather (the SSD tier, or a CPU tier whose memory the device cannot map): the compute stream
   copies the ids to pinned memory right after choosing them (B x k integers); the KV worker waits for
   that copy (issued a layer-step or more earlier), reads the blocks into pinned memory and copies
@@ -22,6 +23,7 @@ which fixes the copy's size. How the chosen blocks cross PCIe depends on the tie
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,29 +38,29 @@ class FetchPlan:
     layer: int
     parity: int
     exact: bool  # fetch every offloaded block (exact attention) or top-k candidates
-    lo: list[int]  # per row: blocks [0, lo) are offloaded; [lo, frontier] are in the GPU ring
-    frontier: list[int]  # per row: the block the current token goes into
+    lo: tuple[int, ...]  # per row: blocks [0, lo) are offloaded; [lo, frontier] are in the GPU ring
+    frontier: tuple[int, ...]  # per row: the block the current token goes into
     fill: list[tuple[int, int]]  # (row, block) to load into the ring first (first decode step)
     topk: int = 0
     recent: int = 0
-
-    @property
-    def max_lo(self) -> int:
-        return max(self.lo, default=0)
-
-    @property
-    def counts(self) -> list[int]:
-        """Per row: blocks fetched from the host tier for this step's attention (the ring fill aside)."""
-        return list(self.lo) if self.exact else [min(self.topk, lo) for lo in self.lo]
+    counts: tuple[int, ...] = ()  # per row: blocks fetched from the host tier for this step's attention (fill aside)
+    max_lo: int = 0  # max(lo)
 
 
-def make_plan(layer: int, parity: int, pos: list[int], bt: int, ring_blocks: int, written: int, first: bool,
-              topk: int, recent: int) -> FetchPlan:
-    frontier = [p // bt for p in pos]
-    lo = [max(0, f - ring_blocks + 1) for f in frontier]
+@functools.lru_cache(maxsize=4)
+def _reach(pos: tuple[int, ...], bt: int, ring_blocks: int, topk: int):
+    """What the rows at `pos` fetch, the same for every layer of a step: computed once per step."""
+    frontier = tuple(p // bt for p in pos)
+    lo = tuple(max(0, f - ring_blocks + 1) for f in frontier)
     exact = topk == 0 or topk >= max(frontier) + 1
+    return exact, lo, frontier, lo if exact else tuple(min(topk, x) for x in lo), max(lo, default=0)
+
+
+def make_plan(layer: int, parity: int, pos: tuple[int, ...], bt: int, ring_blocks: int, written: int, first: bool,
+              topk: int, recent: int) -> FetchPlan:
+    exact, lo, frontier, counts, max_lo = _reach(tuple(pos), bt, ring_blocks, topk)
     fill = [(b, j) for b, f in enumerate(frontier) for j in range(lo[b], min(f + 1, written))] if first else []
-    return FetchPlan(layer, parity, exact, lo, frontier, fill, topk, recent)
+    return FetchPlan(layer, parity, exact, lo, frontier, fill, topk, recent, counts, max_lo)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class FetchCount:
 
 
 def run_fetch(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, cand: Candidates | None) -> Any:
-    """The KV worker's part: issue the copies of `plan` on the KV stream; returns the event after them."""
+    """The job: issue the copies of `plan` on the KV stream; returns the event after them."""
     t0 = span_start()
     done = _issue(m, cache, plan, stage_free, cand)
     span_end("kv.fetch", t0)
@@ -108,7 +110,7 @@ def _issue(m: KVMover, cache: Any, plan: FetchPlan, stage_free: Any, cand: Candi
     m.sync.wait(stage_free, m.stream)  # the compute that read this stage parity last has run
     geo, bufs, store = cache.geo, cache.bufs, m.store
     device_gather = not plan.exact and plan.max_lo > 0 and store.device_view is not None
-    if plan.fill or not device_gather:
+    if store.host_side and (plan.fill or not device_gather):
         m.wait_uploaded(plan.parity)  # the pinned buffers of this parity are free again
     bb, L, p = geo.block_bytes, plan.layer, plan.parity
     pairs = []

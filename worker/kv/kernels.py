@@ -1,16 +1,22 @@
 """The device side of one paged decode step of one layer, as a few functions of tensors.
 
-Three functions, each one compiled graph on CUDA (`worker.model.compiled`: fullgraph, dynamic=False,
-deterministic; one variant per span bucket, since the block count n = ceil(kv_len / bt) is the only
-shape that changes during a generation) and run eagerly on CPU:
+Each is one compiled graph on CUDA (`worker.model.compiled`: fullgraph, dynamic=False, deterministic;
+one variant per span bucket, since the block count n = ceil(kv_len / bt) is the only shape that
+changes during a generation) and runs eagerly on CPU. A layer-step calls one or two of them, never a
+string of eager ops: on CUDA each call from Python costs host time, and a decode step over an
+offloaded cache is bound by the host.
 
-- `put_token`: the step's k, v into the GPU ring, and the new key into its block's summary (top-k).
+- `put_token` (inside the exact and top-k steps): the step's k, v into the GPU ring, and the new key into
+  its block's summary (top-k).
 - `score_step`: score every block with the current query, record the scores in the tracker, and
-  choose the offloaded blocks the KV worker fetches for the layer's next step (`topk.candidates`).
-  The exact path runs it when top-k is on (so a later top-k step has candidates), and the first
-  top-k step runs it before its fetch (no earlier scores exist).
+  choose the offloaded blocks the KV stream fetches for the layer's next step (`topk.candidates`).
+  The first top-k step runs it before its fetch (no earlier scores exist).
+- `exact_step`: `put_token`, the assembly of the row's blocks in position order (the stage the KV
+  stream filled with the offloaded ones, the ring over them) into the exact path's working buffers,
+  and with top-k on `score_step` (so a later top-k step has candidates). The attention over the
+  buffers is then the resident cache's own function (`worker.attention`), called as it calls it.
 - `topk_step`: `put_token`, scores, tracker, the selection among the blocks on the GPU (ring and the
-  stage the KV worker filled with last step's candidates), the gather of the chosen blocks, exact
+  stage the KV stream filled with last step's candidates), the gather of the chosen blocks, exact
   attention over them, and the next step's candidates.
 
 Nothing in them reads the host or depends on data for a shape: `fullgraph=True` would refuse a
@@ -27,6 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from worker.kv import topk as sel
+from worker.kv.layout import block_view
 from worker.kv.tracker import Track, record_hits, record_scores
 from worker.model import attention
 from worker.model import compiled as compiling
@@ -60,6 +67,37 @@ def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs: t
     if cand is not None:
         frontier = torch.div(pos + ahead, bt, rounding_mode="floor")
         cand.copy_(sel.candidates(sc, frontier, ring_blocks, cand.shape[1], recent))
+
+
+def exact_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
+               summary: sel.Summary | None, stage: torch.Tensor | None, wb_k: torch.Tensor, wb_v: torch.Tensor, bt: int,
+               track: Track | None, cand: torch.Tensor | None, recent: int) -> None:
+    """Store the token and assemble an exact step's keys and values in position order.
+
+    q (B, H, 1, hd); k, v (B, KV, 1, hd); pos (B,); ring (B, R, 2, KV, bt, hd); wb_k, wb_v (B, KV, nb * bt,
+    hd), the working buffers over the span's nb blocks (written). stage (B, m, 2, KV, bt, hd): blocks
+    [0, m) as the KV stream fetched them (each row's offloaded ones are current; the rest are older
+    blocks, finite, which the ring overwrites or the attention masks), or None when the ring holds
+    every block. summary (kmin, kmax, signs: `topk.block_summary`) with top-k: the summary is updated
+    and the blocks scored (track; cand (B, k) the next step's candidates when there is a host tier)."""
+    b, r, nb = ring.shape[0], ring.shape[1], wb_k.shape[2] // bt
+    put_token(ring, k, v, pos, bt, summary)
+    vk, vv = block_view(wb_k, bt), block_view(wb_v, bt)  # (B, nb, KV, bt, hd) views
+    if stage is None:  # block j sits in slot j
+        vk.copy_(ring[:, :nb, 0])
+        vv.copy_(ring[:, :nb, 1])
+    else:
+        m = stage.shape[1]
+        vk[:, :m] = stage[:, :, 0]
+        vv[:, :m] = stage[:, :, 1]
+        rows = torch.arange(b, device=ring.device)[:, None]  # (B, 1)
+        f = torch.div(pos, bt, rounding_mode="floor")[:, None]  # (B, 1) the block being written
+        jw = torch.minimum((f - (r - 1)).clamp(min=0) + torch.arange(r, device=ring.device), f)  # (B, R) in the ring
+        src = ring[rows, jw % r]  # (B, R, 2, KV, bt, hd)
+        vk[rows, jw] = src[:, :, 0]
+        vv[rows, jw] = src[:, :, 1]
+    if summary is not None:
+        score_step(q, *summary, pos, bt, track, cand, 1, r, recent)
 
 
 def topk_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
@@ -108,6 +146,6 @@ def topk_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tens
 
 @functools.cache
 def kernels(compiled: bool) -> SimpleNamespace:
-    """put / score / topk, compiled once per process when asked (CUDA), else the plain functions."""
+    """score / exact / topk, compiled once per process when asked (CUDA), else the plain functions."""
     wrap = compiling.compiled if compiled else (lambda fn: fn)
-    return SimpleNamespace(put=wrap(put_token), score=wrap(score_step), topk=wrap(topk_step))
+    return SimpleNamespace(score=wrap(score_step), exact=wrap(exact_step), topk=wrap(topk_step))

@@ -9,6 +9,7 @@ blocks and skips the padding.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from worker.units import PAGE
 
 @dataclass(frozen=True)
 class Geometry:
+    """The derived sizes are computed once per geometry (the decode step reads them every layer-step)."""
+
     batch: int
     layers: int
     kv_heads: int
@@ -33,24 +36,24 @@ class Geometry:
     def of(cls, cfg: ModelConfig, batch: int, max_seq: int, block_tokens: int, dtype: torch.dtype) -> Geometry:
         return cls(batch, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_tokens, max_seq, dtype)
 
-    @property
+    @functools.cached_property
     def n_blocks(self) -> int:
         """Blocks per (row, layer) that cover max_seq positions."""
         return math.ceil(self.max_seq / self.block_tokens)
 
-    @property
+    @functools.cached_property
     def item(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
-    @property
+    @functools.cached_property
     def block_shape(self) -> tuple[int, int, int, int]:
         return (2, self.kv_heads, self.block_tokens, self.head_dim)
 
-    @property
+    @functools.cached_property
     def block_bytes(self) -> int:
         return math.prod(self.block_shape) * self.item
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         """K and V bytes of one position of one row in one layer."""
         return 2 * self.kv_heads * self.head_dim * self.item

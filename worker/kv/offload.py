@@ -1,12 +1,20 @@
 """Moving KV blocks between the GPU and a host tier on a side stream (the KV stream).
 
-One worker thread issues every copy of the KV stream, in the order the compute thread submits jobs:
-write-back of finished blocks (D2H, after an event the compute stream recorded) and prefetch of a
-layer's blocks (H2D, then an event the compute stream waits on). FIFO order on one stream is what
-makes a block's write-back land before any later fetch of it. The compute thread never waits on the
-device: it waits until the worker has *issued* a job (a host future) and then makes its stream wait
-on the job's event. The worker may wait on the device (before the host reads or overwrites pinned
-memory a copy may still use), but only for work issued a layer-step or more earlier.
+Every copy of the KV stream is issued in the order the compute thread submits jobs: write-back of
+finished blocks (D2H, after an event the compute stream recorded) and prefetch of a layer's blocks
+(H2D, then an event the compute stream waits on). FIFO order on one stream is what makes a block's
+write-back land before any later fetch of it. The compute thread never waits on the device.
+
+Who issues the jobs depends on the store:
+- inline (the CPU tier, unless top-k gathers its candidates on the host): a job is only device work
+  (copies, a gather kernel that reads the mapped store, event waits), so the compute thread issues it
+  itself, on the KV stream, when it submits it. No thread handoff per layer: a worker thread would
+  cost a future, a wakeup and GIL handoffs between the two threads on every layer-step, the very
+  host time a decode step over an offloaded cache is bound by.
+- on a worker thread (the SSD tier, a host gather): the job has host work that may wait for the
+  device (before the host reads or overwrites pinned memory a copy may still use, only for work
+  issued a layer-step or more earlier) or for the disk; the compute thread waits until the worker
+  has *issued* the job (a host future) and then makes its stream wait on the job's event.
 
 Write-backs are throttled as in the seed: at most `kv_throttle_threshold` write jobs in flight
 (WSM_KV_THROTTLE_THRESHOLD); a new one backs off `kv_throttle_ms` at a time (WSM_KV_THROTTLE_MS)
@@ -91,7 +99,8 @@ class CpuStore:
 
     Zeroed once, so a block that was never written reads as zeros (finite: attention masks it). With
     top-k the device reads the chosen blocks itself through `device_view` (`kv.zerocopy`; None when
-    the device cannot map it: then `gather` copies them on the host)."""
+    the device cannot map it: then `gather` copies them on the host). The host never rewrites the
+    store's memory (device copies do), so only a host gather's fetch has host work (`host_side`)."""
 
     def __init__(self, geo: Geometry, arena: HostArena, topk: int, device: torch.device, zero_copy: bool = True):
         self.geo, self.ext = geo, geo.block_bytes
@@ -101,12 +110,14 @@ class CpuStore:
         self.device_view = zerocopy.device_view(flat, device) if topk and zero_copy else None
         self.warnings = ([] if self.device_view is not None or not (topk and zero_copy) else
                          ["kv zero-copy: the device cannot read the pinned CPU tier; top-k gathers on the host"])
+        self.host_side = bool(topk) and self.device_view is None  # fetches gather on the host (`gather`)
         self.gather_buf: list[torch.Tensor] = []
         if self.device_view is not None:
             self._wide = zerocopy.wide_dtype(self.ext)
-            # (L, B * J, ext / w): one row per block, read as wide integers
-            self._src = self.device_view.view(geo.layers, geo.batch * geo.n_blocks, self.ext).view(self._wide)
-            self._base = torch.arange(geo.batch, device=device)[:, None] * geo.n_blocks  # (B, 1)
+            # per layer (B * J, ext / w): one row per block, read as wide integers
+            self._src = list(self.device_view.view(geo.layers, geo.batch * geo.n_blocks, self.ext).view(self._wide))
+            # (B, 1) row offsets into the store's (B * J) blocks; None at batch 1 (no add kernel per layer-step)
+            self._base = torch.arange(geo.batch, device=device)[:, None] * geo.n_blocks if geo.batch > 1 else None
         elif topk:  # host-side gathers for top-k land here, one per fetch parity: (B * k, ext)
             self.gather_buf = [arena.empty(geo.batch * topk * self.ext).view(-1, self.ext) for _ in range(2)]
         self._written: list[Any] = [None] * geo.layers  # last D2H into each layer (host gathers wait on it)
@@ -133,11 +144,13 @@ class CpuStore:
         b, k = ids.shape
         dst = out.view(b, out.shape[1], -1).view(self._wide)  # (B, k, ext / w)
         if all(c == k for c in counts):  # the usual case: one kernel for every row
-            torch.index_select(self._src[layer], 0, (ids + self._base).view(-1), out=dst.view(b * k, -1))
+            flat = ids if self._base is None else ids + self._base
+            torch.index_select(self._src[layer], 0, flat.view(-1), out=dst.view(b * k, -1))
             return
         for row, c in enumerate(counts):  # rows with fewer offloaded blocks than k read only theirs
             if c:
-                torch.index_select(self._src[layer], 0, ids[row, :c] + self._base[row], out=dst[row, :c])
+                at = ids[row, :c] if self._base is None else ids[row, :c] + self._base[row]
+                torch.index_select(self._src[layer], 0, at, out=dst[row, :c])
 
     def gather(self, layer: int, flat: torch.Tensor, parity: int) -> torch.Tensor:
         """Blocks at flat indices b * J + j (N,), -1 = none (block 0 is read) → pinned (N, ext).
@@ -175,12 +188,13 @@ class _Timer:
 
 
 class KVMover:
-    """The KV stream and its worker thread; see the module docstring."""
+    """The KV stream and who issues its jobs (inline or a worker thread); see the module docstring."""
 
     def __init__(self, store, geo: Geometry, sync: Sync, throttle: Throttle, h2d: Channel, d2h: Channel):
         self.store, self.geo, self.sync, self.throttle = store, geo, sync, throttle
         self.h2d, self.d2h = h2d, d2h
         self.stream = sync.stream()
+        self.inline = not getattr(store, "host_side", True)  # the store's jobs are device work only
         # the mover thread's device, fixed here: a bare "cuda" device means this thread's current one
         index = torch.device(sync.device).index if sync.cuda else None
         self._cuda_index = (torch.cuda.current_device() if index is None else index) if sync.cuda else None
@@ -196,9 +210,9 @@ class KVMover:
     # ---- compute thread ----------------------------------------------------------------------------
 
     def fetch(self, layer: int, job: Callable[[KVMover], Any]) -> None:
-        """Queue `job` (which issues this layer's H2D copies and returns their event)."""
+        """Queue `job` (which issues this layer's H2D copies and returns their event); inline, run it now."""
         assert layer not in self._jobs, f"layer {layer} fetched twice"
-        self._jobs[layer] = self._pool.submit(self._run, job)
+        self._jobs[layer] = self._submit(job)
 
     def drop_fetches(self) -> None:
         """Forget queued fetches (a new generation starts); waits until they were issued."""
@@ -207,19 +221,20 @@ class KVMover:
 
     def ready(self, layer: int) -> None:
         """Make the compute stream wait for `layer`'s fetch (the host only waits for it to be issued)."""
-        self.sync.wait(self._jobs.pop(layer).result())
+        job = self._jobs.pop(layer)
+        self.sync.wait(job if self.inline else job.result())
 
     def write(self, layer: int, items: list[tuple[int, int, torch.Tensor]], after) -> None:
         """Write back blocks: items (row, first block, GPU bytes (n, block_bytes)) once `after` fired."""
         self.throttle.admit()
-        self.throttle.add(self._pool.submit(self._run, lambda m: m._write(layer, items, after)))
+        self.throttle.add(self._submit(lambda m: m._write(layer, items, after)))
 
     def drain(self) -> None:
         """Wait for every queued job (and the device work it issued)."""
         for layer in list(self._jobs):
             wait_for(self._jobs.pop(layer))
         self.throttle.drain()
-        wait_for(self._pool.submit(lambda: self.sync.record(self.stream)))
+        wait_for(self._submit(lambda m: m.sync.record(m.stream)))
 
     def close(self) -> None:
         try:
@@ -227,9 +242,16 @@ class KVMover:
         finally:
             self._pool.shutdown(wait=True)
 
-    # ---- worker thread -----------------------------------------------------------------------------
+    def _submit(self, job: Callable[[KVMover], Any]) -> Any:
+        """Inline: run `job` now → what it returns; else queue it on the worker → a future of that."""
+        return self._run(job) if self.inline else self._pool.submit(self._run, job)
+
+    # ---- the job side (the worker thread, or the compute thread inline) -----------------------------
 
     def _run(self, job: Callable[[KVMover], Any]) -> Any:
+        if torch.is_inference_mode_enabled():  # inline, inside the forward: entering it again costs host time
+            with self.sync.use(self.stream):
+                return job(self)
         with torch.inference_mode(), self.sync.use(self.stream):
             return job(self)
 

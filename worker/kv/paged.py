@@ -17,9 +17,10 @@ same bit for bit.
 Top-k decode (topk < live blocks) is one device function per layer (`kv.kernels.topk_step`,
 compiled on CUDA): score every block by its key summary (`kv.topk`), keep the sink and the most
 recent block(s) and the best of the rest among the blocks on the GPU (the ring and the blocks the
-KV worker prefetched by last step's scores), gather them, attend exactly over those topk, and choose
+KV stream prefetched by last step's scores), gather them, attend exactly over those topk, and choose
 the offloaded blocks for the layer's next step. The compute thread only plans from host-known
-positions and launches: it never reads a device value back, so it runs ahead of the device.
+positions (once per step) and launches: it never reads a device value back, so it runs ahead of
+the device.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from worker.host.timing import span_end, span_start
 from worker.kv import kernels
 from worker.kv.fetch import Candidates, FetchCount, make_plan, run_fetch
-from worker.kv.layout import Geometry, block_view, raw_blocks, to_blocks, typed
+from worker.kv.layout import Geometry, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_summary, recent_blocks
 from worker.kv.tracker import BlockTracker
 from worker.model import attention
@@ -63,6 +64,17 @@ class PagedBuffers:
     mover: Any = None  # KVMover when there is a host tier
 
 
+@dataclass
+class SpanViews:
+    """The views a decode step over `span` positions passes to the device functions, made once per span
+    (a few buckets per generation) instead of once per layer-step."""
+
+    summary: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # per layer: the blocks' key summary (top-k)
+    wb: tuple[torch.Tensor, torch.Tensor]  # the exact path's buffers over the span's nb blocks (B, KV, nb * bt, hd)
+    attend: tuple[torch.Tensor, torch.Tensor]  # and over the span's columns (B, KV, span, hd)
+    stage: list[torch.Tensor] | None  # per fetch parity, its first min(nb, Js) blocks (B, ., 2, KV, bt, hd)
+
+
 class PagedKVCache:
     def __init__(self, bufs: PagedBuffers, topk: int, sync: Sync, tracker: BlockTracker | None = None,
                  compiled: bool = False, counter: FetchCount | None = None):
@@ -77,13 +89,13 @@ class PagedKVCache:
         self.host_ids = bool(self.mover and topk and self.mover.store.device_view is None)
         self.tracker = tracker if topk else None
         device = bufs.wb_k.device
-        self.rows = torch.arange(self.geo.batch, device=device)
-        self.slots = torch.arange(self.R, device=device)
         self.track: list[Any] = [None] * self.geo.layers
         if self.tracker:
             self.tracker.ensure(self.geo.batch, self.geo.n_blocks, device)
             self.tracker.reset()
             self.track = [self.tracker.rows(layer, self.geo.batch) for layer in range(self.geo.layers)]
+        self.stage = [typed(raw, self.geo) for raw in bufs.stage] if bufs.stage else None  # (B, Js, 2, KV, bt, hd)
+        self._spans: dict[int, SpanViews] = {}
         self.retired = False
         self._reset(None)
         self._fetches = 0
@@ -93,7 +105,9 @@ class PagedKVCache:
         if self.mover:
             self.mover.drop_fetches()
         self.lens = lens
-        self.pos: list[int] | None = None  # host positions of this decode step (host tier only)
+        self.pos: tuple[int, ...] | None = None  # host positions of this decode step (host tier only)
+        self.pos_next: tuple[int, ...] | None = None  # and of the next one
+        self._closing: list[tuple[int, int]] = []  # (row, block) this step's token completes
         self.written = 0  # blocks per row the prefill wrote to the host tier
         self.steps = 0
         self._queued: dict[int, Any] = {}  # layer → its queued FetchPlan
@@ -136,23 +150,21 @@ class PagedKVCache:
         self.steps += 1
         self.kv_len = step.kv_len
         self.pos_d = step.positions[:, 0]  # (B,)
-        self.f_d = torch.div(self.pos_d, self.bt, rounding_mode="floor")  # (B,) block being written
-        self.off_d = self.pos_d - self.f_d * self.bt
-        self.lo_d = (self.f_d - (self.R - 1)).clamp(min=0)  # first block in the ring
         self.nbk = min(math.ceil(step.kv_len / self.bt), self.geo.n_blocks)  # blocks the step can see
-        if self.mover:
-            if self.pos is None:
-                self.pos = self._first_positions(step)
-            else:
-                self.pos = [p + 1 for p in self.pos]  # every decode step moves every row by one
+        self.views = self._spans.get(step.kv_len) or self._span_views(step.kv_len)
+        if self.mover:  # every decode step moves every row by one
+            self.pos = self._first_positions(step) if self.pos is None else self.pos_next
+            self.pos_next = tuple(p + 1 for p in self.pos)
+            bt = self.bt
+            self._closing = [(b, p // bt) for b, p in enumerate(self.pos) if p % bt == bt - 1]
 
-    def _first_positions(self, step: Step) -> list[int]:
-        return list(self.lens) if self.lens is not None else self._read_positions(step)
+    def _first_positions(self, step: Step) -> tuple[int, ...]:
+        return tuple(self.lens) if self.lens is not None else self._read_positions(step)
 
     @staticmethod
-    def _read_positions(step: Step) -> list[int]:
+    def _read_positions(step: Step) -> tuple[int, ...]:
         # the host plans block moves from each row's position: read once, at the prefill → decode boundary
-        return step.positions[:, 0].tolist()
+        return tuple(step.positions[:, 0].tolist())
 
     def _decode(self, layer: int, q, k, v) -> torch.Tensor:
         plan = self._fetch_ahead(layer, q) if self.mover else None
@@ -166,40 +178,41 @@ class PagedKVCache:
             self._write_back(layer, written)
         return out
 
+    def _span_views(self, span: int) -> SpanViews:
+        bufs, nb = self.bufs, math.ceil(span / self.bt)
+        nbk = min(nb, self.geo.n_blocks)  # the key summaries of the blocks the step can see
+        summary = ([(lo[:, :nbk], hi[:, :nbk], sg[:, :nbk]) for lo, hi, sg in zip(bufs.smin, bufs.smax, bufs.ssign)]
+                   if self.topk else None)
+        wb = (bufs.wb_k[:, :, :nb * self.bt], bufs.wb_v[:, :, :nb * self.bt])
+        stage = [st[:, :nb] for st in self.stage] if self.stage else None
+        views = SpanViews(summary, wb, (wb[0][:, :, :span], wb[1][:, :, :span]), stage)
+        self._spans[span] = views
+        return views
+
     def _summary(self, layer: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The key summary (`topk.block_summary`) of the first n blocks (the blocks this step can see): views."""
-        n = self.nbk if n is None else n
+        """The key summary (`topk.block_summary`) of the blocks this step can see, or of the first n: views."""
+        if n is None:
+            return self.views.summary[layer]
         return self.bufs.smin[layer][:, :n], self.bufs.smax[layer][:, :n], self.bufs.ssign[layer][:, :n]
 
     def _exact(self, layer: int, q, k, v, plan):
-        """Store the token, assemble the blocks in position order, attend → (out, event after the store)."""
-        span, ring = self.kv_len, self.bufs.ring[layer]
-        self.fns.put(ring, k, v, self.pos_d, self.bt, self._summary(layer) if self.topk else None)
+        """Store the token, assemble the blocks in position order, attend → (out, event after the store).
+
+        One device function (`kernels.exact_step`), then the resident cache's attention on the span."""
+        views = self.views
+        # every block the stage holds up to the span's: the step's fetch filled the offloaded ones
+        stage = views.stage[plan.parity] if plan is not None else None  # (B, min(nb, Js), 2, KV, bt, hd)
+        cand = self.bufs.cand[layer] if self.topk and self.mover else None
+        self.fns.exact(q, k, v, self.pos_d, self.bufs.ring[layer], self._summary(layer) if self.topk else None, stage,
+                       *views.wb, self.bt, self.track[layer], cand, self.recent)
         written = self.sync.record() if self.mover else None
-        nb = math.ceil(span / self.bt)
-        vk, vv = block_view(self.bufs.wb_k, self.bt), block_view(self.bufs.wb_v, self.bt)  # (B, J, KV, bt, hd)
-        if plan is None:
-            vk[:, :nb], vv[:, :nb] = ring[:, :nb, 0], ring[:, :nb, 1]
-        else:
-            m = min(nb, plan.max_lo)
-            if m:
-                st = typed(self.bufs.stage[plan.parity], self.geo)[:, :m]  # (B, m, 2, KV, bt, hd)
-                vk[:, :m], vv[:, :m] = st[:, :, 0], st[:, :, 1]
-            jw = torch.minimum(self.lo_d[:, None] + self.slots, self.f_d[:, None])  # (B, R) ring blocks
-            src = ring[self.rows[:, None], jw % self.R]  # (B, R, 2, KV, bt, hd)
-            vk[self.rows[:, None], jw] = src[:, :, 0]
-            vv[self.rows[:, None], jw] = src[:, :, 1]
-        if self.topk:  # scores for the tracker, and the candidates of a later top-k step
-            cand = self.bufs.cand[layer] if self.mover else None
-            self.fns.score(q, *self._summary(layer), self.pos_d, self.bt, self.track[layer], cand, 1, self.R,
-                           self.recent)
-            if cand is not None:
-                self._chosen(layer)
-        return self.attention(q, self.bufs.wb_k[:, :, :span], self.bufs.wb_v[:, :, :span], self.pos_d), written
+        if cand is not None:  # the candidates of a later top-k step
+            self._chosen(layer, written)
+        return self.attention(q, *views.attend, self.pos_d), written
 
     def _topk(self, layer: int, q, k, v, plan):
         """The compiled top-k step (`kernels.topk_step`) → (out, event after it)."""
-        stage = typed(self.bufs.stage[plan.parity], self.geo) if plan else None  # (B, topk, 2, KV, bt, hd)
+        stage = self.stage[plan.parity] if plan else None  # (B, topk, 2, KV, bt, hd)
         cand = self.bufs.cand[layer] if plan else None
         out = self.fns.topk(q, k, v, self.pos_d, self.bufs.ring[layer], *self._summary(layer), stage, cand,
                             self.track[layer], self.bt, self.topk, self.recent)
@@ -239,7 +252,7 @@ class PagedKVCache:
         if layer + 1 < self.geo.layers:
             nxt, pos, ahead = layer + 1, self.pos, not now
         else:
-            nxt, pos, ahead = 0, [p + 1 for p in self.pos], max(self.pos) + 1 < self.geo.max_seq
+            nxt, pos, ahead = 0, self.pos_next, max(self.pos) + 1 < self.geo.max_seq
         if ahead and nxt not in self._queued:
             self._queue(nxt, pos, first and nxt > 0)
         t0 = span_start()
@@ -247,7 +260,7 @@ class PagedKVCache:
         span_end("kv.ready", t0)
         return self._queued.pop(layer)
 
-    def _queue(self, layer: int, pos: list[int], first: bool) -> None:
+    def _queue(self, layer: int, pos: tuple[int, ...], first: bool) -> None:
         parity = self._fetches % 2
         self._fetches += 1
         plan = make_plan(layer, parity, pos, self.bt, self.R, self.written, first, self.topk, self.recent)
@@ -257,8 +270,6 @@ class PagedKVCache:
 
     def _write_back(self, layer: int, after) -> None:
         """Blocks completed by this step's token go to the host tier."""
-        ring, bt = self.bufs.ring[layer], self.bt
-        items = [(b, p // bt, raw_blocks(ring[b, (p // bt) % self.R][None])) for b, p in enumerate(self.pos)
-                 if p % bt == bt - 1]
-        if items:
-            self.mover.write(layer, items, after)
+        if self._closing:
+            ring = self.bufs.ring[layer]
+            self.mover.write(layer, [(b, j, raw_blocks(ring[b, j % self.R][None])) for b, j in self._closing], after)

@@ -37,6 +37,7 @@ def open_rw(path: Path) -> tuple[int, bool]:
 
 class SpillStore:
     device_view = None  # the device cannot read a file: top-k gathers its candidates on the host (`kv.fetch`)
+    host_side = True  # every fetch reads the file into pinned buffers: the KV worker thread issues them
 
     def __init__(self, geo: Geometry, path: Path, arena: HostArena, stage_blocks: int, window: int,
                  channel: Channel, threads: int = 4, slots: int = SLOTS):
