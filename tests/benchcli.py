@@ -18,6 +18,13 @@ import warnings
 BENCH = [sys.executable, "-c", "import cli; cli.main()"]
 
 
+def interruptible(code: str) -> list[str]:
+    """`python -c code` where Ctrl-C (SIGINT) raises KeyboardInterrupt, as in a terminal. A test runner
+    started with SIGINT ignored (a background job of a script: `pytest &`) passes that on to every child,
+    and Python then installs no handler: a test that presses Ctrl-C would see it do nothing."""
+    return [sys.executable, "-c", f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {code}"]
+
+
 def bench(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -34,7 +34,9 @@ from orchestrator.results.store import read_results  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+# `python -m ray.scripts.scripts`, stopped by Ctrl-C even under a runner that ignores SIGINT (benchcli says why)
+RAY = benchcli.interruptible("import runpy; runpy.run_module('ray.scripts.scripts', run_name='__main__', "
+                             "alter_sys=True)")
 SUITE = """name: detached
 models: [{name: t, preset: tiny, layers: 2, overrides: {vocab_size: 1000}}]
 defaults: {batch_size: 1, prompt_len: 8, max_new_tokens: 4, max_seq_len: 64, warmup_rounds: 0, temperature: 0}
