@@ -138,6 +138,8 @@ def test_detached_suite_runs_as_a_ray_job_and_is_followed_by_status_and_logs(hea
     assert "submitted job night-1;" in done.stdout and "bench status night-1" in done.stdout
     assert time.monotonic() - t0 < 20  # detached: returns without waiting for the runs
 
+    # one process that returns when the job ends, rather than a `bench status` process every second
+    bench("logs", "night-1", "--address", url, "--follow", env=env, cwd=tmp_path, timeout=90)
     status = None
     while time.monotonic() - t0 < 90:
         st = bench("status", "night-1", "--address", url, "--json", env=env, cwd=tmp_path)
