@@ -67,6 +67,17 @@ def _private_lock_dir(tmp_path_factory):
 
 
 @pytest.fixture()
+def bench_here(monkeypatch, capsys) -> Callable[..., Any]:
+    """`bench_here(*args, env=None, cwd=None)`: the `bench` command run in this process, returning what
+    `benchcli.bench` returns for a real one (benchcli.bench_inprocess: which to use when)."""
+    import functools
+
+    from benchcli import bench_inprocess
+
+    return functools.partial(bench_inprocess, monkeypatch, capsys)
+
+
+@pytest.fixture()
 def tiny_run(tiny_ckpt, tmp_path, monkeypatch) -> dict[str, Any]:
     """Flat settings of a quick in-process `worker.run.run` of the tiny preset in `mixed` mode (layer 0
     in the CPU tier, layer 1 on the SSD), with its own cache and pack dirs; override keys as needed."""

@@ -12,7 +12,6 @@ import json
 import math
 import time
 
-import benchcli
 import pytest
 import torch
 
@@ -100,10 +99,10 @@ def test_row_has_the_accuracy_columns(int8_runs, tiny_ckpt):
     assert row["accuracy_ref"] is None and row["top1_agreement"] is None
 
 
-def test_native_with_accuracy_ref_is_refused_one_line_exit_2(tiny_ckpt, tmp_path):
+def test_native_with_accuracy_ref_is_refused_one_line_exit_2(tiny_ckpt, tmp_path, bench_here):
     out = tmp_path / "out.json"
-    p = benchcli.bench("run", "--checkpoints", str(tiny_ckpt), "--accuracy-ref", "native", "--out-json", str(out),
-                       "--pack-dir", str(tmp_path / "pack"), cwd=tmp_path, timeout=300)
+    p = bench_here("run", "--checkpoints", str(tiny_ckpt), "--accuracy-ref", "native", "--out-json", str(out),
+                   "--pack-dir", str(tmp_path / "pack"), cwd=tmp_path)
     assert p.returncode == 2, (p.returncode, p.stderr)
     lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr

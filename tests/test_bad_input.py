@@ -1,5 +1,8 @@
 """Bad input found by the adversarial pass (issue 12): each is one `error:` line, exit code 2, no
-traceback and nothing written; before the fix each was a traceback or a silent success."""
+traceback and nothing written; before the fix each was a traceback or a silent success.
+
+Most cases run the command in this process (`bench_here`); one per command, at least, is a real `bench`
+process, for what only a process shows (what its start-up prints, its exit status)."""
 
 from __future__ import annotations
 
@@ -55,9 +58,9 @@ def test_a_bad_model_config_is_refused_where_it_is_read(tiny_ckpt, tmp_path, edi
     (with_(num_attention_heads=0), "num_attention_heads must be >= 1"),
     (with_(num_hidden_layers=-2), "num_hidden_layers must be >= 1 (got -2)"),
 ])
-def test_bench_run_on_a_bad_config_is_one_line(tiny_ckpt, tmp_path, edit, expected):
+def test_bench_run_on_a_bad_config_is_one_line(tiny_ckpt, tmp_path, bench_here, edit, expected):
     ckpt = bad_config(tiny_ckpt, tmp_path, edit)
-    r = bench("run", "--checkpoints", str(ckpt), "--out-json", str(tmp_path / "r.json"), cwd=tmp_path)
+    r = bench_here("run", "--checkpoints", str(ckpt), "--out-json", str(tmp_path / "r.json"), cwd=tmp_path)
     one_line_exit_2(r, expected)
     assert not (tmp_path / "r.json").exists() and not (ckpt / ".streambench-pack").exists()
 
@@ -121,10 +124,10 @@ def dataset_with_strays(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cmd", ["results", "compare", "regress", "report"])
-def test_stray_files_in_the_dataset_are_skipped_with_one_warning(dataset_with_strays, tmp_path, cmd):
+def test_stray_files_in_the_dataset_are_skipped_with_one_warning(dataset_with_strays, tmp_path, bench_here, cmd):
     uri, rows = dataset_with_strays
     extra = ["--out", str(tmp_path / "r.html")] if cmd == "report" else []
-    r = bench(cmd, "--results", str(uri), *extra)
+    r = bench_here(cmd, "--results", str(uri), *extra)
     assert r.returncode in (0, 3), (r.returncode, r.stdout, r.stderr)  # regress: never 1 over a bad file
     assert "Traceback" not in r.stderr and "ArrowInvalid" not in r.stderr + r.stdout
     err = " ".join(r.stderr.split())
@@ -139,17 +142,18 @@ def test_stray_files_do_not_count_as_runs(dataset_with_strays):
     assert len(got) == len(rows) and all(r["status"] == "ok" for r in got)
 
 
-def test_an_empty_matrix_list_is_refused(tiny_ckpt, tmp_path):
+def test_an_empty_matrix_list_is_refused(tiny_ckpt, tmp_path, bench_here):
     suite = tmp_path / "s.yaml"
     suite.write_text(f"name: s\nmodels: [{{name: t, path: {tiny_ckpt}}}]\nmatrix: []\n")
-    one_line_exit_2(bench("submit", str(suite), "--dry-run"), "matrix: an empty list plans no runs")
+    one_line_exit_2(bench_here("submit", str(suite), "--dry-run"), "matrix: an empty list plans no runs")
 
 
 @pytest.mark.parametrize("cmd", ["results", "compare"])
-def test_reading_a_dataset_that_does_not_exist_is_an_error(tmp_path, cmd):
+def test_reading_a_dataset_that_does_not_exist_is_an_error(tmp_path, bench_here, cmd):
     """(`regress` says "not enough data", exit 3, and `report` writes a page saying there are no runs:
     both what a nightly job wants before its first night.)"""
-    one_line_exit_2(bench(cmd, "--results", str(tmp_path / "nosuchdir"), cwd=tmp_path), "nosuchdir does not exist")
+    one_line_exit_2(bench_here(cmd, "--results", str(tmp_path / "nosuchdir"), cwd=tmp_path),
+                    "nosuchdir does not exist")
 
 
 def test_results_that_is_a_file_fails_before_ray_starts(tiny_ckpt, tmp_path):
@@ -221,9 +225,10 @@ def test_version_names_the_package_and_the_checkouts_commit():
     ("--group-prefetch-depth", "0", "group_prefetch_depth must be >= 1 (got 0)"),
     ("--out-json", "DIR", "--out-json DIR is a directory: give a file name"),
 ])
-def test_run_flags_checked_before_any_work(tiny_ckpt, tmp_path, flag, value, expected):
+def test_run_flags_checked_before_any_work(tiny_ckpt, tmp_path, bench_here, flag, value, expected):
     value = value.replace("DIR", str(tmp_path))
-    r = bench("run", "--checkpoints", str(tiny_ckpt), flag, value, "--pack-dir", str(tmp_path / "pack"), cwd=tmp_path)
+    r = bench_here("run", "--checkpoints", str(tiny_ckpt), flag, value, "--pack-dir", str(tmp_path / "pack"),
+                   cwd=tmp_path)
     one_line_exit_2(r, expected.replace("DIR", str(tmp_path)))
     assert not (tmp_path / "pack").exists()  # nothing packed, nothing measured
 

@@ -182,7 +182,7 @@ def test_commits_between_good_and_bad(repo):
         resolve(str(repo), "deadbeef", "--good")
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, repo):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, repo, bench_here):
     env = {**os.environ, "STREAMBENCH_CACHE": str(tmp_path / "cache")}
     res = tmp_path / "res"
     fakerows.write(str(res), _rows(commit=fakerows.COMMITS[1]))
@@ -194,8 +194,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, repo):
         (["--results", str(res), "--repo", str(repo)], "no such commit"),  # the fake rows' commits are not there
         (["--results", str(res), "--repo", str(repo), "--good", "HEAD~1", "--bad", "HEAD~1"], "same commit"),
     ]
-    for args, message in cases:
-        done = bench("bisect", *args, env=env, cwd=tmp_path)
+    for i, (args, message) in enumerate(cases):  # the first as a real process, the rest in this one
+        done = (bench if i == 0 else bench_here)("bisect", *args, env=env, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         err = done.stderr.strip().splitlines()
         assert message in err[-1] and err[-1].startswith("error:") and "Traceback" not in done.stderr, (args, err)

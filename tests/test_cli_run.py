@@ -1,7 +1,8 @@
 """`bench run` end to end through the console script: a real run, and bad input.
 
 Bad input must end with one `error:` line naming the problem, exit code 2, no traceback, and no
-result file written.
+result file written. Two cases, one for each of `cli.main`'s ways to exit 2 (our UserError, Click's
+usage error), are real processes; the others run the command in this process (`bench_here`).
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def non_llama(tmp_path):
     return d
 
 
+REAL_PROCESS = ("missing-checkpoint", "no-checkpoint")
+
+
 @pytest.mark.parametrize("case", ["missing-checkpoint", "non-llama", "new-tokens-too-many", "empty-prompt-file",
                                   "no-checkpoint", "bad-mode"])
-def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_ckpt, non_llama, tmp_path):
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_ckpt, non_llama, tmp_path, bench_here):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     args = {
@@ -59,7 +63,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_ckpt, non_llama
         "bad-mode": ["--checkpoints", str(tiny_ckpt), "--mode", "disk"],
     }[case]
     out = tmp_path / "out.json"
-    p = bench("run", *args, "--out-json", str(out), "--pack-dir", str(tmp_path / "pack"), cwd=tmp_path)
+    run = bench if case in REAL_PROCESS else bench_here
+    p = run("run", *args, "--out-json", str(out), "--pack-dir", str(tmp_path / "pack"), cwd=tmp_path)
     assert p.returncode == 2, (p.returncode, p.stderr)
     lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ray
 
 
 def start_submit(tiny_ckpt, tmp_path, repeats: int = 3) -> tuple[subprocess.Popen, str]:
-    from benchcli import BENCH
+    from benchcli import interruptible
 
     suite = tmp_path / "s.yaml"
     suite.write_text(f"name: s\nmodels: [{{name: t, path: {tiny_ckpt}}}]\nrepeats: {repeats}\n"
@@ -33,8 +33,9 @@ def start_submit(tiny_ckpt, tmp_path, repeats: int = 3) -> tuple[subprocess.Pope
     owner = uuid.uuid4().hex
     env = {**os.environ, "STREAMBENCH_EMBEDDED_RAY": owner, "STREAMBENCH_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.Popen([*BENCH, "submit", str(suite), "--results", str(tmp_path / "res")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    p = subprocess.Popen([*interruptible("import cli; cli.main()"), "submit", str(suite), "--results",
+                          str(tmp_path / "res")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=tmp_path)
     return p, owner
 
 

@@ -34,7 +34,9 @@ from orchestrator.results.store import read_results  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+# `python -m ray.scripts.scripts`, stopped by Ctrl-C even under a runner that ignores SIGINT (benchcli says why)
+RAY = benchcli.interruptible("import runpy; runpy.run_module('ray.scripts.scripts', run_name='__main__', "
+                             "alter_sys=True)")
 SUITE = """name: detached
 models: [{name: t, preset: tiny, layers: 2, overrides: {vocab_size: 1000}}]
 defaults: {batch_size: 1, prompt_len: 8, max_new_tokens: 4, max_seq_len: 64, warmup_rounds: 0, temperature: 0}
@@ -136,6 +138,8 @@ def test_detached_suite_runs_as_a_ray_job_and_is_followed_by_status_and_logs(hea
     assert "submitted job night-1;" in done.stdout and "bench status night-1" in done.stdout
     assert time.monotonic() - t0 < 20  # detached: returns without waiting for the runs
 
+    # one process that returns when the job ends, rather than a `bench status` process every second
+    bench("logs", "night-1", "--address", url, "--follow", env=env, cwd=tmp_path, timeout=90)
     status = None
     while time.monotonic() - t0 < 90:
         st = bench("status", "night-1", "--address", url, "--json", env=env, cwd=tmp_path)

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-from benchcli import bench
 from packhelp import make_checkpoint
 
 from worker.errors import UserError
@@ -36,10 +35,10 @@ def shard(ckpt: Path) -> Path:
     return next(ckpt.glob("*.safetensors"))
 
 
-def test_cli_refuses_to_pack_onto_the_checkpoints_own_shard(ckpt, tmp_path):
+def test_cli_refuses_to_pack_onto_the_checkpoints_own_shard(ckpt, tmp_path, bench_here):
     before = digests(ckpt)
-    r = bench("pack", "--checkpoints", str(ckpt), "--raw-device", str(shard(ckpt)), "--manifest",
-              str(tmp_path / "m.json"))
+    r = bench_here("pack", "--checkpoints", str(ckpt), "--raw-device", str(shard(ckpt)), "--manifest",
+                   str(tmp_path / "m.json"))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "which the pack reads" in r.stderr

@@ -157,23 +157,23 @@ def _truncate(tensors):
     tensors[name] = tensors[name][:-1].contiguous()
 
 
-def test_a_truncated_awq_tensor(base, tmp_path):
+def test_a_truncated_awq_tensor(base, tmp_path, bench_here):
     ckpt = tmp_path / "awq"
     write_awq(base, ckpt, edit=_truncate)
-    r = bench("pack", "--checkpoints", str(ckpt))
+    r = bench_here("pack", "--checkpoints", str(ckpt))
     one_line_exit_2(r, "tensor model.layers.1.mlp.down_proj.qweight is [767, 32] I32, but a [256, 768] weight "
                        "needs [768, 32] I32")
     assert not (ckpt / ".streambench-pack" / "float16.int4-g64.blob").exists()
 
 
-def test_an_unsupported_awq_variant_or_another_format(base, tmp_path):
+def test_an_unsupported_awq_variant_or_another_format(base, tmp_path, bench_here):
     ckpt = tmp_path / "awq"
     write_awq(base, ckpt)
-    r = bench("pack", "--checkpoints", str(ckpt), "--weight-format", "int8")
+    r = bench_here("pack", "--checkpoints", str(ckpt), "--weight-format", "int8")
     one_line_exit_2(r, "holds awq int4 (group 64) weights; it packs only as it is")
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"]["version"] = "gemv"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    r = bench("pack", "--checkpoints", str(ckpt))
+    r = bench_here("pack", "--checkpoints", str(ckpt))
     one_line_exit_2(r, "version='gemv'", "only 4-bit GEMM with zero points")
     assert not (ckpt / ".streambench-pack").exists()

@@ -1,5 +1,8 @@
 """Bad input around weight formats: each is one `error:` line naming what is wrong and how to fix it,
-exit code 2, no traceback, and nothing written (no pack, no cache directory, no output directory)."""
+exit code 2, no traceback, and nothing written (no pack, no cache directory, no output directory).
+
+Most cases run the command in this process (`bench_here`); the odd group size and the end-to-end test
+are real `bench` processes, for what only a process shows (what its start-up prints, its exit status)."""
 
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ def fresh(tiny_ckpt, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("cmd", ["run", "pack"])
-def test_an_unknown_weight_format(fresh, cmd):
-    r = bench(cmd, "--checkpoints", str(fresh), "--weight-format", "int3")
+def test_an_unknown_weight_format(fresh, bench_here, cmd):
+    r = bench_here(cmd, "--checkpoints", str(fresh), "--weight-format", "int3")
     one_line_exit_2(r, "--weight-format", "'int3' is not one of 'native', 'int8', 'int4', 'fp8'")
     assert not (fresh / ".streambench-pack").exists()
 
@@ -46,8 +49,8 @@ def test_an_unknown_weight_format_as_a_suite_key():
 
 
 @pytest.mark.parametrize("cmd", ["run", "pack"])
-def test_a_group_size_that_does_not_divide_the_input_dimension(fresh, cmd):
-    r = bench(cmd, "--checkpoints", str(fresh), "--weight-format", "int4", "--quant-group-size", "128")
+def test_a_group_size_that_does_not_divide_the_input_dimension(fresh, bench_here, cmd):
+    r = bench_here(cmd, "--checkpoints", str(fresh), "--weight-format", "int4", "--quant-group-size", "128")
     one_line_exit_2(r, "quant_group_size 128 does not divide the input dimension 688 of down_proj",
                     "choose a group size that divides it (e.g. 16)")
     assert not (fresh / ".streambench-pack").exists()
@@ -89,56 +92,56 @@ def _drop_scales(d):
     (_drop_scales, "down_proj (int8) has parts ['qweight'], expected ['qweight', 'scales']"),
 ])
 @pytest.mark.parametrize("cmd", ["verify", "run"])
-def test_a_truncated_quantized_tensor_in_a_pack(fresh, int8_pack, tmp_path, edit, expected, cmd):
+def test_a_truncated_quantized_tensor_in_a_pack(fresh, int8_pack, tmp_path, bench_here, edit, expected, cmd):
     _edit(int8_pack, edit)
     out = tmp_path / "r.json"
     extra = ["--checkpoints", str(fresh), "--weight-format", "int8", "--out-json", str(out),
              "--no-roofline"] if cmd == "run" else []
-    r = bench(cmd, "--manifest", str(int8_pack), *extra)
+    r = bench_here(cmd, "--manifest", str(int8_pack), *extra)
     one_line_exit_2(r, expected, "re-pack with `bench pack`")
     assert not out.exists()
 
 
-def test_a_truncated_quantized_blob(int8_pack):
+def test_a_truncated_quantized_blob(int8_pack, bench_here):
     blob = int8_pack.with_name(int8_pack.name.replace(".manifest.json", ".blob"))
     with open(blob, "r+b") as f:
         f.truncate(blob.stat().st_size - 4096)
-    r = bench("verify", "--manifest", str(int8_pack))
+    r = bench_here("verify", "--manifest", str(int8_pack))
     one_line_exit_2(r, "bytes but its manifest says", "re-pack with `bench pack`")
 
 
-def test_a_manifest_of_another_format_than_asked(fresh, int8_pack, tmp_path):
-    r = bench("run", "--checkpoints", str(fresh), "--manifest", str(int8_pack), "--weight-format", "int4",
-              "--quant-group-size", "16",
-              "--out-json", str(tmp_path / "r.json"), "--no-roofline")
+def test_a_manifest_of_another_format_than_asked(fresh, int8_pack, tmp_path, bench_here):
+    r = bench_here("run", "--checkpoints", str(fresh), "--manifest", str(int8_pack), "--weight-format", "int4",
+                   "--quant-group-size", "16",
+                   "--out-json", str(tmp_path / "r.json"), "--no-roofline")
     one_line_exit_2(r, "holds int8 weights but int4 (group 16) was asked", "pass --weight-format int8")
     assert not (tmp_path / "r.json").exists()
 
 
-def test_an_unknown_quant_method(fresh):
+def test_an_unknown_quant_method(fresh, bench_here):
     cfg = json.loads((fresh / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (fresh / "config.json").write_text(json.dumps(cfg))
     for cmd in ("pack", "run"):
-        r = bench(cmd, "--checkpoints", str(fresh))
+        r = bench_here(cmd, "--checkpoints", str(fresh))
         one_line_exit_2(r, "quantization_config.quant_method 'gptq' is not supported",
                         "(supported: 'awq', 'compressed-tensors')",
                         "pack it with --weight-format int8 or int4")
     assert not (fresh / ".streambench-pack").exists()
 
 
-def test_the_peer_refuses_a_weight_format(fresh):
-    r = bench("run", "--checkpoints", str(fresh), "--engine", "accelerate", "--weight-format", "int8")
+def test_the_peer_refuses_a_weight_format(fresh, bench_here):
+    r = bench_here("run", "--checkpoints", str(fresh), "--engine", "accelerate", "--weight-format", "int8")
     one_line_exit_2(r, "weight_format int8 is for the streaming engine")
 
 
-def test_dequantize_never_writes_over_anything(fresh, tmp_path):
+def test_dequantize_never_writes_over_anything(fresh, tmp_path, bench_here):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     for out, expected in ((tmp_path / "full", "exists and is not an empty directory"),
                           (fresh, "exists and is not an empty directory"),
                           (tmp_path / "nowhere" / "deq", "does not exist")):
-        r = bench("dequantize", "--checkpoints", str(fresh), "--weight-format", "int8", "--out", str(out))
+        r = bench_here("dequantize", "--checkpoints", str(fresh), "--weight-format", "int8", "--out", str(out))
         one_line_exit_2(r, expected)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert not (fresh / ".streambench-pack").exists()  # refused before packing

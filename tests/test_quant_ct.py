@@ -120,7 +120,7 @@ def test_bench_run_reads_it_and_modes_agree(base, tmp_path):
 
 
 
-def test_a_truncated_packed_tensor_and_unsupported_schemes_are_one_line(base, tmp_path):
+def test_a_truncated_packed_tensor_and_unsupported_schemes_are_one_line(base, tmp_path, bench_here):
     ckpt = tmp_path / "ct"
 
     def cut(t):
@@ -128,7 +128,7 @@ def test_a_truncated_packed_tensor_and_unsupported_schemes_are_one_line(base, tm
         t[name] = t[name][:, :-1].contiguous()
 
     write_ct(base, ckpt, "w4a16", edit=cut)
-    r = bench("pack", "--checkpoints", str(ckpt))
+    r = bench_here("pack", "--checkpoints", str(ckpt))
     one_line_exit_2(r, "tensor model.layers.0.self_attn.o_proj.weight_packed is [256, 31] I32, but a [256, 256] "
                        "weight needs [256, 32] I32")
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -136,13 +136,13 @@ def test_a_truncated_packed_tensor_and_unsupported_schemes_are_one_line(base, tm
     w.update(num_bits=8, type="float", strategy="block")
     cfg["quantization_config"]["format"] = "float-quantized"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    r = bench("pack", "--checkpoints", str(ckpt))
+    r = bench_here("pack", "--checkpoints", str(ckpt))
     one_line_exit_2(r, "compressed-tensors format 'float-quantized', weights num_bits=8 type='float' "
                        "strategy='block' is not supported")
     w.update(strategy="channel")
     cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "float",
                                                                                    "dynamic": True}
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    r = bench("pack", "--checkpoints", str(ckpt))
+    r = bench_here("pack", "--checkpoints", str(ckpt))
     one_line_exit_2(r, "also quantizes activations (input_activations)", "only weight-only checkpoints are read")
     assert not (ckpt / ".streambench-pack").exists()

@@ -181,12 +181,9 @@ def test_passkeys_at_2k_with_a_256_token_budget_offloaded_equal_exact(reference,
 # ---- the command line --------------------------------------------------------------------------
 
 
-_bench = bench_inprocess
-
-
 def test_make_model_recall_writes_the_reference(tmp_path, monkeypatch, capsys):
-    code, out, _ = _bench(monkeypatch, capsys, "-v", "WARNING", "make-model", str(tmp_path / "m"), "--preset", "recall")
-    assert code == 0 and str(tmp_path / "m") in out
+    r = bench_inprocess(monkeypatch, capsys, "-v", "WARNING", "make-model", str(tmp_path / "m"), "--preset", "recall")
+    assert r.returncode == 0 and str(tmp_path / "m") in r.stdout
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (REFERENCE / "model.safetensors").read_bytes()
 
 
@@ -197,9 +194,9 @@ def test_make_model_recall_writes_the_reference(tmp_path, monkeypatch, capsys):
     (["--preset", "recall", "--seed", "3"], "--seed needs --train-size"),
 ])
 def test_make_model_recall_bad_options_are_one_line(tmp_path, monkeypatch, capsys, args, expected):
-    code, _, err = _bench(monkeypatch, capsys, "make-model", str(tmp_path / "m"), *args)
-    assert code == 2 and err.startswith("error:") and expected in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "m").exists()
+    r = bench_inprocess(monkeypatch, capsys, "make-model", str(tmp_path / "m"), *args)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and expected in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("args, expected", [

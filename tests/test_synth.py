@@ -330,13 +330,10 @@ def test_bad_arguments_are_user_errors(tmp_path, kwargs, match):
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 
-_bench = bench_inprocess
-
-
 def test_cli_make_model(tmp_path, monkeypatch, capsys):
-    code, out, _ = _bench(monkeypatch, capsys, "-v", "WARNING", "make-model", str(tmp_path / "m"), "--layers", "1",
-                          "--dtype", "float16", "--seed", "3", "--tie-embeddings")
-    assert code == 0 and str(tmp_path / "m") in out and "GB" in out
+    r = bench_inprocess(monkeypatch, capsys, "-v", "WARNING", "make-model", str(tmp_path / "m"), "--layers", "1",
+                        "--dtype", "float16", "--seed", "3", "--tie-embeddings")
+    assert r.returncode == 0 and str(tmp_path / "m") in r.stdout and "GB" in r.stdout
     cfg = ModelConfig.from_hf_dir(tmp_path / "m")
     assert cfg.num_hidden_layers == 1 and cfg.dtype == "float16" and cfg.tie_word_embeddings
     assert "lm_head.weight" not in _file_tensors(tmp_path / "m")
@@ -350,7 +347,7 @@ def test_cli_presets_match_the_library():
 def test_cli_user_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "x").write_text("x")
-    code, _, err = _bench(monkeypatch, capsys, "make-model", str(tmp_path / "m"))
-    assert code == 2
-    assert err.startswith("error:") and "--force" in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    r = bench_inprocess(monkeypatch, capsys, "make-model", str(tmp_path / "m"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error:") and "--force" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
