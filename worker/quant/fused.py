@@ -75,10 +75,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@torch.compiler.assume_constant_result
 def _fp8_capable(index: int) -> bool:
-    """float8 e4m3 → float32 in registers needs compute capability 8.9 (Ada, Hopper) or later."""
-    return torch.cuda.get_device_capability(index) >= (8, 9)
+    """float8 e4m3 → float32 in registers needs compute capability 8.9 (Ada, Hopper) or later.
+
+    `torch.cuda.get_device_properties` is one of the calls Dynamo folds to a constant, so this traces
+    without a graph break and without `torch.compiler.assume_constant_result`, whose use at import
+    would import torch._dynamo into every run (a second of start-up that a run without compile skips)."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor) >= (8, 9)
 
 
 def applies(w, x: torch.Tensor) -> bool:
