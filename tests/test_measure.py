@@ -46,7 +46,7 @@ def _flat(tiny_ckpt, tmp_path, monkeypatch) -> dict:
         monkeypatch.setenv(var, "2")
     return {"checkpoints": str(tiny_ckpt), "prompt_len": 8, "batch_size": 1, "max_new_tokens": 6,
             "max_seq_len": 64, "temperature": 0.0, "warmup_rounds": 2, "pack_dir": str(tmp_path / "pack"),
-            "roofline": False}
+            "roofline": False, "out_json": None}  # (the default writes bench_results.json where the tests run)
 
 
 @pytest.mark.parametrize("engine,module,expect", [
