@@ -66,6 +66,26 @@ def _private_lock_dir(tmp_path_factory):
         os.environ["STREAMBENCH_LOCK_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _engine_process_settings():
+    """A run in this process sets OMP_NUM_THREADS and MALLOC_ARENA_MAX where they are unset (the seed's
+    engine settings: 8 threads) and torch's thread count from them. Undone after each test: one test's
+    run left 8 torch threads on a 2-core box, and OMP_NUM_THREADS=8 for every child, to all later
+    tests (OpenMP threads that outnumber the cores make timings erratic under load)."""
+    import os
+
+    import torch
+
+    saved, threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX")}, torch.get_num_threads()
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def bench_here(monkeypatch, capsys) -> Callable[..., Any]:
     """`bench_here(*args, env=None, cwd=None)`: the `bench` command run in this process, returning what
