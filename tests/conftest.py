@@ -21,6 +21,18 @@ TINY_DEFAULTS: dict[str, Any] = {"preset": "tiny", "layers": 2, "dtype": "float3
 TINY_OVERRIDES: dict[str, Any] = {"vocab_size": 1000}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's `-n 2 --dist loadgroup`), a worker takes a test file whole, so a
+    file's module fixtures (packs, datasets, servers) are built once; and every test marked `ray` runs
+    on one worker, one after another: two Ray clusters of this session never run at once, as without
+    xdist (their timing bounds and the embedded Ray's socket-table test see one Ray)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
     """Factory: `make_ckpt(preset=, layers=, dtype=, seed=, shard_max_gb=, **config_overrides) -> Path`.
