@@ -9,11 +9,13 @@ transformers: seconds each time): for what a command says and does, bad input ab
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import warnings
+from typing import Callable, Iterator
 
 BENCH = [sys.executable, "-c", "import cli; cli.main()"]
 
@@ -35,14 +37,11 @@ def bench_inprocess(monkeypatch, capsys, *args: str, env: dict[str, str] | None 
 
     As in a fresh process: `env` replaces the whole environment and `cwd` the directory for the call
     only; Python warnings are shown on stderr (pytest would record them instead), each once per call;
-    the logging set-up the command makes is undone afterwards, so later tests see pytest's own."""
+    what the command changes in the process is undone afterwards (see `_as_a_process`)."""
     import cli
 
     capsys.readouterr()  # what the test printed before is not the command's output
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    code = 0
-    with monkeypatch.context() as m, warnings.catch_warnings():
+    with monkeypatch.context() as m:
         m.setattr(sys, "argv", ["bench", *args])
         if env is not None:
             for key in list(os.environ):
@@ -51,19 +50,42 @@ def bench_inprocess(monkeypatch, capsys, *args: str, env: dict[str, str] | None 
                 m.setenv(key, value)
         if cwd is not None:
             m.chdir(cwd)
-        _python_default_warnings()
-        try:
-            cli.main()
-        except SystemExit as e:  # as the interpreter takes it: None is 0, a message is printed and is 1
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        finally:
-            root.handlers[:], root.level = handlers, level
+        with _as_a_process():
+            code = _exit_code(cli.main)
     out = capsys.readouterr()
     return subprocess.CompletedProcess(["bench", *args], code, out.out, out.err)
+
+
+@contextlib.contextmanager
+def _as_a_process() -> Iterator[None]:
+    """Python's own warning filters for the block, and what it changes in this process undone after it,
+    as a process's exit would: the environment (a run sets OMP_NUM_THREADS), torch's thread count and
+    the root logger (the command's basicConfig(force=True))."""
+    root, environ, torch = logging.getLogger(), dict(os.environ), sys.modules.get("torch")
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads() if torch else None
+    with warnings.catch_warnings():
+        _python_default_warnings()
+        try:
+            yield
+        finally:
+            root.handlers[:], root.level = handlers, level
+            os.environ.clear()
+            os.environ.update(environ)
+            if threads is not None:
+                torch.set_num_threads(threads)
+
+
+def _exit_code(main: Callable[[], None]) -> int:
+    """The exit status `main()` would give a process: SystemExit's code (None is 0; a message is printed
+    and is 1), 0 when it returns. Any other exception propagates, as a traceback would end a process."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _python_default_warnings() -> None:

@@ -21,6 +21,18 @@ TINY_DEFAULTS: dict[str, Any] = {"preset": "tiny", "layers": 2, "dtype": "float3
 TINY_OVERRIDES: dict[str, Any] = {"vocab_size": 1000}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's `-n 2 --dist loadgroup`), a worker takes a test file whole, so a
+    file's module fixtures (packs, datasets, servers) are built once; and every test marked `ray` runs
+    on one worker, one after another: two Ray clusters of this session never run at once, as without
+    xdist (their timing bounds and the embedded Ray's socket-table test see one Ray)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory) -> Callable[..., Path]:
     """Factory: `make_ckpt(preset=, layers=, dtype=, seed=, shard_max_gb=, **config_overrides) -> Path`.
@@ -64,6 +76,26 @@ def _private_lock_dir(tmp_path_factory):
         os.environ.pop("STREAMBENCH_LOCK_DIR", None)
     else:
         os.environ["STREAMBENCH_LOCK_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _engine_process_settings():
+    """A run in this process sets OMP_NUM_THREADS and MALLOC_ARENA_MAX where they are unset (the seed's
+    engine settings: 8 threads) and torch's thread count from them. Undone after each test: one test's
+    run left 8 torch threads on a 2-core box, and OMP_NUM_THREADS=8 for every child, to all later
+    tests (OpenMP threads that outnumber the cores make timings erratic under load)."""
+    import os
+
+    import torch
+
+    saved, threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX")}, torch.get_num_threads()
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

@@ -79,6 +79,10 @@ def seed(res: Path, clone: Path, sha: str, ckpt: Path, suite_run_id: str, monkey
 
 @pytest.mark.timeout(600)
 def test_bisect_names_the_commit_that_slowed_the_engine(tiny_ckpt, tmp_path, monkeypatch):
+    # one torch thread in every run (the seed rows' and, through the bisect's environment, its tasks'): with
+    # the engine's default of 8 on a 2-core box beside a busy CPU, good runs' decode went from ~40 ms to 88 ms
+    # and one far beyond the slow commit's, and bisect called the regression "not reproduced" (exit 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     clone, (base, a, b, c) = throwaway_clone(tmp_path)
     res = tmp_path / "res"
     good_row = seed(res, clone, base, tiny_ckpt, "nightly-1", monkeypatch, tmp_path)

@@ -83,8 +83,22 @@ def test_an_ssd_run_floors_on_the_disk_read_next_to_it(flat, windows):
     assert row["probe_ssd_gbps"] == roof["ssd_gbps"] and row["floor_suspect"] is roof["floor_suspect"]
 
 
+@pytest.fixture()
+def pinned_probe(monkeypatch):
+    """The host probe's figures fixed, for tests whose subject is not the probe: a run can never beat
+    its memory figure, and the disk's is far below any real one, so an SSD term in the floor of a run
+    that reads no SSD would show. (The live quick probe times a 64 MiB memcpy: beside a busy test on 2
+    cores it once read so low that a CPU run, normally at 0.3-0.45 of its floor, beat it: "suspect".)"""
+    from worker.host import probe
+
+    figures = {"schema": probe.PROBE_SCHEMA, "measured_at": "pinned", "ssd_gbps": 0.001, "h2d_gbps": 1000.0,
+               "hbm_gbps": None, "matmul_tflops": None}
+    monkeypatch.setattr(probe, "probe_host", lambda path=None, refresh=False, quick=False: figures)
+    return figures
+
+
 @pytest.mark.parametrize("mode", ["gpu", "cpu"])
-def test_a_run_that_reads_no_ssd_measures_no_window(flat, windows, mode):
+def test_a_run_that_reads_no_ssd_measures_no_window(flat, windows, pinned_probe, mode):
     r = run(resolve_config({**flat, "mode": mode}))
     roof = r["roofline"]
     assert windows == [] and "ssd_adjacent" not in roof  # nothing read
@@ -135,8 +149,9 @@ def test_attainment_above_1_05_marks_the_floor_suspect(tiny_ckpt, tmp_path):
     assert "the floor's SSD figure was 1.6 GB/s (adjacent; the probe's 2)" in warning
 
 
-def test_a_disk_measured_low_next_to_the_run_marks_json_row_and_report(flat, monkeypatch, tmp_path):
-    """The documented hook: `adjacent.measure` replaced by one that reports the disk 1000× slower than it read."""
+def test_a_disk_measured_low_next_to_the_run_marks_json_row_and_report(flat, monkeypatch, tmp_path, pinned_probe):
+    """The documented hook: `adjacent.measure` replaced by one that reports the disk 1000× slower than it read
+    (the probe pinned, so the CPU run's control row is not suspect by a live probe's noise)."""
     real = adjacent.measure
 
     def slow_disk(*args, **kw):

@@ -53,7 +53,7 @@ def ckpt(make_ckpt):
 
 def _run(ckpt, **flat):
     cfg = resolve_config({"checkpoints": str(ckpt), "temperature": 0, "max_new_tokens": 6, "prompt_len": 30,
-                          "batch_size": 2, "max_seq_len": 48, "roofline": False, **flat})
+                          "batch_size": 2, "max_seq_len": 48, "roofline": False, "out_json": None, **flat})
     with timing.recording() as spans:
 
         def on_phase(name: str) -> None:
