@@ -34,6 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from gemv_shapes import time_call  # benchmarks/, this script's folder
 from worker.model.compiled import compiled
 from worker.quant import fused
 from worker.quant.dequant import DENSE, SUFFIXES, Packed
@@ -71,30 +72,9 @@ def copies_of(make, one_bytes: int) -> list:
 
 
 def time_graph(fn, x, ws, reps: int = 10) -> float:
-    """Microseconds per call of fn(x, w), replaying a graph of `reps` rounds over the copies `ws`."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for w in ws:  # compile and load kernels outside the capture
-            fn(x, w)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for w in ws:
-                fn(x, w)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * len(ws)))
-    del g
-    return sorted(times)[len(times) // 2]
+    """Microseconds per call of fn(x, w), replaying a graph of `reps` rounds over the copies `ws`
+    (`gemv_shapes.time_call`, the timing behind the native rows of results/gemv_shapes.txt)."""
+    return time_call(fn, x, ws, reps)
 
 
 def check_products(fmt, x, parts, got) -> tuple[bool, float]:

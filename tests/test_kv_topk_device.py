@@ -131,17 +131,22 @@ def _factory(tmp_path, tier="cpu", topk=5, **kv):
     return KVFactory(CFG, cfg, DEV, torch.float32, 128, 2, tracker, tmp_path), tracker
 
 
+def _traced_kernels() -> types.SimpleNamespace:
+    """The device functions as Dynamo graphs (aot_eager: traced whole, fullgraph), for the one-graph tests."""
+    def trace(fn):
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    return types.SimpleNamespace(score=trace(kernels_mod.score_step), exact=trace(kernels_mod.exact_step),
+                                 topk=trace(kernels_mod.topk_step))
+
+
 @pytest.mark.parametrize("tier", ["cpu", "ssd", "none"])
 def test_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier):
     """fullgraph tracing refuses anything that reads the device from the host (`.item()`, `nonzero`, a
     data-dependent shape); the same graph serves every layer and step of a span bucket."""
     import torch._dynamo
 
-    def trace(fn):
-        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
-
-    traced = types.SimpleNamespace(score=trace(kernels_mod.score_step), exact=trace(kernels_mod.exact_step),
-                                   topk=trace(kernels_mod.topk_step))
+    traced = _traced_kernels()
     f, tr = _factory(tmp_path, tier)
     try:
         ref = _drive(f(2, 128), LENS, 10, kv_len=64)
@@ -170,9 +175,6 @@ def test_exact_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch,
     tracker) is one traced device function per layer-step too, beside the resident cache's attention."""
     import torch._dynamo
 
-    def trace(fn):
-        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
-
     f, tr = _factory(tmp_path, tier, topk=topk)
     try:
         ref = _drive(f(2, 128), LENS, 10, kv_len=64)
@@ -181,8 +183,7 @@ def test_exact_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch,
         f.close()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    traced = types.SimpleNamespace(score=trace(kernels_mod.score_step), exact=trace(kernels_mod.exact_step),
-                                   topk=trace(kernels_mod.topk_step))
+    traced = _traced_kernels()
     monkeypatch.setattr(paged_mod.kernels, "kernels", lambda compiled: traced)
     f, tr = _factory(tmp_path, tier, topk=topk)
     try:
