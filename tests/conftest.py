@@ -21,16 +21,38 @@ TINY_DEFAULTS: dict[str, Any] = {"preset": "tiny", "layers": 2, "dtype": "float3
 TINY_OVERRIDES: dict[str, Any] = {"vocab_size": 1000}
 
 
+# The files whose tests start a Ray cluster (marked `ray`): under pytest-xdist they run on one worker
+RAY_FILES = frozenset({"tests/test_bisect_ray.py", "tests/test_embedded_ray.py", "tests/test_jobs.py",
+                       "tests/test_orchestrator.py", "tests/test_orchestrator_cli.py"})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`python -m pytest -q -n 2`, README): a worker takes a test file whole, so
+    a file's module fixtures (packs, datasets, servers) are built once, and the files of RAY_FILES
+    together, one test after another, in file order: two Ray clusters of this session never run at
+    once, as without xdist (the Ray tests' timing bounds and the embedded Ray's socket-table test
+    see one Ray). Files go out in collection order (xdist would send the files with most tests
+    first: the long Ray unit would be late). An explicit `--dist` other than the default is left to
+    xdist. (xdist's own `loadgroup` ignores its marks on pytest >= 9.2: pytest-xdist issue 1386.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesRayTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if path in RAY_FILES else path
+
+    config.option.loadscopereorder = False
+    return FilesRayTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (the README's `-n 2 --dist loadgroup`), a worker takes a test file whole, so a
-    file's module fixtures (packs, datasets, servers) are built once; and every test marked `ray` runs
-    on one worker, one after another: two Ray clusters of this session never run at once, as without
-    xdist (their timing bounds and the embedded Ray's socket-table test see one Ray)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Every test marked `ray` is in a file of RAY_FILES (else xdist would run its cluster beside another)."""
+    stray = sorted({item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("ray")} - RAY_FILES)
+    if stray:
+        raise pytest.UsageError(f"tests marked ray in {', '.join(stray)}: add the file to tests/conftest.py RAY_FILES")
 
 
 @pytest.fixture(scope="session")
