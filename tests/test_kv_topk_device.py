@@ -140,39 +140,9 @@ def _traced_kernels() -> types.SimpleNamespace:
                                  topk=trace(kernels_mod.topk_step))
 
 
-@pytest.mark.parametrize("tier", ["cpu", "ssd", "none"])
-def test_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier):
-    """fullgraph tracing refuses anything that reads the device from the host (`.item()`, `nonzero`, a
-    data-dependent shape); the same graph serves every layer and step of a span bucket."""
-    import torch._dynamo
-
-    traced = _traced_kernels()
-    f, tr = _factory(tmp_path, tier)
-    try:
-        ref = _drive(f(2, 128), LENS, 10, kv_len=64)
-        hits = tr.snapshot()["hits"]
-    finally:
-        f.close()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    monkeypatch.setattr(paged_mod.kernels, "kernels", lambda compiled: traced)
-    f, tr = _factory(tmp_path, tier)
-    try:
-        got = _drive(f(2, 128), LENS, 10, kv_len=64)
-    finally:
-        f.close()
-    assert all(torch.equal(a, b) for a, b in zip(got, ref))
-    assert torch.equal(tr.snapshot()["hits"], hits)
-    assert not torch._dynamo.utils.counters["graph_break"]
-    # one graph for the top-k step, one for the first step's scoring (host tiers only): not one per layer
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (1 if tier == "none" else 2)
-
-
-@pytest.mark.parametrize("tier", ["cpu", "ssd"])
-@pytest.mark.parametrize("topk", [0, 32])
-def test_exact_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier, topk):
-    """The exact path over a host tier (no top-k, or a budget covering every block: scored for the
-    tracker) is one traced device function per layer-step too, beside the resident cache's attention."""
+def _eager_then_traced(tmp_path, monkeypatch, tier: str, topk: int = 5):
+    """The same decode driven eagerly, then through the traced device functions with Dynamo's counters
+    cleared: (eager outputs, eager hits, traced outputs, traced cache, traced tracker)."""
     import torch._dynamo
 
     f, tr = _factory(tmp_path, tier, topk=topk)
@@ -191,6 +161,31 @@ def test_exact_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch,
         got = _drive(cache, LENS, 10, kv_len=64)
     finally:
         f.close()
+    return ref, hits, got, cache, tr
+
+
+@pytest.mark.parametrize("tier", ["cpu", "ssd", "none"])
+def test_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier):
+    """fullgraph tracing refuses anything that reads the device from the host (`.item()`, `nonzero`, a
+    data-dependent shape); the same graph serves every layer and step of a span bucket."""
+    import torch._dynamo
+
+    ref, hits, got, _, tr = _eager_then_traced(tmp_path, monkeypatch, tier)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert torch.equal(tr.snapshot()["hits"], hits)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    # one graph for the top-k step, one for the first step's scoring (host tiers only): not one per layer
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (1 if tier == "none" else 2)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "ssd"])
+@pytest.mark.parametrize("topk", [0, 32])
+def test_exact_decode_step_traces_as_one_graph_per_bucket(tmp_path, monkeypatch, tier, topk):
+    """The exact path over a host tier (no top-k, or a budget covering every block: scored for the
+    tracker) is one traced device function per layer-step too, beside the resident cache's attention."""
+    import torch._dynamo
+
+    ref, hits, got, cache, tr = _eager_then_traced(tmp_path, monkeypatch, tier, topk)
     assert cache.topk == 0 or cache.topk >= 64 // 4  # every step exact
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     assert hits is None if not topk else torch.equal(tr.snapshot()["hits"], hits)

@@ -125,9 +125,7 @@ def test_runs_land_where_selectors_say_one_run_per_device_in_parallel(cluster, t
     for runs in per_device.values():  # never two runs at once on one device
         assert not intervals_overlap(runs)
     assert intervals_overlap(ok)  # but in parallel across devices and hosts
-    # 8 one-second runs over 4 slots, plus actor start-up; the overlap checks above are what prove the
-    # parallelism; this bound only catches a hang (23.1 s was measured with two suites on 2 cores, load 33)
-    assert wall < 8 * 1.0 + 30
+    assert wall < 8 * 1.0 + 15  # 8 one-second runs over 4 slots, plus actor start-up
 
     # resubmitting the same suite run id runs only what is not recorded ok: the failed run, replaced
     again = submit(suite, str(tmp_path), "place-1", run_fn=fake_engine(1.0), poll_s=0.2)
