@@ -8,7 +8,10 @@ against top-k with a 1024-token budget (`--topk-tokens 1024`). First the correct
 then per prompt a table: ms/token, the speed-up over exact, blocks read per (row, layer) step, KV
 bytes per decode step, the KV H2D rate, write-back back-offs, the decode floor's attainment and
 greedy-token agreement with exact. Targets: top-k >= 1.5x faster than exact at 8k, >= 3x at 32k.
-`--compare-gather` adds a top-k run whose chosen blocks the host gathers (`--no-kv-zero-copy`).
+`--compare-gather` adds a top-k run whose chosen blocks the host gathers (`--no-kv-zero-copy`);
+`--compare-eager` one without CUDA graphs (`--no-cuda-graphs`: every step launched from Python). The
+`graphed` column is the share of the measured round's KV bytes that moved inside CUDA graph replays
+(`PagedKVCache.use_graphs`), so a top-k run says whether its steady steps replayed.
 
     python benchmarks/topk_decode.py --work /tmp/sbtopk
     python benchmarks/topk_decode.py --work /tmp/sbtopk-tiny --preset tiny --layers 2 --prompts 512  # CPU dry run
@@ -66,6 +69,9 @@ def measure(work: Path, ckpt: Path, prompt: int, args) -> dict:
     if args.compare_gather:  # option (b): the ids go to the host, which gathers and copies the blocks
         out["host gather"] = bench_run(work / f"p{prompt}-topk{tokens}-host.json", args.resume, *base,
                                        "--topk-tokens", str(tokens), "--no-kv-zero-copy")
+    if args.compare_eager:
+        out["eager"] = bench_run(work / f"p{prompt}-topk{tokens}-eager.json", args.resume, *base,
+                                 "--topk-tokens", str(tokens), "--no-cuda-graphs")
     return out
 
 
@@ -76,12 +82,13 @@ def row(name: str, r: dict, exact: dict) -> str:
     return (f"{name:22} {per_token_ms(r):>9.2f} {per_token_ms(exact) / per_token_ms(r):>8.2f}x "
             f"{m['kv_blocks_read_per_step']:>11.1f} {m['kv_bytes_per_step'] / 1e6:>11.1f} "
             f"{'—' if kv.get('gbps') is None else format(kv['gbps'], '.1f'):>9} {m['kv_write_backoffs']:>8} "
-            f"{'—' if att is None else format(att, '.2f'):>6} {agree:>5}/{len(r['outputs'][0]['token_ids'])}")
+            f"{'—' if att is None else format(att, '.2f'):>6} {agree:>5}/{len(r['outputs'][0]['token_ids'])} "
+            f"{kv.get('untimed_bytes', 0) / kv['bytes'] if kv.get('bytes') else 0:>7.2f}")
 
 
 def table(results: list[dict]) -> list[str]:
     head = (f"{'prompt · run':22} {'ms/token':>9} {'speed-up':>9} {'blocks/step':>11} {'KV MB/step':>11} "
-            f"{'H2D GB/s':>9} {'backoffs':>8} {'floor':>6} {'agree':>11}")
+            f"{'H2D GB/s':>9} {'backoffs':>8} {'floor':>6} {'agree':>11} {'graphed':>7}")
     lines = [head]
     verdicts = []
     for res in results:
@@ -90,6 +97,8 @@ def table(results: list[dict]) -> list[str]:
         lines.append(row(f"{p} · top-k {res['budget_tokens']} tok", tk, ex))
         if "host gather" in res:
             lines.append(row(f"{p} · ... host gather", res["host gather"], ex))
+        if "eager" in res:
+            lines.append(row(f"{p} · ... no CUDA graphs", res["eager"], ex))
         speed = per_token_ms(ex) / per_token_ms(tk)
         if p in TARGETS:
             verdicts.append(f"prompt {p}: top-k is {speed:.2f}x exact (target >= {TARGETS[p]}x): "
@@ -112,6 +121,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="reuse run JSONs already in --work")
     ap.add_argument("--compare-gather", action="store_true",
                     help="also run top-k with --no-kv-zero-copy (the host gathers the device-chosen blocks)")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="also run top-k with --no-cuda-graphs (every decode step launched from Python)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

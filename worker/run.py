@@ -210,13 +210,15 @@ def _accuracy(engine, cfg: RunConfig, pack, prompt_ids, gen: Generation, device:
 
 
 def _graphs(engine, cfg: RunConfig, cache, batch: int, device: torch.device):
-    """CUDA-graphed decode for all-resident weights and the plain cache on CUDA, else None (eager)."""
+    """CUDA-graphed decode for all-resident weights on CUDA, with the plain cache or a paged one whose
+    steady top-k steps need no host (`PagedKVCache.can_graph`), else None (eager)."""
     from worker.kv.static import StaticKVCache
     from worker.model.graphs import GraphedDecode
     from worker.stream.resident import ResidentWeights
 
-    if (cfg.cuda_graphs and device.type == "cuda" and isinstance(engine.weights, ResidentWeights)
-            and isinstance(cache, StaticKVCache)):
+    if not (cfg.cuda_graphs and device.type == "cuda" and isinstance(engine.weights, ResidentWeights)):
+        return None
+    if isinstance(cache, StaticKVCache) or (hasattr(cache, "can_graph") and cache.can_graph()):
         return GraphedDecode(engine.model, cache, batch, device)
     return None
 

@@ -48,7 +48,7 @@ class FetchPlan:
 
 
 @functools.lru_cache(maxsize=4)
-def _reach(pos: tuple[int, ...], bt: int, ring_blocks: int, topk: int):
+def reach(pos: tuple[int, ...], bt: int, ring_blocks: int, topk: int):
     """What the rows at `pos` fetch, the same for every layer of a step: computed once per step."""
     frontier = tuple(p // bt for p in pos)
     lo = tuple(max(0, f - ring_blocks + 1) for f in frontier)
@@ -58,7 +58,7 @@ def _reach(pos: tuple[int, ...], bt: int, ring_blocks: int, topk: int):
 
 def make_plan(layer: int, parity: int, pos: tuple[int, ...], bt: int, ring_blocks: int, written: int, first: bool,
               topk: int, recent: int) -> FetchPlan:
-    exact, lo, frontier, counts, max_lo = _reach(tuple(pos), bt, ring_blocks, topk)
+    exact, lo, frontier, counts, max_lo = reach(tuple(pos), bt, ring_blocks, topk)
     fill = [(b, j) for b, f in enumerate(frontier) for j in range(lo[b], min(f + 1, written))] if first else []
     return FetchPlan(layer, parity, exact, lo, frontier, fill, topk, recent, counts, max_lo)
 

@@ -40,18 +40,26 @@ from worker.model import compiled as compiling
 
 
 def put_token(ring: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bt: int,
-              summary: sel.Summary | None) -> None:
+              summary: sel.Summary | None, store: torch.Tensor | None = None) -> None:
     """Write k, v (B, KV, 1, hd) into ring (B, R, 2, KV, bt, hd) at each row's position pos (B,); with
-    a summary (kmin, kmax, signs: `topk.block_summary`) also summarize the block's keys so far into it."""
-    b, r = ring.shape[0], ring.shape[1]
-    rows = torch.arange(b, device=ring.device)
+    a summary (kmin, kmax, signs: `topk.block_summary`) also summarize the block's keys so far into it;
+    with `store` (B, J, 2, KV, bt, hd), the host tier's blocks as the device sees them (`kv.zerocopy`),
+    also write the token there (a graphed cache: its blocks reach the host tier token by token, since
+    a write-back whose timing and address the host picks cannot be replayed)."""
+    b, r, kv = ring.shape[0], ring.shape[1], ring.shape[3]
+    dev = ring.device
+    rows = torch.arange(b, device=dev)
     f = torch.div(pos, bt, rounding_mode="floor")  # (B,) the block being written
     off = pos - f * bt
-    slot = f % r
-    ring[:, :, 0][rows, slot, :, off] = k[:, :, 0]  # (B, KV, hd)
-    ring[:, :, 1][rows, slot, :, off] = v[:, :, 0]
+    # one index_put_ with an index for every dimension but the last: compiled, it is a scatter of the
+    # token's 2 x KV rows (indexing a view such as ring[:, :, 0] became a copy of the whole buffer)
+    new = torch.stack((k[:, :, 0], v[:, :, 0]), 1)  # (B, 2, KV, hd)
+    at = (torch.arange(2, device=dev)[None, :, None], torch.arange(kv, device=dev)[None, None, :], off[:, None, None])
+    ring.index_put_((rows[:, None, None], (f % r)[:, None, None], *at), new)
+    if store is not None:
+        store.index_put_((rows[:, None, None], f[:, None, None], *at), new)
     if summary is not None:
-        for dst, part in zip(summary, sel.block_summary(ring[rows, slot, 0][:, None], off + 1)):  # (B, 1, ...)
+        for dst, part in zip(summary, sel.block_summary(ring[rows, f % r, 0][:, None], off + 1)):  # (B, 1, ...)
             dst[rows, f] = part[:, 0]
 
 
@@ -71,7 +79,7 @@ def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs: t
 
 def exact_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
                summary: sel.Summary | None, stage: torch.Tensor | None, wb_k: torch.Tensor, wb_v: torch.Tensor, bt: int,
-               track: Track | None, cand: torch.Tensor | None, recent: int) -> None:
+               track: Track | None, cand: torch.Tensor | None, recent: int, store: torch.Tensor | None = None) -> None:
     """Store the token and assemble an exact step's keys and values in position order.
 
     q (B, H, 1, hd); k, v (B, KV, 1, hd); pos (B,); ring (B, R, 2, KV, bt, hd); wb_k, wb_v (B, KV, nb * bt,
@@ -79,9 +87,10 @@ def exact_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
     [0, m) as the KV stream fetched them (each row's offloaded ones are current; the rest are older
     blocks, finite, which the ring overwrites or the attention masks), or None when the ring holds
     every block. summary (kmin, kmax, signs: `topk.block_summary`) with top-k: the summary is updated
-    and the blocks scored (track; cand (B, k) the next step's candidates when there is a host tier)."""
+    and the blocks scored (track; cand (B, k) the next step's candidates when there is a host tier).
+    store: as `put_token`'s."""
     b, r, nb = ring.shape[0], ring.shape[1], wb_k.shape[2] // bt
-    put_token(ring, k, v, pos, bt, summary)
+    put_token(ring, k, v, pos, bt, summary, store)
     vk, vv = block_view(wb_k, bt), block_view(wb_v, bt)  # (B, nb, KV, bt, hd) views
     if stage is None:  # block j sits in slot j
         vk.copy_(ring[:, :nb, 0])
@@ -102,18 +111,19 @@ def exact_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
 
 def topk_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
               kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor, stage: torch.Tensor | None,
-              cand: torch.Tensor | None, track: Track | None, bt: int, topk: int, recent: int) -> torch.Tensor:
+              cand: torch.Tensor | None, track: Track | None, bt: int, topk: int, recent: int,
+              store: torch.Tensor | None = None) -> torch.Tensor:
     """One top-k decode step of a layer → attention output (B, H, 1, hd).
 
     q (B, H, 1, hd); k, v (B, KV, 1, hd); pos (B,); ring (B, R, 2, KV, bt, hd); kmin/kmax (B, n, KV, hd)
     and signs (B, n, KV, bt, nb), the blocks' summary (`topk.block_summary`), with n > topk; stage
     (B, kc, 2, KV, bt, hd) the fetched candidates cand (B, kc) (block ids, -1 none; overwritten with the
-    next step's), or both None when the ring holds every block."""
+    next step's), or both None when the ring holds every block. store: as `put_token`'s."""
     b, r = ring.shape[0], ring.shape[1]
     n = kmin.shape[1]
     dev = q.device
     rows = torch.arange(b, device=dev)[:, None]  # (B, 1)
-    put_token(ring, k, v, pos, bt, (kmin, kmax, signs))
+    put_token(ring, k, v, pos, bt, (kmin, kmax, signs), store)
     f = torch.div(pos, bt, rounding_mode="floor")  # (B,)
     sc = sel.block_scores(q, kmin, kmax, signs, f)  # (B, n)
     avail, slot = None, None

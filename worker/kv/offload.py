@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from worker.kv import zerocopy
-from worker.kv.layout import Geometry
+from worker.kv.layout import Geometry, typed
 from worker.stream.devsync import Sync
 from worker.stream.hostmem import HostArena
 from worker.stream.iostats import Channel
@@ -118,6 +118,8 @@ class CpuStore:
             self._src = list(self.device_view.view(geo.layers, geo.batch * geo.n_blocks, self.ext).view(self._wide))
             # (B, 1) row offsets into the store's (B * J) blocks; None at batch 1 (no add kernel per layer-step)
             self._base = torch.arange(geo.batch, device=device)[:, None] * geo.n_blocks if geo.batch > 1 else None
+            # per layer (B, J, 2, KV, bt, hd): where a graphed cache's device code writes each token
+            self.token_views = [typed(t, geo) for t in self.device_view.view(geo.layers, geo.batch, geo.n_blocks, self.ext)]
         elif topk:  # host-side gathers for top-k land here, one per fetch parity: (B * k, ext)
             self.gather_buf = [arena.empty(geo.batch * topk * self.ext).view(-1, self.ext) for _ in range(2)]
         self._written: list[Any] = [None] * geo.layers  # last D2H into each layer (host gathers wait on it)
@@ -166,10 +168,16 @@ class CpuStore:
 
 
 class _Timer:
-    """Bytes and busy time of one batch of copies on the KV stream (CUDA events, or the host clock)."""
+    """Bytes and busy time of one batch of copies on the KV stream (CUDA events, or the host clock).
+
+    Inside a CUDA graph capture nothing can be timed (an event recorded there is a dependency, not a
+    clock): the bytes count as untimed."""
 
     def __init__(self, sync: Sync, stream, channel: Channel):
         self.sync, self.stream, self.channel = sync, stream, channel
+        self.captured = sync.cuda and torch.cuda.is_current_stream_capturing()
+        if self.captured:
+            return
         if sync.cuda:
             self.start = torch.cuda.Event(enable_timing=True)
             self.start.record(stream)
@@ -177,6 +185,9 @@ class _Timer:
             channel.begin()
 
     def stop(self, nbytes: int):
+        if self.captured:
+            self.channel.add_untimed(nbytes)
+            return self.sync.record(self.stream)
         if not self.sync.cuda:
             self.channel.end(nbytes)
             return self.sync.event()

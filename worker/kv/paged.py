@@ -21,6 +21,17 @@ KV stream prefetched by last step's scores), gather them, attend exactly over th
 the offloaded blocks for the layer's next step. The compute thread only plans from host-known
 positions (once per step) and launches: it never reads a device value back, so it runs ahead of
 the device.
+
+CUDA graphs (`use_graphs`, `worker.model.graphs`): with the CPU tier mapped into the device
+(`kv.zerocopy`) a steady top-k step (every row has at least k offloaded blocks, so every layer's
+fetch is one gather kernel of B x k blocks) has no host work left but launching, and launching a
+step's ~hundreds of kernels is what bounds it. Such a step replays as a graph per span bucket. Three
+things change for every decode step of a graphed cache, replayed or not, so that one can be
+captured and both compute the same: a step's token goes to the host tier as it is stored (device
+code writing the mapped tier, `kernels.put_token`) instead of a block write-back on completion; a
+step's fetches start inside the step (no prefetch of the next step's first layer); and they depend
+only on events recorded in the step (an event from the previous step cannot be waited on inside a
+graph; the previous step ran before the step's first event, on the same stream).
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import torch.nn.functional as F
 
 from worker.host.timing import span_end, span_start
 from worker.kv import kernels
-from worker.kv.fetch import Candidates, FetchCount, make_plan, run_fetch
+from worker.kv.fetch import Candidates, FetchCount, make_plan, reach, run_fetch
 from worker.kv.layout import Geometry, raw_blocks, to_blocks, typed
 from worker.kv.topk import block_summary, recent_blocks
 from worker.kv.tracker import BlockTracker
@@ -100,6 +111,8 @@ class PagedKVCache:
         self._reset(None)
         self._fetches = 0
         self._stage_free: list[Any] = [None, None]  # compute event after the last read of each stage parity
+        self.graphed = False  # `use_graphs`
+        self._tier_views: list[torch.Tensor] | None = None  # per layer the host tier's blocks, device side
 
     def _reset(self, lens) -> None:
         if self.mover:
@@ -157,6 +170,10 @@ class PagedKVCache:
             self.pos_next = tuple(p + 1 for p in self.pos)
             bt = self.bt
             self._closing = [(b, p // bt) for b, p in enumerate(self.pos) if p % bt == bt - 1]
+        if self.graphed:  # the step's fetches wait for this, not for anything of the step before
+            start = self.sync.record()
+            self._stage_free = [start, start]
+            self._cand = [c if c is None else Candidates(c.ids, start) for c in self._cand]
 
     def _first_positions(self, step: Step) -> tuple[int, ...]:
         return tuple(self.lens) if self.lens is not None else self._read_positions(step)
@@ -175,7 +192,8 @@ class PagedKVCache:
         span_end("kv.exact" if exact else "kv.topk", t0)
         if plan:  # the top-k step's one event comes after its last read of the stage too
             self._stage_free[plan.parity] = self.sync.record() if exact else written
-            self._write_back(layer, written)
+            if not self.graphed:  # a graphed cache wrote the token to the host tier already
+                self._write_back(layer, written)
         return out
 
     def _span_views(self, span: int) -> SpanViews:
@@ -204,7 +222,7 @@ class PagedKVCache:
         stage = views.stage[plan.parity] if plan is not None else None  # (B, min(nb, Js), 2, KV, bt, hd)
         cand = self.bufs.cand[layer] if self.topk and self.mover else None
         self.fns.exact(q, k, v, self.pos_d, self.bufs.ring[layer], self._summary(layer) if self.topk else None, stage,
-                       *views.wb, self.bt, self.track[layer], cand, self.recent)
+                       *views.wb, self.bt, self.track[layer], cand, self.recent, self._tier(layer))
         written = self.sync.record() if self.mover else None
         if cand is not None:  # the candidates of a later top-k step
             self._chosen(layer, written)
@@ -215,12 +233,15 @@ class PagedKVCache:
         stage = self.stage[plan.parity] if plan else None  # (B, topk, 2, KV, bt, hd)
         cand = self.bufs.cand[layer] if plan else None
         out = self.fns.topk(q, k, v, self.pos_d, self.bufs.ring[layer], *self._summary(layer), stage, cand,
-                            self.track[layer], self.bt, self.topk, self.recent)
+                            self.track[layer], self.bt, self.topk, self.recent, self._tier(layer))
         if not plan:
             return out, None
         done = self.sync.record()
         self._chosen(layer, done)
         return out, done
+
+    def _tier(self, layer: int) -> torch.Tensor | None:
+        return self._tier_views[layer] if self.graphed else None
 
     def _chosen(self, layer: int, event=None) -> None:
         """The device has written the layer's next candidates (before `event`): where the fetch finds them."""
@@ -251,8 +272,8 @@ class PagedKVCache:
             self._queue(layer, self.pos, first)
         if layer + 1 < self.geo.layers:
             nxt, pos, ahead = layer + 1, self.pos, not now
-        else:
-            nxt, pos, ahead = 0, self.pos_next, max(self.pos) + 1 < self.geo.max_seq
+        else:  # a graphed cache's steps fetch only their own layers
+            nxt, pos, ahead = 0, self.pos_next, not self.graphed and max(self.pos) + 1 < self.geo.max_seq
         if ahead and nxt not in self._queued:
             self._queue(nxt, pos, first and nxt > 0)
         t0 = span_start()
@@ -273,3 +294,36 @@ class PagedKVCache:
         if self._closing:
             ring = self.bufs.ring[layer]
             self.mover.write(layer, [(b, j, raw_blocks(ring[b, j % self.R][None])) for b, j in self._closing], after)
+
+    # ---- CUDA graphs (see the module docstring) ------------------------------------------------------
+
+    def can_graph(self) -> bool:
+        """Whether steady top-k steps could replay as CUDA graphs: the device reads and writes the host
+        tier itself, so a step's KV moves are kernels launched from its compute thread."""
+        store = self.mover.store if self.mover else None
+        return bool(self.topk and self.mover and self.mover.inline and getattr(store, "device_view", None) is not None)
+
+    def use_graphs(self) -> None:
+        """Run every decode step from now on so that a steady one can be captured (module docstring)."""
+        if not self.can_graph():
+            raise ValueError("this KV cache's decode steps cannot be graphed (needs top-k over a mapped CPU tier)")
+        self.graphed = True
+        self._tier_views = self.mover.store.token_views
+
+    def graph_ready(self) -> bool:
+        """Whether the coming decode step is steady, known on the host: not the first (it fills the ring),
+        top-k (not exact), and every row reads k offloaded blocks, so its device work is the same as every
+        other steady step's of its span."""
+        if not self.graphed or self.steps < 1 or self.pos_next is None:
+            return False
+        exact, _, _, counts, _ = reach(self.pos_next, self.bt, self.R, self.topk)
+        return not exact and all(c == self.topk for c in counts)
+
+    def replayed(self, step: Step) -> None:
+        """The host's side of a decode step a CUDA graph ran: positions and what the step fetched."""
+        self._begin_decode(step)
+        blocks = self.topk * self.geo.batch  # a steady step (`graph_ready`) reads k blocks per row and layer
+        for _ in range(self.geo.layers):
+            self.counter.add(self.geo.batch, blocks)
+        self._fetches += self.geo.layers
+        self.mover.h2d.add_untimed(blocks * self.geo.block_bytes * self.geo.layers)

@@ -7,6 +7,15 @@ per KV-length bucket and replaying it removes the launch cost. Only all-resident
 (a streamed group arrives at a time the host decides, which a graph cannot express); tokens and
 positions go through static buffers, and the cache attends over the bucket's fixed length with a
 mask, so a replay computes exactly what the eager step computes on the same shapes.
+
+A paged cache whose steady top-k steps move KV by device code alone (`PagedKVCache.use_graphs`: the
+CPU tier mapped into the device) qualifies too, step by step rather than per bucket up front: a
+step is replayed when the cache says it is steady (`graph_ready`, from host-known positions), and the
+other steps (the first, exact ones, a bucket's first steady step, which warms its compiled kernels)
+run eagerly. Its graph is captured from a live step, not before the prefill: capturing does not run
+the step but does run its host side (positions, counters), so the capture's replay is that step, and
+a warm-up run before it would execute the step twice (the top-k candidates it writes would then be
+the next step's).
 """
 
 from __future__ import annotations
@@ -27,22 +36,54 @@ class GraphedDecode:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.paged = hasattr(cache, "graph_ready")
+        if self.paged:
+            cache.use_graphs()
+        self._warm: set[int] = set()  # spans whose steady step ran eagerly once (paged)
+        self.replays = 0
 
     def __call__(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
         """Decode logits (B, V) for `tokens` (B, 1) at `step` (positions (B, 1), bucketed kv_len)."""
+        if self.paged:
+            return self._paged(tokens, step)
         self.tokens.copy_(tokens)
         self.positions.copy_(step.positions)
         if step.kv_len not in self.graphs:
             self.graphs[step.kv_len] = self._capture(step.kv_len)
         graph, out = self.graphs[step.kv_len]
         graph.replay()
+        self.replays += 1
         return out
 
     def prepare(self, spans: list[int]) -> None:
-        """Capture graphs for these spans now (capturing runs one step: call before a prefill)."""
+        """Capture graphs for these spans now (capturing runs one step: call before a prefill). A paged
+        cache's graphs are captured from live steps instead (module docstring)."""
+        if self.paged:
+            return
         for n in spans:
             if n not in self.graphs:
                 self.graphs[n] = self._capture(n)
+
+    def _paged(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+        n = step.kv_len
+        if not self.cache.graph_ready() or (n not in self.graphs and n not in self._warm):
+            if self.cache.graph_ready():
+                self._warm.add(n)
+            return self.model.forward(tokens, step, self.cache)[:, 0]
+        self.tokens.copy_(tokens)
+        self.positions.copy_(step.positions)
+        if n in self.graphs:
+            graph, out = self.graphs[n]
+            self.cache.replayed(Step(self.positions, n))
+        else:  # the capture runs the step's host side; its replay below is the step's device side
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self._eager(n)
+            self.graphs[n] = (graph, out)
+            log.debug("captured paged decode graph for kv_len %d", n)
+        graph.replay()
+        self.replays += 1
+        return out
 
     def _eager(self, kv_len: int) -> torch.Tensor:
         return self.model.forward(self.tokens, Step(self.positions, kv_len), self.cache)[:, 0]

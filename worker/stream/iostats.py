@@ -24,6 +24,7 @@ class Channel:
         with self._lock:
             self.bytes = 0
             self.busy_s = 0.0
+            self.untimed = 0  # bytes moved where no clock could time them (CUDA graph replays)
             self._inflight = getattr(self, "_inflight", 0)
             self._since = time.perf_counter()
             self._spans: list[tuple[Any, Any]] = []
@@ -48,6 +49,11 @@ class Channel:
             self.bytes += nbytes
             self._spans.append((start, end))
 
+    def add_untimed(self, nbytes: int) -> None:
+        """Bytes moved inside a CUDA graph: counted, but they take no part in the channel's rate."""
+        with self._lock:
+            self.untimed += nbytes
+
     def stats(self) -> dict[str, float] | None:
         with self._lock:
             for _, end in self._spans:
@@ -55,6 +61,10 @@ class Channel:
             busy = self.busy_s + sum(s.elapsed_time(e) for s, e in self._spans) / 1e3
             if self._inflight > 0:  # a channel that never went idle (the bottleneck) is busy until now
                 busy += time.perf_counter() - self._since
-            if self.bytes == 0:
+            if self.bytes + self.untimed == 0:
                 return None
-            return {"bytes": self.bytes, "busy_s": busy, "gbps": self.bytes / busy / 1e9 if busy > 0 else None}
+            out = {"bytes": self.bytes + self.untimed, "busy_s": busy,
+                   "gbps": self.bytes / busy / 1e9 if busy > 0 and self.bytes else None}
+            if self.untimed:  # busy_s and gbps are the timed transfers' alone
+                out["untimed_bytes"] = self.untimed
+            return out
