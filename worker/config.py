@@ -162,7 +162,8 @@ class RunConfig:
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
-    cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (--no-cuda-graphs: eager).")
+    cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (KV on the GPU, or steady "
+                                 "top-k steps over a CPU tier the GPU maps; --no-cuda-graphs: eager).")
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")
     floor_window_s: Annotated[float, Field(ge=0)] = _f(2.0, "Seconds of SSD reads, with the SSD tier's own "
                                                        "settings, just before and just after a run that streams "
