@@ -176,10 +176,10 @@ def test_every_element_dequantizes_as_the_scratch_path(case, dtype):
         assert got.dtype == dtype and got.shape == (k, sum(sizes))
         assert torch.equal(got, dense.t()), f"{cfg}: {(got.float() - dense.t().float()).abs().max()}"
     if fmt == "int4":  # "gemv" (a program per row) on the first and last word and a few between, all nibbles
-        cols = torch.cat([torch.arange(8), torch.randperm(k - 16, generator=torch.Generator().manual_seed(1))[:8] + 8,
-                          torch.arange(k - 8, k)])
-        got = fused.matmul(fmt, eye[cols.to(DEV)], parts, fused.Config(256, 128, 1, variant="gemv"))
-        assert torch.equal(got, dense.t()[cols.to(DEV)]), f"{(got.float() - dense.t()[cols.to(DEV)].float()).abs().max()}"
+        between = torch.randperm(k - 16, generator=torch.Generator().manual_seed(1))[:8] + 8
+        cols = torch.cat([torch.arange(8), between, torch.arange(k - 8, k)]).to(DEV)
+        got, want = fused.matmul(fmt, eye[cols], parts, fused.Config(256, 128, 1, variant="gemv")), dense.t()[cols]
+        assert torch.equal(got, want), f"gemv: {(got.float() - want.float()).abs().max()}"
 
 
 @kernels_run

@@ -97,7 +97,7 @@ def _tile(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, col0, pid_n, M, K, stride_w, s
     n_ok, m_ok = rn < N, rm < M
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w  # (BN, 1)
     sz_rows = rn.to(tl.int64)[:, None] * (K // GROUP)  # (BN, 1)
-    dt: tl.constexpr = x_ptr.dtype.element_ty
+    dt = x_ptr.dtype.element_ty
     if GEMV:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
