@@ -22,6 +22,12 @@ per shape (never timed at run time: that would make bits differ between processe
     python benchmarks/quant_kernels.py                          # int4 and int8, rows 1 and 16
     python benchmarks/quant_kernels.py --formats fp8 --rows 1 16 64
     python benchmarks/quant_kernels.py --sweep --formats int4   # the table's alternatives (longer)
+    python benchmarks/quant_kernels.py --formats int4 --variants    # int4 kernel variants (~3-4 min)
+
+`--variants` (int4) times each kernel variant of `fused.VARIANTS` over a small grid (`VARIANT_GRID`,
+each at `variant_splits(k)`; "gemv" at one row only, as it reads the weight once per row) and prints
+the fastest per variant with its checks (dequant, products, repeat), then the layer's total of each
+variant's fastest per row count. A winner goes into `fused.MEASURED` as (rows, Config) entries.
 """
 
 from __future__ import annotations
@@ -49,6 +55,17 @@ SHAPES = {  # name → output sizes of its parts, input size (Llama-3.1-70B)
 }
 L2_BYTES = 60 << 20
 BLOCK_N, SPLITS, WARPS_STAGES = (64, 128, 256), (1, 2, 4, 8, 16), ((4, 3), (4, 5), (8, 4))  # --sweep
+VARIANT_GRID = {  # --variants: (block_n, block_k, warps, stages); a dot of block_n < 64 (or warps not 4k) is
+    # Hopper's register-operand mma, otherwise a wgmma from shared memory
+    "dot": ((64, 128, 4, 3),),
+    "dot1": ((32, 128, 2, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3), (32, 256, 2, 3)),
+    "gemv": ((64, 128, 4, 2), (128, 128, 4, 2), (64, 256, 4, 2), (128, 256, 8, 2), (256, 128, 8, 2)),
+}
+GEMV_ROWS = 1  # rows of x up to which --variants times "gemv"
+
+
+def variant_splits(k: int) -> tuple[int, ...]:
+    return (2, 4, 8) if k <= 8192 else (4, 8, 16)
 
 
 def make_parts(fmt: str, sizes, k: int, group: int, dev) -> tuple:
@@ -86,13 +103,13 @@ def check_products(fmt, x, parts, got) -> tuple[bool, float]:
     return bool((err <= 2.0 ** -8 * exact.abs() + 2 * slack).all()), float(err.max() / exact.abs().max())
 
 
-def check_dequant(fmt, parts, k: int, dev) -> bool:
+def check_dequant(fmt, parts, k: int, dev, cfg: fused.Config | None = None) -> bool:
     """One-hot rows at 64 columns (both nibbles, several groups) read the weight back bit for bit."""
     cols = torch.randperm(k, generator=torch.Generator().manual_seed(0))[:64].to(dev)
     x = torch.zeros(64, k, dtype=torch.bfloat16, device=dev)
     x[torch.arange(64, device=dev), cols] = 1
     want = DENSE[fmt](parts, torch.bfloat16)[:, cols].t()
-    return torch.equal(fused.matmul(fmt, x, parts), want)
+    return torch.equal(fused.matmul(fmt, x, parts, cfg), want)
 
 
 def check_graphed_compile(fmt, x, parts) -> bool:
@@ -131,6 +148,33 @@ def sweep(fmt, x, ws, ref: torch.Tensor) -> tuple[fused.Config, float, bool]:
     return best, us, torch.equal(fused.matmul(fmt, x, ws[0], best), ref)
 
 
+def sweep_variants(fmt, x, ws, k: int, rows: int) -> dict[str, tuple[fused.Config, float, dict[str, bool]]]:
+    """Per int4 variant: its fastest configuration of `VARIANT_GRID` × `variant_splits`, us/call, and the
+    checks of that configuration (every dequantized element, the products, the same bits twice)."""
+    best = {}
+    for variant, grid in VARIANT_GRID.items():
+        if variant == "gemv" and rows > GEMV_ROWS:
+            continue
+        timed = []
+        for (bn, bk, warps, stages), split in itertools.product(grid, variant_splits(k)):
+            cfg = fused.Config(bn, bk, split, warps, stages, variant)
+            try:
+                timed.append((time_graph(lambda x_, p, c=cfg: fused.matmul(fmt, x_, p, c), x, ws), cfg))
+            except Exception as e:  # e.g. out of registers or shared memory
+                print(f"    {cfg}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr, flush=True)
+        if not timed:
+            continue
+        us, cfg = min(timed, key=lambda t: t[0])
+        got = fused.matmul(fmt, x, ws[0], cfg)
+        checks = {"dequant": check_dequant(fmt, ws[0], k, x.device, cfg),
+                  "products": check_products(fmt, x, ws[0], got)[0],
+                  "repeat": torch.equal(fused.matmul(fmt, x, ws[0], cfg), got)}
+        best[variant] = (cfg, us, checks)
+        print(f"  {variant:5} fastest {us:8.1f} us {cfg} of {len(timed)}; "
+              + " ".join(f"{c}={'ok' if v else 'FAIL'}" for c, v in checks.items()), flush=True)
+    return best
+
+
 def gbps(nbytes_: int, us: float) -> float:
     return nbytes_ / us / 1e3
 
@@ -142,6 +186,7 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--group", type=int, default=128, help="int4 group size")
     ap.add_argument("--sweep", action="store_true", help="also time other block sizes and K splits")
+    ap.add_argument("--variants", action="store_true", help="int4: also time the kernel variants (fused.VARIANTS)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
@@ -153,7 +198,7 @@ def main() -> int:
     head = (f"{'shape':13} {'fmt':4} {'M':>3} {'native us':>9} {'GB/s':>6} {'scratch us':>10} {'GB/s':>6} "
             f"{'fused us':>8} {'GB/s':>6} {'vs native':>9} {'vs scratch':>10} {'max|f-s|':>9} {'config':26} checks")
     print(head)
-    failed, layer = [], {}
+    failed, layer, fastest = [], {}, {}
     for name in args.shapes:
         sizes, k = SHAPES[name]
         n = sum(sizes)
@@ -188,12 +233,19 @@ def main() -> int:
                     best, us, same = sweep(fmt, x, qws, got)
                     print(f"  sweep: fastest {best} {us:.1f} us ({t_fus / us:.2f}x the table's); bits equal the "
                           f"table's: {same}", flush=True)
+                if args.variants and fmt == "int4":
+                    for variant, (vcfg, us, vchecks) in sweep_variants(fmt, x, qws, k, m).items():
+                        layer[(m, f"int4 {variant}")] = layer.get((m, f"int4 {variant}"), 0.0) + us
+                        fastest.setdefault((m, variant), []).append(f"{name}: {vcfg}")
+                        failed += [f"{name} {variant} M={m}: {c}" for c, v in vchecks.items() if not v]
             del qws, one
         torch.cuda.empty_cache()
     if set(args.shapes) == set(SHAPES):
         print("# one decoder layer (the four projections), us:")
         for (m, key), t in sorted(layer.items()):
             print(f"  M={m:<3} {key:14} {t:9.1f}")
+        for (m, variant), cfgs in sorted(fastest.items()):
+            print(f"# M={m} {variant} fastest: " + "; ".join(cfgs))
     if failed:
         print("FAILED: " + "; ".join(failed))
         return 1

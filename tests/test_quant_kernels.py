@@ -4,8 +4,9 @@ On CUDA the kernels run as the engine runs them. Without CUDA they run under Tri
 which is chosen when a kernel is defined (`TRITON_INTERPRET=1`), so in a process of its own:
 `test_kernels_under_the_triton_interpreter` runs this file again there, with the CPU added to the
 kernels' devices. The interpreter does not support bfloat16 arithmetic (its `tl.dot` multiplies the
-raw bit patterns, triton-lang/triton#11584, and its float32 → bfloat16 cast truncates), so under it
-those two operations are patched to what the GPU computes (`_interpreter`); float16 runs unpatched.
+raw bit patterns, triton-lang/triton#11584, its float32 → bfloat16 cast truncates, and its bfloat16
+add, subtract and multiply work on the bit patterns as integers), so under it those operations are
+patched to what the GPU computes (`_interpreter`); float16 runs unpatched.
 What the interpreter does not check is the GPU compiler's own rules (a dot needs 16 x 16 at least:
 `fused.matmul` asserts it, so the interpreter fails where the GPU would).
 
@@ -13,7 +14,9 @@ What is checked: every element dequantizes to exactly what `DENSE` gives (a one-
 weight back bit for bit, all 16 nibble values in both halves of a byte, zero points 0..15, scales of
 every dtype the formats store), decode-shaped products (rows 1, 3, 16, 33; output sizes that are no
 multiple of the block; one to three parts; K splits) are the float32 product rounded once, repeated
-calls give the same bits, the custom ops trace under torch.compile (fullgraph) to the eager bits,
+calls give the same bits, and the same for each int4 kernel variant (`fused.VARIANTS`: the
+compute-dtype dequantization where the scales are stored in it, the float32 one where not), the
+custom ops trace under torch.compile (fullgraph) to the eager bits,
 a bfloat16 int4 engine gives the same logits in every mode with the kernels in its matmuls, and (on
 CUDA) its graphed decode step replays to the eager step's bits.
 """
@@ -73,7 +76,9 @@ def _interpreter(monkeypatch):
     """Under the interpreter: CPU tensors take the fused path, and bfloat16 behaves as on the GPU. The
     interpreter keeps bfloat16 as raw 16-bit integers; its `tl.dot` multiplies those bit patterns and
     its float32 → bfloat16 cast truncates. Here a dot multiplies the values (exact products, float32
-    sums, as the GPU's matrix units) and the cast rounds to nearest even (as `cvt.rn.bf16.f32`)."""
+    sums, as the GPU's matrix units), the cast rounds to nearest even (as `cvt.rn.bf16.f32`), and an add,
+    subtract or multiply of two bfloat16 is the float32 result rounded so (correct for the exact
+    differences and single products the kernels form)."""
     if not INTERPRETED:
         return
     import numpy as np
@@ -83,6 +88,7 @@ def _interpreter(monkeypatch):
     monkeypatch.setattr(fused, "DEVICES", ("cuda", "cpu"))
     builder = interpreter.InterpreterBuilder
     dot, cast = builder.create_dot, builder.cast_impl
+    arith = {name: getattr(builder, name) for name in ("create_fadd", "create_fsub", "create_fmul")}
 
     def value(h):
         if h.dtype.scalar != tl.bfloat16:
@@ -99,8 +105,17 @@ def _interpreter(monkeypatch):
             return interpreter.TensorHandle(bf16.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
         return cast(self, src, dst_type)
 
+    def bf16_op(name):
+        def op(self, lhs, rhs):
+            if lhs.dtype.scalar != tl.bfloat16:
+                return arith[name](self, lhs, rhs)
+            return cast_impl(self, arith[name](self, value(lhs), value(rhs)), tl.bfloat16)
+        return op
+
     monkeypatch.setattr(builder, "create_dot", create_dot)
     monkeypatch.setattr(builder, "cast_impl", cast_impl)
+    for name in arith:
+        monkeypatch.setattr(builder, name, bf16_op(name))
 
 
 def random_parts(fmt: str, sizes: tuple[int, ...], k: int, group: int = 64, scale_dtype=None, seed: int = 0):
@@ -136,12 +151,16 @@ CASES = [  # (format, output sizes of the parts, K, int4 group, scale dtype)
     ("fp8", (40,), 136, 0, torch.float16),
 ]
 SPLIT = {"int4": fused.Config(64, 128, 3), "int8": fused.Config(64, 64, 3), "fp8": fused.Config(16, 32, 3)}
+VARIANTS = (fused.Config(32, 64, 2, variant="dot1"), fused.Config(64, 32, 3, variant="gemv"))  # int4's others
+GEMV_ROWS = 4  # "gemv" runs a program per row of x: under the interpreter, only for a few rows
 
 
-def configs(fmt, dtype):
+def configs(fmt, dtype, rows=1):
     """The fixed table's configuration, and in bfloat16 a 3-way split of K with other blocks too (under
-    the interpreter every program is Python: the split runs once per case)."""
-    return (None, SPLIT[fmt]) if dtype == torch.bfloat16 else (None,)
+    the interpreter every program is Python: the split runs once per case); for int4 the other kernel
+    variants, split, with blocks that K and N are no multiple of in every case."""
+    variants = tuple(c for c in VARIANTS if c.variant != "gemv" or rows <= GEMV_ROWS) if fmt == "int4" else ()
+    return ((None, SPLIT[fmt]) if dtype == torch.bfloat16 else (None,)) + variants
 
 
 @kernels_run
@@ -152,10 +171,15 @@ def test_every_element_dequantizes_as_the_scratch_path(case, dtype):
     parts = random_parts(fmt, sizes, k, group, scale_dtype)
     dense = DENSE[fmt](parts, dtype)  # (Σ N, K)
     eye = torch.eye(k, dtype=dtype, device=DEV)  # row i reads column i of the weight: one exact product
-    for cfg in configs(fmt, dtype):
+    for cfg in configs(fmt, dtype, rows=k):
         got = fused.matmul(fmt, eye, parts, cfg)
         assert got.dtype == dtype and got.shape == (k, sum(sizes))
         assert torch.equal(got, dense.t()), f"{cfg}: {(got.float() - dense.t().float()).abs().max()}"
+    if fmt == "int4":  # "gemv" (a program per row) on the first and last word and a few between, all nibbles
+        between = torch.randperm(k - 16, generator=torch.Generator().manual_seed(1))[:8] + 8
+        cols = torch.cat([torch.arange(8), between, torch.arange(k - 8, k)]).to(DEV)
+        got, want = fused.matmul(fmt, eye[cols], parts, fused.Config(256, 128, 1, variant="gemv")), dense.t()[cols]
+        assert torch.equal(got, want), f"gemv: {(got.float() - want.float()).abs().max()}"
 
 
 @kernels_run
@@ -170,7 +194,7 @@ def test_decode_products_are_the_float32_product_rounded_once(case, rows, dtype)
     exact = x.double() @ w.double().t()  # products of the compute dtype's values, summed without error
     slack = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())  # float32 sums in another order
     scratch = torch.nn.functional.linear(x, w)
-    for cfg in configs(fmt, dtype):
+    for cfg in configs(fmt, dtype, rows):
         got = fused.matmul(fmt, x, parts, cfg)
         err = (got.double() - exact).abs()
         assert (err <= UNIT[dtype] * exact.abs() + 2 * slack).all(), f"{cfg}: max |err| {err.max():.3e}"

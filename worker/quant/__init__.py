@@ -7,8 +7,9 @@ tensor and hands the parts' bytes to the packer window by window), or `published
 pre-quantized checkpoint's own parts (AWQ int4 GEMM) into the same layout without re-quantizing;
 `dequant` hands the compute a group's projections as weights (dense, or their parts) and turns
 parts back into dense weights; `matmul` (its `linear`) is every projection's matmul in every mode, and the
-one place that picks how: `fused` (Triton `kernels`) dequantizes in registers inside the matmul for
-decode-sized inputs on CUDA, otherwise the parts are dequantized to a dense scratch weight first.
+one place that picks how: `fused` (Triton `kernels`, and `kernels_int4`'s int4 variants) dequantizes
+in registers inside the matmul for decode-sized inputs on CUDA, otherwise the parts are dequantized
+to a dense scratch weight first.
 So the small bytes are what crosses the SSD and PCIe, and every mode runs the same kernels on the
 same shapes; `export` writes a pack's dequantized weights as a plain HF checkpoint
 (`bench dequantize`), the reference HF runs on; `accuracy` is what a format costs: a quantized

@@ -11,10 +11,12 @@ place that asks it.
 
 Exactness: each element is dequantized as `worker.quant.dequant` does it ((q - z) * s in float32,
 one cast), multiplied in the compute dtype and summed in float32, so the kernels differ from the
-scratch path only in the order of the sums. The block sizes and the split along K come from a fixed
-table by shape (`config_for`), never from timing, and a split is summed in a fixed order without
-atomics: one shape gives the same bits in every process and every mode. `benchmarks/quant_kernels.py`
-times the table's alternatives, so a better table is a measured edit of `config_for`.
+scratch path only in the order of the sums. The kernel variant (int4: `Config.variant`), block sizes
+and split along K come from a fixed table by shape and rows of x (`config_for`), never from timing,
+and a split is summed in a fixed order without atomics: one shape gives the same bits in every
+process and every mode. `benchmarks/quant_kernels.py` times the table's alternatives (`--sweep`, and
+`--variants` for the int4 variants of `worker.quant.kernels_int4`), so a better table is a measured
+edit of `config_for`'s tables.
 
 The kernels are custom ops (`torch.ops.streambench.int4_linear`, `int8_linear`) with shape-only fake
 implementations, so torch.compile (fullgraph) traces them as opaque calls and a CUDA graph captures
@@ -36,27 +38,45 @@ TARGET_PROGRAMS = 512  # split K until about this many programs: ~4 per SM of an
 MIN_STEPS = 4  # ... while every split keeps at least this many K steps
 
 
+VARIANTS = ("dot", "dot1", "gemv")  # int4 kernels: kernels.int4_kernel, then kernels_int4's two
+
+
 @dataclass(frozen=True)
 class Config:
-    """A launch: output channels per program, inputs per K step, splits of K, warps, pipeline stages."""
+    """A launch: output channels per program, inputs per K step, splits of K, warps, pipeline stages, and
+    for int4 the kernel (`VARIANTS`): "dot" `kernels.int4_kernel` (one dot per nibble plane), "dot1" one dot
+    per K step, "gemv" FMAs without a dot, one row of x per program (`worker.quant.kernels_int4`). int8
+    and fp8 have one kernel and take "dot" only."""
 
     block_n: int
     block_k: int
     split: int
     warps: int = 4
     stages: int = 4
+    variant: str = "dot"
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: {self.variant!r} is none of {VARIANTS}")
 
 
 # Launches measured fastest per 70B projection (benchmarks/results/quant_h200/quant_kernels_sweep1.txt)
 # where the rule below picks another split: (format, n, k) → split.
 MEASURED_SPLIT = {("int4", 57344, 8192): 8, ("int8", 10240, 8192): 8, ("int8", 8192, 8192): 2}
+# Whole launches measured fastest (`benchmarks/quant_kernels.py --variants`), by (format, n, k): entries
+# (most rows of x, Config) in increasing rows, the first that covers x's rows taken; none yet.
+MEASURED: dict[tuple[str, int, int], tuple[tuple[int, Config], ...]] = {}
 
 
-def config_for(fmt: str, n: int, k: int) -> Config:
-    """The fixed configuration of a shape: n output channels (all parts), k inputs. A K step is 128
-    columns (for int4 16 words, the least a dot takes) whatever the group size. 64 channels per
-    program and 3 stages were the fastest on every 70B shape swept; K is split until there are about
-    `TARGET_PROGRAMS` programs, unless the sweep measured another split for the shape."""
+def config_for(fmt: str, n: int, k: int, rows: int = 1) -> Config:
+    """The fixed configuration of a shape: n output channels (all parts), k inputs, `rows` rows of x. A
+    measured entry (`MEASURED`) where one covers the rows; else the rule: a K step is 128 columns (for
+    int4 16 words, the least a dot takes) whatever the group size, 64 channels per program and 3 stages
+    (the fastest on every 70B shape swept), K split until there are about `TARGET_PROGRAMS` programs
+    unless the sweep measured another split for the shape."""
+    for most, cfg in MEASURED.get((fmt, n, k), ()):
+        if rows <= most:
+            return cfg
     block_n, block_k = 64, 128
     blocks, steps = cdiv(n, block_n), cdiv(k, block_k)
     split = 1
@@ -122,32 +142,51 @@ def matmul(fmt: str, x: torch.Tensor, parts: tuple[tuple[torch.Tensor, ...], ...
     ns = [p[0].shape[0] for p in parts]
     n = sum(ns)
     group = k // parts[0][1].shape[1] if fmt == "int4" else 0
-    cfg = cfg or config_for(fmt, n, k)
-    unit = 8 if fmt == "int4" else 1  # columns per loaded element
-    assert cfg.block_n >= 16 and cfg.block_k // unit >= 16, f"{cfg}: a dot needs 16 x 16 at least"
-    bm = block_m(m)
+    cfg = cfg or config_for(fmt, n, k, m)
+    check_config(fmt, cfg)
+    bm = 1 if cfg.variant == "gemv" else block_m(m)
     y = x.new_empty(m, n)
     out = y if cfg.split == 1 else torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device)
     grid = (sum(cdiv(ni, cfg.block_n) for ni in ns), cfg.split, cdiv(m, bm))
     iters = cdiv(cdiv(k, cfg.block_k), cfg.split)  # K steps per split
     pad = list(parts) + [parts[0]] * (MAX_PARTS - len(parts))
     sizes = ns + [0] * (MAX_PARTS - len(parts))
-    common = (m, k, x.stride(0), n, 0 if cfg.split == 1 else m * n, iters)
-    meta = dict(PARTS=len(parts), BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps,
-                num_stages=cfg.stages)
+    strides = (x.stride(0), n, 0 if cfg.split == 1 else m * n)  # x's rows, y's rows, the splits' slices
+    meta = dict(PARTS=len(parts), EVEN_K=k % cfg.block_k == 0, BLOCK_M=bm, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if fmt == "int4":
             flat = [t for q, s, z in pad for t in (q.view(torch.uint32), s, z)]  # 8 nibbles a word
-            kernels.int4_kernel[grid](x, out, *flat, *sizes, *common, GROUP=group, EVEN_K=k % cfg.block_k == 0,
-                                      **meta)
+            if cfg.variant == "dot":
+                kernels.int4_kernel[grid](x, out, *flat, *sizes, m, k, *strides, iters, GROUP=group, **meta)
+            else:
+                from worker.quant import kernels_int4
+
+                same = all(p[1].dtype == x.dtype for p in parts)  # scales stored in the compute dtype
+                magic = kernels_int4.HALF_MAGICS[str(x.dtype).removeprefix("torch.")] if same else 0
+                kernels_int4.int4_tile_kernel[grid](x, out, *flat, *sizes, m, k, k // 8, *strides, iters,
+                                                    GROUP=group, GEMV=cfg.variant == "gemv", HALF_MAGIC=magic,
+                                                    **meta)
         else:
             fp8 = parts[0][0].dtype == torch.float8_e4m3fn
             flat = [t for q, s in pad for t in (q.view(torch.uint8) if fp8 else q, s)]
-            kernels.int8_kernel[grid](x, out, *flat, *sizes, *common, FP8=fp8, EVEN_K=k % cfg.block_k == 0, **meta)
+            kernels.int8_kernel[grid](x, out, *flat, *sizes, m, k, *strides, iters, FP8=fp8, **meta)
         if cfg.split > 1:
             kernels.sum_splits[(cdiv(m * n, kernels.SUM_BLOCK),)](out, y, m * n, SPLIT=cfg.split,
                                                                   BLOCK=kernels.SUM_BLOCK)
     return y
+
+
+def check_config(fmt: str, cfg: Config) -> None:
+    """The GPU compiler's rules for a launch, asserted so that the interpreter fails where the GPU would:
+    a dot needs 16 x 16 at least (the "dot" int4 kernel dots 16-word planes), sizes are powers of two."""
+    unit = 8 if fmt == "int4" and cfg.variant == "dot" else 1  # columns per element a dot's K counts
+    assert fmt == "int4" or cfg.variant == "dot", f"{cfg}: {fmt} has one kernel"
+    assert all(v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k)), f"{cfg}: blocks are powers of two"
+    if cfg.variant == "gemv":
+        assert cfg.block_k >= 8, f"{cfg}: a step is whole words"
+    else:
+        assert cfg.block_n >= 16 and cfg.block_k // unit >= 16, f"{cfg}: a dot needs 16 x 16 at least"
 
 
 @torch.library.custom_op("streambench::int4_linear", mutates_args=())
