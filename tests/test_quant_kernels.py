@@ -158,9 +158,12 @@ GEMV_ROWS = 4  # "gemv" runs a program per row of x: under the interpreter, only
 def configs(fmt, dtype, rows=1):
     """The fixed table's configuration, and in bfloat16 a 3-way split of K with other blocks too (under
     the interpreter every program is Python: the split runs once per case); for int4 the other kernel
-    variants, split, with blocks that K and N are no multiple of in every case."""
+    variants, split, with blocks that K and N are no multiple of in every case (bfloat16 only, for CI's
+    time: the cases' scale dtypes take them through both dequantizations)."""
+    if dtype != torch.bfloat16:
+        return (None,)
     variants = tuple(c for c in VARIANTS if c.variant != "gemv" or rows <= GEMV_ROWS) if fmt == "int4" else ()
-    return ((None, SPLIT[fmt]) if dtype == torch.bfloat16 else (None,)) + variants
+    return (None, SPLIT[fmt]) + variants
 
 
 @kernels_run
@@ -175,7 +178,7 @@ def test_every_element_dequantizes_as_the_scratch_path(case, dtype):
         got = fused.matmul(fmt, eye, parts, cfg)
         assert got.dtype == dtype and got.shape == (k, sum(sizes))
         assert torch.equal(got, dense.t()), f"{cfg}: {(got.float() - dense.t().float()).abs().max()}"
-    if fmt == "int4":  # "gemv" (a program per row) on the first and last word and a few between, all nibbles
+    if fmt == "int4" and dtype == torch.bfloat16:  # "gemv" (a program per row): first and last word, a few between
         between = torch.randperm(k - 16, generator=torch.Generator().manual_seed(1))[:8] + 8
         cols = torch.cat([torch.arange(8), between, torch.arange(k - 8, k)]).to(DEV)
         got, want = fused.matmul(fmt, eye[cols], parts, fused.Config(256, 128, 1, variant="gemv")), dense.t()[cols]
