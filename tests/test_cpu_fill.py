@@ -199,6 +199,27 @@ def test_streamer_reports_the_fill(pack):
     finally:
         w.close()
 
+def test_the_cpu_tier_backs_its_buffers_with_huge_pages(pack, monkeypatch):
+    """The engine's fill asks for 2 MiB pages for every buffer of the tier (why: the cpu_fill rows of
+    benchmarks/results/README.md, page-cache fills with and without them)."""
+    asked = []
+    real = HostArena.empty
+
+    def spy(self, nbytes, pin=True, huge_pages=False):
+        asked.append(huge_pages)
+        return real(self, nbytes, pin, huge_pages)
+
+    monkeypatch.setattr(HostArena, "empty", spy)
+    cfg = resolve_config({"checkpoints": "unused", "mode": "cpu"}, where="test")
+    n = pack.manifest.model_config.num_hidden_layers
+    w = WeightStreamer(pack, place("cpu", n, cfg.stream), cfg.stream, torch.device("cpu"))
+    try:
+        assert w.io_stats()["cpu_fill"]["bytes"] > 0
+    finally:
+        w.close()
+    assert asked.count(True) == len(_keys(pack)), asked
+
+
 def failing_reads(monkeypatch, fail_at: int | None, delay_s: float = 0.0) -> tuple[list[int], list[int]]:
     """SSDReader._read with an injected I/O error at the `fail_at`-th read (None: never), each read
     taking at least `delay_s`; returns the live counters [reads running], [reads started]."""

@@ -86,8 +86,9 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     """Each group's extent in its own arena buffer, read and pinned.
 
     `page_cache=False` reads everything O_DIRECT; `pin_threads` > 1 registers ranges on several
-    threads and `huge_pages` backs the buffers with 2 MiB pages (both for benchmarks/cpu_fill.py to
-    measure: whether the driver lets registrations overlap, whether fewer page faults pay)."""
+    threads (for benchmarks/cpu_fill.py to measure whether the driver lets registrations overlap) and
+    `huge_pages` backs the buffers with 2 MiB pages (the CPU tier asks for them: fewer page faults
+    pay when the bytes come from the page cache)."""
     stats = FillStats(pinned=arena.pins)
     t0 = time.perf_counter()
     host: dict[GroupKey, torch.Tensor] = {}
