@@ -115,6 +115,15 @@ def test_graphed_topk_run_replays_and_generates_the_same_tokens(make_ckpt, tmp_p
         return out
 
     monkeypatch.setattr(graphs.GraphedDecode, "_paged", count)
+    at_measure, made = [], []  # graphs captured by the end of the warm-up round, and by the end
+    real_prepare = graphs.GraphedDecode.prepare
+
+    def prepare(self, spans):
+        at_measure.append(len(self.graphs))
+        made.append(self)
+        return real_prepare(self, spans)
+
+    monkeypatch.setattr(graphs.GraphedDecode, "prepare", prepare)
     ckpt = make_ckpt(layers=3, dtype="bfloat16")
     flat = {"checkpoints": str(ckpt), "temperature": 0, "max_new_tokens": 24, "prompt_len": 200, "batch_size": 2,
             "max_seq_len": 256, "kv_offload": "cpu", "kv_block_tokens": 16, "kv_gpu_blocks": 2, "topk_tokens": 64,
@@ -125,7 +134,9 @@ def test_graphed_topk_run_replays_and_generates_the_same_tokens(make_ckpt, tmp_p
         r = run(resolve_config({**flat, "cuda_graphs": graphed, "out_json": str(tmp_path / f"{graphed}.json")}))
         out[graphed] = [o["token_ids"] for o in r["outputs"]]
         if graphed:
-            assert sum(replays) >= 18, replays  # the measured round: all but the first and the bucket's warm step
+            # every step of the measured round but its first (the warm-up round captured the graph)
+            assert sum(replays) >= r["metrics"]["decode_steps"] - 1 >= 20, replays
+            assert at_measure == [1] and len(made[0].graphs) == 1  # captured in the warm-up, none measured
             assert r["io"]["kv_h2d"]["untimed_bytes"] > 0
     assert out[True] == out[False]
 

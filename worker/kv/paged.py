@@ -113,6 +113,7 @@ class PagedKVCache:
         self._stage_free: list[Any] = [None, None]  # compute event after the last read of each stage parity
         self.graphed = False  # `use_graphs`
         self._tier_views: list[torch.Tensor] | None = None  # per layer the host tier's blocks, device side
+        self.topk_spans: set[int] = set()  # spans a top-k step ran at (its compiled kernels exist)
 
     def _reset(self, lens) -> None:
         if self.mover:
@@ -232,6 +233,7 @@ class PagedKVCache:
         """The compiled top-k step (`kernels.topk_step`) → (out, event after it)."""
         stage = self.stage[plan.parity] if plan else None  # (B, topk, 2, KV, bt, hd)
         cand = self.bufs.cand[layer] if plan else None
+        self.topk_spans.add(self.kv_len)
         out = self.fns.topk(q, k, v, self.pos_d, self.bufs.ring[layer], *self._summary(layer), stage, cand,
                             self.track[layer], self.bt, self.topk, self.recent, self._tier(layer))
         if not plan:

@@ -11,8 +11,8 @@ mask, so a replay computes exactly what the eager step computes on the same shap
 A paged cache whose steady top-k steps move KV by device code alone (`PagedKVCache.use_graphs`: the
 CPU tier mapped into the device) qualifies too, step by step rather than per bucket up front: a
 step is replayed when the cache says it is steady (`graph_ready`, from host-known positions), and the
-other steps (the first, exact ones, a bucket's first steady step, which warms its compiled kernels)
-run eagerly. Its graph is captured from a live step, not before the prefill: capturing does not run
+other steps (the first, exact ones, and any step of a span whose top-k step has not yet run eagerly:
+a capture must not compile) run eagerly, so the warm-up round's second step is already a capture. Its graph is captured from a live step, not before the prefill: capturing does not run
 the step but does run its host side (positions, counters), so the capture's replay is that step, and
 a warm-up run before it would execute the step twice (the top-k candidates it writes would then be
 the next step's).
@@ -39,7 +39,6 @@ class GraphedDecode:
         self.paged = hasattr(cache, "graph_ready")
         if self.paged:
             cache.use_graphs()
-        self._warm: set[int] = set()  # spans whose steady step ran eagerly once (paged)
         self.replays = 0
 
     def __call__(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
@@ -66,9 +65,7 @@ class GraphedDecode:
 
     def _paged(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
         n = step.kv_len
-        if not self.cache.graph_ready() or (n not in self.graphs and n not in self._warm):
-            if self.cache.graph_ready():
-                self._warm.add(n)
+        if not self.cache.graph_ready() or (n not in self.graphs and n not in self.cache.topk_spans):
             return self.model.forward(tokens, step, self.cache)[:, 0]
         self.tokens.copy_(tokens)
         self.positions.copy_(step.positions)
