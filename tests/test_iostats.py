@@ -39,3 +39,18 @@ def test_a_channel_that_never_goes_idle_still_reports_its_bandwidth():
         ch.end(1000)
     s = ch.stats()
     assert s["bytes"] == 3000 and s["busy_s"] >= 0.025 and s["gbps"] is not None
+
+
+def test_untimed_bytes_count_but_take_no_part_in_the_rate():
+    """Bytes moved inside CUDA graph replays have no clock: they add to the bytes, not to the rate."""
+    ch = Channel("kv_h2d")
+    ch.add_untimed(1000)
+    assert ch.stats() == {"bytes": 1000, "busy_s": 0.0, "gbps": None, "untimed_bytes": 1000}
+    ch.begin()
+    time.sleep(0.01)
+    ch.end(10**7)
+    s = ch.stats()
+    assert s["bytes"] == 10**7 + 1000 and s["untimed_bytes"] == 1000
+    assert abs(s["gbps"] - 10**7 / s["busy_s"] / 1e9) < 1e-12  # the timed transfers' own rate
+    ch.reset()
+    assert ch.stats() is None
