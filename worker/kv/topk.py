@@ -21,7 +21,7 @@ product with every key, O(bt * hd) per block and head instead of O(hd) (H200, co
 Everything here is device code with static shapes (no host reads, no data-dependent shapes), so it
 traces into the compiled decode step (`kv.kernels`). Selection is one defined function of the
 scores on every device: `order_key` breaks ties toward the lower block id, so a brute-force
-reference (tests/test_kv_topk_device.py) picks the very same blocks.
+reference (tests/test_kv_topk_select.py) picks the very same blocks.
 """
 
 from __future__ import annotations
