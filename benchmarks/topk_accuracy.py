@@ -81,8 +81,8 @@ class MassProbe:
             probe._sel = probe._select(*args, **kw)
             return probe._sel
 
-        def topk(q, k, v, pos, ring, kmin, kmax, signs, stage, cand, track, bt, topk, recent):
-            out = probe._topk(q, k, v, pos, ring, kmin, kmax, signs, stage, cand, track, bt, topk, recent)
+        def topk(q, k, v, pos, ring, kmin, kmax, signs, stage, cand, track, bt, topk, recent, *tier):
+            out = probe._topk(q, k, v, pos, ring, kmin, kmax, signs, stage, cand, track, bt, topk, recent, *tier)
             if stage is None:  # every block is in the ring: the exact weights can be computed here
                 probe._measure(q, pos, ring, kmin.shape[1], bt, topk, recent)
             return out

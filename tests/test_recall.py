@@ -208,3 +208,31 @@ def test_the_benchmark_refuses_bad_arguments_in_one_line(tmp_path, args, expecte
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "topk_recall.py"), "--work", str(tmp_path), *args],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and expected in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_the_benchmarks_mass_probe_measures_the_topk_step(tmp_path):
+    """benchmarks/topk_recall.py's teacher-forced attention mass (`MassProbe` wraps the eager top-k step)
+    on the committed model: it sees every (layer, step) and kept mass never exceeds the oracle's. The
+    wrapper must follow the step's signature (it broke once when the step took the host tier's view)."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import topk_recall
+
+    from worker.engine import build_engine
+    from worker.pack.cache import ensure_pack
+    from worker.run import resolve_config
+
+    ckpt = copy_reference(tmp_path / "recall")
+    task = task_of(ckpt)
+    prompts, answers = passkey_prompts(task, 4, 512, seed=3)
+    a = argparse.Namespace(mass_batch=2, block_tokens=16, dtype="auto")
+    flat = {"checkpoints": str(ckpt), "max_seq_len": 512 + task.value_tokens, "batch_size": 2, "compile": False,
+            "dtype": "float32"}
+    engine = build_engine(resolve_config(flat), ensure_pack(ckpt, dtype="float32"), torch.device("cpu"))
+    try:
+        kept, oracle, per_layer = topk_recall.forced_mass(engine, a, prompts, answers, 128, torch.device("cpu"))
+    finally:
+        engine.close()
+    assert 0 < kept <= oracle + 1e-6 <= 1 + 1e-6
+    assert len(per_layer) == engine.cfg.num_hidden_layers and all(0 < x <= 1 + 1e-6 for x in per_layer)
