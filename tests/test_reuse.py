@@ -74,10 +74,12 @@ def test_a_reused_engine_measures_the_same_tokens_without_rebuilding(flat):
     assert tokens[0] == tokens[1] == tokens[2] and tokens[0][0]
     assert second["setup"]["slots_s"] == 0 and second["setup"]["fill_s"] == 0 and first["setup"]["slots_s"] > 0
     assert second["metrics"]["decode_steps"] == fresh["metrics"]["decode_steps"]
-    # the counters restart for every measured round: not the kept engine's total over both runs (how far
-    # the prefetch gets past the last step depends on timing, so the bytes are close, not equal)
+    # the counters restart for every measured round: not the kept engine's total over both runs, which
+    # would be about twice a fresh run's. How far the prefetch gets past the last step and before the
+    # reset depends on timing (a few of the measured round's ~dozen group reads: 0.73 was seen in a
+    # serial suite), so the ratio is near 1, not equal, and the bound sits halfway to 2
     read = [r["io"]["ssd_read"]["bytes"] for r in (fresh, second)]
-    assert read[1] > 0 and 0.8 < read[1] / read[0] < 1.25
+    assert read[1] > 0 and 0.5 < read[1] / read[0] < 1.5
 
 
 def test_a_different_engine_closes_the_kept_one_first(flat):
