@@ -74,12 +74,18 @@ def test_a_reused_engine_measures_the_same_tokens_without_rebuilding(flat):
     assert tokens[0] == tokens[1] == tokens[2] and tokens[0][0]
     assert second["setup"]["slots_s"] == 0 and second["setup"]["fill_s"] == 0 and first["setup"]["slots_s"] > 0
     assert second["metrics"]["decode_steps"] == fresh["metrics"]["decode_steps"]
-    # the counters restart for every measured round: not the kept engine's total over both runs, which
-    # would be about twice a fresh run's. How far the prefetch gets past the last step and before the
-    # reset depends on timing (a few of the measured round's ~dozen group reads: 0.73 was seen in a
-    # serial suite), so the ratio is near 1, not equal, and the bound sits halfway to 2
-    read = [r["io"]["ssd_read"]["bytes"] for r in (fresh, second)]
-    assert read[1] > 0 and 0.5 < read[1] / read[0] < 1.5
+    # the counters restart for every measured round: the second run's SSD bytes are its own round's, its
+    # passes over the SSD layer (prefill + decode steps) plus what the prefetch read ahead (timing: from
+    # none to a pass or two), not the kept engine's total over both runs (three rounds and more). A ratio
+    # to a fresh run's bytes ranged 0.55-1.0 over repeats, so the bound is in passes, not a ratio.
+    from worker.pack.cache import ensure_pack
+    from worker.pack.groups import KINDS, GroupKey
+
+    manifest = ensure_pack(flat["checkpoints"], pack_dir=flat["pack_dir"]).manifest
+    per_pass = sum(manifest.group(GroupKey(1, k).name).nbytes for k in KINDS)  # layer 1 is on the SSD
+    passes = 1 + second["metrics"]["decode_steps"]
+    read = second["io"]["ssd_read"]["bytes"]
+    assert 0 < read <= (passes + 2) * per_pass, (read / per_pass, passes)
 
 
 def test_a_different_engine_closes_the_kept_one_first(flat):
