@@ -112,7 +112,6 @@ class PagedKVCache:
         self._fetches = 0
         self._stage_free: list[Any] = [None, None]  # compute event after the last read of each stage parity
         self.graphed = False  # `use_graphs`
-        self._tier_views: list[torch.Tensor] | None = None  # per layer the host tier's blocks, device side
         self.topk_spans: set[int] = set()  # spans a top-k step ran at (its compiled kernels exist)
 
     def _reset(self, lens) -> None:
@@ -243,7 +242,8 @@ class PagedKVCache:
         return out, done
 
     def _tier(self, layer: int) -> torch.Tensor | None:
-        return self._tier_views[layer] if self.graphed else None
+        """The host tier's blocks of `layer` as the device writes them (a graphed cache), else None."""
+        return self.mover.store.token_views[layer] if self.graphed else None
 
     def _chosen(self, layer: int, event=None) -> None:
         """The device has written the layer's next candidates (before `event`): where the fetch finds them."""
@@ -310,7 +310,6 @@ class PagedKVCache:
         if not self.can_graph():
             raise ValueError("this KV cache's decode steps cannot be graphed (needs top-k over a mapped CPU tier)")
         self.graphed = True
-        self._tier_views = self.mover.store.token_views
 
     def graph_ready(self) -> bool:
         """Whether the coming decode step is steady, known on the host: not the first (it fills the ring),

@@ -57,14 +57,20 @@ def _nibble(word, i: tl.constexpr, h: tl.constexpr, s, z, dt: tl.constexpr, HALF
 
 
 @triton.jit
+def _quad(word, i0: tl.constexpr, h0: tl.constexpr, i1: tl.constexpr, h1: tl.constexpr, i2: tl.constexpr,
+          h2: tl.constexpr, i3: tl.constexpr, h3: tl.constexpr, s, z, dt: tl.constexpr, HALF_MAGIC: tl.constexpr):
+    """Four nibbles (i + 4h) of every word, dequantized, joined as [.., c, b] = the (2c + b)-th named."""
+    return tl.join(tl.join(_nibble(word, i0, h0, s, z, dt, HALF_MAGIC), _nibble(word, i1, h1, s, z, dt, HALF_MAGIC)),
+                   tl.join(_nibble(word, i2, h2, s, z, dt, HALF_MAGIC), _nibble(word, i3, h3, s, z, dt, HALF_MAGIC)))
+
+
+@triton.jit
 def _natural_tile(word, s, z, dt: tl.constexpr, HALF_MAGIC: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """A step's (BLOCK_N, BLOCK_K) tile in column order from its words (BN, BK / 8), by joins (each a new
     innermost axis of 2 that one thread holds): [n, j, c, b, a] is nibble 4c + 2b + a of word j."""
-    n0 = tl.join(tl.join(_nibble(word, 0, 0, s, z, dt, HALF_MAGIC), _nibble(word, 0, 1, s, z, dt, HALF_MAGIC)),
-                 tl.join(_nibble(word, 2, 0, s, z, dt, HALF_MAGIC), _nibble(word, 2, 1, s, z, dt, HALF_MAGIC)))
-    n1 = tl.join(tl.join(_nibble(word, 1, 0, s, z, dt, HALF_MAGIC), _nibble(word, 1, 1, s, z, dt, HALF_MAGIC)),
-                 tl.join(_nibble(word, 3, 0, s, z, dt, HALF_MAGIC), _nibble(word, 3, 1, s, z, dt, HALF_MAGIC)))
+    n0 = _quad(word, 0, 0, 0, 1, 2, 0, 2, 1, s, z, dt, HALF_MAGIC)  # nibbles 0, 4, 2, 6
+    n1 = _quad(word, 1, 0, 1, 1, 3, 0, 3, 1, s, z, dt, HALF_MAGIC)  # nibbles 1, 5, 3, 7
     return tl.reshape(tl.join(n0, n1), (BLOCK_N, BLOCK_K))
 
 
@@ -74,10 +80,8 @@ def _paired_tile(word, s, z, dt: tl.constexpr, HALF_MAGIC: tl.constexpr, BLOCK_N
     """The tile with nibbles i and i + 4 side by side, the two halves of `_nibble`'s one 32-bit AND, which
     a packed bfloat16x2 (float16x2) instruction can then dequantize together: column 8j + 4a + 2b + c is
     nibble a + 2b + 4c of word j, the three bits of the column order reversed."""
-    lo = tl.join(tl.join(_nibble(word, 0, 0, s, z, dt, HALF_MAGIC), _nibble(word, 1, 0, s, z, dt, HALF_MAGIC)),
-                 tl.join(_nibble(word, 2, 0, s, z, dt, HALF_MAGIC), _nibble(word, 3, 0, s, z, dt, HALF_MAGIC)))
-    hi = tl.join(tl.join(_nibble(word, 0, 1, s, z, dt, HALF_MAGIC), _nibble(word, 1, 1, s, z, dt, HALF_MAGIC)),
-                 tl.join(_nibble(word, 2, 1, s, z, dt, HALF_MAGIC), _nibble(word, 3, 1, s, z, dt, HALF_MAGIC)))
+    lo = _quad(word, 0, 0, 1, 0, 2, 0, 3, 0, s, z, dt, HALF_MAGIC)  # nibbles 0, 1, 2, 3
+    hi = _quad(word, 0, 1, 1, 1, 2, 1, 3, 1, s, z, dt, HALF_MAGIC)  # nibbles 4, 5, 6, 7
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
 
