@@ -249,10 +249,15 @@ def test_the_fused_path_is_chosen_by_rows_dtype_format_and_device_alone(monkeypa
 def test_the_fixed_configurations_fill_the_gpu_and_split_only_long_inputs():
     for n, k in ((10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)):
         for fmt in ("int4", "int8"):
-            cfg = fused.config_for(fmt, n, k)
-            assert cfg == fused.config_for(fmt, n, k)
-            programs = -(-n // cfg.block_n) * cfg.split
-            assert programs >= 256 and k // cfg.block_k // cfg.split >= fused.MIN_STEPS, (fmt, n, k, cfg)
+            for rows in (1, 16, 17, 64):
+                cfg = fused.config_for(fmt, n, k, rows)
+                assert cfg == fused.config_for(fmt, n, k, rows)
+                programs = -(-n // cfg.block_n) * cfg.split
+                assert programs >= 256 and k // cfg.block_k // cfg.split >= fused.MIN_STEPS, (fmt, n, k, cfg)
+                assert cfg.variant != "gemv" or rows == 1, (fmt, n, k, rows, cfg)  # gemv: one row per program
+        # The measured int4 launches (rows 1 and 16) are taken; 17 rows and more fall back to the rule.
+        assert fused.config_for("int4", n, k, 16).variant == "dot1"
+        assert fused.config_for("int4", n, k, 17).variant == "dot"
     assert fused.config_for("int4", 200, 256).split == 1  # too short to split
     assert [fused.block_m(m) for m in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 64]
 

@@ -64,8 +64,16 @@ class Config:
 # where the rule below picks another split: (format, n, k) → split.
 MEASURED_SPLIT = {("int4", 57344, 8192): 8, ("int8", 10240, 8192): 8, ("int8", 8192, 8192): 2}
 # Whole launches measured fastest (`benchmarks/quant_kernels.py --variants`), by (format, n, k): entries
-# (most rows of x, Config) in increasing rows, the first that covers x's rows taken; none yet.
-MEASURED: dict[tuple[str, int, int], tuple[tuple[int, Config], ...]] = {}
+# (most rows of x, Config) in increasing rows, the first that covers x's rows taken. int4 on the 70B
+# shapes from benchmarks/results/quant_h200/quant_kernels_int4_variants.txt (rows 1 and 16 measured;
+# more rows take the rule).
+_G, _D = "gemv", "dot1"
+MEASURED: dict[tuple[str, int, int], tuple[tuple[int, Config], ...]] = {
+    ("int4", 10240, 8192): ((1, Config(64, 128, 8, 4, 2, _G)), (16, Config(32, 128, 8, 2, 3, _D))),
+    ("int4", 8192, 8192): ((1, Config(64, 128, 4, 4, 2, _G)), (16, Config(32, 128, 4, 2, 3, _D))),
+    ("int4", 57344, 8192): ((1, Config(32, 128, 4, 2, 3, _D)), (16, Config(32, 128, 2, 2, 3, _D))),
+    ("int4", 8192, 28672): ((1, Config(32, 128, 8, 2, 3, _D)), (16, Config(32, 128, 8, 2, 3, _D))),
+}
 
 
 def config_for(fmt: str, n: int, k: int, rows: int = 1) -> Config:
