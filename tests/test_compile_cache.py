@@ -33,11 +33,25 @@ assert f(torch.arange(12.0).view(3, 4)).shape == (3, 3)
 print(json.dumps(compile_cache.report()))
 """
 
+AHEAD = """
+import json, sys
+import torch
+from worker.host import hostinfo
+hostinfo.git_commit = lambda: sys.argv[1]
+hostinfo.git_dirty = lambda: False
+from worker.model import compile_cache
+started, again = compile_cache.prepare_ahead(), compile_cache.prepare_ahead()
+from worker.model.compiled import compiled
+f = compiled(lambda x: x.t()[1:])  # its prepare() waits for the thread's
+assert f(torch.arange(12.0).view(3, 4)).shape == (3, 3)
+print(json.dumps({"started": started, "again": again, **compile_cache.report()}))
+"""
 
-def _process(tmp_path: Path, commit: str) -> dict:
+
+def _process(tmp_path: Path, commit: str, script: str = SCRIPT) -> dict:
     """A fresh process compiles one function with the cache dir under tmp_path: its report."""
     clean = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, commit], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, commit], capture_output=True, text=True,
                           cwd=ROOT, timeout=300, check=False, env={**clean, "STREAMBENCH_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,6 +108,7 @@ def test_second_process_of_a_commit_loads_the_cache_and_another_commit_does_not(
     assert first["triton_dir"] == os.path.join(first["inductor_dir"], "triton")
     assert first["compiled_from_cache"] is False and first["fxgraph_cache_miss"] >= 1
     assert first["entries_before"] == 0 and any(Path(first["inductor_dir"]).rglob("*"))
+    assert first["prepared_ahead"] is False and first["prepare_s"] > 0  # the compile prepared itself
 
     second = _process(tmp_path, commit="1" * 40)
     assert second["inductor_dir"] == first["inductor_dir"] and second["key"] == first["key"]
@@ -104,6 +119,13 @@ def test_second_process_of_a_commit_loads_the_cache_and_another_commit_does_not(
     other = _process(tmp_path, commit="2" * 40)
     assert other["inductor_dir"] != first["inductor_dir"]
     assert other["compiled_from_cache"] is False and other["entries_before"] == 0
+
+
+def test_preparing_ahead_runs_once_on_its_own_thread_and_the_compile_waits_for_it(tmp_path):
+    got = _process(tmp_path, commit="1" * 40, script=AHEAD)
+    assert got["started"] is True and got["again"] is False  # one thread per process
+    assert got["prepared_ahead"] is True and got["prepare_s"] > 0
+    assert got["graphs"] == 1 and Path(got["inductor_dir"]).parent == tmp_path / "cache" / "compile"
 
 
 def test_a_users_cache_dirs_win_and_torchs_own_default_does_not(monkeypatch, tmp_path):

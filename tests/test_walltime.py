@@ -39,6 +39,7 @@ def test_a_run_says_where_its_wall_time_went(flat):
     assert s["probe_s"] > 0  # the probe and the SSD windows of the SSD layer
     tier = r["config"]["stream"]
     assert tier["cpu_cache_layers"] == 1 and s["fill_bytes"] > 0 and s["fill_s"] > 0
+    assert s["overlapped"] == {"compile_prepare_s": None}  # a CPU run compiles nothing, so prepares nothing ahead
     assert s["fill_gbps"] == pytest.approx(s["fill_bytes"] / s["fill_s"] / 1e9)
     row = build_row(SUITE.specs[0], "t-1", RunOutcome("ok", None, r, None, None, t0, time.time()))
     for col in PHASE_COLUMNS + ["fill_gbps", "measure_s", "wall_s"]:
@@ -71,6 +72,21 @@ def test_a_run_that_fails_still_ends_its_clock(flat, monkeypatch):
 def test_gpu_mode_fills_nothing(flat):
     s = run(resolve_config({**flat, "mode": "gpu"}))["setup"]
     assert s["fill_s"] == 0 and s["fill_bytes"] is None and s["fill_gbps"] is None
+
+
+def test_side_thread_work_is_reported_beside_the_phases_not_in_them(monkeypatch):
+    monkeypatch.setattr(walltime, "_last_end", time.time())
+    clock = walltime.RunClock()
+    with clock.phase("slots"):
+        time.sleep(0.01)
+    clock.overlapped("compile_prepare", 2.5)  # longer than the run: it ran beside the phases
+    s = clock.report()
+    clock.close()
+    assert s["overlapped"] == {"compile_prepare_s": 2.5}
+    assert sum(s[f"{p}_s"] for p in walltime.PHASES) + s["measure_s"] == pytest.approx(s["wall_s"], abs=1e-6)
+    assert s["wall_s"] < 2.5
+    with pytest.raises(AssertionError):
+        clock.overlapped("fill", 1.0)  # a phase, not side-thread work
 
 
 def test_the_share_of_measurement():

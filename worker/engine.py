@@ -74,7 +74,7 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
     placement = place(mode, cfg.num_hidden_layers, run.stream)
     tracker = init_global_tracker(max_batch=run.batch_size, layers=cfg.num_hidden_layers,
                                   n_blocks=-(-run.max_seq_len // run.kv.kv_block_tokens))  # before the model
-    compiled = run.compile and device.type == "cuda"
+    compiled = compiles(run, device)
     try:
         with span("kv"):
             kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
@@ -98,6 +98,11 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
         model = Llama(cfg, weights, device, compile=compiled)
     span.log(log, "engine build")
     return Engine(cfg, model, weights, placement, kv, device, {"spans": span.seconds, "upload": weights.upload})
+
+
+def compiles(run: RunConfig, device: torch.device) -> bool:
+    """Whether the engine torch.compiles its math: on CUDA, unless --no-compile."""
+    return run.compile and device.type == "cuda"
 
 
 def limit_gpu_memory(limit_gb: float | None, device: torch.device) -> None:

@@ -84,12 +84,14 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         return run_peer(cfg, device, phase, base_env=applied, clock=clock)
 
     with clock.phase("imports"):
-        from worker.engine import build_engine
+        from worker.engine import build_engine, compiles
         from worker.model import compile_cache
         from worker.pack.cache import ensure_pack
         from worker.stream.plan import place
         from worker.text.checkpoint import load_tokenizer
 
+    compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
+    ahead = compiles(cfg, device) and compile_cache.prepare_ahead()  # beside the tokenizer, pack, fill and upload
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
     if cfg.accuracy_ref:
@@ -105,7 +107,6 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
                            dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days,
                            weights=cfg.weights)
     phase("load")
-    compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
     extents = adjacent.ssd_extents(pack.manifest, place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers,
                                                         cfg.stream))
     prompt_tokens = max(len(p) for p in prompt_ids)
@@ -124,6 +125,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
                 engine = build_engine(cfg, pack, device, prompt_tokens=prompt_tokens)
             clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
             clock.build_parts(engine.build.get("spans", {}), engine.build.get("upload"))
+            clock.overlapped("compile_prepare", compile_cache.prepare().get("prepare_s") if ahead else None)
             if reuse is not None:
                 kept = reuse.keep(key, engine, held, locks.pop_all())  # the cache owns engine and locks now
         if _done_with_disk(cfg, pack, extents):

@@ -41,6 +41,12 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
 - `other_s`: the rest: device selection, waiting for the device lock (also `device_wait_s`), the
   result document.
 - `measure_s`: the measured round; `wall_s`: all of the above, from `process_s`'s start to the result.
+
+`overlapped` is work done on a thread of its own while the phases above ran, so in none of them and
+not in `wall_s` (null where the run did not do it): `compile_prepare_s`, importing torch._dynamo and
+Inductor and setting up the compile cache (worker.model.compile_cache.prepare_ahead), beside the
+tokenizer, the pack, the fill and the resident upload; what the build still waited for it is in
+`slots_parts.model_s`.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile",
 # the run built no engine of its own (a reused engine, the peer)
 SLOTS_PARTS = ("kv", "reader", "upload_issue", "ring", "stager", "upload_wait", "slot_pool", "preload", "model",
                "other")
+OVERLAPPED = ("compile_prepare",)  # side-thread work (`overlapped`), in no phase
 UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes")  # worker.stream.upload's stats
 _last_end: float | None = None  # epoch seconds when the last run of this process reported
 
@@ -96,6 +103,7 @@ class RunClock:
         self.warmups = 0
         self.fill: dict[str, Any] = {}
         self.slots_parts: dict[str, Any] = {**{f"{k}_s": None for k in SLOTS_PARTS}, "upload": dict.fromkeys(UPLOAD_KEYS)}
+        self.overlapped_s: dict[str, float | None] = {f"{k}_s": None for k in OVERLAPPED}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -140,6 +148,11 @@ class RunClock:
         parts["other_s"] = max(0.0, self.seconds.get("slots", 0.0) - sum(parts.values()))
         self.slots_parts = {**parts, "upload": {k: (upload or {}).get(k) for k in UPLOAD_KEYS}}
 
+    def overlapped(self, name: str, seconds: float | None) -> None:
+        """Host seconds of side-thread work beside the phases (`overlapped`); None: not done by this run."""
+        assert name in OVERLAPPED, f"not an overlapped part: {name}"
+        self.overlapped_s[f"{name}_s"] = seconds
+
     def report(self) -> dict[str, Any]:
         """The run JSON's `setup` section, up to now."""
         inside = time.perf_counter() - self.t0
@@ -150,7 +163,7 @@ class RunClock:
         return {"process_s": self.process_s, **out, "measure_s": measured, "wall_s": self.process_s + inside,
                 "fill_bytes": fill_b, "fill_gbps": fill_b / fill_s / GB if fill_b and fill_s else None,
                 "process_since": self.process_since, "warmup_rounds_s": self.rounds[:self.warmups],
-                "slots_parts": self.slots_parts}
+                "slots_parts": self.slots_parts, "overlapped": dict(self.overlapped_s)}
 
     def close(self) -> None:
         global _last_end

@@ -17,6 +17,13 @@ Determinism: a hit loads the code an earlier process generated for the same grap
 With Inductor's deterministic mode (`compiled`) that code involves no timing-based choice, so it
 is what this process would have generated itself: same kernels, same tokens, cached or not.
 
+Ahead of the build: importing torch._dynamo and Inductor (what `prepare` and the first compile's
+backend import) takes seconds of host time, once per process. A run that will compile starts
+`prepare_ahead` first thing, so that import runs on a thread of its own while the main thread loads
+the tokenizer, fills the CPU tier and uploads the resident weights (mostly waits on reader threads
+and copies); the model build's `prepare` then only waits for what is left of it. The kernels, their
+cache and the tokens are the same either way: only when the modules are imported changes.
+
 `report(since)` says what this process (or the window since `counters()` was taken) compiled and
 whether all of it came from the cache: `compiled_from_cache` is True when every compiled graph was
 a cache hit, False when any was compiled afresh, None when nothing was compiled.
@@ -32,6 +39,7 @@ import platform
 import re
 import sys
 import threading
+import time
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _prepared: dict[str, Any] = {}  # what prepare() set up in this process
+_ahead: list[threading.Thread] = []  # prepare_ahead's thread, once started
 
 COUNTERS = {"fxgraph_cache_hit": ("inductor", "fxgraph_cache_hit"),
             "fxgraph_cache_miss": ("inductor", "fxgraph_cache_miss"),
@@ -97,11 +106,40 @@ def cache_dir(parts: dict[str, Any]) -> Path:
 
 def prepare() -> dict[str, Any]:
     """Once per process, before the first compile: the cache directories set and the caches on.
-    Returns what `report` starts from (key, directories, files already there)."""
+    Returns what `report` starts from (key, directories, files already there, `prepare_s`: the host
+    seconds it took, `prepared_ahead`: whether on `prepare_ahead`'s thread). Waits for that thread's
+    preparation when one is under way."""
     with _lock:
         if not _prepared:
+            t = time.perf_counter()
             _prepared.update(_prepare())
+            _prepared.update(prepare_s=time.perf_counter() - t,
+                             prepared_ahead=threading.current_thread().name == AHEAD_THREAD)
         return dict(_prepared)
+
+
+AHEAD_THREAD = "compile-prepare"
+
+
+def prepare_ahead() -> bool:
+    """Start `prepare` on a thread of its own (see the module's docstring). True when this call
+    started it; False when this process is prepared already or a thread is at it. Not a daemon: an
+    interpreter that exits (a run that failed on bad input) waits for the imports instead of
+    finalizing in the middle of one."""
+    with _lock:
+        if _prepared or _ahead:
+            return False
+        _ahead.append(threading.Thread(target=_prepare_quietly, name=AHEAD_THREAD))
+    _ahead[0].start()
+    return True
+
+
+def _prepare_quietly() -> None:
+    """`prepare_ahead`'s thread: a failure is the build's to raise (its own `prepare` tries again)."""
+    try:
+        prepare()
+    except Exception:  # re-raised where it matters: by the build's own prepare()
+        log.debug("compile cache: preparing ahead failed; the build prepares itself", exc_info=True)
 
 
 def _prepare() -> dict[str, Any]:
@@ -114,6 +152,7 @@ def _prepare() -> dict[str, Any]:
     dirs = envs.use_compile_cache(str(directory), torch_default=os.path.abspath(default_cache_dir()))
     inductor_config.fx_graph_cache = True  # torch's default; a TORCHINDUCTOR_FX_GRAPH_CACHE=0 still wins
     functorch_config.enable_autograd_cache = True
+    from torch._inductor.compile_fx import compile_fx  # noqa: F401 - the backend's own import at the first compile, paid here
     root = Path(dirs["inductor_dir"])
     entries = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
     log.info("compile cache: %s (%d files already there)", root, entries)
@@ -142,5 +181,6 @@ def report(since: dict[str, int] | None = None) -> dict[str, Any]:
         fresh = delta["autograd_cache_miss"] + delta["autograd_cache_bypass"]
     with _lock:
         info = dict(_prepared)  # empty when nothing in this process asked for a compile
-    return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None, **info,
+    return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None,
+            "prepare_s": None, "prepared_ahead": None, **info,
             **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh == 0}
