@@ -70,6 +70,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mass-batch", type=int, default=25, help="rows per teacher-forced mass pass")
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--gpu-blocks", type=int, default=4, help="kv_gpu_blocks of the offloaded runs")
+    ap.add_argument("--key-bits", type=int, default=None, choices=range(1, 5), metavar="{1..4}",
+                    help="topk_key_bits of every top-k setting [the engine's default]; with another --out-json, "
+                         "one --work serves several (the model is trained once)")
     ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=None,
                     help="engine dtype [bfloat16 on CUDA, float32 on CPU]")
     ap.add_argument("--no-compile", action="store_true", help="eager engine (compile and CUDA graphs off)")
@@ -114,9 +117,12 @@ def model_dir(a: argparse.Namespace) -> Path:
     return out
 
 
-def kv_settings(a: argparse.Namespace, budget: int) -> dict:
-    kv = {"kv_offload": "cpu", "kv_gpu_blocks": a.gpu_blocks, "kv_block_tokens": a.block_tokens}
-    return {**kv, "topk_tokens": budget} if budget else kv
+def kv_settings(a: argparse.Namespace, budget: int, offload: bool = True) -> dict:
+    kv = ({"kv_offload": "cpu", "kv_gpu_blocks": a.gpu_blocks} if offload else {"kv_offload": "none"})
+    kv["kv_block_tokens"] = a.block_tokens
+    if not budget:
+        return kv
+    return {**kv, "topk_tokens": budget, **({"topk_key_bits": a.key_bits} if a.key_bits else {})}
 
 
 @torch.no_grad()
@@ -130,7 +136,7 @@ def forced_mass(engine, a, prompts: list[list[int]], answers: list[list[int]], b
         rows, want = prompts[i:i + a.mass_batch], torch.tensor(answers[i:i + a.mass_batch], device=device)
         b, width = len(rows), len(rows[0])
         max_seq = width + steps
-        kv = KVConfig(kv_block_tokens=a.block_tokens, topk_tokens=budget)
+        kv = KVConfig(**kv_settings(a, budget, offload=False))
         factory = KVFactory(engine.cfg, kv, device, getattr(torch, engine_dtype(a)), max_seq, b)
         try:
             cache = factory(b, max_seq)
@@ -188,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                            decode_ms=r["result"]["metrics"].get("decode_ms"))
             if "retrieval" in a.only and budget and "resident_accuracy" not in row:
                 # the same budget with every block on the device: selection by the current query alone
-                r = run_passkeys(ckpt, keys, {"kv_offload": "none", "kv_block_tokens": a.block_tokens,
-                                              "topk_tokens": budget}, **settings)
+                r = run_passkeys(ckpt, keys, kv_settings(a, budget, offload=False), **settings)
                 row["resident_accuracy"] = r["accuracy"]
             if "mass" in a.only and budget and "mass_kept" not in row:
                 flat = {"checkpoints": str(ckpt), "max_seq_len": length + task.value_tokens,
@@ -227,7 +232,8 @@ def line(r: dict) -> str:
 
 
 def table(a, rows: dict, trained: int, cut: bool, wall: float) -> None:
-    print(f"\n{'length':>6} {'budget':>6} {'accuracy':>8} {'Δ points':>8} {'= exact':>8} {'resident':>8} {'mass kept':>9} "
+    print(f"\ntop-k block summary: {a.key_bits or KVConfig().topk_key_bits} bit(s) per key and channel")
+    print(f"{'length':>6} {'budget':>6} {'accuracy':>8} {'Δ points':>8} {'= exact':>8} {'resident':>8} {'mass kept':>9} "
           f"{'oracle':>7} {'kept/oracle':>12} {'wall s':>6}")
     for key in sorted(rows):
         print(line(rows[key]))

@@ -15,7 +15,12 @@ keeps (mean over heads, rows and steps) over what the oracle keeps (the best k b
 - `range bound, 2 / 4 keys`: the bound over sub-blocks of 2 or 4 keys, the block's best (2x / 4x
   the summary);
 - `mean key`: q·(mean key) + log(keys), a centroid estimate;
-- `key bits (topk.py)`: the engine's score now (`topk.block_scores`).
+- `key codes, b bit(s)`: the engine's score (`topk.block_scores`) with b = 1, 2, 3 bits per key and
+  channel in the block summary (`KVConfig.topk_key_bits`; 2 is the default).
+
+Under the mass table, `needle hit`: at the steps where one head puts more than half its weight on a
+single key, how often the block holding that key is among the k selected (per layer, hits/cases):
+what a retrieval needs, which a mean of the mass can hide.
 
     python benchmarks/topk_selection.py                                     # committed cpu-size model, 1k/2k
     python benchmarks/topk_selection.py --ckpt /tmp/sb-recall/recall-gpu --lengths 8192 32768 --n 24
@@ -101,8 +106,8 @@ def mean_over_heads(est):
     return lambda *a: torch.log_softmax(_live(est(*a), a[2], a[3]), -1).exp().mean(1).log()
 
 
-def key_bits(q, blocks, pos, bt):
-    return sel.block_scores(q, *sel.block_summary(blocks), pos // bt)
+def key_codes(bits: int):
+    return lambda q, blocks, pos, bt: sel.block_scores(q, *sel.block_summary(blocks, bits=bits), pos // bt)
 
 
 SCORES = {
@@ -112,8 +117,11 @@ SCORES = {
     "range bound, 2 keys": mean_over_heads(range_bound(2)),
     "range bound, 4 keys": mean_over_heads(range_bound(4)),
     "mean key": mean_over_heads(mean_key),
-    "key bits (topk.py)": key_bits,
+    "key codes, 1 bit": key_codes(1),
+    "key codes, 2 bits (default)": key_codes(2),
+    "key codes, 3 bits": key_codes(3),
 }
+NEEDLE = 0.5  # a head's weight on its best key above which the step is a retrieval case
 
 
 class Tally:
@@ -140,7 +148,10 @@ class Tally:
         blocks = keys.view(b, kv, n, bt, hd).transpose(1, 2)  # (B, n, KV, bt, hd)
         s = (q.float() @ keys.repeat_interleave(h // kv, 1).float().transpose(-1, -2))[:, :, 0] * hd ** -0.5
         s = s.masked_fill(torch.arange(n * bt, device=q.device)[None, None, :] > pos[:, None, None], -INF)
-        mass = s.softmax(-1).view(b, h, n, bt).sum(-1).mean(1)  # (B, n): exact weight per block, mean over heads
+        p = s.softmax(-1)
+        mass = p.view(b, h, n, bt).sum(-1).mean(1)  # (B, n): exact weight per block, mean over heads
+        top, at_key = p.max(-1)  # (B, H)
+        sharp, needle = top > NEEDLE, torch.div(at_key, bt, rounding_mode="floor")  # (B, H)
         f = pos // bt
         j = torch.arange(n, device=q.device)[None, :]
         scores = {name: fn(q, blocks, pos, bt) for name, fn in SCORES.items()}
@@ -153,6 +164,9 @@ class Tally:
             for name, sc in scores.items():
                 chosen, valid = sel.select_blocks(sc, k, f, None, recent)
                 self.add((budget, name, layer), (mass.gather(1, chosen) * valid).sum(1).mean().item())
+                hit = ((chosen[:, None, :] == needle[:, :, None]) & valid[:, None, :]).any(-1)  # (B, H)
+                self.add(("hit", budget, name, layer), (hit & sharp).sum().item())
+            self.add(("cases", layer), sharp.sum().item() / len(self.budgets))
 
     def table(self, length: int) -> list[str]:
         out = []
@@ -162,6 +176,11 @@ class Tally:
                 kept = [self.kept[(budget, name, la)] for la in range(self.layers)]
                 per = " ".join(f"{x / o:6.3f}" for x, o in zip(kept, oracle))
                 out.append(f"{length:>6} {budget:>6}  {name:<30} {per}  {sum(kept) / sum(oracle):6.3f}")
+        for budget in self.budgets:
+            for name in SCORES:
+                per = " ".join(f"{int(self.kept.get(('hit', budget, name, la), 0))}/"
+                               f"{round(self.kept.get(('cases', la), 0))}" for la in range(self.layers))
+                out.append(f"{length:>6} {budget:>6}  needle hit, {name:<30} {per}")
         return out
 
 

@@ -354,8 +354,10 @@ def test_run_json_row_and_floor_record_what_topk_fetched(make_ckpt, tmp_path):
     finally:
         engine.close()
     assert step["h2d"] == m["kv_bytes_per_step"] < exact["h2d"]
-    # the k blocks' tokens, every block's summary: key ranges (2 x hd floats) and bits (bt x hd / 8 bytes) per KV head
-    assert step["hbm"] == 6 * 12 * bb // 4 + 6 * 9 * 2 * (2 * 32 * 4 + 4 * 32 // 8)
+    # the k blocks' tokens, every block's summary: key ranges (2 x hd floats) and codes (bt x hd x 2 bits, the
+    # default) per KV head
+    assert r["config"]["kv"]["topk_key_bits"] == 2
+    assert step["hbm"] == 6 * 12 * bb // 4 + 6 * 9 * 2 * (2 * 32 * 4 + 4 * 32 * 2 // 8)
     spec = SUITE.specs[0]
     outcome = ok_outcome(spec)
     outcome.result["metrics"].update({k: m[k] for k in ("topk_budget_tokens", "topk_blocks",

@@ -39,6 +39,21 @@ def test_resolved_config_is_complete_and_changes_the_key():
     assert cfg.checkpoints == "/ckpt" and cfg.out_json is None and cfg.stream.prefetch_distance == 3
 
 
+def test_config_key_hashes_only_settings_that_differ_from_the_defaults():
+    """A commit that adds a setting must not re-key every config (the gate would find no history that
+    night), and a point that spells out a default is the same config as one that leaves it out."""
+    from orchestrator.suite.load import keyed_config
+    from orchestrator.suite.spec import stable_hash
+
+    one = parse_suite(BASE + "matrix: {mode: cpu, prefetch_distance: 3}\n").specs[0]
+    plain = parse_suite(BASE + "matrix: {mode: cpu}\n").specs[0]
+    spelled = parse_suite(BASE + f"matrix: {{mode: cpu, topk_key_bits: {RunConfig().kv.topk_key_bits}}}\n").specs[0]
+    assert keyed_config(one.flat) == {"mode": "cpu", "prefetch_distance": 3}
+    assert one.config_key == stable_hash({"config": {"mode": "cpu", "prefetch_distance": 3},
+                                          "model": one.model.identity()})
+    assert plain.config_key == spelled.config_key != one.config_key
+
+
 def test_matrix_list_blocks_and_model_axis():
     doc = ("name: t\nmodels: [{name: a, preset: tiny}, {name: b, preset: tiny, layers: 2}]\n"
            "matrix:\n  - {model: a, mode: [gpu, cpu]}\n  - {mode: mixed, gpu_cached_layers: 1, cpu_cache_layers: 1}\n")

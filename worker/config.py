@@ -88,6 +88,10 @@ class KVConfig:
     topk_tokens: Positive | None = _f(None, "Top-k budget in tokens per (batch row, layer), e.g. 1024: the "
                                       "ceil(topk_tokens / kv_block_tokens) most relevant blocks; exclusive "
                                       "with topk_blk; unset = topk_blk decides.")
+    topk_key_bits: Annotated[int, Field(ge=1, le=4)] = _f(2, "Bits per key and channel in each KV block's summary "
+                                                          "that top-k scores blocks by (1-4): more bits rank blocks "
+                                                          "closer to exact attention, for more GPU memory and "
+                                                          "scoring time. No effect without top-k.")
     kv_zero_copy: bool = _f(True, "Top-k reads its chosen blocks from the pinned CPU tier on the device (mapped host "
                             "memory, the ids never leave the GPU); --no-kv-zero-copy: the ids go to the host, which "
                             "gathers and copies the blocks (slower; for comparison). No effect without top-k or with "
@@ -162,6 +166,9 @@ class RunConfig:
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
+    compile_ahead: bool = _f(False, "Import the compiler (torch._dynamo, Inductor) on a side thread from the run's "
+                                    "start, beside tokenizer, pack, fill and upload, instead of in the model build: "
+                                    "setup time only (same kernels, same tokens); off until measured on a GPU.")
     cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (KV on the GPU, or steady "
                                  "top-k steps over a CPU tier the GPU maps; --no-cuda-graphs: eager).")
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")

@@ -91,7 +91,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         from worker.text.checkpoint import load_tokenizer
 
     compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
-    ahead = compiles(cfg, device) and compile_cache.prepare_ahead()  # beside the tokenizer, pack, fill and upload
+    ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead()  # beside tokenizer..upload
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
     if cfg.accuracy_ref:

@@ -12,6 +12,7 @@ the file, the key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from importlib import resources
@@ -36,6 +37,22 @@ RESERVED_KEYS = {"checkpoints": "name the model under `models:` instead",
 NOT_IN_CONFIG_KEY = ("checkpoints", "out_json", "verbose", "pack_dir", "manifest", "raw_device", "device_wait_s",
                      "pack_verify_days", "floor_window_s")
 MATRIX_EXTRA_KEYS = ("model", "host")
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return RunConfig.from_flat({"checkpoints": "<model>", "out_json": None}).to_flat()
+
+
+def keyed_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """What a config key hashes: the settings that differ from RunConfig's defaults (host-local ones aside).
+
+    Not the whole resolved config: a commit that adds a setting (with a default that keeps today's
+    behaviour) would then give every config a new key, and the gate would find no history for any of
+    them that night. A commit that changes a default keeps the keys, so the gate compares across it
+    and flags what it changed, as it should: the row's config_json holds the full resolved config."""
+    defaults = _defaults()
+    return {k: v for k, v in flat.items() if k not in NOT_IN_CONFIG_KEY and (k not in defaults or defaults[k] != v)}
 
 
 class SuiteDoc(BaseModel):
@@ -138,8 +155,7 @@ def expand(doc: SuiteDoc, source: str) -> list[RunSpec]:
             selector = _selector(values.pop("host", None), f"{where}.host")
             cfg = RunConfig.from_flat({**values, "checkpoints": "<model>", "out_json": None}, base=base, where=label)
             flat = {k: v for k, v in cfg.to_flat().items() if k not in RESERVED_KEYS}
-            key_doc = {"config": {k: v for k, v in flat.items() if k not in NOT_IN_CONFIG_KEY},
-                       "model": model.identity()}
+            key_doc = {"config": keyed_config(flat), "model": model.identity()}
             config_key = stable_hash(key_doc)
             spec_hash = stable_hash({**key_doc, "host": selector.to_dict()})
             if spec_hash in seen:

@@ -31,7 +31,7 @@ from worker.kv.offload import CpuStore, KVMover, Throttle
 from worker.kv.paged import PagedBuffers, PagedKVCache
 from worker.kv.spill import SLOT_BYTES, SLOTS, SpillStore, check_spill_dir
 from worker.kv.static import StaticKVCache
-from worker.kv.topk import sign_bytes, summary_bytes
+from worker.kv.topk import code_bytes, summary_bytes
 from worker.kv.tracker import BlockTracker
 from worker.model.geometry import ModelConfig
 from worker.stream.devsync import Sync
@@ -86,7 +86,7 @@ def tier_bytes(kv: KVConfig, cfg: ModelConfig, batch: int, max_seq: int, item: i
     js = min(k, j) if k else j
     ext = geo.padded_block_bytes() if kv.kv_offload == "ssd" else bb
     gpu = layers * batch * ring * bb + batch * j * bb  # ring + the exact path's working buffers
-    gpu += layers * batch * j * summary_bytes(geo.kv_heads, geo.block_tokens, geo.head_dim, item) if k else 0
+    gpu += layers * batch * j * summary_bytes(geo.kv_heads, geo.block_tokens, geo.head_dim, item, kv.topk_key_bits) if k else 0
     gpu += 2 * batch * js * ext if off else 0
     if not off:
         return {"gpu": gpu, "cpu": 0, "ssd": 0}
@@ -154,7 +154,8 @@ class KVFactory:
             if kv.topk_blocks:
                 bufs.smin = [zeros(b, j, geo.kv_heads, geo.head_dim) for _ in range(geo.layers)]
                 bufs.smax = [zeros(b, j, geo.kv_heads, geo.head_dim) for _ in range(geo.layers)]
-                bufs.ssign = [zeros(b, j, geo.kv_heads, geo.block_tokens, sign_bytes(geo.head_dim), dtype=torch.uint8)
+                code = code_bytes(geo.head_dim, kv.topk_key_bits)
+                bufs.scode = [zeros(b, j, geo.kv_heads, geo.block_tokens, code, dtype=torch.uint8)
                               for _ in range(geo.layers)]
             if off:
                 self._tier(geo, bufs)
@@ -237,7 +238,8 @@ class KVFactory:
         out = {"hbm": rows * (context if exact else min(context, k * kv.kv_block_tokens)) * geo.token_bytes,
                "h2d": 0, "ssd": 0}
         if k:
-            out["hbm"] += rows * blocks * summary_bytes(geo.kv_heads, geo.block_tokens, geo.head_dim, geo.item)
+            out["hbm"] += rows * blocks * summary_bytes(geo.kv_heads, geo.block_tokens, geo.head_dim, geo.item,
+                                                      kv.topk_key_bits)
         if offloads(kv, self.max_seq):
             off = max(0, blocks - kv.kv_gpu_blocks)
             out["h2d"] = rows * (off if exact else min(k, off)) * geo.block_bytes

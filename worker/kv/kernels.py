@@ -42,7 +42,7 @@ from worker.model import compiled as compiling
 def put_token(ring: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bt: int,
               summary: sel.Summary | None, store: torch.Tensor | None = None) -> None:
     """Write k, v (B, KV, 1, hd) into ring (B, R, 2, KV, bt, hd) at each row's position pos (B,); with
-    a summary (kmin, kmax, signs: `topk.block_summary`) also summarize the block's keys so far into it;
+    a summary (kmin, kmax, codes: `topk.block_summary`) also summarize the block's keys so far into it;
     with `store` (B, J, 2, KV, bt, hd), the host tier's blocks as the device sees them (`kv.zerocopy`),
     also write the token there (a graphed cache: its blocks reach the host tier token by token, since
     a write-back whose timing and address the host picks cannot be replayed)."""
@@ -59,17 +59,18 @@ def put_token(ring: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.T
     if store is not None:
         store.index_put_((rows[:, None, None], f[:, None, None], *at), new)
     if summary is not None:
-        for dst, part in zip(summary, sel.block_summary(ring[rows, f % r, 0][:, None], off + 1)):  # (B, 1, ...)
+        bits = sel.code_bits(summary[2], ring.shape[-1])
+        for dst, part in zip(summary, sel.block_summary(ring[rows, f % r, 0][:, None], off + 1, bits)):  # (B, 1, ...)
             dst[rows, f] = part[:, 0]
 
 
-def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor, pos: torch.Tensor,
+def score_step(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, pos: torch.Tensor,
                bt: int, track: Track | None, cand: torch.Tensor | None, ahead: int, ring_blocks: int,
                recent: int) -> None:
-    """Score the n blocks (their summary kmin, kmax, signs: `topk.block_summary`) for q (B, H, 1, hd) at
+    """Score the n blocks (their summary kmin, kmax, codes: `topk.block_summary`) for q (B, H, 1, hd) at
     positions pos (B,); record the scores (track); write into cand (B, k) the candidates for the step
     at pos + ahead."""
-    sc = sel.block_scores(q, kmin, kmax, signs, torch.div(pos, bt, rounding_mode="floor"))  # (B, n)
+    sc = sel.block_scores(q, kmin, kmax, codes, torch.div(pos, bt, rounding_mode="floor"))  # (B, n)
     if track is not None:
         record_scores(track, sc)
     if cand is not None:
@@ -86,7 +87,7 @@ def exact_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
     hd), the working buffers over the span's nb blocks (written). stage (B, m, 2, KV, bt, hd): blocks
     [0, m) as the KV stream fetched them (each row's offloaded ones are current; the rest are older
     blocks, finite, which the ring overwrites or the attention masks), or None when the ring holds
-    every block. summary (kmin, kmax, signs: `topk.block_summary`) with top-k: the summary is updated
+    every block. summary (kmin, kmax, codes: `topk.block_summary`) with top-k: the summary is updated
     and the blocks scored (track; cand (B, k) the next step's candidates when there is a host tier).
     store: as `put_token`'s."""
     b, r, nb = ring.shape[0], ring.shape[1], wb_k.shape[2] // bt
@@ -110,22 +111,22 @@ def exact_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Ten
 
 
 def topk_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring: torch.Tensor,
-              kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor, stage: torch.Tensor | None,
+              kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, stage: torch.Tensor | None,
               cand: torch.Tensor | None, track: Track | None, bt: int, topk: int, recent: int,
               store: torch.Tensor | None = None) -> torch.Tensor:
     """One top-k decode step of a layer → attention output (B, H, 1, hd).
 
     q (B, H, 1, hd); k, v (B, KV, 1, hd); pos (B,); ring (B, R, 2, KV, bt, hd); kmin/kmax (B, n, KV, hd)
-    and signs (B, n, KV, bt, nb), the blocks' summary (`topk.block_summary`), with n > topk; stage
+    and codes (B, n, KV, bt, nb), the blocks' summary (`topk.block_summary`), with n > topk; stage
     (B, kc, 2, KV, bt, hd) the fetched candidates cand (B, kc) (block ids, -1 none; overwritten with the
     next step's), or both None when the ring holds every block. store: as `put_token`'s."""
     b, r = ring.shape[0], ring.shape[1]
     n = kmin.shape[1]
     dev = q.device
     rows = torch.arange(b, device=dev)[:, None]  # (B, 1)
-    put_token(ring, k, v, pos, bt, (kmin, kmax, signs), store)
+    put_token(ring, k, v, pos, bt, (kmin, kmax, codes), store)
     f = torch.div(pos, bt, rounding_mode="floor")  # (B,)
-    sc = sel.block_scores(q, kmin, kmax, signs, f)  # (B, n)
+    sc = sel.block_scores(q, kmin, kmax, codes, f)  # (B, n)
     avail, slot = None, None
     if stage is not None:
         kc = cand.shape[1]

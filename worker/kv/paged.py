@@ -48,7 +48,7 @@ from worker.host.timing import span_end, span_start
 from worker.kv import kernels
 from worker.kv.fetch import Candidates, FetchCount, make_plan, reach, run_fetch
 from worker.kv.layout import Geometry, raw_blocks, to_blocks, typed
-from worker.kv.topk import block_summary, recent_blocks
+from worker.kv.topk import block_summary, code_bits, recent_blocks
 from worker.kv.tracker import BlockTracker
 from worker.model import attention
 from worker.model.step import Step
@@ -68,7 +68,7 @@ class PagedBuffers:
     wb_v: torch.Tensor
     smin: list[torch.Tensor] | None = None  # per layer (B, J, KV, hd): per-block key ranges (top-k)
     smax: list[torch.Tensor] | None = None
-    ssign: list[torch.Tensor] | None = None  # per layer (B, J, KV, bt, ceil(hd / 8)) uint8: the keys' bits (top-k)
+    scode: list[torch.Tensor] | None = None  # per layer (B, J, KV, bt, bits * ceil(hd / 8)) uint8: the keys' codes (top-k)
     stage: list[torch.Tensor] | None = None  # per fetch parity (B, Js, ext) uint8: blocks from the host tier
     cand: list[torch.Tensor] | None = None  # per layer (B, topk) long: the next step's candidates (top-k), -1 none
     cand_host: list[torch.Tensor] | None = None  # per layer, pinned copies of cand (host gathers only)
@@ -149,7 +149,8 @@ class PagedKVCache:
         jt = blocks.shape[1]
         self.written = jt
         if self.topk:
-            for dst, part in zip(self._summary(layer, jt), block_summary(blocks[:, :, 0])):
+            dst = self._summary(layer, jt)
+            for dst, part in zip(dst, block_summary(blocks[:, :, 0], None, code_bits(dst[2], self.geo.head_dim))):
                 dst.copy_(part)
         if self.mover:
             self.mover.write(layer, [(b, 0, raw_blocks(blocks[b])) for b in range(self.geo.batch)], self.sync.record())
@@ -199,7 +200,7 @@ class PagedKVCache:
     def _span_views(self, span: int) -> SpanViews:
         bufs, nb = self.bufs, math.ceil(span / self.bt)
         nbk = min(nb, self.geo.n_blocks)  # the key summaries of the blocks the step can see
-        summary = ([(lo[:, :nbk], hi[:, :nbk], sg[:, :nbk]) for lo, hi, sg in zip(bufs.smin, bufs.smax, bufs.ssign)]
+        summary = ([(lo[:, :nbk], hi[:, :nbk], sg[:, :nbk]) for lo, hi, sg in zip(bufs.smin, bufs.smax, bufs.scode)]
                    if self.topk else None)
         wb = (bufs.wb_k[:, :, :nb * self.bt], bufs.wb_v[:, :, :nb * self.bt])
         stage = [st[:, :nb] for st in self.stage] if self.stage else None
@@ -211,7 +212,7 @@ class PagedKVCache:
         """The key summary (`topk.block_summary`) of the blocks this step can see, or of the first n: views."""
         if n is None:
             return self.views.summary[layer]
-        return self.bufs.smin[layer][:, :n], self.bufs.smax[layer][:, :n], self.bufs.ssign[layer][:, :n]
+        return self.bufs.smin[layer][:, :n], self.bufs.smax[layer][:, :n], self.bufs.scode[layer][:, :n]
 
     def _exact(self, layer: int, q, k, v, plan):
         """Store the token, assemble the blocks in position order, attend → (out, event after the store).

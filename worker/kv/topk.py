@@ -1,22 +1,28 @@
 """Top-k block selection: estimate each block's share of the attention from a small key summary, keep the k best.
 
 Each block keeps a summary of its keys (`block_summary`): the per-channel minimum and maximum, (KV, hd)
-each, and one bit per key and channel saying whether the key lies above the middle of that channel's
-range, (KV, bt, ceil(hd / 8)) bytes. A key is estimated as the middle of the half-range its bit names
-(the lower or upper quartile of [min, max]), so a query scores every key of a block from 1 bit per
-channel instead of its bt * hd values. Per query head the best estimated score of each block becomes a
-softmax over the row's blocks (the head's estimated attention mass per block), and a block's score is
-the log of that mass averaged over the heads: what the mass measure of benchmarks/topk_accuracy.py
-(`MassProbe`) counts. The first block (attention sink) and the most recent block(s) are always kept.
+each, and `bits` bits per key and channel (`KVConfig.topk_key_bits`, default 2) naming which of 2^bits
+equal slices of that channel's range the key lies in, (KV, bt, bits * ceil(hd / 8)) bytes, one bit
+plane after another. A key is estimated as the middle of its slice, so a query scores every key of a
+block from `bits` bits per channel instead of its bt * hd values. Per query head the best estimated
+score of each block becomes a softmax over the row's blocks (the head's estimated attention mass per
+block), and a block's score is the log of that mass averaged over the heads: what the mass measure of
+benchmarks/topk_accuracy.py (`MassProbe`) counts. The first block (attention sink) and the most recent
+block(s) are always kept.
 
-Why bits and not only the range (Quest's bound sum_c max(q_c * max_c, q_c * min_c)): on the trained
-recall model (`worker.recall`, gpu size, 8k context) the second layer's heads put ~all their weight on
-one key, scaled scores of 50-240 with runner-up keys a few units below; the range bound is loose by far
-more than that (even over pairs of keys), so it ranked the block holding that key far down (median
-24th) and the selection kept 0.80 of the oracle's mass at a 1024-token budget; with the bits 0.97
-(benchmarks/results/topk_selection_cpu.txt, benchmarks/topk_selection.py). The price: a one-bit
-product with every key, O(bt * hd) per block and head instead of O(hd) (H200, compiled, batch 100:
-1.5x the range bound's time at 8k, 4x at 32k), and 1.5x the summary's bytes.
+Why per-key codes and not only the range (Quest's bound sum_c max(q_c * max_c, q_c * min_c)): on the
+trained recall model (`worker.recall`, gpu size, 8k context) the second layer's heads put ~all their
+weight on one key, scaled scores of 50-240 with runner-up keys a few units below; the range bound is
+loose by far more than that (even over pairs of keys), so it ranked the block holding that key far
+down (median 24th) and the selection kept 0.80 of the oracle's mass at a 1024-token budget; with one
+bit per key and channel 0.97 (benchmarks/results/topk_selection_cpu.txt). One bit still lost passkeys
+at 32k on the H200 (2048 blocks: -5 points at 1024 tokens, benchmarks/results/topk_recall_h200_v2/):
+its estimate is off by a quarter of the range per channel, which among 32k keys lets a wrong one
+outscore the key that matters; with two bits the needle's block was selected at every step where one
+bit missed it (benchmarks/results/topk_key_bits_cpu.txt). The price: a product with every key's code,
+O(bt * hd) per block and head instead of O(hd) (H200, compiled, batch 100, one bit: 1.5x the range
+bound's time at 8k, 4x at 32k), and summary bytes of 2 * hd * item + bt * hd * bits / 8 per block and
+KV head (1-bit: 1.5x the range's, 2-bit: 2x, at hd 128, bt 16, bf16).
 
 Everything here is device code with static shapes (no host reads, no data-dependent shapes), so it
 traces into the compiled decode step (`kv.kernels`). Selection is one defined function of the
@@ -39,17 +45,30 @@ def recent_blocks(k: int) -> int:
     return 1 if k <= 3 else 2
 
 
-Summary = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (kmin, kmax (B, n, KV, hd), signs (B, n, KV, bt, nb) uint8)
+Summary = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (kmin, kmax (B, n, KV, hd), codes (B, n, KV, bt, nb) uint8)
+
+KEY_BITS = 2  # bits per key and channel in a block's summary unless the KV config says otherwise
+MAX_KEY_BITS = 4
 
 
 def sign_bytes(head_dim: int) -> int:
-    """Bytes of one key's bits (one per channel, 8 to a byte)."""
+    """Bytes of one bit plane of a key (one bit per channel, 8 to a byte)."""
     return -(-head_dim // 8)
 
 
-def summary_bytes(kv_heads: int, block_tokens: int, head_dim: int, item: int) -> int:
-    """Bytes of one block's summary: its key range (2 * KV * hd values of `item` bytes) and its keys' bits."""
-    return kv_heads * (2 * head_dim * item + block_tokens * sign_bytes(head_dim))
+def code_bytes(head_dim: int, bits: int = KEY_BITS) -> int:
+    """Bytes of one key's code: `bits` bit planes."""
+    return bits * sign_bytes(head_dim)
+
+
+def code_bits(codes: torch.Tensor, head_dim: int) -> int:
+    """The bits per channel of a summary's codes (..., nb): the buffer's width says, so kernels need no flag."""
+    return codes.shape[-1] // sign_bytes(head_dim)
+
+
+def summary_bytes(kv_heads: int, block_tokens: int, head_dim: int, item: int, bits: int = KEY_BITS) -> int:
+    """Bytes of one block's summary: its key range (2 * KV * hd values of `item` bytes) and its keys' codes."""
+    return kv_heads * (2 * head_dim * item + block_tokens * code_bytes(head_dim, bits))
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -65,43 +84,64 @@ def unpack_bits(packed: torch.Tensor, hd: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :hd]
 
 
-def block_summary(blocks_k: torch.Tensor, n_valid: torch.Tensor | None = None) -> Summary:
-    """blocks_k (B, n, KV, bt, hd) → (kmin, kmax (B, n, KV, hd), signs (B, n, KV, bt, nb) uint8).
+def pack_codes(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """levels (..., hd) uint8 in [0, 2^bits) → (..., bits * ceil(hd / 8)) uint8: bit plane p of every
+    channel, then plane p + 1."""
+    return torch.cat([pack_bits((levels >> p) & 1 == 1) for p in range(bits)], -1)
 
-    n_valid (B,) limits every block to its first n_valid positions (the block being written): the
-    positions after them are summarized as copies of the last written key, which changes neither the
-    range nor the block's best key."""
+
+def unpack_codes(codes: torch.Tensor, hd: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: (..., bits * nb) uint8 → levels (..., hd) uint8."""
+    nb = sign_bytes(hd)
+    levels = unpack_bits(codes[..., :nb], hd)
+    for p in range(1, code_bits(codes, hd)):
+        levels = levels | (unpack_bits(codes[..., p * nb:(p + 1) * nb], hd) << p)
+    return levels
+
+
+def block_summary(blocks_k: torch.Tensor, n_valid: torch.Tensor | None = None, bits: int = KEY_BITS) -> Summary:
+    """blocks_k (B, n, KV, bt, hd) → (kmin, kmax (B, n, KV, hd), codes (B, n, KV, bt, bits * nb) uint8).
+
+    A key's level in channel c is how many of the thresholds lo + (hi - lo) * t / 2^bits, t = 1 ..
+    2^bits - 1, it lies above (float32). n_valid (B,) limits every block to its first n_valid positions
+    (the block being written): the positions after them are summarized as copies of the last written
+    key, which changes neither the range nor the block's best key."""
     if n_valid is not None:
         bt = blocks_k.shape[3]
         at = torch.minimum(torch.arange(bt, device=blocks_k.device)[None, :], (n_valid - 1)[:, None])  # (B, bt)
         blocks_k = blocks_k.gather(3, at[:, None, None, :, None].expand(blocks_k.shape))
     lo, hi = blocks_k.amin(3), blocks_k.amax(3)  # (B, n, KV, hd)
-    mid = (lo.float() + hi.float()) / 2
-    return lo, hi, pack_bits(blocks_k.float() > mid[:, :, :, None])
+    lo32, w = lo.float()[:, :, :, None], (hi.float() - lo.float())[:, :, :, None]  # (B, n, KV, 1, hd)
+    k = blocks_k.float()
+    levels = torch.zeros(k.shape, dtype=torch.uint8, device=k.device)
+    for t in range(1, 1 << bits):
+        levels += (k > lo32 + w * (t / (1 << bits))).to(torch.uint8)
+    return lo, hi, pack_codes(levels, bits)
 
 
-def key_estimates(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+def key_estimates(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """q (B, H, 1, hd) and a summary → (B, H, n) float32: per query head and block, the best scaled
-    score q·k̂ / sqrt(hd) over the block's keys k̂, each channel at the quartile of [min, max] its bit names."""
+    score q·k̂ / sqrt(hd) over the block's keys k̂, each channel at the middle of the slice its level names."""
     b, h, _, hd = q.shape
     kv = kmin.shape[2]
+    slices = 1 << code_bits(codes, hd)
     qg = q[:, :, 0].float().view(b, kv, h // kv, hd)  # (B, KV, G, hd): head h reads kv head h // G
-    lo, w = kmin.float(), kmax.float() - kmin.float()  # (B, n, KV, hd)
-    base = torch.einsum("bkgd,bnkd->bkgn", qg, lo + w / 4)  # every bit 0: each channel at its lower quartile
-    up = qg[:, None, :, :, None, :] * (w / 2)[:, :, :, None, None, :]  # (B, n, KV, G, 1, hd): what a set bit adds
-    bits = unpack_bits(signs, hd)[:, :, :, None]  # (B, n, KV, 1, bt, hd)
+    lo, w = kmin.float(), (kmax.float() - kmin.float()) / slices  # (B, n, KV, hd): a slice's width
+    base = torch.einsum("bkgd,bnkd->bkgn", qg, lo + w / 2)  # every level 0: each channel mid lowest slice
+    up = qg[:, None, :, :, None, :] * w[:, :, :, None, None, :]  # (B, n, KV, G, 1, hd): what a level adds
+    levels = unpack_codes(codes, hd)[:, :, :, None]  # (B, n, KV, 1, bt, hd)
     # one fused reduction when compiled; as a batched matmul it was up to 5x slower compiled (2x faster eager)
-    best = (up * bits).sum(-1).amax(-1)  # (B, n, KV, G): the block's best key
+    best = (up * levels).sum(-1).amax(-1)  # (B, n, KV, G): the block's best key
     return (base + best.permute(0, 2, 3, 1)).reshape(b, h, -1) * hd ** -0.5
 
 
-def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, signs: torch.Tensor,
+def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor,
                  frontier: torch.Tensor) -> torch.Tensor:
     """q (B, H, 1, hd), a summary (n blocks), frontier (B,) → scores (B, n) float32: the log of the
     block's estimated attention mass, mean over heads.
 
     Blocks after a row's frontier (the block its current token is in) hold no keys yet: -inf."""
-    est = key_estimates(q, kmin, kmax, signs)  # (B, H, n)
+    est = key_estimates(q, kmin, kmax, codes)  # (B, H, n)
     live = torch.arange(est.shape[2], device=q.device)[None, :] <= frontier[:, None]  # (B, n)
     est = est.masked_fill(~live[:, None, :], -INF)
     mass = est - torch.logsumexp(est, dim=-1, keepdim=True)  # log-softmax over the row's blocks, per head
