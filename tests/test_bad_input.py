@@ -225,6 +225,8 @@ def test_version_names_the_package_and_the_checkouts_commit():
 @pytest.mark.parametrize("flag,value,expected", [
     ("--group-prefetch-depth", "0", "group_prefetch_depth must be >= 1 (got 0)"),
     ("--out-json", "DIR", "--out-json DIR is a directory: give a file name"),
+    ("--topk-key-bits", "5", "topk_key_bits must be <= 4 (got 5)"),
+    ("--topk-key-bits", "0", "topk_key_bits must be >= 1 (got 0)"),
 ])
 def test_run_flags_checked_before_any_work(tiny_ckpt, tmp_path, bench_here, flag, value, expected):
     value = value.replace("DIR", str(tmp_path))
