@@ -238,3 +238,25 @@ def test_k_covering_every_block_is_bit_exact(tmp_path, kv):
     finally:
         f.close()
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_compiled_scoring_unpacks_the_codes_inside_one_reduction():
+    """Compiled (Inductor, on CPU here), scoring with 2- or 3-bit codes must not materialize the keys'
+    levels (one value per key and channel) or the query's product with them: the bit planes are read
+    and summed in the reduction over channels, so the scoring reads bits per channel from memory,
+    not bytes, at any `topk_key_bits`. The largest buffer is one score per key and query head."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    b, n, kv, g, bt, hd = 1, 37, 2, 3, 16, 24
+    for bits in (2, 3):
+        blocks = torch.randn(b, n, kv, bt, hd, generator=torch.Generator().manual_seed(bits))
+        summary = block_summary(blocks, bits=bits)
+        q = torch.randn(b, kv * g, 1, hd)
+        fn = torch.compile(block_scores, fullgraph=True, dynamic=False)
+        got, code = run_and_get_code(fn, q, *summary, torch.tensor([n - 1]))
+        torch.testing.assert_close(got, block_scores(q, *summary, torch.tensor([n - 1])))
+        shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", "\n".join(code))
+        sizes = [math.prod(int(x) for x in s.split(",") if x.strip()) for s in shapes]
+        assert sizes and max(sizes) <= n * kv * g * bt < n * kv * bt * hd, (bits, sorted(sizes))
