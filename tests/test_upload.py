@@ -15,7 +15,7 @@ from worker.stream import streamer as streamer_mod
 from worker.stream.hostmem import HostArena
 from worker.stream.plan import place
 from worker.stream.ssd import SSDReader
-from worker.stream.streamer import WeightStreamer
+from worker.stream.streamer import WeightStreamer, device_bytes
 from worker.stream.upload import Upload, device_keys
 
 CPU = torch.device("cpu")
@@ -49,7 +49,9 @@ def test_upload_holds_the_packs_bytes(pack, host_embeddings, device, copies, win
         if device == "cuda":  # only an embedding table kept on the host stays there
             on_host = {name for name, t in group.items() if t.device.type == "cpu"}
             assert on_host == ({"embed_tokens"} if key.layer is None and host_embeddings else set()), key
-    assert up.stats.bytes == sum(pack.manifest.group(k.name).nbytes for k in got)
+    if copies and (device == "cuda" or not host_embeddings):  # what the streamer sizes its slots by, before the
+        assert up.device_bytes() == device_bytes(got.values(), dev)  # load is done (on a CPU device with host
+    assert up.stats.bytes == sum(pack.manifest.group(k.name).nbytes for k in got)  # embeddings both are "device")
     assert up.stats.read_s > 0 and up.stats.copy_s >= 0
     sizes = [pack.manifest.group(k.name).nbytes for k in got]
     assert up.stats.peak_host_bytes == (max(sizes) if window == 1 else sum(sizes))
@@ -120,3 +122,23 @@ def test_a_reused_engine_reports_no_build(tiny_run):
     assert first["setup"]["slots_parts"]["model_s"] is not None and second["reuse"]["reused_engine"]
     parts = second["setup"]["slots_parts"]
     assert all(v is None for k, v in parts.items() if k != "upload") and set(parts["upload"].values()) == {None}
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_the_resident_load_runs_behind_the_model_build(tiny_run, monkeypatch, mode):
+    """The engine waits for the device-resident groups only after building the model (the compiler's
+    import, seconds on a GPU host), so the load runs behind it; the tokens are the same as a build that
+    waits first. `cpu` mode copies here as on a GPU (on a CPU device it would use the host buffers)."""
+    from worker.model.llama import Llama
+
+    plain = run(resolve_config({**tiny_run, "mode": mode}))
+    events: list[str] = []
+    monkeypatch.setattr(streamer_mod, "Upload", lambda *a, **kw: Upload(*a, **{**kw, "copies": True}))
+    real_result, real_init = Upload.result, Llama.__init__
+    monkeypatch.setattr(Upload, "result", lambda self: events.append("load waited") or real_result(self))
+    monkeypatch.setattr(Llama, "__init__", lambda self, *a, **kw: events.append("model built") or real_init(self, *a, **kw))
+    res = run(resolve_config({**tiny_run, "mode": mode}))
+    assert events == ["model built", "load waited"]
+    assert [o["token_ids"] for o in res["outputs"]] == [o["token_ids"] for o in plain["outputs"]]
+    parts = res["setup"]["slots_parts"]
+    assert parts["upload_wait_s"] > 0 and parts["upload"]["bytes"] == plain["setup"]["slots_parts"]["upload"]["bytes"]

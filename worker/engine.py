@@ -75,6 +75,7 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
     tracker = init_global_tracker(max_batch=run.batch_size, layers=cfg.num_hidden_layers,
                                   n_blocks=-(-run.max_seq_len // run.kv.kv_block_tokens))  # before the model
     compiled = compiles(run, device)
+    weights = None
     try:
         with span("kv"):
             kv = KVFactory(cfg, run.kv, device, dtype, run.max_seq_len, run.batch_size, tracker,
@@ -85,19 +86,28 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
             weights = WeightStreamer(pack, placement, run.stream, device,
                                      reserve_bytes=workspace_bytes(run, cfg, prompt_tokens))
             span.seconds.update(weights.build_spans.seconds)
+        log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
+        with span("model"):
+            model = Llama(cfg, weights, device, compile=compiled)
+        with span("upload_wait"):  # the device-resident groups' load, started in the weights' build, ran behind
+            weights.finish()
     except torch.cuda.OutOfMemoryError:
-        lift_gpu_memory_limit(device)
+        _abandon(weights, device)
         raise UserError(f"mode {mode}: the weights placed on the GPU do not fit in its memory"
                         f"{_limit_note(run)}; lower --gpu-max-groups / --gpu-cached-layers or use a "
                         "streaming mode") from None
     except BaseException:
-        lift_gpu_memory_limit(device)  # the cap is process-wide: never leave it behind a failed build
+        _abandon(weights, device)
         raise
-    log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
-    with span("model"):
-        model = Llama(cfg, weights, device, compile=compiled)
     span.log(log, "engine build")
     return Engine(cfg, model, weights, placement, kv, device, {"spans": span.seconds, "upload": weights.upload})
+
+
+def _abandon(weights, device: torch.device) -> None:
+    """A build that failed: the weights' loads stopped, and the memory cap lifted (it is process-wide)."""
+    if weights is not None:
+        weights.close()
+    lift_gpu_memory_limit(device)
 
 
 def compiles(run: RunConfig, device: torch.device) -> bool:

@@ -24,11 +24,12 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
   add up to `slots_s`; `other` is what no span covers; 0 for a part the build did not have, null
   when the run built no engine of its own: a reused engine, the peer): `kv` (the KV cache), `reader` (SSD reader
   threads), `upload_issue` (issuing the device-resident groups' reads, after the fill),
-  `ring`, `stager`, `upload_wait` (waiting for the rest of those reads and their device copies:
-  worker.stream.upload), `slot_pool` (the GPU slots' allocation), `preload` (the first groups
-  copied into the slots), `model`; and `upload`: that load's bytes, page-cache bytes, seconds until
-  its reads were done, device-copy seconds, peak host bytes (the copies overlap the reads, and the
-  reads the ring's and stager's set-up, so these are not parts of `slots_s`).
+  `ring`, `stager`, `slot_pool` (the GPU slots' allocation), `preload` (the first groups copied
+  into the slots), `model`, `upload_wait` (after the model's build: waiting for the rest of those
+  reads and their device copies, worker.stream.upload); and `upload`: that load's bytes, page-cache
+  bytes, seconds until its reads were done, device-copy seconds, peak host bytes (the copies overlap
+  the reads, and the reads the ring's, stager's, slot pool's and model's set-up, so these are not
+  parts of `slots_s`).
 - `compile_s`: the first warm-up round, where torch.compile compiles (CUDA), kernels load and the
   allocators and streaming threads fill up; it is also one short round's work (`warmup_rounds_s`
   lists each warm-up round, so a later one shows what a round costs without the first-time work).

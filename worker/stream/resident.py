@@ -16,27 +16,52 @@ from worker.stream.upload import Upload, device_keys
 
 
 class ResidentWeights:
-    def __init__(self, groups: dict[GroupKey, Group]):
-        self.groups = groups
-        self._res = groups[GroupKey(None, RESIDENT)]
+    def __init__(self, groups: dict[GroupKey, Group] | None = None):
+        self.groups: dict[GroupKey, Group] = {}
+        self._pending: tuple[Upload, SSDReader] | None = None
+        if groups is not None:
+            self._set(groups)
 
     upload: dict | None = None  # the load's stats (worker.stream.upload), for the run's setup
 
     @classmethod
     def from_pack(cls, pack, device: torch.device, cfg: StreamConfig, span: Spans) -> ResidentWeights:
         """Every group read on a reader of the SSD tier's settings and copied whole to `device` as its
-        reads finish (worker.stream.upload)."""
+        reads finish (worker.stream.upload). The load is started here and waited for in `finish`, which
+        the engine calls after building the model, so the two overlap."""
         n = pack.manifest.model_config.num_hidden_layers
         reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20)
+        out = cls()
         try:
             with span("upload_issue"):
-                upload = Upload(pack, device_keys(list(range(n))), reader, device, host_embeddings=False)
-            with span("upload_wait"):
-                out = cls(upload.result())
-        finally:
+                out._pending = (Upload(pack, device_keys(list(range(n))), reader, device, host_embeddings=False),
+                                reader)
+        except BaseException:
             reader.close()
-        out.upload = upload.stats.to_dict()
+            raise
         return out
+
+    def finish(self) -> None:
+        """Wait for the load `from_pack` started (or raise its error)."""
+        if self._pending is None:
+            return
+        (upload, reader), self._pending = self._pending, None
+        try:
+            self._set(upload.result())
+        finally:
+            self.upload = upload.stats.to_dict()
+            reader.close()
+
+    def close(self) -> None:
+        """A build that failed before `finish`: no read left in flight, the reader closed."""
+        if self._pending is not None:
+            (upload, reader), self._pending = self._pending, None
+            upload.close()
+            reader.close()
+
+    def _set(self, groups: dict[GroupKey, Group]) -> None:
+        self.groups = groups
+        self._res = groups[GroupKey(None, RESIDENT)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())

@@ -99,6 +99,8 @@ def fillable(order: list[GroupKey], counts: dict[str, int]) -> int:
 class WeightStreamer:
     def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int = 0):
         self.reader, self.providers, self.pool, self._thread = None, {}, None, None
+        self._upload, self._upload_reader = None, None
+        self.upload: dict | None = None  # the resident load's stats (worker.stream.upload), once finished
         try:
             self._build(pack, placement, cfg, device, reserve_bytes)
         except BaseException:
@@ -118,23 +120,17 @@ class WeightStreamer:
         with span("reader"):
             self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
             reader = self.reader or SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20)
-        try:
-            self._fill_cpu_tier(m, placement, span)
-            with span("upload_issue"):  # after the fill, which keeps the disk to itself; before the other buffers
-                upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device)
-            try:
-                self._add_ring_and_stager(m, placement, cfg, span)
-                with span("upload_wait"):
-                    self._resident = upload.result()
-            except BaseException:
-                upload.close()
-                raise
-        finally:
-            if reader is not self.reader:
-                reader.close()
-        self.upload = upload.stats.to_dict()
+        self._upload_reader = reader if reader is not self.reader else None  # closed once the load is done
+        self._fill_cpu_tier(m, placement, span)
+        with span("upload_issue"):  # after the fill, which keeps the disk to itself; before the other buffers
+            self._upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device)
+        self._add_ring_and_stager(m, placement, cfg, span)
+        if self._upload.copies:  # placed behind the rest of the build (`finish`); its size is known now
+            on_device = self._upload.device_bytes()
+        else:  # on a CPU device the groups are views of the host buffers read: nothing to overlap
+            self.finish()
+            on_device = device_bytes(self._resident.values(), device)
         capacity = {k: max([m.group(g.name).nbytes for g in self.order if g.kind == k], default=0) for k in KINDS}
-        on_device = device_bytes(self._resident.values(), device)
         counts = slot_counts(capacity, cfg, on_device + reserve_bytes)
         self.slots = counts  # GPU slots per group kind, as reported in io_stats()["gpu_slots"]
         with span("slot_pool"):
@@ -159,6 +155,23 @@ class WeightStreamer:
                     self._wait_preload()
         log.info("streamer: %d streamed groups, GPU slots %s (%.2f GB), lookahead %d, pinned %.2f GB",
                  len(self.order), _slots(counts), self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
+
+    def finish(self) -> None:
+        """Wait for the device-resident groups (embeddings, norm, lm_head, GPU-cached layers), whose load
+        the build started: the engine calls this after building the model, so the load overlaps that."""
+        up, self._upload = self._upload, None
+        if up is None:
+            return
+        try:
+            self._resident = up.result()
+        finally:
+            self.upload = up.stats.to_dict()
+            self._close_upload_reader()
+
+    def _close_upload_reader(self) -> None:
+        if self._upload_reader is not None:
+            self._upload_reader.close()
+            self._upload_reader = None
 
     def _fill_cpu_tier(self, m, placement: Placement, span: Spans) -> None:
         """The layers kept in RAM (a fixed subset), loaded now: the run's `fill`."""
@@ -336,6 +349,10 @@ class WeightStreamer:
         }
 
     def close(self) -> None:
+        if self._upload is not None:  # a build that failed, or a close before finish(): no read left in flight
+            self._upload.close()
+            self._upload = None
+        self._close_upload_reader()
         if hasattr(self, "_cond"):
             with self._cond:
                 self._stop = True

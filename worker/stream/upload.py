@@ -9,7 +9,8 @@ while at most `WINDOW_BYTES` of them wait in host memory), and one thread copies
 bytes to the device as soon as that request is done, so the copies run behind the reads instead of
 after them. The streamer issues the load right after the CPU tier's
 fill (the fill keeps the disk to itself, so its rate stays its own) and before its other host
-buffers are set up; `result()` waits for all of it.
+buffers are set up; `result()` waits for all of it, which the engine asks for only after building the
+model (`build_engine`: the compiler's import, seconds), so the load runs behind that too.
 
 For the streamer an untied embedding table stays in host memory (it is only gathered from), as
 before; its buffer is the group's extent, so the host keeps the extent's other bytes too (2 GB of
@@ -172,6 +173,14 @@ class Upload:
         for t in p.targets:
             views[t.name] = t.dst.view(VIEW_DTYPES[meta[t.name].dtype]).view(meta[t.name].shape)
         return views
+
+    def device_bytes(self) -> int:
+        """Device memory the groups will hold once placed (their copied byte ranges), known before any
+        read is done: what the streamer sizes its GPU slots against while the load is still running."""
+        if not self.copies:
+            return 0
+        m = self.pack.manifest
+        return sum(t.hi - t.lo for key in self._keys for t in self._targets(key, m.group(key.name)))
 
     def result(self) -> dict[GroupKey, Group]:
         """Every group on its device (or the first error, once no read is still in flight)."""
