@@ -72,6 +72,9 @@ def measure(work: Path, ckpt: Path, prompt: int, args) -> dict:
     if args.compare_eager:
         out["eager"] = bench_run(work / f"p{prompt}-topk{tokens}-eager.json", args.resume, *base,
                                  "--topk-tokens", str(tokens), "--no-cuda-graphs")
+    for bits in args.compare_key_bits:
+        out[f"{bits}-bit"] = bench_run(work / f"p{prompt}-topk{tokens}-kb{bits}.json", args.resume, *base,
+                                       "--topk-tokens", str(tokens), "--topk-key-bits", str(bits))
     return out
 
 
@@ -99,6 +102,8 @@ def table(results: list[dict]) -> list[str]:
             lines.append(row(f"{p} · ... host gather", res["host gather"], ex))
         if "eager" in res:
             lines.append(row(f"{p} · ... no CUDA graphs", res["eager"], ex))
+        for key in (k for k in res if k.endswith("-bit")):
+            lines.append(row(f"{p} · ... {key} summary", res[key], ex))
         speed = per_token_ms(ex) / per_token_ms(tk)
         if p in TARGETS:
             verdicts.append(f"prompt {p}: top-k is {speed:.2f}x exact (target >= {TARGETS[p]}x): "
@@ -123,6 +128,8 @@ def main() -> None:
                     help="also run top-k with --no-kv-zero-copy (the host gathers the device-chosen blocks)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="also run top-k with --no-cuda-graphs (every decode step launched from Python)")
+    ap.add_argument("--compare-key-bits", type=int, nargs="*", default=[], choices=range(1, 5), metavar="BITS",
+                    help="also run top-k with --topk-key-bits BITS (each; the default run uses the engine's)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -138,19 +145,22 @@ def main() -> None:
     if not (ckpt / "config.json").exists():
         make_model(ckpt, preset=args.preset, layers=args.layers, dtype="bfloat16")
     ensure_pack(ckpt).close()  # packed and verified once, outside any timed run
+    from worker.config import KVConfig
+
     print(f"\n{args.preset}, {args.layers} layers, KV offloaded to CPU, blocks of {args.block_tokens}, "
-          f"{args.new_tokens} new tokens, greedy", flush=True)
+          f"{args.new_tokens} new tokens, greedy; top-k block summary {KVConfig().topk_key_bits} bits per key "
+          "and channel unless a row says otherwise", flush=True)
     results = [measure(work, ckpt, p, args) for p in args.prompts]
     lines = table(results)
-    lines += [f"warning ({r['prompt']} · {k}): {w}" for r in results for k in ("exact", "topk", "host gather")
-              if k in r for w in r[k]["warnings"]]
+    runs = ("exact", "topk", "host gather", "eager", *(f"{b}-bit" for b in args.compare_key_bits))
+    lines += [f"warning ({r['prompt']} · {k}): {w}" for r in results for k in runs if k in r for w in r[k]["warnings"]]
     print("\n" + "\n".join(lines))
     (work / "summary.json").write_text(json.dumps(
         {"table": lines, "runs": [{"prompt": r["prompt"], "budget_tokens": r["budget_tokens"],
                                    "ring_blocks": r["ring_blocks"],
                                    **{k: {"metrics": r[k]["metrics"], "io": r[k]["io"], "roofline": r[k]["roofline"],
                                           "warnings": r[k]["warnings"]}
-                                      for k in ("exact", "topk", "host gather") if k in r}} for r in results]},
+                                      for k in runs if k in r}} for r in results]},
         default=str, indent=1))
 
 
