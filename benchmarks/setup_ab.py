@@ -1,0 +1,117 @@
+"""Issue 13 on a GPU: a fresh `bench run` process's setup, with and without a setup option, in one command.
+
+    python benchmarks/setup_ab.py --work /tmp/sbg --json $OUT/setup_ab.json [--pairs 3] [--flag --compile-ahead]
+
+The setup target (a fresh process of a cached config ready to measure in <= 10 s) is about what a
+nightly suite without `reuse: weights` pays per run: process start, imports, tokenizer, pack, CPU tier
+fill, GPU slots (with the model build and the device-resident groups' load), compile from the host's
+cache. This runs one 70B-geometry `cpu`-mode point (bf16, `--layers`, packed once) as separate
+`python cli.py run` processes: first one untimed process that fills the compile cache (and the page
+cache, as on a host that ran the config before), then `--pairs` pairs of (baseline, baseline + `--flag`)
+in alternating order, so drift of the machine over the minutes falls on both variants alike. Printed
+per process: the time before its measured round (process start to the end of the warm-up: every
+setup phase), the phases, the slots phase by its spans (`slots_parts`), the side-thread work
+(`overlapped`); then per variant the median and the paired differences. The tokens must be the same
+in every process (a setup option changes no kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from reuse_h200 import PHASES, parts_line  # noqa: E402  (beside this script: the same setup columns)
+
+BEFORE_MEASURE = tuple(p for p in PHASES if p not in ("close_s", "other_s"))
+
+
+def one_run(cli: list[str], ckpt: Path, a, out: Path, extra: list[str]) -> dict:
+    cmd = [*cli, "run", "--checkpoints", str(ckpt), "--mode", "cpu", "--prompt-len", str(a.prompt_len),
+           "--max-new-tokens", str(a.new_tokens), "--temperature", "0",
+           "--gpu-memory-limit-gb", f"{a.budget_gib * 2**30 / 1e9:.3f}", "--out-json", str(out), *extra]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(extra) or 'baseline'}: bench run failed ({done.returncode}): "
+                         f"{done.stderr.strip().splitlines()[-1:] or ''}")
+    r = json.loads(out.read_text())
+    s = r["setup"]
+    return {"variant": " ".join(extra) or "baseline", "process_wall_s": time.monotonic() - t0,
+            "before_measure_s": sum(s.get(k) or 0.0 for k in BEFORE_MEASURE),
+            "phases": {k: s.get(k) for k in PHASES}, "fill_gbps": s.get("fill_gbps"),
+            "slots_parts": s.get("slots_parts"), "overlapped": s.get("overlapped"),
+            "compiled_from_cache": (r.get("compile_cache") or {}).get("compiled_from_cache"),
+            "decode_ms_per_token": r["metrics"]["decode_ms"] / r["metrics"]["decode_steps"],
+            "tokens": [o["token_ids"] for o in r["outputs"]]}
+
+
+def show(row: dict) -> None:
+    ph = " ".join(f"{k[:-2]} {v:.2f}" for k, v in row["phases"].items() if (v or 0) >= 0.05)
+    print(f"  {row['variant']:18} before measuring {row['before_measure_s']:6.2f} s ({ph}); from cache: "
+          f"{row['compiled_from_cache']}; decode {row['decode_ms_per_token']:.2f} ms/token", flush=True)
+    if row["slots_parts"]:
+        print("      " + parts_line(row["slots_parts"], row["fill_gbps"]), flush=True)
+    side = {k: v for k, v in (row["overlapped"] or {}).items() if v is not None}
+    if side:
+        print("      overlapped: " + " ".join(f"{k[:-2]} {v:.2f}" for k, v in side.items()), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--flag", nargs="+", default=["--compile-ahead"], help="the variant's extra `bench run` flags")
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--preset", default="llama3.1-70b")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--budget-gib", type=float, default=6.0)
+    a = p.parse_args()
+    if a.pairs < 1:
+        raise SystemExit("--pairs must be >= 1")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"{a.preset}-{a.layers}L"
+    cli = [sys.executable, "-c", "import cli; cli.main()", "-v", "WARNING"]
+    if not (ckpt / "config.json").exists():
+        subprocess.run([*cli, "make-model", str(ckpt), "--preset", a.preset, "--layers", str(a.layers)], check=True,
+                       cwd=ROOT)
+    subprocess.run([*cli, "pack", "--checkpoints", str(ckpt)], check=True, cwd=ROOT)
+    print(f"{a.preset}, {a.layers} layers, cpu mode, prompt {a.prompt_len}, {a.new_tokens} new tokens; "
+          f"baseline vs {' '.join(a.flag)}, {a.pairs} pair(s) of fresh processes", flush=True)
+    first = one_run(cli, ckpt, a, work / "setup-first.json", [])  # fills the compile cache: not compared
+    print("  (first process, fills the compile cache; not compared)")
+    show(first)
+    rows: list[dict] = []
+    for i in range(a.pairs):
+        order = ([], a.flag) if i % 2 == 0 else (a.flag, [])
+        for extra in order:
+            rows.append(one_run(cli, ckpt, a, work / f"setup-{i}-{'v' if extra else 'b'}.json", extra))
+            show(rows[-1])
+    base = [r for r in rows if r["variant"] == "baseline"]
+    var = [r for r in rows if r["variant"] != "baseline"]
+    diffs = [v["before_measure_s"] - b["before_measure_s"] for b, v in zip(base, var)]
+    same = all(r["tokens"] == first["tokens"] for r in rows)
+    print(f"\n{'variant':18} {'before measuring, median s':>27} {'fill GB/s':>10} {'slots s':>8} {'compile s':>10}")
+    for name, rs in (("baseline", base), (" ".join(a.flag), var)):
+        med = lambda key: statistics.median(r["phases"][key] or 0.0 for r in rs)  # noqa: E731
+        print(f"{name:18} {statistics.median(r['before_measure_s'] for r in rs):27.2f} "
+              f"{statistics.median(r['fill_gbps'] or 0.0 for r in rs):10.2f} {med('slots_s'):8.2f} "
+              f"{med('compile_s'):10.2f}")
+    print(f"paired differences (variant - baseline), s: {' '.join(f'{d:+.2f}' for d in diffs)}; "
+          f"same tokens in every process: {same}")
+    Path(a.json).write_text(json.dumps({"args": vars(a), "first": first, "rows": rows, "diffs_s": diffs,
+                                        "same_tokens": same}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
