@@ -84,26 +84,36 @@ def summary(rows: list[dict]) -> dict:
             "later_runs_wall_mean_s": statistics.mean(r["wall_s"] for r in later)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", required=True)
-    p.add_argument("--json", required=True)
-    p.add_argument("--runs", type=int, default=8)
+def add_point_args(p: argparse.ArgumentParser) -> None:
+    """The measured point (setup_ab.py measures the same one): model geometry, prompt, tokens, GPU budget."""
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--preset", default="llama3.1-70b")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=6.0)
-    p.add_argument("--order", choices=("none-first", "weights-first"), default="none-first")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    work = Path(a.work)
-    ckpt = work / f"{a.preset}-{a.layers}L"
+
+
+def prepare_model(a) -> tuple[Path, list[str]]:
+    """The point's checkpoint under --work, made and packed once; and the `bench` command line to run."""
+    ckpt = Path(a.work) / f"{a.preset}-{a.layers}L"
     cli = [sys.executable, "-c", "import cli; cli.main()", "-v", "WARNING"]
     if not (ckpt / "config.json").exists():
         subprocess.run([*cli, "make-model", str(ckpt), "--preset", a.preset, "--layers", str(a.layers)], check=True,
                        cwd=ROOT)
     subprocess.run([*cli, "pack", "--checkpoints", str(ckpt)], check=True, cwd=ROOT)
+    return ckpt, cli
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--runs", type=int, default=8)
+    add_point_args(p)
+    p.add_argument("--order", choices=("none-first", "weights-first"), default="none-first")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ckpt, _ = prepare_model(a)
 
     from orchestrator.cluster.actor import BenchWorker
 

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from reuse_h200 import PHASES, parts_line  # noqa: E402  (beside this script: the same setup columns)
+from reuse_h200 import PHASES, add_point_args, parts_line, prepare_model  # noqa: E402  (the same point)
 
 BEFORE_MEASURE = tuple(p for p in PHASES if p not in ("close_s", "other_s"))
 
@@ -70,22 +70,13 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--flag", nargs="+", default=["--compile-ahead"], help="the variant's extra `bench run` flags")
     p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--preset", default="llama3.1-70b")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--budget-gib", type=float, default=6.0)
+    add_point_args(p)
     a = p.parse_args()
     if a.pairs < 1:
         raise SystemExit("--pairs must be >= 1")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"{a.preset}-{a.layers}L"
-    cli = [sys.executable, "-c", "import cli; cli.main()", "-v", "WARNING"]
-    if not (ckpt / "config.json").exists():
-        subprocess.run([*cli, "make-model", str(ckpt), "--preset", a.preset, "--layers", str(a.layers)], check=True,
-                       cwd=ROOT)
-    subprocess.run([*cli, "pack", "--checkpoints", str(ckpt)], check=True, cwd=ROOT)
+    ckpt, cli = prepare_model(a)
     print(f"{a.preset}, {a.layers} layers, cpu mode, prompt {a.prompt_len}, {a.new_tokens} new tokens; "
           f"baseline vs {' '.join(a.flag)}, {a.pairs} pair(s) of fresh processes", flush=True)
     first = one_run(cli, ckpt, a, work / "setup-first.json", [])  # fills the compile cache: not compared
