@@ -98,6 +98,16 @@ def test_block_scores_equal_a_brute_force_estimate(bits):
         assert bool(torch.isneginf(got[r, f + 1:]).all())  # no keys yet
 
 
+def test_the_summary_defaults_agree_with_the_kv_config():
+    """topk.KEY_BITS (the functions' default) is what a run gets; topk.MAX_KEY_BITS is the config's bound."""
+    from worker.kv import topk
+
+    assert KVConfig().topk_key_bits == topk.KEY_BITS
+    KVConfig(topk_key_bits=topk.MAX_KEY_BITS)
+    with pytest.raises(ValueError):
+        KVConfig(topk_key_bits=topk.MAX_KEY_BITS + 1)
+
+
 def test_key_bits_pack_and_unpack():
     g = torch.Generator().manual_seed(2)
     for hd in (8, 12, 64):
