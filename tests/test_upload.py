@@ -142,3 +142,25 @@ def test_the_resident_load_runs_behind_the_model_build(tiny_run, monkeypatch, mo
     assert [o["token_ids"] for o in res["outputs"]] == [o["token_ids"] for o in plain["outputs"]]
     parts = res["setup"]["slots_parts"]
     assert parts["upload_wait_s"] > 0 and parts["upload"]["bytes"] == plain["setup"]["slots_parts"]["upload"]["bytes"]
+
+
+def test_a_build_that_fails_after_starting_the_load_stops_it(tiny_run, monkeypatch):
+    """The model build fails while the resident load runs (`gpu` mode defers it on every device): the
+    error is the build's, and the load is closed (no read left in flight, its reader closed) before it
+    propagates."""
+    from worker.engine import build_engine
+    from worker.model.llama import Llama
+
+    closed: list[str] = []
+    real_close, real_reader_close = Upload.close, SSDReader.close
+    monkeypatch.setattr(Upload, "close", lambda self: closed.append("load") or real_close(self))
+    monkeypatch.setattr(SSDReader, "close", lambda self: closed.append("reader") or real_reader_close(self))
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("model build failed")
+
+    monkeypatch.setattr(Llama, "__init__", broken)
+    cfg = resolve_config({**tiny_run, "mode": "gpu"})
+    with pytest.raises(RuntimeError, match="model build failed"):
+        build_engine(cfg, ensure_pack(cfg.checkpoints, pack_dir=cfg.pack_dir), CPU)
+    assert closed[:2] == ["load", "reader"]
