@@ -27,6 +27,26 @@ MAGIC = tl.constexpr(0x4B000000)  # the float32 2^23: OR-ing in an integer 0 <= 
 SUM_BLOCK = 1024
 
 @triton.jit
+def int4_step(w_rows, s_ptr, z_ptr, sz_rows, k0, rw, n_ok, K, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """One K step of an int4 part, shared by every int4 kernel (here and `kernels_int4`): the step's
+    words (WORDS,) of the row, the words (BN, WORDS) uint32 at w_rows (BN, 1), and their scales and zeros
+    as stored: (BN, 1) when BLOCK_K divides GROUP (one group for the step), else (BN, WORDS)."""
+    col = k0 // 8 + rw  # (WORDS,) words of the row
+    w_ok = n_ok[:, None]  # (BN, 1), or (BN, WORDS) where the step runs past K
+    if not EVEN_K:
+        w_ok = w_ok & (col < K // 8)[None, :]
+    word = tl.load(w_rows + col[None, :], mask=w_ok, other=0)  # (BN, WORDS) uint32
+    if GROUP % BLOCK_K == 0:
+        g = k0 // GROUP  # one group for the whole step
+    else:
+        g = (8 * col // GROUP)[None, :]  # (1, WORDS)
+    s = tl.load(s_ptr + sz_rows + g, mask=w_ok, other=0)
+    z = tl.load(z_ptr + sz_rows + g, mask=w_ok, other=0)
+    return col, word, s, z
+
+
+@triton.jit
 def _int4_tile(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, col0, pid_n, M, K, stride_xm, stride_om, stride_os,
                iters, GROUP: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr):
@@ -49,19 +69,11 @@ def _int4_tile(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, col0, pid_n, M, K, stride
     start = pid_k * iters
     for it in range(start, tl.minimum(start + iters, tl.cdiv(K, BLOCK_K))):
         k0 = it * BLOCK_K
-        col = k0 // 8 + rw  # (WORDS,) words of the row
-        w_ok = n_ok[:, None]  # (BN, 1), or (BN, WORDS) where the step runs past K
+        col, word, s, z = int4_step(w_rows, s_ptr, z_ptr, sz_rows, k0, rw, n_ok, K, GROUP, EVEN_K, BLOCK_K)
+        s, z = s.to(tl.float32), z.to(tl.float32)
         x_ok = m_ok[None, :]
         if not EVEN_K:
-            w_ok = w_ok & (col < K // 8)[None, :]
             x_ok = x_ok & (col < K // 8)[:, None]
-        word = tl.load(w_rows + col[None, :], mask=w_ok, other=0)  # (BN, WORDS) uint32
-        if GROUP % BLOCK_K == 0:
-            g = k0 // GROUP  # one group for the whole step
-        else:
-            g = (8 * col // GROUP)[None, :]  # (1, WORDS)
-        s = tl.load(s_ptr + sz_rows + g, mask=w_ok, other=0).to(tl.float32)  # (BN, 1) or (BN, WORDS)
-        z = tl.load(z_ptr + sz_rows + g, mask=w_ok, other=0).to(tl.float32)
         # the low and the high half of each word under the bits of 2^23: nibble i is then one AND away
         # from the float32 2^23 + q * 2^sh (sh = 4 (i mod 4)), an exact integer
         lo = (word & 0xFFFF) | MAGIC

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAGIC = tl.constexpr(0x4B000000)  # the float32 2^23: OR-ing in an integer 0 <= v < 2^23 gives 2^23 + v
+from worker.quant.kernels import MAGIC, int4_step
 HALF_MAGICS = {"bfloat16": 0x4300, "float16": 0x6400}  # 128 and 1024: their last mantissa bits are zero
 
 
@@ -109,17 +109,7 @@ def _tile(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, col0, pid_n, M, K, stride_w, s
     start = pid_k * iters
     for it in range(start, tl.minimum(start + iters, tl.cdiv(K, BLOCK_K))):
         k0 = it * BLOCK_K
-        col = k0 // 8 + rw  # (WORDS,) words of the row
-        w_ok = n_ok[:, None]  # (BN, 1), or (BN, WORDS) where the step runs past K
-        if not EVEN_K:
-            w_ok = w_ok & (col < K // 8)[None, :]
-        word = tl.load(w_rows + col[None, :], mask=w_ok, other=0)  # (BN, WORDS) uint32
-        if GROUP % BLOCK_K == 0:
-            g = k0 // GROUP  # one group for the whole step
-        else:
-            g = (8 * col // GROUP)[None, :]  # (1, WORDS)
-        s = tl.load(s_ptr + sz_rows + g, mask=w_ok, other=0)  # (BN, 1) or (BN, WORDS), as stored
-        z = tl.load(z_ptr + sz_rows + g, mask=w_ok, other=0)
+        _, word, s, z = int4_step(w_rows, s_ptr, z_ptr, sz_rows, k0, rw, n_ok, K, GROUP, EVEN_K, BLOCK_K)
         kk = k0 + rk  # (BK,) columns of x
         if GEMV:  # one row, program_id(2) < M; the tile's columns in pair order
             w = _paired_tile(word, s, z, dt, HALF_MAGIC, BLOCK_N, BLOCK_K)
