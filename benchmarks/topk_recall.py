@@ -122,7 +122,7 @@ def kv_settings(a: argparse.Namespace, budget: int, offload: bool = True) -> dic
     kv["kv_block_tokens"] = a.block_tokens
     if not budget:
         return kv
-    return {**kv, "topk_tokens": budget, **({"topk_key_bits": a.key_bits} if getattr(a, "key_bits", None) else {})}
+    return {**kv, "topk_tokens": budget, **({"topk_key_bits": a.key_bits} if a.key_bits else {})}
 
 
 @torch.no_grad()

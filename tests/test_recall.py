@@ -214,8 +214,6 @@ def test_the_benchmarks_mass_probe_measures_the_topk_step(tmp_path):
     """benchmarks/topk_recall.py's teacher-forced attention mass (`MassProbe` wraps the eager top-k step)
     on the committed model: it sees every (layer, step) and kept mass never exceeds the oracle's. The
     wrapper must follow the step's signature (it broke once when the step took the host tier's view)."""
-    import argparse
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import topk_recall
 
@@ -226,7 +224,7 @@ def test_the_benchmarks_mass_probe_measures_the_topk_step(tmp_path):
     ckpt = copy_reference(tmp_path / "recall")
     task = task_of(ckpt)
     prompts, answers = passkey_prompts(task, 4, 512, seed=3)
-    a = argparse.Namespace(mass_batch=2, block_tokens=16, dtype="auto")
+    a = topk_recall.parse(["--dry-run", "--mass-batch", "2", "--dtype", "auto"])  # the benchmark's own settings
     flat = {"checkpoints": str(ckpt), "max_seq_len": 512 + task.value_tokens, "batch_size": 2, "compile": False,
             "dtype": "float32"}
     engine = build_engine(resolve_config(flat), ensure_pack(ckpt, dtype="float32"), torch.device("cpu"))
