@@ -92,7 +92,21 @@ def run_args(ckpt: Path, fmt: str, mode: str, batch: int, out: Path, a) -> list[
     return args + weight_args(fmt, a)
 
 
-def measure(a) -> Path:
+def save(runs: Path, a, t0: float) -> str:
+    """Table and tarball of every run so far: written after each run, so a call cut by its time limit
+    still brings back what finished (its last tarball), and the next call's runs add to them."""
+    table = report(runs)
+    head = (f"{a.preset}, {a.layers} layers, prompt {a.prompt_len}, {a.new_tokens} new tokens, budget "
+            f"{a.budget_gib} GiB, int4 group {a.group_size}; {time.time() - t0:.0f} s")
+    (runs / "table.txt").write_text(f"{head}\n\n{table}\n")
+    part = Path(f"{a.out}.part")
+    with tarfile.open(part, "w:gz") as tar:
+        tar.add(runs, arcname="runs")
+    part.replace(a.out)  # never a half-written tarball under the final name
+    return f"{head}\n\n{table}"
+
+
+def measure(a, t0: float) -> Path:
     work = Path(a.work)
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -101,18 +115,19 @@ def measure(a) -> Path:
         bench("make-model", str(ckpt), "--preset", a.preset, "--layers", str(a.layers))
     for fmt in FORMATS:  # packed (and verified) outside any timed run
         if fmt in a.only:
-            t0 = time.time()
+            tp = time.time()
             bench("pack", "--checkpoints", str(ckpt), *weight_args(fmt, a), log=runs / f"pack-{fmt}.log")
-            print(f"packed {fmt} in {time.time() - t0:.1f} s", flush=True)
+            print(f"packed {fmt} in {time.time() - tp:.1f} s", flush=True)
     for fmt, mode, batch in plan(a):
         name = f"{fmt}-{mode}-b{batch}"
-        t0 = time.time()
+        t1 = time.time()
         (runs / f"{name}.json").unlink(missing_ok=True)  # a failed run must not report an earlier call's JSON
         if mode in ("ssd", "mixed") and a.roofline:  # a virtual disk's rate wanders: probe it next to the run
             bench("probe", "--path", str(ckpt / ".streambench-pack"), "--refresh", log=runs / f"{name}.probe.log",
                   must=False)
         ok = bench(*run_args(ckpt, fmt, mode, batch, runs / f"{name}.json", a), log=runs / f"{name}.log", must=False)
-        print(f"  {name:18} wall {time.time() - t0:6.1f} s{'' if ok else '  FAILED (see its .log)'}", flush=True)
+        print(f"  {name:18} wall {time.time() - t1:6.1f} s{'' if ok else '  FAILED (see its .log)'}", flush=True)
+        save(runs, a, t0)
     return runs
 
 
@@ -178,13 +193,8 @@ def main() -> None:
     a = ap.parse_args()
     a.group_size = a.group_size or (16 if a.preset == "tiny" else 128)
     t0 = time.time()
-    runs = measure(a)
-    table = report(runs)
-    print(f"\n{a.preset}, {a.layers} layers, prompt {a.prompt_len}, {a.new_tokens} new tokens, budget "
-          f"{a.budget_gib} GiB, int4 group {a.group_size}; {time.time() - t0:.0f} s\n\n{table}")
-    (runs / "table.txt").write_text(table + "\n")
-    with tarfile.open(a.out, "w:gz") as tar:
-        tar.add(runs, arcname="runs")
+    runs = measure(a, t0)
+    print(f"\n{save(runs, a, t0)}")
     print(f"wrote {a.out}")
 
 
