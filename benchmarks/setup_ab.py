@@ -13,12 +13,21 @@ per process: the time before its measured round (process start to the end of the
 setup phase), the phases, the slots phase by its spans (`slots_parts`), the side-thread work
 (`overlapped`); then per variant the median and the paired differences. The tokens must be the same
 in every process (a setup option changes no kernel).
+
+`--profile` adds one more baseline process under cProfile (its main thread: the model build and the
+compile from cache run there) and `-X importtime`, and prints the functions with the most cumulative
+time and the slowest imports: where the slots phase's model build and the compile phase spend a fresh
+process's seconds. cProfile slows Python-heavy work (Dynamo's tracing) by up to ~2x, so read its
+seconds as shares, not as the setup's time; that process is not in the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import pstats
+import re
 import statistics
 import subprocess
 import sys
@@ -33,10 +42,14 @@ from reuse_h200 import PHASES, add_point_args, parts_line, prepare_model  # noqa
 BEFORE_MEASURE = tuple(p for p in PHASES if p not in ("close_s", "other_s"))
 
 
+def run_args(ckpt: Path, a, out: Path, extra: list[str]) -> list[str]:
+    return ["run", "--checkpoints", str(ckpt), "--mode", "cpu", "--prompt-len", str(a.prompt_len),
+            "--max-new-tokens", str(a.new_tokens), "--temperature", "0",
+            "--gpu-memory-limit-gb", f"{a.budget_gib * 2**30 / 1e9:.3f}", "--out-json", str(out), *extra]
+
+
 def one_run(cli: list[str], ckpt: Path, a, out: Path, extra: list[str]) -> dict:
-    cmd = [*cli, "run", "--checkpoints", str(ckpt), "--mode", "cpu", "--prompt-len", str(a.prompt_len),
-           "--max-new-tokens", str(a.new_tokens), "--temperature", "0",
-           "--gpu-memory-limit-gb", f"{a.budget_gib * 2**30 / 1e9:.3f}", "--out-json", str(out), *extra]
+    cmd = [*cli, *run_args(ckpt, a, out, extra)]
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -51,6 +64,31 @@ def one_run(cli: list[str], ckpt: Path, a, out: Path, extra: list[str]) -> dict:
             "compiled_from_cache": (r.get("compile_cache") or {}).get("compiled_from_cache"),
             "decode_ms_per_token": r["metrics"]["decode_ms"] / r["metrics"]["decode_steps"],
             "tokens": [o["token_ids"] for o in r["outputs"]]}
+
+
+def profile_run(cli: list[str], ckpt: Path, a, work: Path, top: int = 40) -> dict:
+    """One baseline process under cProfile and -X importtime (`cli` is `prepare_model`'s: python -c ...)."""
+    prof = work / "setup-profile.prof"
+    code = f"import cProfile, cli; cProfile.run('cli.main()', {str(prof)!r})"
+    cmd = [cli[0], "-X", "importtime", "-c", code, *cli[3:], *run_args(ckpt, a, work / "setup-profile.json", [])]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0 or not prof.exists():
+        return {"error": f"profiled run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}"}
+    buf = io.StringIO()
+    # the project's and the compiler's own functions (not the import machinery or click's wrappers)
+    pstats.Stats(str(prof), stream=buf).sort_stats("cumulative").print_stats(
+        r"/worker/|/_dynamo/|/_inductor/|/_functorch/|/triton/|/cuda/|hostinfo", top)
+    return {"cumulative": buf.getvalue(), "imports": slowest_imports(done.stderr)}
+
+
+def slowest_imports(stderr: str, top: int = 25) -> list[tuple[str, float]]:
+    """-X importtime's lines (`import time: self | cumulative | name`): the packages with the most
+    cumulative microseconds that are not inside one already listed."""
+    rows = []
+    for m in re.finditer(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$", stderr, re.M):
+        rows.append((m.group(4), int(m.group(2)) / 1e6, len(m.group(3))))
+    shallow = [(name, s) for name, s, depth in rows if depth <= 3]  # top-level and their direct imports
+    return sorted(shallow, key=lambda r: -r[1])[:top]
 
 
 def show(row: dict) -> None:
@@ -70,6 +108,7 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--flag", nargs="+", default=["--compile-ahead"], help="the variant's extra `bench run` flags")
     p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="one more baseline process under cProfile + importtime")
     add_point_args(p)
     a = p.parse_args()
     if a.pairs < 1:
@@ -100,8 +139,14 @@ def main() -> None:
               f"{med('compile_s'):10.2f}")
     print(f"paired differences (variant - baseline), s: {' '.join(f'{d:+.2f}' for d in diffs)}; "
           f"same tokens in every process: {same}")
+    profile = profile_run(cli, ckpt, a, work) if a.profile else None
+    if profile:
+        print("\nprofiled baseline process (cProfile, main thread; slower than unprofiled):")
+        print(profile.get("error") or profile["cumulative"])
+        for name, sec in profile.get("imports", []):
+            print(f"  import {name:50} {sec:7.3f} s")
     Path(a.json).write_text(json.dumps({"args": vars(a), "first": first, "rows": rows, "diffs_s": diffs,
-                                        "same_tokens": same}, indent=1))
+                                        "same_tokens": same, "profile": profile}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from benchcli import bench
@@ -185,3 +186,70 @@ def test_cli_missing_checkpoint_exits_2_without_traceback(tmp_path):
     assert res.stderr.startswith("error:") and "make-model" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert not (tmp_path / "p.txt").exists()
+
+
+# ---- the word pool on disk (worker.text.poolcache) ---------------------------------------------------
+
+
+def _tokenizer_copy(tiny_ckpt, dst):
+    import shutil
+
+    dst.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_ckpt / name, dst / name)
+    return dst
+
+
+def test_a_fresh_tokenizer_gets_its_word_pool_from_disk(tiny_ckpt, tmp_path, monkeypatch):
+    """A second process (here: a new tokenizer object, the in-memory pool gone) reads the entry the
+    first wrote instead of deriving the pool again, and gets the same pool and the same prompts."""
+    from worker.text import poolcache, prompts
+
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    path = _tokenizer_copy(tiny_ckpt, tmp_path / "tok")
+    first = load_tokenizer(path)
+    pool = word_pool(first)
+    texts = synth_prompts(first, 3, 40, seed=1)
+    entries = list((tmp_path / "cache" / "prompt-pools").glob("*.json"))
+    assert len(entries) == 1 and entries[0] == poolcache.entry_path(poolcache.pool_key(first, Path(prompts.__file__)))
+
+    def derive(_):
+        raise AssertionError("derived again although the entry is on disk")
+
+    monkeypatch.setattr(prompts, "_word_pool", derive)
+    second = load_tokenizer(path)
+    assert second is not first and word_pool(second) == pool
+    assert synth_prompts(second, 3, 40, seed=1) == texts
+
+
+def test_another_tokenizer_or_a_broken_entry_derives_the_pool_again(tiny_ckpt, tmp_path, monkeypatch):
+    """The key covers the tokenizer's files: an edited tokenizer_config.json is another entry. An
+    entry that does not parse is derived again (same pool) and rewritten, not trusted."""
+    import json as json_
+
+    from worker.text import poolcache, prompts
+
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))
+    code = Path(prompts.__file__)
+    a = _tokenizer_copy(tiny_ckpt, tmp_path / "a")
+    b = _tokenizer_copy(tiny_ckpt, tmp_path / "b")
+    cfg = json_.loads((b / "tokenizer_config.json").read_text())
+    (b / "tokenizer_config.json").write_text(json_.dumps(cfg, indent=4))  # same settings, other bytes
+    ta, tb = load_tokenizer(a), load_tokenizer(b)
+    assert poolcache.pool_key(ta, code) != poolcache.pool_key(tb, code)
+    assert poolcache.pool_key(ta, code) == poolcache.pool_key(load_tokenizer(a), code)
+
+    calls = []
+    real = prompts._word_pool
+
+    def counting(tok):
+        calls.append(tok)
+        return real(tok)
+
+    monkeypatch.setattr(prompts, "_word_pool", counting)
+    pool = word_pool(ta)
+    entry = poolcache.entry_path(poolcache.pool_key(ta, code))
+    entry.write_text('{"pool": ["trunc')  # a torn or foreign file
+    assert word_pool(load_tokenizer(a)) == pool and len(calls) == 2
+    assert json_.loads(entry.read_text())["pool"] == pool[0]  # rewritten whole
+    assert word_pool(load_tokenizer(a)) == pool and len(calls) == 2  # and now read again

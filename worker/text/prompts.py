@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from worker.config import RunConfig
 from worker.errors import UserError
 from worker.files import write_atomic
+from worker.text import poolcache
 from worker.text.checkpoint import load_tokenizer, special_token_policy
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,15 @@ def word_pool(tokenizer) -> tuple[list[str], dict[str, int]]:
     """Lowercase words that are one token after a space, and each word's cost at the start of a text.
 
     Deterministic for a given vocabulary (sorted, then a fixed sample when the vocabulary is large).
-    Kept per tokenizer object: for a 128k vocabulary it costs about as much as loading the tokenizer,
-    and a worker that keeps its tokenizer (`reuse: weights`) would otherwise pay it every run.
+    Kept per tokenizer object and on disk per tokenizer (`worker.text.poolcache`): for a 128k
+    vocabulary it costs about as much as loading the tokenizer, which a worker that keeps its
+    tokenizer (`reuse: weights`) would otherwise pay every run, and a fresh process every time.
     """
     try:
         return _POOLS[tokenizer]
     except (KeyError, TypeError):  # TypeError: not weak-referenceable (then not kept)
         pass
-    pool = _word_pool(tokenizer)
+    pool = poolcache.cached_pool(tokenizer, _word_pool, Path(__file__))
     with contextlib.suppress(TypeError):
         _POOLS[tokenizer] = pool
     return pool
