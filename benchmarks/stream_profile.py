@@ -1,0 +1,184 @@
+"""Which stream idles when a streamed decode step misses its floor: compute against the weight copies.
+
+Issue 17 asks, where a format's target is missed (int4 at batch 16 in `cpu` mode: 3.41x native
+against 3.5x in `benchmarks/results/quant_h200/quant_fused.txt`), to say which stream is idle when.
+`bench run` reports the step's time and its floor; this splits the step on the GPU. One engine per
+weight format (the mode's placement under `--budget-gib`, as `benchmarks/quant_h200.py` runs it), a
+prefill of `--prompt` random tokens per row outside the measurement, then `--steps` decode steps
+through the engine's own streamed forward timed with CUDA events, and `--profile-steps` more under
+torch.profiler. Printed per format: ms per step, then per CUDA stream the kernel and copy time per
+step and the share of the step it was busy; the H2D bytes per step and their rate while the copy
+stream was busy; the top kernels. A stream busy for ~1.0 of the step is the bound; the other's
+share is how much of the step it waits.
+
+    python benchmarks/stream_profile.py --work /tmp/sbsp --layers 2 --batch 16 --formats native int8 int4
+    python benchmarks/stream_profile.py --work /tmp/sbsp-tiny --preset tiny --layers 2 --batch 2 --prompt 32 \\
+        --formats native int4 --group-size 16   # CPU dry run (no streams: a CPU op table)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from worker.engine import build_engine  # noqa: E402
+from worker.generate import kv_span  # noqa: E402
+from worker.model.step import Step  # noqa: E402
+from worker.pack.cache import ensure_pack  # noqa: E402
+from worker.run import resolve_config  # noqa: E402
+from worker.synth.checkpoints import make_model  # noqa: E402
+
+
+def stream_split(prof) -> tuple[dict[int, dict[str, float]], collections.Counter]:
+    """Per CUDA stream: kernel and copy microseconds and H2D bytes (from the trace's events); per kernel name."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    per: dict[int, dict[str, float]] = collections.defaultdict(lambda: {"kernel_us": 0.0, "copy_us": 0.0,
+                                                                        "h2d_bytes": 0.0})
+    names: collections.Counter = collections.Counter()
+    for e in trace.get("traceEvents", []):
+        cat, args = e.get("cat"), e.get("args", {})
+        if cat not in ("kernel", "gpu_memcpy"):
+            continue
+        s = per[int(args.get("stream", -1))]
+        dur = float(e.get("dur", 0))
+        if cat == "kernel":
+            s["kernel_us"] += dur
+            names[e["name"][:90]] += dur
+        else:
+            s["copy_us"] += dur
+            if "HtoD" in e.get("name", ""):
+                s["h2d_bytes"] += float(args.get("bytes", 0) or 0)
+    return per, names
+
+
+def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
+    cuda = dev.type == "cuda"
+    flat = {"checkpoints": str(ckpt), "mode": a.mode, "batch_size": a.batch, "roofline": False,
+            "max_seq_len": a.prompt + 2 + a.steps + a.profile_steps + 1}
+    if a.mode != "gpu" and cuda:
+        flat["gpu_memory_limit_gb"] = round(a.budget_gib * 2**30 / 1e9, 3)
+    if fmt != "native":
+        flat.update(weight_format=fmt, quant_group_size=a.group_size)
+    cfg = resolve_config(flat)
+    pack = ensure_pack(ckpt, weights=cfg.weights)
+    engine = build_engine(cfg, pack, dev, prompt_tokens=a.prompt)
+    try:
+        b, n, cap = a.batch, a.prompt, cfg.max_seq_len
+        cache = engine.new_cache(b, cap)
+        ids = torch.randint(0, engine.cfg.vocab_size, (b, n), device=dev)
+        engine.model.forward(ids, Step(torch.arange(n, device=dev).expand(b, n), n, (n,) * b), cache,
+                             logits_at=torch.full((b,), n - 1, device=dev))
+        tok = torch.full((b, 1), 5, device=dev)
+        pos = torch.full((b,), n, device=dev)
+        t = [0]
+
+        def step() -> None:
+            t[0] += 1
+            logits = engine.model.forward(tok, Step(pos[:, None], kv_span(n, t[0], cap)), cache)[:, 0]
+            tok.copy_(logits.argmax(-1, keepdim=True))
+            pos.add_(1)
+
+        for _ in range(2):
+            step()
+        ms = None
+        if cuda:
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+        for _ in range(a.steps):
+            step()
+        if cuda:
+            e1.record()
+            torch.cuda.synchronize()
+            ms = e0.elapsed_time(e1) / a.steps
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(a.profile_steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        out = {"format": fmt, "ms_per_step": ms}
+        if not cuda:
+            out["table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60)
+            return out
+        per, names = stream_split(prof)
+        k = a.profile_steps
+        out["streams"] = {sid: {"kernel_ms": s["kernel_us"] / k / 1e3, "copy_ms": s["copy_us"] / k / 1e3,
+                                "h2d_gb": s["h2d_bytes"] / k / 1e9,
+                                "busy": (s["kernel_us"] + s["copy_us"]) / k / 1e3 / ms}
+                          for sid, s in per.items()}
+        out["top_kernels_ms"] = [(name, us / k / 1e3) for name, us in names.most_common(10)]
+        return out
+    finally:
+        engine.close()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def show(r: dict) -> None:
+    head = f"{r['ms_per_step']:.3f} ms/step (CUDA events)" if r["ms_per_step"] else "CPU: untimed"
+    print(f"\n== {r['format']}: {head}", flush=True)
+    if "table" in r:
+        print(r["table"])
+        return
+    for sid, s in sorted(r["streams"].items(), key=lambda kv: -kv[1]["busy"]):
+        rate = f", H2D {s['h2d_gb']:.3f} GB/step at {s['h2d_gb'] / (s['copy_ms'] / 1e3):.1f} GB/s while copying" \
+            if s["h2d_gb"] and s["copy_ms"] else ""
+        print(f"  stream {sid:>3}: kernels {s['kernel_ms']:8.3f} ms, copies {s['copy_ms']:8.3f} ms per step: "
+              f"busy {s['busy']:.2f} of the step{rate}")
+    print("  top kernels (ms per step):")
+    for name, ms in r["top_kernels_ms"]:
+        print(f"    {ms:8.3f}  {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/sbsp")
+    ap.add_argument("--preset", default="llama3.1-70b")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--mode", default="cpu", choices=["gpu", "cpu", "ssd", "mixed"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--budget-gib", type=float, default=14.0, help="GPU memory of a streaming mode (batch 16: 14)")
+    ap.add_argument("--formats", nargs="+", default=["native", "int8", "int4"], choices=["native", "int8", "int4",
+                                                                                           "fp8"])
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed with CUDA events")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    for name in ("batch", "prompt", "steps", "profile_steps", "layers"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    ckpt = Path(a.work) / f"{a.preset}-{a.layers}L"
+    if not (ckpt / "config.json").exists():
+        make_model(ckpt, preset=a.preset, layers=a.layers, dtype="bfloat16" if cuda else "float32")
+    print(f"{a.preset}, {a.layers} layers, {a.mode} mode, batch {a.batch}, prompt {a.prompt}, budget "
+          f"{a.budget_gib} GiB, on {dev}", flush=True)
+    rows = []
+    for fmt in a.formats:
+        rows.append(profile_format(fmt, ckpt, a, dev))
+        show(rows[-1])
+    base = next((r for r in rows if r["format"] == "native" and r["ms_per_step"]), None)
+    if base:
+        print("\n" + "  ".join(f"{r['format']} {base['ms_per_step'] / r['ms_per_step']:.2f}x native"
+                               for r in rows if r["ms_per_step"]))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
