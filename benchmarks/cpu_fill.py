@@ -12,7 +12,8 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   256 MiB range registered once its reads are done. Variants, `+`-joined: `pinN` registers on N
   threads; `huge` backs the buffers with transparent huge pages (MADV_HUGEPAGE); `memT` runs the
   page-cache reads on T threads (`mem8` with `--threads 8` is the fill before the page-cache pool;
-  without `mem`, the engine's default: the CPUs this process may use, at most 32);
+  without `mem`, the engine's default: the CPUs this process may use, at most 32); `pop` reads the
+  ranges the page cache lacks buffered as well (`--warm-page-cache`: cold, is that as fast as O_DIRECT?);
 - `mmap` (warm only, an experiment, not the engine's path): no copy at all. Each extent is mapped
   from the page cache (MAP_SHARED, PROT_READ, MAP_POPULATE) and registered read-only
   (cudaHostRegisterReadOnly), then one group is copied to the GPU from it and checked against the
@@ -122,8 +123,8 @@ def old_fill(pack: Pack, keys, reader: SSDReader) -> tuple[float, float]:
 
 
 def parse_variant(variant: str) -> dict:
-    """"pin2+huge+mem16" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16}."""
-    out = {"pin_threads": 1, "huge_pages": False, "cached_threads": None}
+    """"pin2+huge+mem16+pop" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16, "populate": True}."""
+    out = {"pin_threads": 1, "huge_pages": False, "cached_threads": None, "populate": False}
     for part in variant.split("+"):
         if part.startswith("pin"):
             out["pin_threads"] = int(part.removeprefix("pin"))
@@ -131,8 +132,10 @@ def parse_variant(variant: str) -> dict:
             out["huge_pages"] = True
         elif part.startswith("mem"):
             out["cached_threads"] = int(part.removeprefix("mem") or default_cached_threads())
+        elif part == "pop":
+            out["populate"] = True
         else:
-            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT; or mmap)")
+            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop; or mmap)")
     return out
 
 
@@ -144,7 +147,7 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
     arena = HostArena(pin=True)
     try:
         filled = fill(pack.manifest, keys, arena, own or reader, pin_threads=v["pin_threads"],
-                      huge_pages=v["huge_pages"])
+                      huge_pages=v["huge_pages"], populate=v["populate"])
         return filled.stats.to_dict()
     finally:
         arena.close()
@@ -286,9 +289,10 @@ def main() -> None:
                     help="page-cache reader threads of the default fill (default: the engine's, CPUs up to 32)")
     ap.add_argument("--variants", nargs="+", default=None,
                     help="new-fill variants, +-joined: pinN = N registering threads, huge = MADV_HUGEPAGE "
-                         "buffers, memT = T page-cache reader threads; mmap = the zero-copy experiment "
-                         "(default: pin1+memTHREADS pin1+huge+memTHREADS, i.e. before the page-cache pool, "
-                         "then pin1 pin1+huge pin2+huge pin4+huge mmap)")
+                         "buffers, memT = T page-cache reader threads, pop = uncached ranges read buffered "
+                         "(--warm-page-cache); mmap = the zero-copy experiment (default: pin1+memTHREADS "
+                         "pin1+huge+memTHREADS, i.e. before the page-cache pool, then pin1 pin1+huge "
+                         "pin1+huge+pop pin2+huge pin4+huge mmap)")
     ap.add_argument("--cache", choices=["both", "cold", "warm"], default="both")
     ap.add_argument("--repeats", type=int, default=2, help="rounds per cache state")
     ap.add_argument("--json", help="also write the figures here")
@@ -300,8 +304,8 @@ def main() -> None:
     reader = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB, args.cached_threads)
     narrow = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB, args.threads)  # the source's reference
     t = args.threads
-    variants = args.variants or [f"pin1+mem{t}", f"pin1+huge+mem{t}", "pin1", "pin1+huge", "pin2+huge", "pin4+huge",
-                                 "mmap"]
+    variants = args.variants or [f"pin1+mem{t}", f"pin1+huge+mem{t}", "pin1", "pin1+huge", "pin1+huge+pop",
+                                 "pin2+huge", "pin4+huge", "mmap"]
     pinned = "pinned with cudaHostRegister" if torch.cuda.is_available() else "not pinned (no CUDA)"
     print(f"{pack.blob_path}: {len(keys) // 2} layers, {len(keys)} groups, {nbytes / 1e9:.2f} GB; reader "
           f"{args.threads} threads x {args.chunk_mb} MiB, O_DIRECT {'yes' if reader.direct else 'REFUSED'}, "

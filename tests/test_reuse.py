@@ -182,10 +182,11 @@ def test_the_row_says_whether_the_engine_was_reused():
     assert old["reused_engine"] is None
 
 
-def test_a_kept_tokenizer_makes_its_word_pool_once(tiny_ckpt, monkeypatch):
+def test_a_kept_tokenizer_makes_its_word_pool_once(tiny_ckpt, monkeypatch, tmp_path):
     from worker.text import prompts
     from worker.text.checkpoint import load_tokenizer
 
+    monkeypatch.setenv("STREAMBENCH_CACHE", str(tmp_path / "cache"))  # no entry on disk from another test
     tok = load_tokenizer(str(tiny_ckpt))
     made = []
     real = prompts._word_pool
@@ -193,5 +194,6 @@ def test_a_kept_tokenizer_makes_its_word_pool_once(tiny_ckpt, monkeypatch):
     a = prompts.synth_prompts(tok, 2, 12, seed=1)
     b = prompts.synth_prompts(tok, 2, 12, seed=1)
     assert a == b and len(made) == 1
-    prompts.synth_prompts(load_tokenizer(str(tiny_ckpt)), 1, 12, seed=1)  # another tokenizer object: its own pool
-    assert len(made) == 2
+    # another tokenizer object of the same files: its pool from the disk entry (worker.text.poolcache)
+    prompts.synth_prompts(load_tokenizer(str(tiny_ckpt)), 1, 12, seed=1)
+    assert len(made) == 1

@@ -72,6 +72,10 @@ class StreamConfig:
     kind_ahead_cap: Positive = _f(2, "Most layers one group kind may run ahead (WSM_KIND_AHEAD_CAP).")
     warmup_layers: Count = _f(4, "Layers preloaded to the GPU before the first forward.")
     staging_mb: Positive = _f(64, "Size of each pinned staging buffer of the SSD tier, MiB.")
+    warm_page_cache: bool = _f(False, "Setup reads (the CPU tier's fill, the device-resident groups' load) of "
+                               "blob ranges that are not in the page cache go through it (buffered) instead of "
+                               "O_DIRECT, so the next run on this host reads them at memory speed; the SSD tier's "
+                               "streamed reads stay O_DIRECT. Off: such ranges are read O_DIRECT in every run.")
     ssd_readers: Positive = _f(8, "Reader threads of the SSD tier.")
     gpu_memory_limit_gb: Annotated[float, Field(gt=0)] | None = _f(
         None, "Cap on GPU memory the engine may use, GB (lets a big card act as a small one).")

@@ -17,7 +17,8 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
 - `tokenizer_s`: loading the checkpoint's tokenizer and making the batch's prompts.
 - `pack_s`: finding, packing and checking the pack (`ensure_pack`, checksum verification included).
 - `fill_s`, `fill_bytes`, `fill_gbps`: the CPU tier's load of its pinned layers (the streamer's
-  `cpu_fill`); 0 s (bytes and rate null) where no layer is pinned in RAM.
+  `cpu_fill`); 0 s (bytes and rate null) where no layer is pinned in RAM. `fill_page_cache_bytes`:
+  how many of those bytes the page cache held (read at memory speed, not the disk's).
 - `slots_s`: the rest of the engine build: resident weights onto the device, GPU slot pool, reader
   and stager threads, the model (the peer: `from_pretrained` with its accelerate placement).
   `slots_parts` splits it by the build's own spans (`Spans`, host time on the build thread, so they
@@ -163,6 +164,7 @@ class RunClock:
         fill_b, fill_s = self.fill.get("bytes"), self.fill.get("seconds")
         return {"process_s": self.process_s, **out, "measure_s": measured, "wall_s": self.process_s + inside,
                 "fill_bytes": fill_b, "fill_gbps": fill_b / fill_s / GB if fill_b and fill_s else None,
+                "fill_page_cache_bytes": self.fill.get("page_cache_bytes"),
                 "process_since": self.process_since, "warmup_rounds_s": self.rounds[:self.warmups],
                 "slots_parts": self.slots_parts, "overlapped": dict(self.overlapped_s)}
 

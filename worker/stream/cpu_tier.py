@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class FixedTier:
-    def __init__(self, manifest, layers: list[int], arena: HostArena, reader: SSDReader):
+    def __init__(self, manifest, layers: list[int], arena: HostArena, reader: SSDReader, populate: bool = False):
         # 2 MiB pages: from the page cache the fill faulted 4 KiB pages in slower than it read them
         # (benchmarks/results/README.md, cpu_fill rows); from the disk no different
-        self.filled = fill(manifest, [GroupKey(i, k) for i in layers for k in KINDS], arena, reader, huge_pages=True)
+        self.filled = fill(manifest, [GroupKey(i, k) for i in layers for k in KINDS], arena, reader, huge_pages=True,
+                           populate=populate)
         self.host = self.filled.host
         self.fill_stats = self.filled.stats.to_dict()  # io_stats()["cpu_fill"]
         log.info("CPU tier: %d layers pinned (%.2f GB)", len(layers), self.filled.stats.bytes / 1e9)

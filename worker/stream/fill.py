@@ -82,13 +82,14 @@ def unit_bytes(chunk: int) -> int:
 
 
 def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, page_cache: bool = True,
-         pin_threads: int = 1, huge_pages: bool = False) -> Filled:
+         pin_threads: int = 1, huge_pages: bool = False, populate: bool = False) -> Filled:
     """Each group's extent in its own arena buffer, read and pinned.
 
     `page_cache=False` reads everything O_DIRECT; `pin_threads` > 1 registers ranges on several
     threads (for benchmarks/cpu_fill.py to measure whether the driver lets registrations overlap) and
     `huge_pages` backs the buffers with 2 MiB pages (the CPU tier asks for them: fewer page faults
-    pay when the bytes come from the page cache)."""
+    pay when the bytes come from the page cache). `populate` reads the ranges that are not in the page
+    cache buffered too, so they are there for the next fill (`StreamConfig.warm_page_cache`)."""
     stats = FillStats(pinned=arena.pins)
     t0 = time.perf_counter()
     host: dict[GroupKey, torch.Tensor] = {}
@@ -98,7 +99,7 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
         for key in keys:
             g = manifest.group(key.name)
             host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
-            units += _issue(reader, g.offset, buf, unit, page_cache, stats)
+            units += _issue(reader, g.offset, buf, unit, page_cache, stats, populate)
             stats.bytes += g.nbytes
         stats.pin_seconds = _pin_behind(units, arena, pin_threads)
     except BaseException:
@@ -112,7 +113,7 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
 
 
 def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_cache: bool,
-           stats: FillStats) -> list[_Unit]:
+           stats: FillStats, populate: bool = False) -> list[_Unit]:
     """Submit every read of one extent, grouped by the registered range they fill."""
     chunk = reader.chunk
     nbytes = buf.numel()
@@ -123,7 +124,7 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_ca
         for o in range(u, min(u + unit, nbytes), chunk):
             n = min(chunk, nbytes - o)
             stats.page_cache_bytes += n if cached[o // chunk] else 0
-            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached[o // chunk]))
+            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached[o // chunk] or populate))
         out.append(piece)
     return out
 

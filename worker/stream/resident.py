@@ -34,8 +34,8 @@ class ResidentWeights:
         out = cls()
         try:
             with span("upload_issue"):
-                out._pending = (Upload(pack, device_keys(list(range(n))), reader, device, host_embeddings=False),
-                                reader)
+                out._pending = (Upload(pack, device_keys(list(range(n))), reader, device, host_embeddings=False,
+                                       populate=cfg.warm_page_cache), reader)
         except BaseException:
             reader.close()
             raise

@@ -123,7 +123,8 @@ class WeightStreamer:
         self._upload_reader = reader if reader is not self.reader else None  # closed once the load is done
         self._fill_cpu_tier(m, placement, span)
         with span("upload_issue"):  # after the fill, which keeps the disk to itself; before the other buffers
-            self._upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device)
+            self._upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device,
+                                  populate=cfg.warm_page_cache)
         self._add_ring_and_stager(m, placement, cfg, span)
         if self._upload.copies:  # placed behind the rest of the build (`finish`); its size is known now
             on_device = self._upload.device_bytes()
@@ -178,7 +179,8 @@ class WeightStreamer:
         self.cpu_fill: dict[str, Any] | None = None  # the CPU tier's load (FixedTier.fill_stats), for the run's setup
         if placement.layers("cpu"):
             with span("fill"):
-                self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader)
+                self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader,
+                                                  populate=self.cfg.warm_page_cache)
             self.cpu_fill = self.providers["cpu"].fill_stats
 
     def _add_ring_and_stager(self, m, placement: Placement, cfg: StreamConfig, span: Spans) -> None:

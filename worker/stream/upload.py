@@ -73,15 +73,17 @@ class Upload:
     """`keys`' extents read on `reader` and placed on `device` (module doc); `result()` for the groups."""
 
     def __init__(self, pack, keys: list[GroupKey], reader: SSDReader, device: torch.device,
-                 host_embeddings: bool = True, copies: bool | None = None, window: int = WINDOW_BYTES):
+                 host_embeddings: bool = True, copies: bool | None = None, window: int = WINDOW_BYTES,
+                 populate: bool = False):
         """`copies`: into buffers of their own on `device` (default: unless it is the CPU, where the
         groups are views of the host buffers). `window`: host bytes of groups read and not yet placed
-        (at least one group), so a whole `gpu`-mode model never sits in host memory at once."""
+        (at least one group), so a whole `gpu`-mode model never sits in host memory at once. `populate`:
+        ranges not in the page cache are read buffered too, so they are there next run (`warm_page_cache`)."""
         self.pack, self.device, self.host_embeddings = pack, device, host_embeddings
         self.copies = device.type != "cpu" if copies is None else copies
         self.cuda = device.type == "cuda"
         self.stats = UploadStats()
-        self._reader, self._keys, self._window = reader, list(keys), window
+        self._reader, self._keys, self._window, self._populate = reader, list(keys), window, populate
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._in_host = 0  # bytes of issued groups not yet placed
@@ -111,7 +113,8 @@ class Upload:
         for o in range(0, g.nbytes, reader.chunk):
             n, in_cache = min(reader.chunk, g.nbytes - o), next(cached)
             self.stats.page_cache_bytes += n if in_cache else 0
-            p.reads.append((o, o + n, reader.read(g.offset + o, n, p.buf[o:o + n], buffered=in_cache)))
+            p.reads.append((o, o + n, reader.read(g.offset + o, n, p.buf[o:o + n],
+                                                  buffered=in_cache or self._populate)))
         self.stats.bytes += g.nbytes
         return p
 
