@@ -34,7 +34,8 @@ def suite_text(ckpt: Path, a, reuse: str) -> str:
     return (f"name: reuse-{reuse}\nreuse: {reuse}\nrepeats: {a.runs}\n"
             f"models: [{{name: m, path: '{ckpt}'}}]\n"
             f"defaults: {{mode: cpu, prompt_len: {a.prompt_len}, max_new_tokens: {a.new_tokens}, temperature: 0,"
-            f" gpu_memory_limit_gb: {a.budget_gib * 2**30 / 1e9:.3f}}}\nmatrix: {{}}\n")
+            f" gpu_memory_limit_gb: {a.budget_gib * 2**30 / 1e9:.3f}{''.join(', ' + kv.replace('=', ': ', 1) for kv in a.set)}}}"
+            f"\nmatrix: {{}}\n")
 
 
 def block(worker, ckpt: Path, a, reuse: str) -> list[dict]:
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=8)
     add_point_args(p)
     p.add_argument("--order", choices=("none-first", "weights-first"), default="none-first")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more suite defaults for both blocks, e.g. warm_page_cache=true")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ckpt, _ = prepare_model(a)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +55,27 @@ def pytest_collection_modifyitems(config, items):
     stray = sorted({item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("ray")} - RAY_FILES)
     if stray:
         raise pytest.UsageError(f"tests marked ray in {', '.join(stray)}: add the file to tests/conftest.py RAY_FILES")
+
+
+def pytest_collection_finish(session) -> None:
+    """The Triton-interpreter run of tests/test_quant_kernels.py (the suite's longest test) starts now,
+    beside the rest of the suite (`start_interpreter_run` says why), if it is among the tests selected
+    (after -k / -m deselection); not under xdist, whose workers would each start one."""
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config, "workerinput", None) is not None:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if item.name == getattr(module, "INTERPRETER_TEST", None) and module.interpreter_run_wanted():
+            module.start_interpreter_run(Path(tempfile.mkdtemp(prefix="sb-interp-")))
+            config._sb_interpreter_module = module
+            return
+
+
+def pytest_sessionfinish(session, exitstatus):
+    module = getattr(session.config, "_sb_interpreter_module", None)
+    if module is not None:
+        module.stop_interpreter_run()
 
 
 @pytest.fixture(scope="session")
