@@ -26,10 +26,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step_timing import time_and_profile  # noqa: E402  (beside this script)
 from worker.engine import build_engine  # noqa: E402
 from worker.generate import kv_span  # noqa: E402
 from worker.model.step import Step  # noqa: E402
@@ -89,24 +90,7 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
             tok.copy_(logits.argmax(-1, keepdim=True))
             pos.add_(1)
 
-        for _ in range(2):
-            step()
-        ms = None
-        if cuda:
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-        for _ in range(a.steps):
-            step()
-        if cuda:
-            e1.record()
-            torch.cuda.synchronize()
-            ms = e0.elapsed_time(e1) / a.steps
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            for _ in range(a.profile_steps):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
+        ms, prof = time_and_profile(step, a.steps, a.profile_steps, cuda)
         out = {"format": fmt, "ms_per_step": ms}
         if not cuda:
             out["table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60)

@@ -25,10 +25,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step_timing import time_and_profile  # noqa: E402  (beside this script)
 from worker.engine import build_engine
 from worker.generate import kv_span
 from worker.model.graphs import GraphedDecode
@@ -100,23 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 tok.copy_(logits.argmax(-1, keepdim=True))
                 pos.add_(1)
 
-            for _ in range(2):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0.record()
-            for _ in range(a.steps):
-                step()
-            if cuda:
-                t1.record()
-                torch.cuda.synchronize()
-                ms = t0.elapsed_time(t1) / a.steps
-            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-                for _ in range(a.profile_steps):
-                    step()
-                if cuda:
-                    torch.cuda.synchronize()
+            ms, prof = time_and_profile(step, a.steps, a.profile_steps, cuda)
             replays = graphs.replays if graphs else 0
             print(f"\n== {name}: " + (f"{ms:.3f} ms/step (CUDA events, {a.steps} steps)" if cuda else "CPU: untimed")
                   + f"; {replays} of {t[0]} steps replayed", flush=True)
