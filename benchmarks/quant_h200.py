@@ -6,11 +6,12 @@
     python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q1.tar.gz --only native peer
     python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q2.tar.gz --only int8 int4
 
-Time (an estimate from the byte counts, not measured yet): at 4 layers the checkpoint is ~11 GB,
-each `ssd` run streams ~16 passes of its layers (a warm-up round and the measured one) and the
-native ones dominate (~1 minute each on a 2 GB/s disk); all 20 runs plus making and packing come to
-roughly 10-14 minutes, so split with `--only` where a call is limited to 10 minutes. A run that
-fails (e.g. out of memory under the budget) is reported and the others still run.
+Time: every run is a fresh process that sets up, warms up and measures, and `ssd` / `mixed` runs
+stream their layers from the disk in both rounds, so even at 2 layers the 12 format runs of one batch
+size fill most of a 10-minute call (the wall of each run is printed; the H200's are in
+benchmarks/results/quant_h200/v3/quant_v3.txt): split with `--only`, `--modes` and `--batches`
+where a call is limited. A run that fails (e.g. out of memory under the budget) is reported and the
+others still run; the table and tarball are rewritten after every run.
     # a CPU dry run of the script itself (tiny geometry; minutes on a laptop)
     python benchmarks/quant_h200.py --work /tmp/sbq-dry --out /tmp/sbq-dry.tar.gz --preset tiny --layers 2 \
         --prompt-len 64 --new-tokens 3 --no-roofline
