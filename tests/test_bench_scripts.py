@@ -1,0 +1,67 @@
+"""What the GPU benchmark scripts promise about their own output, checked without a GPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quant_h200():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quant_h200
+
+    return quant_h200
+
+
+def _run_json(ms_per_step: float, tokens: list[int]) -> dict:
+    return {"metrics": {"decode_ms": ms_per_step * 4, "decode_steps": 4}, "outputs": [{"token_ids": tokens}],
+            "roofline": {"attainment_decode": 0.95, "bound_decode": "h2d"}, "model": {"weight_bytes": 10**9}}
+
+
+def test_quant_h200_saves_a_whole_table_and_tarball_after_each_run(tmp_path):
+    """A call cut by its time limit keeps every finished run: `save` (called after each run) writes the
+    table of the runs so far and replaces the tarball whole (never a half-written one under its name)."""
+    q = _quant_h200()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    a = SimpleNamespace(preset="tiny", layers=2, prompt_len=8, new_tokens=4, budget_gib=6.0, group_size=16,
+                        out=str(tmp_path / "q.tar.gz"))
+    (runs / "native-gpu-b1.json").write_text(json.dumps(_run_json(2.0, [1, 2])))
+    (runs / "native-cpu-b1.json").write_text(json.dumps(_run_json(8.0, [1, 2])))
+    q.save(runs, a, 0.0)
+    rows = lambda text: [ln.split() for ln in text.splitlines() if ln.startswith(("native ", "int4 "))]  # noqa: E731
+    first = (runs / "table.txt").read_text()
+    assert [r[:4] for r in rows(first)] == [["native", "gpu", "1", "2.00"], ["native", "cpu", "1", "8.00"]]
+    (runs / "int4-cpu-b1.json").write_text(json.dumps(_run_json(2.0, [1, 3])))  # the next run lands
+    q.save(runs, a, 0.0)
+    table = (runs / "table.txt").read_text()
+    int4 = rows(table)[-1]
+    assert int4[:5] == ["int4", "cpu", "1", "2.00", "4.00x"] and int4[-1] == "—"  # no int4 gpu run to compare yet
+    with tarfile.open(a.out) as tar:
+        names = set(tar.getnames())
+    assert {"runs/native-gpu-b1.json", "runs/native-cpu-b1.json", "runs/int4-cpu-b1.json", "runs/table.txt"} <= names
+    assert not Path(f"{a.out}.part").exists()
+
+
+def test_setup_ab_lists_the_slowest_imports_from_importtime():
+    """`-X importtime` lines (`self | cumulative | name`, nesting by indent): the slowest shallow ones,
+    slowest first, in seconds; deep imports and other stderr lines are left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import setup_ab
+
+    err = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 |     torch._C._deep.inner",
+        "import time:      2000 |    1800000 |   torch",
+        "import time:       500 |     250000 | worker.run",
+        "import time:        10 |     900000 |         torch._very.deep",
+        "WARNING something else on stderr",
+        "import time:        30 |      60000 | click",
+    ])
+    got = setup_ab.slowest_imports(err, top=2)
+    assert got == [("torch", 1.8), ("worker.run", 0.25)]
