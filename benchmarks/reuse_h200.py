@@ -31,11 +31,24 @@ PHASES = ("process_s", "imports_s", "tokenizer_s", "pack_s", "fill_s", "slots_s"
 
 
 def suite_text(ckpt: Path, a, reuse: str) -> str:
-    return (f"name: reuse-{reuse}\nreuse: {reuse}\nrepeats: {a.runs}\n"
-            f"models: [{{name: m, path: '{ckpt}'}}]\n"
-            f"defaults: {{mode: cpu, prompt_len: {a.prompt_len}, max_new_tokens: {a.new_tokens}, temperature: 0,"
-            f" gpu_memory_limit_gb: {a.budget_gib * 2**30 / 1e9:.3f}{''.join(', ' + kv.replace('=', ': ', 1) for kv in a.set)}}}"
-            f"\nmatrix: {{}}\n")
+    """The block's suite (JSON, which the YAML loader reads): the point, plus `--set`'s defaults."""
+    defaults = {"mode": "cpu", "prompt_len": a.prompt_len, "max_new_tokens": a.new_tokens, "temperature": 0,
+                "gpu_memory_limit_gb": round(a.budget_gib * 2**30 / 1e9, 3), **extra_defaults(a.set)}
+    return json.dumps({"name": f"reuse-{reuse}", "reuse": reuse, "repeats": a.runs,
+                       "models": [{"name": "m", "path": str(ckpt)}], "defaults": defaults, "matrix": {}})
+
+
+def extra_defaults(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings → suite defaults, each value read as YAML (true, 2, 0.5, text)."""
+    import yaml
+
+    out = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE, e.g. warm_page_cache=true")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def block(worker, ckpt: Path, a, reuse: str) -> list[dict]:

@@ -68,12 +68,15 @@ def pytest_collection_finish(session) -> None:
         module = getattr(item, "module", None)
         if item.name == getattr(module, "INTERPRETER_TEST", None) and module.interpreter_run_wanted():
             module.start_interpreter_run(Path(tempfile.mkdtemp(prefix="sb-interp-")))
-            config._sb_interpreter_module = module
+            config.stash[INTERPRETER_RUN] = module
             return
 
 
+INTERPRETER_RUN = pytest.StashKey[object]()  # the test module whose interpreter run started at collection
+
+
 def pytest_sessionfinish(session, exitstatus):
-    module = getattr(session.config, "_sb_interpreter_module", None)
+    module = session.config.stash.get(INTERPRETER_RUN, None)
     if module is not None:
         module.stop_interpreter_run()
 

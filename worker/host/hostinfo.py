@@ -111,10 +111,17 @@ def git_diff_hash() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def engine_version() -> str | None:
-    try:
-        return metadata.version("streambench")
-    except metadata.PackageNotFoundError:
-        return None
+    return dist_version("streambench")
+
+
+def dist_version(*dists: str) -> str | None:
+    """The installed version of the first of `dists` that is installed (None: none is)."""
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _git(*args: str) -> str | None:

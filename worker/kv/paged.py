@@ -149,8 +149,9 @@ class PagedKVCache:
         jt = blocks.shape[1]
         self.written = jt
         if self.topk:
-            dst = self._summary(layer, jt)
-            for dst, part in zip(dst, block_summary(blocks[:, :, 0], None, code_bits(dst[2], self.geo.head_dim))):
+            summary = self._summary(layer, jt)
+            bits = code_bits(summary[2], self.geo.head_dim)
+            for dst, part in zip(summary, block_summary(blocks[:, :, 0], None, bits)):
                 dst.copy_(part)
         if self.mover:
             self.mover.write(layer, [(b, 0, raw_blocks(blocks[b])) for b in range(self.geo.batch)], self.sync.record())

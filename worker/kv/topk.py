@@ -11,18 +11,17 @@ benchmarks/topk_accuracy.py (`MassProbe`) counts. The first block (attention sin
 block(s) are always kept.
 
 Why per-key codes and not only the range (Quest's bound sum_c max(q_c * max_c, q_c * min_c)): on the
-trained recall model (`worker.recall`, gpu size, 8k context) the second layer's heads put ~all their
-weight on one key, scaled scores of 50-240 with runner-up keys a few units below; the range bound is
-loose by far more than that (even over pairs of keys), so it ranked the block holding that key far
-down (median 24th) and the selection kept 0.80 of the oracle's mass at a 1024-token budget; with one
-bit per key and channel 0.97 (benchmarks/results/topk_selection_cpu.txt). One bit still lost passkeys
-at 32k on the H200 (2048 blocks: -5 points at 1024 tokens, benchmarks/results/topk_recall_h200_v2/):
-its estimate is off by a quarter of the range per channel, which among 32k keys lets a wrong one
-outscore the key that matters; with two bits the needle's block was selected at every step where one
-bit missed it (benchmarks/results/topk_key_bits_cpu.txt). The price: a product with every key's code,
-O(bt * hd) per block and head instead of O(hd) (H200, compiled, batch 100, one bit: 1.5x the range
-bound's time at 8k, 4x at 32k), and summary bytes of 2 * hd * item + bt * hd * bits / 8 per block and
-KV head (1-bit: 1.5x the range's, 2-bit: 2x, at hd 128, bt 16, bf16).
+trained recall model (`worker.recall`) the second layer's heads put nearly all their weight on one
+key, whose scaled score is only a few units above the runner-up keys; the range bound is loose by far
+more than that (even over pairs of keys), so it ranked the block holding that key far down and the
+selection lost much of the oracle's mass (benchmarks/results/topk_selection_cpu.txt). One bit per key
+and channel found that block at 8k but still lost passkeys at 32k on the H200: its estimate is off by
+up to a quarter of the range per channel, which among 2048 blocks lets a wrong key outscore the one
+that matters now and then; two bits selected the needle's block at every step where one bit missed it
+(benchmarks/results/topk_key_bits_cpu.txt, then topk_recall_h200_v3/ on the H200; the figures are
+indexed in benchmarks/results/README.md). The price: a product with every key's code, O(bt * hd) per
+block and head instead of O(hd), and summary bytes of 2 * hd * item + bt * hd * bits / 8 per block and
+KV head (at hd 128, bt 16, bf16: 1.5x the range's for one bit, 2x for two).
 
 Everything here is device code with static shapes (no host reads, no data-dependent shapes), so it
 traces into the compiled decode step (`kv.kernels`). Selection is one defined function of the
@@ -51,19 +50,19 @@ KEY_BITS = 2  # bits per key and channel in a block's summary unless the KV conf
 MAX_KEY_BITS = 4
 
 
-def sign_bytes(head_dim: int) -> int:
+def plane_bytes(head_dim: int) -> int:
     """Bytes of one bit plane of a key (one bit per channel, 8 to a byte)."""
     return -(-head_dim // 8)
 
 
 def code_bytes(head_dim: int, bits: int = KEY_BITS) -> int:
     """Bytes of one key's code: `bits` bit planes."""
-    return bits * sign_bytes(head_dim)
+    return bits * plane_bytes(head_dim)
 
 
 def code_bits(codes: torch.Tensor, head_dim: int) -> int:
     """The bits per channel of a summary's codes (..., nb): the buffer's width says, so kernels need no flag."""
-    return codes.shape[-1] // sign_bytes(head_dim)
+    return codes.shape[-1] // plane_bytes(head_dim)
 
 
 def summary_bytes(kv_heads: int, block_tokens: int, head_dim: int, item: int, bits: int = KEY_BITS) -> int:
@@ -74,7 +73,7 @@ def summary_bytes(kv_heads: int, block_tokens: int, head_dim: int, item: int, bi
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """bits (..., hd) bool → (..., ceil(hd / 8)) uint8: channel c is bit c % 8 of byte c // 8."""
     hd = bits.shape[-1]
-    b = F.pad(bits.to(torch.uint8), (0, 8 * sign_bytes(hd) - hd)).unflatten(-1, (-1, 8))  # (..., nb, 8)
+    b = F.pad(bits.to(torch.uint8), (0, 8 * plane_bytes(hd) - hd)).unflatten(-1, (-1, 8))  # (..., nb, 8)
     return (b << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(-1, dtype=torch.uint8)
 
 
@@ -92,7 +91,7 @@ def pack_codes(levels: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(codes: torch.Tensor, hd: int) -> torch.Tensor:
     """The inverse of `pack_codes`: (..., bits * nb) uint8 → levels (..., hd) uint8."""
-    nb = sign_bytes(hd)
+    nb = plane_bytes(hd)
     levels = unpack_bits(codes[..., :nb], hd)
     for p in range(1, code_bits(codes, hd)):
         levels = levels | (unpack_bits(codes[..., p * nb:(p + 1) * nb], hd) << p)

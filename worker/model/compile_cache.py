@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 import uuid
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +63,6 @@ COUNTERS = {"fxgraph_cache_hit": ("inductor", "fxgraph_cache_hit"),
             "autograd_cache_bypass": ("aot_autograd", "autograd_cache_bypass")}
 
 
-def _version(*dists: str) -> str | None:
-    for dist in dists:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def key_parts() -> dict[str, Any]:
     """What the cached kernels depend on, as seen by this process."""
     cuda = torch.cuda.is_available()
@@ -81,7 +71,7 @@ def key_parts() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton", "pytorch-triton"),
+        "triton": hostinfo.dist_version("triton", "pytorch-triton"),
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if cuda else f"cpu:{hostinfo.cpu_model()}",
         "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,

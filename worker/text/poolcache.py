@@ -20,24 +20,17 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 from worker import envs
 from worker.files import write_atomic
+from worker.host.hostinfo import dist_version
 from worker.text.checkpoint import LEGACY_FILES, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
 Pool = tuple[list[str], dict[str, int]]
 FILES = (*TOKENIZER_FILES, *LEGACY_FILES)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def pool_key(tokenizer, code: Path) -> str | None:
@@ -50,7 +43,8 @@ def pool_key(tokenizer, code: Path) -> str | None:
         f = Path(path) / name
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
-    h.update(f"{type(tokenizer).__name__}\0{_version('tokenizers')}\0{_version('transformers')}\0".encode())
+    versions = f"{dist_version('tokenizers')}\0{dist_version('transformers')}"
+    h.update(f"{type(tokenizer).__name__}\0{versions}\0".encode())
     h.update(code.read_bytes())
     return h.hexdigest()[:32]
 
