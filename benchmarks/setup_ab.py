@@ -1,15 +1,17 @@
 """Issue 13 on a GPU: a fresh `bench run` process's setup, with and without a setup option, in one command.
 
-    python benchmarks/setup_ab.py --work /tmp/sbg --json $OUT/setup_ab.json [--pairs 3] [--flag --compile-ahead]
+    python benchmarks/setup_ab.py --work /tmp/sbg --json $OUT/setup_ab.json [--pairs 3] \\
+        [--flag --compile-ahead] [--base-flag --no-compile-ahead]
 
 The setup target (a fresh process of a cached config ready to measure in <= 10 s) is about what a
 nightly suite without `reuse: weights` pays per run: process start, imports, tokenizer, pack, CPU tier
 fill, GPU slots (with the model build and the device-resident groups' load), compile from the host's
 cache. This runs one 70B-geometry `cpu`-mode point (bf16, `--layers`, packed once) as separate
-`python cli.py run` processes: first one untimed process that fills the compile cache (and the page
-cache, as on a host that ran the config before), then `--pairs` pairs of (baseline, baseline + `--flag`)
-in alternating order, so drift of the machine over the minutes falls on both variants alike. Printed
-per process: the time before its measured round (process start to the end of the warm-up: every
+`python cli.py run` processes: first one untimed process that fills the compile cache (not the page
+cache: the fill reads O_DIRECT unless `--warm-page-cache` is among the flags, so every process fills from
+the disk, as `setup_h200/v2/setup_ab.log` shows), then `--pairs` pairs of (baseline with `--base-flag`,
+variant with `--flag`) in alternating order, so drift of the machine over the minutes falls on both
+variants alike. Printed per process: the time before its measured round (process start to the end of the warm-up: every
 setup phase), the phases, the slots phase by its spans (`slots_parts`), the side-thread work
 (`overlapped`); then per variant the median and the paired differences. The tokens must be the same
 in every process (a setup option changes no kernel).
@@ -49,7 +51,8 @@ def run_args(ckpt: Path, a, out: Path, extra: list[str]) -> list[str]:
 
 
 def one_run(cli: list[str], ckpt: Path, a, out: Path, extra: list[str]) -> dict:
-    cmd = [*cli, *run_args(ckpt, a, out, extra)]
+    """`extra`: the variant's flags; [] is the baseline (which gets `--base-flag`)."""
+    cmd = [*cli, *run_args(ckpt, a, out, extra or a.base_flag)]
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -70,7 +73,8 @@ def profile_run(cli: list[str], ckpt: Path, a, work: Path, top: int = 40) -> dic
     """One baseline process under cProfile and -X importtime (`cli` is `prepare_model`'s: python -c ...)."""
     prof = work / "setup-profile.prof"
     code = f"import cProfile, cli; cProfile.run('cli.main()', {str(prof)!r})"
-    cmd = [cli[0], "-X", "importtime", "-c", code, *cli[3:], *run_args(ckpt, a, work / "setup-profile.json", [])]
+    cmd = [cli[0], "-X", "importtime", "-c", code, *cli[3:],
+           *run_args(ckpt, a, work / "setup-profile.json", a.base_flag)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0 or not prof.exists():
         return {"error": f"profiled run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}"}
@@ -107,6 +111,8 @@ def main() -> None:
     p.add_argument("--work", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--flag", nargs="+", default=["--compile-ahead"], help="the variant's extra `bench run` flags")
+    p.add_argument("--base-flag", nargs="*", default=["--no-compile-ahead"],
+                   help="the baseline's flags (default: the option off, now that it is on by default)")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="one more baseline process under cProfile + importtime")
     add_point_args(p)
@@ -117,7 +123,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt, cli = prepare_model(a)
     print(f"{a.preset}, {a.layers} layers, cpu mode, prompt {a.prompt_len}, {a.new_tokens} new tokens; "
-          f"baseline vs {' '.join(a.flag)}, {a.pairs} pair(s) of fresh processes", flush=True)
+          f"baseline ({' '.join(a.base_flag) or 'defaults'}) vs {' '.join(a.flag)}, {a.pairs} pair(s) of fresh "
+          "processes", flush=True)
     first = one_run(cli, ckpt, a, work / "setup-first.json", [])  # fills the compile cache: not compared
     print("  (first process, fills the compile cache; not compared)")
     show(first)

@@ -14,6 +14,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
+def all_threads() -> dict:
+    """The profiler's option to record every thread's CPU ops, where this torch has it: without it only the
+    thread that started the profiler is recorded, so the weight streamer's fetch thread (its copies'
+    host side, its named waits) is missing from the trace (checked on torch 2.13's CPU build)."""
+    try:
+        from torch.profiler import _ExperimentalConfig
+
+        return {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError):
+        return {}
+
+
 def time_and_profile(step: Callable[[], None], steps: int, profile_steps: int, cuda: bool,
                      untimed: int = 2) -> tuple[float | None, profile]:
     """ms per step over `steps` (None without CUDA: no events to time with) and the profiler of the
@@ -31,7 +43,8 @@ def time_and_profile(step: Callable[[], None], steps: int, profile_steps: int, c
         t1.record()
         torch.cuda.synchronize()
         ms = t0.elapsed_time(t1) / steps
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 **all_threads()) as prof:
         for _ in range(profile_steps):
             step()
         if cuda:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import sys
 import tempfile
@@ -33,17 +34,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from step_timing import time_and_profile  # noqa: E402  (beside this script)
 from worker.engine import build_engine  # noqa: E402
 from worker.generate import kv_span  # noqa: E402
+from worker.host.interp import quiet_interpreter  # noqa: E402
 from worker.model.step import Step  # noqa: E402
 from worker.pack.cache import ensure_pack  # noqa: E402
 from worker.run import resolve_config  # noqa: E402
 from worker.synth.checkpoints import make_model  # noqa: E402
 
 
-def stream_split(prof) -> tuple[dict[int, dict[str, float]], collections.Counter]:
-    """Per CUDA stream: kernel and copy microseconds and H2D bytes (from the trace's events); per kernel name."""
+def chrome_trace(prof) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.loads(Path(f.name).read_text())
+        return json.loads(Path(f.name).read_text())
+
+
+def stream_split(trace: dict) -> tuple[dict[int, dict[str, float]], collections.Counter]:
+    """Per CUDA stream: kernel and copy microseconds and H2D bytes (from the trace's events); per kernel name."""
     per: dict[int, dict[str, float]] = collections.defaultdict(lambda: {"kernel_us": 0.0, "copy_us": 0.0,
                                                                         "h2d_bytes": 0.0})
     names: collections.Counter = collections.Counter()
@@ -63,6 +68,60 @@ def stream_split(prof) -> tuple[dict[int, dict[str, float]], collections.Counter
     return per, names
 
 
+GAP_US = 20.0  # idle spans of the copy stream shorter than this are launch jitter, not a stall
+
+
+def _overlap(e: dict, a: float, b: float) -> float:
+    return max(0.0, min(b, e["ts"] + e.get("dur", 0)) - max(a, e["ts"]))
+
+
+def copy_gaps(trace: dict, top: int = 6) -> dict:
+    """When the weight-copy stream idles between two H2D copies, why: the next copy's API call started
+    after the previous copy had ended (`host_late`: the fetch thread issued it late), or before it (the
+    copy waited on the device, for a slot's free event: `device_wait`). For each kind, the longest host
+    calls on the issuing thread and the kernels on other streams during the idle spans say what held it.
+
+    Why: a step's time minus its copy time says how much the copy stream idles, not when or why, and
+    issue 17 asks which stream is idle when a format misses its target."""
+    ev = trace.get("traceEvents", [])
+    copies = sorted((e for e in ev if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")),
+                    key=lambda e: e["ts"])
+    if not copies:
+        return {}
+    sid = collections.Counter(int(e["args"].get("stream", -1)) for e in copies).most_common(1)[0][0]
+    copies = [e for e in copies if int(e["args"].get("stream", -1)) == sid]
+    launch = {e["args"].get("correlation"): e for e in ev
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
+            and e.get("ph") == "X"]
+    kernels = [e for e in ev if e.get("cat") == "kernel"]
+    out = {"stream": sid, "copies": len(copies), "host_late_us": 0.0, "device_wait_us": 0.0, "spans": []}
+    why: dict[str, dict[str, collections.Counter]] = {
+        k: {"issuing_thread": collections.Counter(), "other_threads": collections.Counter(),
+            "kernels": collections.Counter()} for k in ("host_late", "device_wait")}
+    for prev, nxt in itertools.pairwise(copies):
+        a, b = prev["ts"] + prev.get("dur", 0), nxt["ts"]
+        if b - a < GAP_US:
+            continue
+        call = launch.get(nxt["args"].get("correlation"))
+        kind = "host_late" if call is not None and call["ts"] > a else "device_wait"
+        out[kind + "_us"] += b - a
+        tid = call.get("tid") if call else None
+        for e in host:
+            us = _overlap(e, a, b)
+            if us > 0:
+                why[kind]["issuing_thread" if e.get("tid") == tid else "other_threads"][e["name"][:70]] += us
+        for e in kernels:
+            us = _overlap(e, a, b)
+            if us > 0:
+                why[kind]["kernels"][e["name"][:70]] += us
+        out["spans"].append({"start_us": a, "idle_us": b - a, "kind": kind,
+                             "issued_after_us": (call["ts"] - a) if call else None})
+    out["spans"] = sorted(out["spans"], key=lambda s: -s["idle_us"])[:top]
+    out["why"] = {k: {part: c.most_common(top) for part, c in parts.items()} for k, parts in why.items()}
+    return out
+
+
 def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
     cuda = dev.type == "cuda"
     flat = {"checkpoints": str(ckpt), "mode": a.mode, "batch_size": a.batch, "roofline": False,
@@ -71,6 +130,7 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
         flat["gpu_memory_limit_gb"] = round(a.budget_gib * 2**30 / 1e9, 3)
     if fmt != "native":
         flat.update(weight_format=fmt, quant_group_size=a.group_size)
+    flat.update(a.set)  # run settings under test (strings: the config validates and converts them)
     cfg = resolve_config(flat)
     pack = ensure_pack(ckpt, weights=cfg.weights)
     engine = build_engine(cfg, pack, dev, prompt_tokens=a.prompt)
@@ -90,13 +150,16 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
             tok.copy_(logits.argmax(-1, keepdim=True))
             pos.add_(1)
 
-        ms, prof = time_and_profile(step, a.steps, a.profile_steps, cuda)
-        out = {"format": fmt, "ms_per_step": ms}
+        with quiet_interpreter(a.gc_freeze, a.switch_interval_us):
+            ms, prof = time_and_profile(step, a.steps, a.profile_steps, cuda)
+        out = {"format": fmt, "ms_per_step": ms, "profile_steps": a.profile_steps}
         if not cuda:
             out["table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60)
             return out
-        per, names = stream_split(prof)
+        trace = chrome_trace(prof)
+        per, names = stream_split(trace)
         k = a.profile_steps
+        out["copy_gaps"] = copy_gaps(trace)
         out["streams"] = {sid: {"kernel_ms": s["kernel_us"] / k / 1e3, "copy_ms": s["copy_us"] / k / 1e3,
                                 "h2d_gb": s["h2d_bytes"] / k / 1e9,
                                 "busy": (s["kernel_us"] + s["copy_us"]) / k / 1e3 / ms}
@@ -123,6 +186,24 @@ def show(r: dict) -> None:
     print("  top kernels (ms per step):")
     for name, ms in r["top_kernels_ms"]:
         print(f"    {ms:8.3f}  {name}")
+    g, k = r.get("copy_gaps") or {}, r["profile_steps"]
+    if g:
+        print(f"  copy stream {g['stream']} idle between copies, per step: issued late by the host "
+              f"{g['host_late_us'] / k / 1e3:.3f} ms, waiting on the device {g['device_wait_us'] / k / 1e3:.3f} ms")
+        for kind, parts in g["why"].items():
+            for part, rows in parts.items():
+                if rows:
+                    print(f"    {kind}, {part}: " + "; ".join(f"{n} {us / k / 1e3:.3f}" for n, us in rows))
+        for sp in g["spans"]:
+            after = "" if sp["issued_after_us"] is None else f", issued {sp['issued_after_us']:.0f} us after idle"
+            print(f"    idle {sp['idle_us']:7.0f} us ({sp['kind']}{after})")
+
+
+def _setting(kv: str) -> tuple[str, str]:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{kv!r}: expected KEY=VALUE, e.g. h2d_group_backlog_max=3")
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed with CUDA events")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gc-freeze", action="store_true", help="as bench run --gc-freeze, around the timed steps")
+    ap.add_argument("--switch-interval-us", type=int, default=None, help="as bench run --switch-interval-us")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=_setting,
+                    help="run settings for every format, e.g. h2d_group_backlog_max=3")
     a = ap.parse_args(argv)
     for name in ("batch", "prompt", "steps", "profile_steps", "layers"):
         if getattr(a, name) < 1:
@@ -150,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (ckpt / "config.json").exists():
         make_model(ckpt, preset=a.preset, layers=a.layers, dtype="bfloat16" if cuda else "float32")
     print(f"{a.preset}, {a.layers} layers, {a.mode} mode, batch {a.batch}, prompt {a.prompt}, budget "
-          f"{a.budget_gib} GiB, on {dev}", flush=True)
+          f"{a.budget_gib} GiB, on {dev}" + "".join(f", {k}={v}" for k, v in a.set)
+          + (", gc frozen" if a.gc_freeze else "")
+          + (f", switch interval {a.switch_interval_us} us" if a.switch_interval_us else ""), flush=True)
     rows = []
     for fmt in a.formats:
         rows.append(profile_format(fmt, ckpt, a, dev))

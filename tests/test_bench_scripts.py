@@ -65,3 +65,78 @@ def test_setup_ab_lists_the_slowest_imports_from_importtime():
     ])
     got = setup_ab.slowest_imports(err, top=2)
     assert got == [("torch", 1.8), ("worker.run", 0.25)]
+
+
+def _stream_profile():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stream_profile
+
+    return stream_profile
+
+
+def test_copy_gaps_tells_a_late_issue_from_a_device_wait():
+    """Three copies on stream 7: the second was issued 300 us after the first ended while the fetch
+    thread sat in an event sync (host late); the third was issued early and started 500 us after the
+    second ended, while a kernel ran (device wait)."""
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": args.pop("tid", 1), "args": args}
+
+    trace = {"traceEvents": [
+        x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 0, 1000, stream=7, correlation=1),
+        x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 1400, 1000, stream=7, correlation=2),
+        x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 2900, 1000, stream=7, correlation=3),
+        x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 2905, 10, stream=9, correlation=4),  # another stream
+        x("cuda_runtime", "cudaMemcpyAsync", -5, 4, correlation=1, tid=2),
+        x("cuda_runtime", "cudaEventSynchronize", 900, 400, tid=2),
+        x("cuda_runtime", "cudaMemcpyAsync", 1300, 5, correlation=2, tid=2),
+        x("cuda_runtime", "cudaMemcpyAsync", 1350, 5, correlation=3, tid=2),
+        x("cpu_op", "aten::mm", 1000, 200, tid=1),
+        x("kernel", "int4_tile_kernel", 2400, 500, stream=3, correlation=9),
+    ]}
+    g = _stream_profile().copy_gaps(trace)
+    assert g["stream"] == 7 and g["copies"] == 3
+    assert g["host_late_us"] == 400 and g["device_wait_us"] == 500
+    assert g["why"]["host_late"]["issuing_thread"][0] == ("cudaEventSynchronize", 300)
+    assert ("aten::mm", 200) in g["why"]["host_late"]["other_threads"]
+    assert g["why"]["device_wait"]["kernels"] == [("int4_tile_kernel", 500)]
+    assert [s["kind"] for s in g["spans"]] == ["device_wait", "host_late"]
+    assert g["spans"][1]["issued_after_us"] == 300
+
+
+def test_stream_profile_set_wants_key_equals_value():
+    import argparse
+
+    import pytest
+
+    sp = _stream_profile()
+    assert sp._setting("h2d_group_backlog_max=3") == ("h2d_group_backlog_max", "3")
+    with pytest.raises(argparse.ArgumentTypeError):
+        sp._setting("h2d_group_backlog_max")
+
+
+def test_profiled_steps_record_a_second_threads_ranges():
+    """The fetch thread's named waits must reach the trace (by default only the profiling thread's do)."""
+    import threading
+    import time
+
+    from torch.profiler import record_function
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_timing
+
+    stop = threading.Event()
+
+    def fetch():
+        while not stop.is_set():
+            with record_function("fetch.room"):
+                time.sleep(0.002)
+
+    t = threading.Thread(target=fetch)
+    t.start()
+    try:
+        _, prof = step_timing.time_and_profile(lambda: time.sleep(0.01), steps=1, profile_steps=2, cuda=False,
+                                               untimed=0)
+    finally:
+        stop.set()
+        t.join()
+    assert any(e.name == "fetch.room" for e in prof.events())

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from worker import envs
 from worker.host import hostinfo
 from worker.model import compile_cache
@@ -148,3 +150,21 @@ def test_a_users_cache_dirs_win_and_torchs_own_default_does_not(monkeypatch, tmp
     monkeypatch.setenv("TRITON_CACHE_DIR", mine)
     got = envs.use_compile_cache(ours, torch_default=default)
     assert got == {"inductor_dir": ours, "triton_dir": mine, "user_dirs": ["TRITON_CACHE_DIR"]}
+
+
+def test_a_run_refused_on_its_checkpoint_starts_no_compiler_thread(tmp_path, monkeypatch):
+    """The side thread is not a daemon: started before the checkpoint check, a refused run would wait
+    for the compiler's import (seconds on a GPU host) before it could exit."""
+    import worker.engine
+    from worker.errors import UserError
+    from worker.run import resolve_config, run
+
+    started = []
+    monkeypatch.setattr(worker.engine, "compiles", lambda run_cfg, device: True)  # as on CUDA
+    monkeypatch.setattr(compile_cache, "prepare_ahead", lambda: started.append(1) or True)
+    (tmp_path / "ckpt").mkdir()  # no config.json
+    cfg = resolve_config({"checkpoints": str(tmp_path / "ckpt"), "roofline": False})
+    assert cfg.compile_ahead  # the default
+    with pytest.raises(UserError):
+        run(cfg)
+    assert started == []

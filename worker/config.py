@@ -170,9 +170,18 @@ class RunConfig:
     device: Device = _f("auto", "Compute device; auto = CUDA when present, else CPU.")
     verbose: bool = _f(False, "Log the engine's decisions.")
     compile: bool = _f(True, "On CUDA, torch.compile each layer's math into fused kernels (--no-compile: eager).")
-    compile_ahead: bool = _f(False, "Import the compiler (torch._dynamo, Inductor) on a side thread from the run's "
-                                    "start, beside tokenizer, pack, fill and upload, instead of in the model build: "
-                                    "setup time only (same kernels, same tokens); off until measured on a GPU.")
+    compile_ahead: bool = _f(True, "Import the compiler (torch._dynamo, Inductor) on a side thread from the run's "
+                                   "start, beside tokenizer, pack, fill and upload, instead of in the model build: "
+                                   "setup time only (same kernels, same tokens; benchmarks/results/setup_h200/).")
+    gc_freeze: bool = _f(False, "During the warm-up and measured rounds, freeze the objects setup made and pause "
+                                "Python's cyclic garbage collector (restored after), so a collection cannot stall "
+                                "the thread issuing the weight copies (worker/host/interp.py); an A/B switch: on "
+                                "the H200 it left batch 16's copy stalls in place "
+                                "(benchmarks/results/quant_h200/v4/interp/).")
+    switch_interval_us: Annotated[int, Field(gt=0)] | None = _f(
+        None, "Python's thread switch interval during the rounds, microseconds (default: Python's 5000): how long "
+              "the compute thread may keep the interpreter while the fetch thread waits to issue a copy (an A/B "
+              "switch, like gc_freeze).")
     cuda_graphs: bool = _f(True, "Replay the gpu-mode decode step as CUDA graphs (KV on the GPU, or steady "
                                  "top-k steps over a CPU tier the GPU maps; --no-cuda-graphs: eager).")
     roofline: bool = _f(True, "Probe this host once (cached) and report the run's I/O floor and attainment.")

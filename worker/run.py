@@ -23,6 +23,7 @@ from worker.errors import UserError
 from worker.files import check_output_file
 from worker.generate import Generation, decode_spans, generate, measure
 from worker.host import adjacent, devlock
+from worker.host.interp import quiet_interpreter
 from worker.host.reuse import EngineCache, engine_key
 from worker.host.reuse import record as reuse_record
 from worker.host.walltime import RunClock
@@ -91,13 +92,15 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         from worker.text.checkpoint import load_tokenizer
 
     compiled_since = compile_cache.counters()  # this run's compiles: the process may have done others before
-    ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead()  # beside tokenizer..upload
     if not cfg.manifest:
         ModelConfig.from_hf_dir(cfg.checkpoints)  # a missing or non-Llama checkpoint is the first error
     if cfg.accuracy_ref:
         from worker.quant.accuracy import check_reference
 
         check_reference(cfg.checkpoints)
+    # beside tokenizer..upload; after the checks above, so a run refused there exits at once instead of
+    # waiting for the compiler's import (the side thread is not a daemon)
+    ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead()
     with clock.phase("tokenizer"):
         tok = reuse.tokenizer(cfg.checkpoints, load_tokenizer) if reuse is not None else load_tokenizer(cfg.checkpoints)
         prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
@@ -190,8 +193,9 @@ def _measure(engine, cfg: RunConfig, prompt_ids, tok, device, phase: Phase, cloc
         engine.reset_counters()
         return getattr(engine.weights, "prefetched", dict)()
 
-    return measure(clock.rounds_of(once, cfg.warmup_rounds), cfg.warmup_rounds, cfg.max_new_tokens, device, phase,
-                   prepare=prepare, start=start)
+    with quiet_interpreter(cfg.gc_freeze, cfg.switch_interval_us):
+        return measure(clock.rounds_of(once, cfg.warmup_rounds), cfg.warmup_rounds, cfg.max_new_tokens, device,
+                       phase, prepare=prepare, start=start)
 
 
 def _accuracy(engine, cfg: RunConfig, pack, prompt_ids, gen: Generation, device: torch.device,

@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from worker.config import StreamConfig
 from worker.host.walltime import Spans
@@ -235,14 +236,18 @@ class WeightStreamer:
     def _fetch_loop(self) -> None:
         """The fetch thread: each streamed group in consumption order, cyclically across passes, waits
         for room ahead of the compute, takes a slot, is copied in unless the slot still holds it, and is
-        handed to the compute side. An error is kept for `wait` to raise on the compute thread."""
+        handed to the compute side. An error is kept for `wait` to raise on the compute thread. Its waits
+        are named profiler ranges (fetch.room / fetch.slot / fetch.backlog), so a trace shows which one
+        held a copy back (benchmarks/stream_profile.py)."""
         try:
             if self.sync.cuda:
                 torch.cuda.set_device(self.device)
             for n, key in enumerate(itertools.cycle(self.order)):
-                if not self._wait_for_room(n):
-                    return
-                slot, hit = self.pool.acquire(key)
+                with record_function("fetch.room"):
+                    if not self._wait_for_room(n):
+                        return
+                with record_function("fetch.slot"):
+                    slot, hit = self.pool.acquire(key)
                 if not hit:
                     self._copy(key, slot)
                 self._publish(key, slot)
@@ -272,8 +277,9 @@ class WeightStreamer:
         the device: the host waits for the oldest, so it never runs far ahead of the copy engine."""
         self._copy_in(key, slot)
         self._backlog.append(slot.ready_event)
-        while len(self._backlog) > self.cfg.h2d_group_backlog_max:
-            self._backlog.popleft().synchronize()
+        with record_function("fetch.backlog"):
+            while len(self._backlog) > self.cfg.h2d_group_backlog_max:
+                self._backlog.popleft().synchronize()
 
     def _publish(self, key: GroupKey, slot: Slot) -> None:
         """Hand the slot to the compute side; `wait` pops it in the same order."""
