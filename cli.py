@@ -7,7 +7,9 @@ user-facing output goes through rich/Click in these two modules and nowhere else
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
 import sys
 
@@ -315,7 +317,8 @@ def _interrupted(what: str) -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors are one line and exit 2; bugs keep their traceback."""
+    """Console entry point: user errors are one line and exit 2, as is a full disk (the fix is the user's:
+    free space or write elsewhere); bugs keep their traceback."""
     try:
         bench.main(standalone_mode=False)
     except UserError as e:
@@ -332,6 +335,15 @@ def main() -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _interrupted("interrupted")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # any other I/O failure keeps its traceback: it may be a bug
+        where = f" writing {e.filename}" if e.filename else ""
+        command = next((a for a in sys.argv[1:] if a in bench.commands), "")
+        err_console.print(f"[bold red]error:[/] {escape(os.strerror(e.errno).lower())}{escape(where)} during "
+                          f"`bench {escape(command)}`: free space on that disk or point the command's output "
+                          "elsewhere", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -264,3 +264,39 @@ def test_out_json_on_a_full_disk_fails_before_the_run(tmp_path, monkeypatch):
     monkeypatch.undo()
     result.check_output_file(tmp_path / "r.json", "--out-json")
     assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, capsys):
+    """Found on the H200: `bench make-model` on a full disk ended in an OSError traceback."""
+    import errno
+    import os
+
+    from benchcli import bench_inprocess
+
+    import worker.synth.checkpoints as checkpoints
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints, "write_weights", full)
+    out = tmp_path / "m"
+    r = bench_inprocess(monkeypatch, capsys, "-v", "WARNING", "make-model", str(out), "--preset", "tiny",
+                        "--layers", "1")
+    one_line_exit_2(r, "no space left on device", "bench make-model", "free space")
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary directory
+
+
+def test_other_os_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    """Only a full disk is the user's to fix; another I/O failure may be a bug and must stay visible."""
+    import errno
+
+    from benchcli import bench_inprocess
+
+    import worker.synth.checkpoints as checkpoints
+
+    def broken(*a, **kw):
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(checkpoints, "write_weights", broken)
+    with pytest.raises(OSError):
+        bench_inprocess(monkeypatch, capsys, "make-model", str(tmp_path / "m"), "--preset", "tiny", "--layers", "1")
