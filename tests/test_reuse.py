@@ -38,7 +38,8 @@ def test_measurement_only_settings_keep_the_key_and_the_rest_change_it(flat, tmp
     pack = _Pack(tmp_path)
     base = _key(flat, pack)
     for change in ({"max_new_tokens": 9}, {"temperature": 0.7, "top_p": 0.5}, {"seed": 3}, {"warmup_rounds": 3},
-                   {"prompt_len": 16}, {"roofline": False}, {"floor_window_s": 0.0}, {"out_json": "x.json"}):
+                   {"prompt_len": 16}, {"roofline": False}, {"floor_window_s": 0.0}, {"out_json": "x.json"},
+                   {"gc_freeze": True, "switch_interval_us": 200}):
         assert _key(flat, pack, **change) == base, change
     for change in ({"mode": "cpu"}, {"batch_size": 2}, {"max_seq_len": 128}, {"cpu_cache_layers": 2},
                    {"gpu_memory_limit_gb": 1.0}, {"kv_offload": "cpu"}, {"compile": False}, {"dtype": "float32"},

@@ -37,6 +37,7 @@ MEASUREMENT_ONLY = frozenset({
     "prompt", "prompts", "prompt_len", "max_new_tokens", "temperature", "top_p", "seed", "warmup_rounds",
     "roofline", "floor_window_s", "device_wait_s", "pack_verify_days", "out_json", "verbose",
     "accuracy_ref",  # computed after the measured round, from the same engine
+    "gc_freeze", "switch_interval_us",  # the interpreter during the rounds (worker/host/interp.py), not the engine
     # where the pack comes from: the pack's own identity stands in for these
     "checkpoints", "pack_dir", "manifest", "raw_device",
 })
