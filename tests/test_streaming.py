@@ -256,3 +256,37 @@ def test_fetch_thread_error_is_raised_on_the_compute_side(ckpt):
         assert not w._thread.is_alive()
     finally:
         engine.close()
+
+
+def test_a_streamed_run_reports_where_its_fetch_thread_waited(tiny_run):
+    """The run JSON says how long the fetch thread waited for room ahead of the compute, for a slot and
+    for the copy engine during the measured round: the H200's batch-16 copy stalls were issued late
+    by the host, and this is what tells those waits apart from any bench run."""
+    from worker.run import run
+
+    doc = run(resolve_config({k: v for k, v in {**tiny_run, "mode": "cpu"}.items() if k != "cpu_cache_layers"}))
+    waits = doc["io"]["weight_h2d"]["fetch_waits_s"]
+    assert set(waits) == {"room", "slot", "backlog", "since_reset"}
+    assert all(v >= 0 for v in waits.values())
+    # the thread waits at most as long as the round has lasted, and on the CPU it mostly waits for room:
+    # each copy is done when issued, so the fetch runs ahead until the lookahead stops it
+    assert waits["room"] + waits["slot"] + waits["backlog"] <= waits["since_reset"] + 1e-3
+    assert waits["room"] > 0
+
+
+def test_waits_count_each_named_wait_until_reset():
+    import time
+
+    from worker.stream.iostats import Waits
+
+    w = Waits("fetch", ("room", "slot"))
+    with w("room"):
+        time.sleep(0.02)
+    with pytest.raises(RuntimeError):  # a wait that ends in an error still counts
+        with w("slot"):
+            time.sleep(0.01)
+            raise RuntimeError("closing")
+    got = w.stats()
+    assert got["room"] >= 0.02 and got["slot"] >= 0.01 and got["since_reset"] >= got["room"] + got["slot"]
+    w.reset()
+    assert w.stats()["room"] == 0 and w.stats()["slot"] == 0

@@ -1,4 +1,5 @@
-"""Per-channel I/O accounting: bytes moved and the time the channel was busy.
+"""Per-channel I/O accounting: bytes moved and the time the channel was busy; and `Waits`, the time a
+thread that feeds a channel spent waiting, per named wait.
 
 Busy time is wall time with at least one transfer in flight (not the sum over threads), so
 bytes / busy is the bandwidth the channel actually delivered while in use. Device copies are timed
@@ -8,9 +9,14 @@ of host syncs.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
+
+from torch.profiler import record_function
 
 
 class Channel:
@@ -68,3 +74,33 @@ class Channel:
             if self.untimed:  # busy_s and gbps are the timed transfers' alone
                 out["untimed_bytes"] = self.untimed
             return out
+
+
+class Waits:
+    """Seconds one thread spent in each of its named waits since the last reset; each wait is also a
+    named profiler range (`prefix.name`), so a trace shows which wait held the thread and when.
+
+    The weight streamer's fetch thread reports these (`io.weight_h2d.fetch_waits_s`): when the copy
+    stream is the bound its time goes to waiting for the copy engine (`backlog`); a large `room` means
+    the compute's host side ran behind, `slot` a slot still being read, and the time left over
+    (`since_reset` minus the waits) went to issuing copies or to waiting for the interpreter."""
+
+    def __init__(self, prefix: str, names: tuple[str, ...]):
+        self.prefix, self.names = prefix, names
+        self.reset()
+
+    def reset(self) -> None:
+        self._seconds: collections.Counter = collections.Counter()
+        self._since = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            with record_function(f"{self.prefix}.{name}"):
+                yield
+        finally:
+            self._seconds[name] += time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        return {**{n: self._seconds[n] for n in self.names}, "since_reset": time.perf_counter() - self._since}

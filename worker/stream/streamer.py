@@ -17,7 +17,6 @@ import threading
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from worker.config import StreamConfig
 from worker.host.walltime import Spans
@@ -28,7 +27,7 @@ from worker.stream.cpu_tier import FixedTier, RingTier
 from worker.stream.devsync import Sync
 from worker.stream.gpu_tier import Slot, SlotPool
 from worker.stream.hostmem import HostArena
-from worker.stream.iostats import Channel
+from worker.stream.iostats import Channel, Waits
 from worker.stream.plan import Placement, lookahead
 from worker.stream.ssd import SSDReader
 from worker.stream.staging import DirectStager
@@ -81,6 +80,10 @@ def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) ->
         log.warning("gpu_memory_limit_gb=%s fits %s GPU slots, not the %s of gpu_max_groups=%d",
                     cfg.gpu_memory_limit_gb, _slots(got), _slots(want), cfg.gpu_max_groups)
     return {**counts, **got}
+
+
+def _with(stats: dict | None, **more) -> dict | None:
+    return None if stats is None else {**stats, **{k: v for k, v in more.items() if v is not None}}
 
 
 def _slots(counts: dict[str, int]) -> str:
@@ -147,6 +150,7 @@ class WeightStreamer:
         self._error: BaseException | None = None
         self._copy_stream = self.sync.stream()
         self._backlog: collections.deque = collections.deque()  # ready events of queued copies (fetch thread)
+        self._waits = Waits("fetch", ("room", "slot", "backlog"))  # the fetch thread's (io_stats)
         self._preload = max(self.ahead, min(2 * cfg.warmup_layers, sum(counts.values()) - 1))
         self._fillable = fillable(self.order, counts)
         self._thread = threading.Thread(target=self._fetch_loop, name="h2d-fetch", daemon=True)
@@ -243,10 +247,10 @@ class WeightStreamer:
             if self.sync.cuda:
                 torch.cuda.set_device(self.device)
             for n, key in enumerate(itertools.cycle(self.order)):
-                with record_function("fetch.room"):
+                with self._waits("room"):
                     if not self._wait_for_room(n):
                         return
-                with record_function("fetch.slot"):
+                with self._waits("slot"):
                     slot, hit = self.pool.acquire(key)
                 if not hit:
                     self._copy(key, slot)
@@ -277,7 +281,7 @@ class WeightStreamer:
         the device: the host waits for the oldest, so it never runs far ahead of the copy engine."""
         self._copy_in(key, slot)
         self._backlog.append(slot.ready_event)
-        with record_function("fetch.backlog"):
+        with self._waits("backlog"):
             while len(self._backlog) > self.cfg.h2d_group_backlog_max:
                 self._backlog.popleft().synchronize()
 
@@ -331,6 +335,7 @@ class WeightStreamer:
 
     def reset_counters(self) -> None:
         self.h2d.reset()
+        self._waits.reset()
         if self.reader:
             self.reader.channel.reset()
 
@@ -348,7 +353,7 @@ class WeightStreamer:
     def io_stats(self) -> dict[str, Any]:
         return {
             "ssd_read": self.reader.channel.stats() if self.reader else None,
-            "weight_h2d": self.h2d.stats(),
+            "weight_h2d": _with(self.h2d.stats(), fetch_waits_s=self._waits.stats() if self.order else None),
             "pinned_host_bytes": self.arena.nbytes,
             "gpu_slot_bytes": self.pool.nbytes,
             "gpu_slots": dict(self.slots),
