@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from settings import add_set_option  # noqa: E402  (beside this script)
+
 PHASES = ("process_s", "imports_s", "tokenizer_s", "pack_s", "fill_s", "slots_s", "compile_s", "warmup_s",
           "probe_s", "close_s", "other_s")
 
@@ -33,22 +36,9 @@ PHASES = ("process_s", "imports_s", "tokenizer_s", "pack_s", "fill_s", "slots_s"
 def suite_text(ckpt: Path, a, reuse: str) -> str:
     """The block's suite (JSON, which the YAML loader reads): the point, plus `--set`'s defaults."""
     defaults = {"mode": "cpu", "prompt_len": a.prompt_len, "max_new_tokens": a.new_tokens, "temperature": 0,
-                "gpu_memory_limit_gb": round(a.budget_gib * 2**30 / 1e9, 3), **extra_defaults(a.set)}
+                "gpu_memory_limit_gb": round(a.budget_gib * 2**30 / 1e9, 3), **dict(a.set)}
     return json.dumps({"name": f"reuse-{reuse}", "reuse": reuse, "repeats": a.runs,
                        "models": [{"name": "m", "path": str(ckpt)}], "defaults": defaults, "matrix": {}})
-
-
-def extra_defaults(pairs: list[str]) -> dict:
-    """`KEY=VALUE` strings → suite defaults, each value read as YAML (true, 2, 0.5, text)."""
-    import yaml
-
-    out = {}
-    for kv in pairs:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE, e.g. warm_page_cache=true")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def block(worker, ckpt: Path, a, reuse: str) -> list[dict]:
@@ -125,8 +115,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=8)
     add_point_args(p)
     p.add_argument("--order", choices=("none-first", "weights-first"), default="none-first")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="more suite defaults for both blocks, e.g. warm_page_cache=true")
+    add_set_option(p, "more suite defaults for both blocks, e.g. warm_page_cache=true")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ckpt, _ = prepare_model(a)

@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from step_timing import time_and_profile  # noqa: E402  (beside this script)
+from settings import add_set_option  # noqa: E402  (beside this script)
+from step_timing import time_and_profile  # noqa: E402
 from worker.engine import build_engine  # noqa: E402
 from worker.generate import kv_span  # noqa: E402
 from worker.host.interp import quiet_interpreter  # noqa: E402
@@ -130,7 +131,7 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
         flat["gpu_memory_limit_gb"] = round(a.budget_gib * 2**30 / 1e9, 3)
     if fmt != "native":
         flat.update(weight_format=fmt, quant_group_size=a.group_size)
-    flat.update(a.set)  # run settings under test (strings: the config validates and converts them)
+    flat.update(a.set)  # run settings under test (the config validates them)
     cfg = resolve_config(flat)
     pack = ensure_pack(ckpt, weights=cfg.weights)
     engine = build_engine(cfg, pack, dev, prompt_tokens=a.prompt)
@@ -199,13 +200,6 @@ def show(r: dict) -> None:
             print(f"    idle {sp['idle_us']:7.0f} us ({sp['kind']}{after})")
 
 
-def _setting(kv: str) -> tuple[str, str]:
-    key, sep, value = kv.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{kv!r}: expected KEY=VALUE, e.g. h2d_group_backlog_max=3")
-    return key, value
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/sbsp")
@@ -223,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--gc-freeze", action="store_true", help="as bench run --gc-freeze, around the timed steps")
     ap.add_argument("--switch-interval-us", type=int, default=None, help="as bench run --switch-interval-us")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=_setting,
-                    help="run settings for every format, e.g. h2d_group_backlog_max=3")
+    add_set_option(ap, "run settings for every format, e.g. h2d_group_backlog_max=3")
     a = ap.parse_args(argv)
     for name in ("batch", "prompt", "steps", "profile_steps", "layers"):
         if getattr(a, name) < 1:

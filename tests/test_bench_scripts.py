@@ -103,15 +103,23 @@ def test_copy_gaps_tells_a_late_issue_from_a_device_wait():
     assert g["spans"][1]["issued_after_us"] == 300
 
 
-def test_stream_profile_set_wants_key_equals_value():
+def test_set_wants_key_equals_value_and_reads_the_value_as_yaml():
+    """stream_profile.py and reuse_h200.py share this parser."""
     import argparse
 
     import pytest
 
-    sp = _stream_profile()
-    assert sp._setting("h2d_group_backlog_max=3") == ("h2d_group_backlog_max", "3")
-    with pytest.raises(argparse.ArgumentTypeError):
-        sp._setting("h2d_group_backlog_max")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import settings
+
+    assert settings.setting("h2d_group_backlog_max=3") == ("h2d_group_backlog_max", 3)
+    assert settings.setting("warm_page_cache=true") == ("warm_page_cache", True)
+    for bad in ("h2d_group_backlog_max", "=3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            settings.setting(bad)
+    p = argparse.ArgumentParser()
+    settings.add_set_option(p, "x")
+    assert p.parse_args(["--set", "a=1", "b=x"]).set == [("a", 1), ("b", "x")]
 
 
 def test_profiled_steps_record_a_second_threads_ranges():

@@ -290,3 +290,18 @@ def test_waits_count_each_named_wait_until_reset():
     assert got["room"] >= 0.02 and got["slot"] >= 0.01 and got["since_reset"] >= got["room"] + got["slot"]
     w.reset()
     assert w.stats()["room"] == 0 and w.stats()["slot"] == 0
+
+
+def test_waits_are_profiler_ranges_only_while_a_profiler_records():
+    from torch.profiler import ProfilerActivity, profile
+
+    from worker.stream.iostats import Waits
+
+    w = Waits("fetch", ("room",))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with w("room"):
+            pass
+    assert any(e.name == "fetch.room" for e in prof.events())
+    with w("room"):  # no profiler: counted, no range entered
+        pass
+    assert w.stats()["room"] > 0
