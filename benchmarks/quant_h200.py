@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -90,7 +91,7 @@ def run_args(ckpt: Path, fmt: str, mode: str, batch: int, out: Path, a) -> list[
         args += ["--no-roofline"]
     if fmt == "peer":
         return args + ["--engine", "accelerate"]
-    return args + weight_args(fmt, a)
+    return args + weight_args(fmt, a) + shlex.split(a.run_flags)
 
 
 def save(runs: Path, a, t0: float) -> str:
@@ -98,18 +99,19 @@ def save(runs: Path, a, t0: float) -> str:
     still brings back what finished (its last tarball), and the next call's runs add to them."""
     table = report(runs)
     head = (f"{a.preset}, {a.layers} layers, prompt {a.prompt_len}, {a.new_tokens} new tokens, budget "
-            f"{a.budget_gib} GiB, int4 group {a.group_size}; {time.time() - t0:.0f} s")
+            f"{a.budget_gib} GiB, int4 group {a.group_size}{f', run flags {a.run_flags}' if a.run_flags else ''}; "
+            f"{time.time() - t0:.0f} s")
     (runs / "table.txt").write_text(f"{head}\n\n{table}\n")
     part = Path(f"{a.out}.part")
     with tarfile.open(part, "w:gz") as tar:
-        tar.add(runs, arcname="runs")
+        tar.add(runs, arcname=a.runs)
     part.replace(a.out)  # never a half-written tarball under the final name
     return f"{head}\n\n{table}"
 
 
 def measure(a, t0: float) -> Path:
     work = Path(a.work)
-    runs = work / "runs"
+    runs = work / a.runs
     runs.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{a.preset}-{a.layers}L"
     if not (ckpt / "config.json").exists():
@@ -191,6 +193,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["native", "int8", "int4", "peer"], choices=[*FORMATS, "peer"],
                     help="which formats (each with its runs of --modes) and/or the peer [default: all but "
                          "fp8, which adds 6 runs]")
+    ap.add_argument("--run-flags", default="", help="more `bench run` flags for the engine's runs (not the peer's), "
+                    "e.g. '--no-embed-zero-copy': with --runs, a variant beside the default in one call")
+    ap.add_argument("--runs", default="runs", help="folder under --work for this call's run JSONs and table")
     a = ap.parse_args()
     a.group_size = a.group_size or (16 if a.preset == "tiny" else 128)
     t0 = time.time()

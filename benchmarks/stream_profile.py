@@ -9,7 +9,13 @@ through the engine's own streamed forward timed with CUDA events, and `--profile
 torch.profiler. Printed per format: ms per step, then per CUDA stream the kernel and copy time per
 step and the share of the step it was busy; the H2D bytes per step and their rate while the copy
 stream was busy; the top kernels. A stream busy for ~1.0 of the step is the bound; the other's
-share is how much of the step it waits.
+share is how much of the step it waits. Then `--timeline-steps` more without the profiler, with
+`host_timeline.py`'s record of both streamer threads (what each did while the copy stream idled), and
+`--mark FILE` written at the 20th step, for a sampling profiler to attach to steady steps:
+
+    python benchmarks/stream_profile.py --batch 16 --formats int4 --steps 500 --mark /tmp/mark &
+    while [ ! -f /tmp/mark ]; do sleep 0.1; done; py-spy record --pid $! --duration 5 --rate 250 --threads \
+        --idle --nonblocking --format raw -o spy.txt; python benchmarks/spy_frames.py spy.txt
 
     python benchmarks/stream_profile.py --work /tmp/sbsp --layers 2 --batch 16 --formats native int8 int4
     python benchmarks/stream_profile.py --work /tmp/sbsp-tiny --preset tiny --layers 2 --batch 2 --prompt 32 \\
@@ -31,8 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import host_timeline  # noqa: E402
 from settings import add_set_option  # noqa: E402  (beside this script)
 from step_timing import time_and_profile  # noqa: E402
+
 from worker.engine import build_engine  # noqa: E402
 from worker.generate import kv_span  # noqa: E402
 from worker.host.interp import quiet_interpreter  # noqa: E402
@@ -99,7 +107,8 @@ def copy_gaps(trace: dict, top: int = 6) -> dict:
     out = {"stream": sid, "copies": len(copies), "host_late_us": 0.0, "device_wait_us": 0.0, "spans": []}
     why: dict[str, dict[str, collections.Counter]] = {
         k: {"issuing_thread": collections.Counter(), "other_threads": collections.Counter(),
-            "kernels": collections.Counter()} for k in ("host_late", "device_wait")}
+            "other_threads_runtime": collections.Counter(), "kernels": collections.Counter()}
+        for k in ("host_late", "device_wait")}
     for prev, nxt in itertools.pairwise(copies):
         a, b = prev["ts"] + prev.get("dur", 0), nxt["ts"]
         if b - a < GAP_US:
@@ -112,6 +121,8 @@ def copy_gaps(trace: dict, top: int = 6) -> dict:
             us = _overlap(e, a, b)
             if us > 0:
                 why[kind]["issuing_thread" if e.get("tid") == tid else "other_threads"][e["name"][:70]] += us
+                if e.get("tid") != tid and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+                    why[kind]["other_threads_runtime"][e["name"][:70]] += us
         for e in kernels:
             us = _overlap(e, a, b)
             if us > 0:
@@ -126,7 +137,7 @@ def copy_gaps(trace: dict, top: int = 6) -> dict:
 def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
     cuda = dev.type == "cuda"
     flat = {"checkpoints": str(ckpt), "mode": a.mode, "batch_size": a.batch, "roofline": False,
-            "max_seq_len": a.prompt + 2 + a.steps + a.profile_steps + 1}
+            "max_seq_len": a.prompt + 2 + a.steps + a.profile_steps + a.timeline_steps + 1}
     if a.mode != "gpu" and cuda:
         flat["gpu_memory_limit_gb"] = round(a.budget_gib * 2**30 / 1e9, 3)
     if fmt != "native":
@@ -147,6 +158,8 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
 
         def step() -> None:
             t[0] += 1
+            if a.mark and t[0] == 20:  # a sampling profiler outside (py-spy) waits for this: compiles are done
+                Path(a.mark).write_text(fmt)
             logits = engine.model.forward(tok, Step(pos[:, None], kv_span(n, t[0], cap)), cache)[:, 0]
             tok.copy_(logits.argmax(-1, keepdim=True))
             pos.add_(1)
@@ -157,6 +170,15 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
         if not cuda:
             out["table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60)
             return out
+        if a.timeline_steps and engine.weights.__class__.__name__ == "WeightStreamer":
+            engine.reset_counters()
+            keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+            m0 = torch.cuda.memory_stats(dev)
+            out["timeline"] = host_timeline.record(engine.weights, step, a.timeline_steps)
+            m1 = torch.cuda.memory_stats(dev)
+            out["allocator_events"] = {k: m1.get(k, 0) - m0.get(k, 0) for k in keys if k in m1}
+            waits = (engine.io().get("weight_h2d") or {}).get("fetch_waits_s") or {}
+            out["fetch_waits_ms_per_step"] = {k: v * 1e3 / a.timeline_steps for k, v in waits.items()}
         trace = chrome_trace(prof)
         per, names = stream_split(trace)
         k = a.profile_steps
@@ -198,6 +220,11 @@ def show(r: dict) -> None:
         for sp in g["spans"]:
             after = "" if sp["issued_after_us"] is None else f", issued {sp['issued_after_us']:.0f} us after idle"
             print(f"    idle {sp['idle_us']:7.0f} us ({sp['kind']}{after})")
+    if "timeline" in r:
+        host_timeline.show(r["timeline"])
+        w = r["fetch_waits_ms_per_step"]
+        print("  fetch thread waits over those steps (ms per step): " + "; ".join(f"{k} {v:.3f}" for k, v in w.items()))
+        print(f"  caching allocator over those steps: {r.get('allocator_events')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed with CUDA events")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--timeline-steps", type=int, default=4,
+                    help="decode steps after the profiled ones with the host timeline (host_timeline.py); 0: none")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--mark", default=None, help="file written when a format's decode steps start (for py-spy)")
     ap.add_argument("--gc-freeze", action="store_true", help="as bench run --gc-freeze, around the timed steps")
     ap.add_argument("--switch-interval-us", type=int, default=None, help="as bench run --switch-interval-us")
     add_set_option(ap, "run settings for every format, e.g. h2d_group_backlog_max=3")

@@ -30,7 +30,7 @@ def test_quant_h200_saves_a_whole_table_and_tarball_after_each_run(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     a = SimpleNamespace(preset="tiny", layers=2, prompt_len=8, new_tokens=4, budget_gib=6.0, group_size=16,
-                        out=str(tmp_path / "q.tar.gz"))
+                        out=str(tmp_path / "q.tar.gz"), run_flags="", runs="runs")
     (runs / "native-gpu-b1.json").write_text(json.dumps(_run_json(2.0, [1, 2])))
     (runs / "native-cpu-b1.json").write_text(json.dumps(_run_json(8.0, [1, 2])))
     q.save(runs, a, 0.0)
@@ -148,3 +148,36 @@ def test_profiled_steps_record_a_second_threads_ranges():
         stop.set()
         t.join()
     assert any(e.name == "fetch.room" for e in prof.events())
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return __import__(name)
+
+
+def test_host_timeline_splits_a_copy_gap_by_what_each_thread_was_in():
+    """A 2 ms gap between two copies: the fetch thread spent 1 ms of it waiting for room and 1 ms issuing
+    (inside `_copy`, so not counted as its backlog wait); the compute thread was in `wait` for 1.5 ms."""
+    h = _bench_module("host_timeline")
+    ms = 1_000_000
+    tl = SimpleNamespace(calls=[(2 * ms, 3 * ms, "_wait_for_room", "F"), (3 * ms, 6 * ms, "_copy", "F"),
+                                (3 * ms, 4 * ms, "_copy_in", "F"), (2 * ms, 3_500_000, "wait", "M")],
+                         args=["9", "0.attn", "0.attn", "0,attn"],
+                         gpu_copies_ns=lambda: [(0, 2 * ms), (4 * ms, 7 * ms)])
+    t = h.summarize(tl, steps=1)
+    assert t["idle_ms_per_step"] == 2.0 and t["copy_busy_ms_per_step"] == 5.0
+    gap = t["longest"][0]
+    assert gap["fetch_us"] == {"_wait_for_room": 1000.0, "copy_issue": 1000.0, "backlog": 0.0, "other": 0.0}
+    assert gap["compute_us"] == {"wait": 1500.0, "other": 500.0}
+    assert any("_wait_for_room  9" in line for line in t["sequence"])
+
+
+def test_spy_frames_shares_one_threads_samples_by_deepest_own_frame():
+    s = _bench_module("spy_frames")
+    lines = ["thread (1): MainThread;<module> (run.py:1);_embed (worker/model/llama.py:41);embedding (torch/f.py:9) 6\n",
+             "thread (1): MainThread;<module> (run.py:1);matmul (worker/quant/fused.py:175) 2\n",
+             "thread (2): h2d-fetch;_copy_in (worker/stream/streamer.py:300) 5\n"]
+    total, ours, deepest = s.shares(lines, "MainThread", ("worker/",))
+    assert total == 8
+    assert ours == {"_embed (worker/model/llama.py:41)": 6, "matmul (worker/quant/fused.py:175)": 2}
+    assert deepest == {"embedding (torch/f.py)": 6, "matmul (worker/quant/fused.py)": 2}

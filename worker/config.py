@@ -76,6 +76,10 @@ class StreamConfig:
                                "blob ranges that are not in the page cache go through it (buffered) instead of "
                                "O_DIRECT, so the next run on this host reads them at memory speed; the SSD tier's "
                                "streamed reads stay O_DIRECT. Off: such ranges are read O_DIRECT in every run.")
+    embed_zero_copy: bool = _f(True, "The embedding table a streaming mode keeps in host memory is page-locked and "
+                               "mapped into the GPU, whose gather reads the step's rows from there (the token ids "
+                               "never leave the device); --no-embed-zero-copy: the ids go to the host every step, "
+                               "which gathers and copies the rows up (a device sync per step; for comparison).")
     ssd_readers: Positive = _f(8, "Reader threads of the SSD tier.")
     gpu_memory_limit_gb: Annotated[float, Field(gt=0)] | None = _f(
         None, "Cap on GPU memory the engine may use, GB (lets a big card act as a small one).")

@@ -28,7 +28,9 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
   `ring`, `stager`, `slot_pool` (the GPU slots' allocation), `preload` (the first groups copied
   into the slots), `model`, `upload_wait` (after the model's build: waiting for the rest of those
   reads and their device copies, worker.stream.upload); and `upload`: that load's bytes, page-cache
-  bytes, seconds until its reads were done, device-copy seconds, peak host bytes (the copies overlap
+  bytes, seconds until its reads were done, device-copy seconds, peak host bytes, and the seconds
+  page-locking and mapping the embedding table kept on the host took (`embed_map_s`, inside
+  `upload_wait`) and whether the device reads it there (`embed_mapped`) (the copies overlap
   the reads, and the reads the ring's, stager's, slot pool's and model's set-up, so these are not
   parts of `slots_s`).
 - `compile_s`: the first warm-up round, where torch.compile compiles (CUDA), kernels load and the
@@ -69,7 +71,9 @@ PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile",
 SLOTS_PARTS = ("kv", "reader", "upload_issue", "ring", "stager", "upload_wait", "slot_pool", "preload", "model",
                "other")
 OVERLAPPED = ("compile_prepare",)  # side-thread work (`overlapped`), in no phase
-UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes")  # worker.stream.upload's stats
+# worker.stream.upload's stats, and the streamer's mapping of the host-kept embedding table (worker.stream.host_table)
+UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes",
+               "embed_map_s", "embed_mapped")
 _last_end: float | None = None  # epoch seconds when the last run of this process reported
 
 

@@ -7,6 +7,7 @@ into the device's address space instead (unified addressing, every 64-bit CUDA p
 a CUDA tensor (`__cuda_array_interface__` over the device pointer `cudaHostGetDevicePointer` gives,
 the host pointer itself under UVA), ordinary kernels read it, and an `index_select` on the KV stream
 reads the chosen blocks straight from the host with the ids still on the device (`CpuStore.pull`).
+The weight streamer maps the embedding table it keeps on the host the same way (`worker.stream.host_table`).
 The wider the elements, the fewer PCIe read requests: the store is read as the widest integer type
 its block size allows (`wide_dtype`).
 
@@ -72,19 +73,20 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None
     try:
         ptr = device_pointer(host.data_ptr())
     except (RuntimeError, OSError, AttributeError) as e:
-        log.info("kv zero-copy: no device pointer from the runtime (%s); using the host pointer (UVA)", e)
+        log.info("zero-copy: no device pointer from the runtime (%s); using the host pointer (UVA)", e)
         ptr = None
     if ptr is not None and ptr != host.data_ptr():
-        log.info("kv zero-copy: the device maps the pinned CPU tier at another address than the host's")
+        log.info("zero-copy: the device maps the pinned host memory at another address than the host's")
     try:
         view = torch.as_tensor(_Mapped(ptr or host.data_ptr(), host.numel(), host), device=device)
         ok = reads_back(host, view)
     except (RuntimeError, TypeError) as e:
-        log.warning("kv zero-copy: pinned CPU tier not mapped into the device (%s): top-k gathers on the host", e)
+        log.warning("zero-copy: pinned host memory (%.2f GB) not mapped into the device (%s): gathered on the host",
+                    host.numel() / 1e9, e)
         return None
     if not ok:
-        log.warning("kv zero-copy: the device view of the pinned CPU tier does not read back what the host "
-                    "wrote: top-k gathers on the host")
+        log.warning("zero-copy: the device view of pinned host memory (%.2f GB) does not read back what the "
+                    "host wrote: gathered on the host", host.numel() / 1e9)
         return None
     return view
 

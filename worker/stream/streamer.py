@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from worker.pack.groups import KINDS, RESIDENT, GroupKey, fused
 from worker.stream.cpu_tier import FixedTier, RingTier
 from worker.stream.devsync import Sync
 from worker.stream.gpu_tier import Slot, SlotPool
+from worker.stream.host_table import map_host_table
 from worker.stream.hostmem import HostArena
 from worker.stream.iostats import Channel, Waits
 from worker.stream.plan import Placement, lookahead
@@ -173,6 +175,12 @@ class WeightStreamer:
         finally:
             self.upload = up.stats.to_dict()
             self._close_upload_reader()
+        res = self._resident.get(GroupKey(None, RESIDENT), {})
+        if self.cfg.embed_zero_copy and "embed_tokens" in res:
+            t0 = time.perf_counter()
+            res["embed_tokens"] = map_host_table(res["embed_tokens"], self.arena, self.device)
+            self.upload["embed_map_s"] = time.perf_counter() - t0
+            self.upload["embed_mapped"] = res["embed_tokens"].device.type != "cpu"  # False: gathered on the host
 
     def _close_upload_reader(self) -> None:
         if self._upload_reader is not None:

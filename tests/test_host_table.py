@@ -1,0 +1,84 @@
+"""The embedding table a streaming mode keeps on the host, mapped into the device (worker.stream.host_table):
+what is registered, what comes back, and every way the mapping can be refused (the host gather stays).
+On a GPU: a streamed engine's table is a device tensor over the host bytes and the logits equal the host
+gather's bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine import build_engine
+from worker.kv import zerocopy
+from worker.model.step import Step
+from worker.pack.cache import ensure_pack
+from worker.run import resolve_config
+from worker.stream import host_table
+from worker.stream.hostmem import HostArena
+
+
+class Pinner:
+    def __init__(self, fail: bool = False):
+        self.live: dict[int, int] = {}
+        self.fail = fail
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        if self.fail:
+            raise RuntimeError("cudaHostRegister failed (stand-in)")
+        self.live[ptr] = nbytes
+
+    def unregister(self, ptr: int) -> None:
+        del self.live[ptr]
+
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def table():
+    return torch.arange(12 * 8, dtype=torch.float32).view(12, 8)
+
+
+def test_the_table_is_registered_whole_and_its_device_view_has_its_shape_and_bits(table, monkeypatch):
+    seen = []
+    monkeypatch.setattr(zerocopy, "device_view", lambda raw, dev: seen.append((raw, dev)) or raw.clone())
+    arena = HostArena(pin=True, pinner=Pinner())
+    out = host_table.map_host_table(table, arena, CUDA)
+    assert arena.pinner.live == {table.data_ptr(): table.numel() * 4}
+    raw, dev = seen[0]
+    assert raw.dtype == torch.uint8 and raw.data_ptr() == table.data_ptr() and dev == CUDA
+    assert out.dtype == table.dtype and out.shape == table.shape and torch.equal(out, table)
+    arena.close()
+    assert arena.pinner.live == {}  # close() unregisters it
+
+
+@pytest.mark.parametrize("why", ["cpu device", "on the device", "no pinning", "register fails", "no view",
+                                 "not contiguous"])
+def test_where_the_mapping_is_refused_the_host_table_itself_comes_back(table, monkeypatch, why):
+    monkeypatch.setattr(zerocopy, "device_view", lambda raw, dev: None if why == "no view" else raw.clone())
+    arena = HostArena(pin=why != "no pinning", pinner=Pinner(fail=why == "register fails")
+                      if why != "no pinning" else None)
+    t = table.t() if why == "not contiguous" else table
+    dev = torch.device("cpu") if why == "cpu device" else CUDA
+    if why == "on the device":
+        t = t.to("meta")  # stands in for a table already on the GPU (tied to lm_head)
+    assert host_table.map_host_table(t, arena, dev) is t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_streamed_engine_gathers_from_the_mapped_table_with_the_host_gathers_bits(make_ckpt):
+    ckpt = make_ckpt(layers=2, dtype="bfloat16")
+    logits, where = {}, {}
+    for zero_copy in (True, False):
+        cfg = resolve_config({"checkpoints": str(ckpt), "mode": "cpu", "embed_zero_copy": zero_copy,
+                              "max_seq_len": 64})
+        engine = build_engine(cfg, ensure_pack(ckpt, weights=cfg.weights), CUDA, prompt_tokens=16)
+        try:
+            where[zero_copy] = engine.weights.resident()["embed_tokens"].device.type
+            ids = torch.arange(1, 33, device=CUDA).view(2, 16)
+            step = Step(torch.arange(16, device=CUDA).expand(2, 16), 16, (16, 16))
+            logits[zero_copy] = engine.model.forward(ids, step, engine.new_cache(2, 64)).cpu()
+        finally:
+            engine.close()
+    assert where == {True: "cuda", False: "cpu"}
+    assert torch.equal(logits[True], logits[False])
