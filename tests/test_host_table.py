@@ -82,3 +82,36 @@ def test_a_streamed_engine_gathers_from_the_mapped_table_with_the_host_gathers_b
             engine.close()
     assert where == {True: "cuda", False: "cpu"}
     assert torch.equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize("host_embeddings", [True, False])
+def test_the_load_maps_the_table_it_leaves_on_the_host_on_its_own_thread(make_ckpt, host_embeddings):
+    """`Upload(map_table=)` hands the embedding table it keeps on the host to the mapper once that group is
+    placed, on the load's thread (behind the model's build), and the group holds what the mapper returned."""
+    import threading
+
+    from worker.pack.groups import RESIDENT, GroupKey
+    from worker.stream.ssd import SSDReader
+    from worker.stream.upload import Upload, device_keys
+
+    pack = ensure_pack(str(make_ckpt(layers=2)))
+    calls = []
+
+    def mapper(t):
+        calls.append((t.data_ptr(), threading.current_thread().name))
+        return t.clone()
+
+    reader = SSDReader(pack.blob_path, threads=2, chunk=1 << 20)
+    try:
+        up = Upload(pack, device_keys([]), reader, torch.device("cpu"), host_embeddings=host_embeddings,
+                    copies=True, map_table=mapper)
+        got = up.result()
+    finally:
+        reader.close()
+    table = got[GroupKey(None, RESIDENT)]["embed_tokens"]
+    assert torch.equal(table, pack.read_group(GroupKey(None, RESIDENT))["embed_tokens"])
+    if host_embeddings:
+        assert len(calls) == 1 and calls[0][1] == "upload" and calls[0][0] != table.data_ptr()  # the mapper's
+        assert up.stats.embed_map_s >= 0 and up.stats.embed_mapped is False  # a CPU "view" is still the host's
+    else:  # the table went to the device buffers with the rest: nothing left on the host to map
+        assert calls == [] and up.stats.embed_map_s is None

@@ -29,8 +29,8 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
   into the slots), `model`, `upload_wait` (after the model's build: waiting for the rest of those
   reads and their device copies, worker.stream.upload); and `upload`: that load's bytes, page-cache
   bytes, seconds until its reads were done, device-copy seconds, peak host bytes, and the seconds
-  page-locking and mapping the embedding table kept on the host took (`embed_map_s`, inside
-  `upload_wait`) and whether the device reads it there (`embed_mapped`) (the copies overlap
+  page-locking and mapping the embedding table kept on the host took (`embed_map_s`, on the
+  load's thread) and whether the device reads it there (`embed_mapped`) (the copies overlap
   the reads, and the reads the ring's, stager's, slot pool's and model's set-up, so these are not
   parts of `slots_s`).
 - `compile_s`: the first warm-up round, where torch.compile compiles (CUDA), kernels load and the

@@ -14,7 +14,6 @@ import collections
 import itertools
 import logging
 import threading
-import time
 from typing import Any
 
 import torch
@@ -130,7 +129,7 @@ class WeightStreamer:
         self._fill_cpu_tier(m, placement, span)
         with span("upload_issue"):  # after the fill, which keeps the disk to itself; before the other buffers
             self._upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device,
-                                  populate=cfg.warm_page_cache)
+                                  populate=cfg.warm_page_cache, map_table=self._table_mapper(cfg, device))
         self._add_ring_and_stager(m, placement, cfg, span)
         if self._upload.copies:  # placed behind the rest of the build (`finish`); its size is known now
             on_device = self._upload.device_bytes()
@@ -175,12 +174,13 @@ class WeightStreamer:
         finally:
             self.upload = up.stats.to_dict()
             self._close_upload_reader()
-        res = self._resident.get(GroupKey(None, RESIDENT), {})
-        if self.cfg.embed_zero_copy and "embed_tokens" in res:
-            t0 = time.perf_counter()
-            res["embed_tokens"] = map_host_table(res["embed_tokens"], self.arena, self.device)
-            self.upload["embed_map_s"] = time.perf_counter() - t0
-            self.upload["embed_mapped"] = res["embed_tokens"].device.type != "cpu"  # False: gathered on the host
+
+    def _table_mapper(self, cfg: StreamConfig, device: torch.device):
+        """What the load does to the embedding table it leaves on the host: map it into the device
+        (`embed_zero_copy`, worker.stream.host_table), page-locked in this streamer's arena."""
+        if not cfg.embed_zero_copy:
+            return None
+        return lambda table: map_host_table(table, self.arena, device)
 
     def _close_upload_reader(self) -> None:
         if self._upload_reader is not None:

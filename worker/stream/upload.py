@@ -14,7 +14,8 @@ model (`build_engine`: the compiler's import, seconds), so the load runs behind 
 
 For the streamer an untied embedding table stays in host memory (it is only gathered from), as
 before; its buffer is the group's extent, so the host keeps the extent's other bytes too (2 GB of
-lm_head at 70B). `gpu` mode (`ResidentWeights`) puts every group, embeddings included, on the
+lm_head at 70B). With `embed_zero_copy` the streamer's `map_table` then page-locks and maps it into
+the device (`worker.stream.host_table`) on this load's thread. `gpu` mode (`ResidentWeights`) puts every group, embeddings included, on the
 device. On a CPU device the groups are views of the host buffers, as before (nothing is copied).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
@@ -45,10 +47,13 @@ class UploadStats:
     read_s: float = 0.0  # from the first read issued to the last one done
     copy_s: float = 0.0  # device copies, summed (they overlap the reads)
     peak_host_bytes: int = 0  # most bytes of groups read or being read, not yet placed
+    embed_map_s: float | None = None  # `map_host_table` on the embedding table kept on the host, if asked
+    embed_mapped: bool | None = None  # whether that gave the device a view of it (False: gathered on the host)
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | bool | None]:
         return {"bytes": self.bytes, "page_cache_bytes": self.page_cache_bytes, "read_s": self.read_s,
-                "copy_s": self.copy_s, "peak_host_bytes": self.peak_host_bytes}
+                "copy_s": self.copy_s, "peak_host_bytes": self.peak_host_bytes, "embed_map_s": self.embed_map_s,
+                "embed_mapped": self.embed_mapped}
 
 
 @dataclass
@@ -74,16 +79,20 @@ class Upload:
 
     def __init__(self, pack, keys: list[GroupKey], reader: SSDReader, device: torch.device,
                  host_embeddings: bool = True, copies: bool | None = None, window: int = WINDOW_BYTES,
-                 populate: bool = False):
+                 populate: bool = False, map_table: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`copies`: into buffers of their own on `device` (default: unless it is the CPU, where the
         groups are views of the host buffers). `window`: host bytes of groups read and not yet placed
         (at least one group), so a whole `gpu`-mode model never sits in host memory at once. `populate`:
-        ranges not in the page cache are read buffered too, so they are there next run (`warm_page_cache`)."""
+        ranges not in the page cache are read buffered too, so they are there next run (`warm_page_cache`).
+        `map_table`: applied to an embedding table kept on the host once its group is placed, on this
+        load's thread, so its cost (page-locking 2 GB at 70B: `worker.stream.host_table`) runs behind
+        the model's build like the rest of the load."""
         self.pack, self.device, self.host_embeddings = pack, device, host_embeddings
         self.copies = device.type != "cpu" if copies is None else copies
         self.cuda = device.type == "cuda"
         self.stats = UploadStats()
         self._reader, self._keys, self._window, self._populate = reader, list(keys), window, populate
+        self._map_table = map_table
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._in_host = 0  # bytes of issued groups not yet placed
@@ -144,6 +153,7 @@ class Upload:
                     self.stats.copy_s += time.perf_counter() - t
                 self.stats.read_s = time.perf_counter() - self._t0
                 self._groups[p.key] = self._views(p)
+                self._map_host_table(p, self._groups[p.key])
                 p.buf = None  # the views keep what stays on the host alive; the rest is freed
                 with self._lock:
                     self._in_host -= self.pack.manifest.group(p.key.name).nbytes
@@ -152,6 +162,17 @@ class Upload:
                 torch.cuda.current_stream(self.device).synchronize()  # the copies are done when result() is
         except BaseException as e:  # raised on the build thread by result()
             self._error = e
+
+    def _map_host_table(self, p: _Pending, group: Group) -> None:
+        """The embedding table, if `_targets` left it on the host, through `map_table`."""
+        left = "embed_tokens" in group and not any(t.name in (None, "embed_tokens") for t in p.targets)
+        if self._map_table is None or not self.copies or not left:
+            return
+        table = group["embed_tokens"]
+        t = time.perf_counter()
+        group["embed_tokens"] = self._map_table(table)
+        self.stats.embed_map_s = time.perf_counter() - t
+        self.stats.embed_mapped = group["embed_tokens"].device.type != "cpu"
 
     def _copy(self, p: _Pending, lo: int, hi: int) -> None:
         """The bytes [lo, hi) of the extent, just read, into the device buffers they belong to."""
