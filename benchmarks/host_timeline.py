@@ -38,18 +38,15 @@ class Timeline:
         self.copies: list[tuple[Any, Any]] = []  # (start, end) CUDA events of each H2D copy
         self._undo: list[tuple[Any, str]] = []
 
-    def _wrap(self, obj: Any, name: str, label: str | None = None) -> None:
-        f = getattr(obj, name)
-        calls = self.calls
-
-        args = self.args
+    def _wrap(self, obj: Any, name: str) -> None:
+        f, calls, args = getattr(obj, name), self.calls, self.args
 
         def timed(*a, **k):
             t0 = time.perf_counter_ns()
             try:
                 return f(*a, **k)
             finally:
-                calls.append((t0, time.perf_counter_ns(), label or name, threading.current_thread().name))
+                calls.append((t0, time.perf_counter_ns(), name, threading.current_thread().name))
                 args.append(_short(a[:2]))
 
         setattr(obj, name, timed)
@@ -91,16 +88,17 @@ class Timeline:
 
 
 def _short(a: tuple) -> str:
-    return ",".join(str(getattr(x, "name", x)) if not hasattr(x, "layer") else f"{x.layer}.{x.kind}" for x in a
+    """A call's group (`GroupKey` → "layer.kind") or index / layer and kind; slots are left out."""
+    return ",".join(f"{x.layer}.{x.kind}" if hasattr(x, "layer") else str(x) for x in a
                     if isinstance(x, (int, str)) or hasattr(x, "layer"))
 
 
-def sequence(tl: Timeline, first_ns: int, last_ns: int) -> list[str]:
+def sequence(tl: Timeline, copies: list[tuple[int, int]], first_ns: int, last_ns: int) -> list[str]:
     """One line per instrumented call and per GPU copy in [first_ns, last_ns), in time order (ms from first_ns)."""
     rows = [(t0, f"{th[:9]:9} {name:15} {arg:10} {(t1 - t0) / 1e3:8.0f} us")
             for (t0, t1, name, th), arg in zip(tl.calls, tl.args) if first_ns <= t0 < last_ns]
     rows += [(a, f"{'gpu-copy':9} {'':15} {'':10} {(b - a) / 1e3:8.0f} us")
-             for a, b in tl.gpu_copies_ns() if first_ns <= a < last_ns]
+             for a, b in copies if first_ns <= a < last_ns]
     return [f"{(t - first_ns) / 1e6:8.3f} ms  {text}" for t, text in sorted(rows)]
 
 
@@ -112,19 +110,16 @@ def _states(calls, thread: str, g0: int, g1: int) -> collections.Counter:
     """ns of [g0, g1) the thread spent in each instrumented call; the rest is `other` (its own code
     between calls, or waiting for the interpreter lock)."""
     c: collections.Counter = collections.Counter()
-    inner = {"_copy_in"}  # inside `_copy`: count `_copy`'s remainder as the backlog wait
     for t0, t1, name, th in calls:
         if th != thread:
             continue
         ns = _overlap(t0, t1, g0, g1)
         if ns:
             c[name] += ns
-    if "_copy" in c:
-        c["_copy"] -= c.get("_copy_in", 0)
-        c["backlog"] = c.pop("_copy")
-    for n in inner:
-        if n in c:
-            c["copy_issue"] = c.pop(n)
+    if "_copy" in c:  # `_copy_in` runs inside `_copy`: the rest of `_copy` is its backlog wait
+        c["backlog"] = c.pop("_copy") - c.get("_copy_in", 0)
+    if "_copy_in" in c:
+        c["copy_issue"] = c.pop("_copy_in")
     c["other"] = (g1 - g0) - sum(c.values())
     return c
 
@@ -151,14 +146,14 @@ def summarize(tl: Timeline, steps: int, gap_us: float = 50.0, show: int = 6) -> 
             totals[t] = _states(tl.calls, th, copies[0][0], copies[-1][1])
     busy = sum(b - a for a, b in copies)
     wall = (copies[-1][1] - copies[0][0]) if copies else 0
+    last_two = sequence(tl, copies, copies[-1][1] - 2 * wall // max(steps, 1), copies[-1][1]) if copies else []
     return {"steps": steps, "copies": len(copies), "copy_busy_ms_per_step": busy / steps / 1e6,
             "copies_wall_ms_per_step": wall / steps / 1e6, "idle_ms_per_step": idle / steps / 1e6,
             "idle_by_thread_ms_per_step": {t: {k: v / steps / 1e6 for k, v in c.most_common()}
                                            for t, c in per.items()},
             "by_thread_ms_per_step": {t: {k: v / steps / 1e6 for k, v in c.most_common()} for t, c in totals.items()},
             "longest": sorted(spans, key=lambda s: -s["idle_us"])[:show],
-            "sequence": sequence(tl, copies[-1][1] - (copies[-1][1] - copies[0][0]) // max(steps, 1) * 2,
-                                 copies[-1][1]) if copies else []}
+            "sequence": last_two}
 
 
 def record(streamer: Any, step: Callable[[], None], steps: int) -> dict:

@@ -47,6 +47,7 @@ from worker.host.interp import quiet_interpreter  # noqa: E402
 from worker.model.step import Step  # noqa: E402
 from worker.pack.cache import ensure_pack  # noqa: E402
 from worker.run import resolve_config  # noqa: E402
+from worker.stream.streamer import WeightStreamer  # noqa: E402
 from worker.synth.checkpoints import make_model  # noqa: E402
 
 
@@ -170,7 +171,7 @@ def profile_format(fmt: str, ckpt: Path, a, dev: torch.device) -> dict:
         if not cuda:
             out["table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60)
             return out
-        if a.timeline_steps and engine.weights.__class__.__name__ == "WeightStreamer":
+        if a.timeline_steps and isinstance(engine.weights, WeightStreamer):
             engine.reset_counters()
             keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
             m0 = torch.cuda.memory_stats(dev)

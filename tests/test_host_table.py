@@ -115,3 +115,16 @@ def test_the_load_maps_the_table_it_leaves_on_the_host_on_its_own_thread(make_ck
         assert up.stats.embed_map_s >= 0 and up.stats.embed_mapped is False  # a CPU "view" is still the host's
     else:  # the table went to the device buffers with the rest: nothing left on the host to map
         assert calls == [] and up.stats.embed_map_s is None
+
+
+def test_the_streamer_asks_the_load_to_map_the_table_only_with_embed_zero_copy(table, monkeypatch):
+    from types import SimpleNamespace
+
+    from worker.config import StreamConfig
+    from worker.stream.streamer import WeightStreamer
+
+    monkeypatch.setattr(zerocopy, "device_view", lambda raw, dev: raw.clone())
+    owner = SimpleNamespace(arena=HostArena(pin=True, pinner=Pinner()))
+    assert WeightStreamer._table_mapper(owner, StreamConfig(mode="cpu", embed_zero_copy=False), CUDA) is None
+    mapper = WeightStreamer._table_mapper(owner, StreamConfig(mode="cpu"), CUDA)  # the default: on
+    assert torch.equal(mapper(table), table) and owner.arena.pinner.live == {table.data_ptr(): table.numel() * 4}

@@ -75,8 +75,10 @@ class HostArena:
         return buf
 
     def pin(self, view: torch.Tensor) -> float:
-        """Register a range of one of this arena's buffers (disjoint from ranges already registered);
-        returns the seconds the call took. Thread-safe; a no-op where the arena does not pin."""
+        """Register a range of one of this arena's buffers, or of a host buffer its owner keeps alive
+        until this arena's `close()` (the streamer's embedding table: `host_table`), disjoint from
+        ranges already registered; returns the seconds the call took. Thread-safe; a no-op where the
+        arena does not pin."""
         if self.pinner is None:
             return 0.0
         t0 = time.perf_counter()
