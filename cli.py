@@ -320,6 +320,9 @@ def main() -> None:
     """Console entry point: user errors are one line and exit 2, as is a full disk (the fix is the user's:
     free space or write elsewhere); bugs keep their traceback."""
     try:
+        from worker.host.bytecode import use_bytecode_cache
+
+        use_bytecode_cache()  # before anything imports torch (see worker/host/bytecode.py)
         bench.main(standalone_mode=False)
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

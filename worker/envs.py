@@ -129,6 +129,18 @@ def cuda_visible_devices() -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() or None
 
 
+def bytecode_cache() -> bool:
+    """STREAMBENCH_BYTECODE_CACHE (default on): keep torch's compiled bytecode under the cache
+    directory where its install has none (worker.host.bytecode); 0 turns that off."""
+    raw = os.environ.get("STREAMBENCH_BYTECODE_CACHE")
+    return True if raw is None or not raw.strip() else _bool("STREAMBENCH_BYTECODE_CACHE", raw)
+
+
+def export_pycache_prefix(prefix: str) -> None:
+    """PYTHONPYCACHEPREFIX for this process's children (Inductor's compile workers import torch too)."""
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+
+
 def snapshot(prefixes: tuple[str, ...] = ("WSM_", "OMP_", "MALLOC_", "CUDA_VISIBLE", "STREAMBENCH_")) -> dict[str, str]:
     """Relevant variables as set now, for the run record."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}

@@ -24,6 +24,7 @@ from orchestrator.suite.spec import ModelSpec, RunSpec, stable_hash
 from worker import envs
 from worker.errors import UserError
 from worker.host import hostinfo
+from worker.host.bytecode import use_bytecode_cache
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class BenchWorker:
     def __init__(self, nvme: str | None = None, node_id: str | None = None, board: Any = None,
                  run_fn: RunFn | None = None):
         envs.apply_base_process_env()  # before anything imports torch in this process
+        use_bytecode_cache()  # likewise (worker/host/bytecode.py)
         self.nvme = nvme
         self.node_id = node_id
         self.board = board

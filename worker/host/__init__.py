@@ -9,5 +9,6 @@ host-time spans a benchmark can record; `walltime` says where a run's wall time 
 phases and the measured round); `devlock` keeps two engines off one GPU or disk of the host,
 whatever started them; `reuse` keeps one engine between a suite's runs that would build the same one
 (`reuse: weights`), and says what makes two runs' engines the same; `interp` sets the interpreter's
-own pauses (garbage collector, thread switch interval) for the measured rounds, on request.
+own pauses (garbage collector, thread switch interval) for the measured rounds, on request;
+`bytecode` keeps torch's compiled bytecode under the cache directory where its install has none.
 """

@@ -50,7 +50,8 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
 not in `wall_s` (null where the run did not do it): `compile_prepare_s`, importing torch._dynamo and
 Inductor and setting up the compile cache (worker.model.compile_cache.prepare_ahead), beside the
 tokenizer, the pack, the fill and the resident upload; what the build still waited for it is in
-`slots_parts.model_s`.
+`slots_parts.model_s`. `bytecode` says whether this process keeps torch's bytecode under the cache
+directory (worker.host.bytecode), which decides much of `process_s` and of the compiler's import.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from typing import Any
 
 import psutil
 
+from worker.host import bytecode
 from worker.units import GB
 
 PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile", "warmup", "accuracy", "probe",
@@ -170,7 +172,8 @@ class RunClock:
                 "fill_bytes": fill_b, "fill_gbps": fill_b / fill_s / GB if fill_b and fill_s else None,
                 "fill_page_cache_bytes": self.fill.get("page_cache_bytes"),
                 "process_since": self.process_since, "warmup_rounds_s": self.rounds[:self.warmups],
-                "slots_parts": self.slots_parts, "overlapped": dict(self.overlapped_s)}
+                "slots_parts": self.slots_parts, "overlapped": dict(self.overlapped_s),
+                "bytecode": bytecode.state()}
 
     def close(self) -> None:
         global _last_end
