@@ -1,0 +1,12 @@
+#!/bin/bash
+# issue 17: the mixed-mode runs calls A and B had no time left for (batch 1 under 6 GiB, batch 16 under 14 GiB;
+# native in the same command as the formats), on a machine that ran setup_h200/v3/callD.sh first. $1: seconds
+# this script may take.
+set -x
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p $OUT/r
+END=$((SECONDS + ${1:-380}))
+Q="python3 benchmarks/quant_h200.py --work /tmp/sbq --layers 2 --modes mixed --only native int8 int4"
+timeout $(( (END - SECONDS) / 2 + 10 )) $Q --runs m1 --batches 1 --out $OUT/r/m1.tar.gz > $OUT/r/m1.log 2>&1
+timeout $((END - SECONDS)) $Q --runs m16 --batches 16 --budget-gib 14 --out $OUT/r/m16.tar.gz > $OUT/r/m16.log 2>&1
+grep wall $OUT/r/m1.log $OUT/r/m16.log; tail -n 7 $OUT/r/m1.log; tail -n 7 $OUT/r/m16.log
