@@ -40,6 +40,7 @@ def test_a_run_says_where_its_wall_time_went(flat):
     tier = r["config"]["stream"]
     assert tier["cpu_cache_layers"] == 1 and s["fill_bytes"] > 0 and s["fill_s"] > 0
     assert s["overlapped"] == {"compile_prepare_s": None}  # a CPU run compiles nothing, so prepares nothing ahead
+    assert set(s["bytecode"]) == {"prefix", "reason"}  # what this process decided (worker.host.bytecode)
     assert s["fill_gbps"] == pytest.approx(s["fill_bytes"] / s["fill_s"] / 1e9)
     row = build_row(SUITE.specs[0], "t-1", RunOutcome("ok", None, r, None, None, t0, time.time()))
     for col in PHASE_COLUMNS + ["fill_gbps", "measure_s", "wall_s"]:
