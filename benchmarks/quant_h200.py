@@ -5,6 +5,8 @@
     # or split over calls (the runs of earlier calls in --work are kept and reported too):
     python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q1.tar.gz --only native peer
     python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q2.tar.gz --only int8 int4
+    # the disk-bound modes, formats compared within rounds on the same disk (its rate drifts over minutes):
+    python benchmarks/quant_h200.py --work /tmp/sbq --out $OUT/q3.tar.gz --modes gpu ssd --repeats 3
 
 Time: every run is a fresh process that sets up, warms up and measures, and `ssd` / `mixed` runs
 stream their layers from the disk in both rounds, so even at 2 layers the 12 format runs of one batch
@@ -27,14 +29,20 @@ Every run is its own
 `bench run` process writing `--out-json`. Printed per run: ms/token (decode), speed-up against the
 native run of the same mode and batch, decode attainment against the run's own floor (the floor of
 a quantized run counts its quantized bytes, from the manifest), what bound the floor, and whether
-its tokens equal the gpu-mode tokens of its format at its batch.
+its tokens equal the gpu-mode tokens of its format at its batch. With `--repeats N` the `ssd` and
+`mixed` points (`--repeat-modes`) run N times, in rounds after the first pass, each round in the order
+opposite to the one before; a repeated point prints its median, its range and, as `vs native`, the
+median over the rounds of native's time over the format's in the same round, so a drift of the disk
+between rounds does not count as a format's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -67,15 +75,25 @@ def weight_args(fmt: str, a) -> list[str]:
     return [] if fmt == "native" else ["--weight-format", fmt, "--quant-group-size", str(a.group_size)]
 
 
-def plan(a) -> list[tuple[str, str, int]]:
-    """(format or "peer", mode, batch) of every run asked for, in run order."""
-    runs = []
+def plan(a) -> list[tuple[str, str, int, int]]:
+    """(format or "peer", mode, batch, repeat) of every run asked for, in run order: every point once,
+    then the `--repeat-modes` points again in rounds (repeat 1, 2, ...), each round in the order
+    opposite to the one before, so the disk's drift over the minutes falls on every format alike."""
+    points = []
     for fmt in FORMATS:
         if fmt in a.only:
-            runs += [(fmt, mode, b) for b in a.batches for mode in MODES if mode in a.modes]
+            points += [(fmt, mode, b) for b in a.batches for mode in MODES if mode in a.modes]
     if "peer" in a.only:
-        runs += [("peer", "cpu", b) for b in a.batches]
+        points += [("peer", "cpu", b) for b in a.batches]
+    again = [p for p in points if p[1] in a.repeat_modes and p[0] != "peer"]
+    runs = [(*p, 0) for p in points]
+    for rep in range(1, a.repeats):
+        runs += [(*p, rep) for p in (again[::-1] if rep % 2 else again)]
     return runs
+
+
+def run_name(fmt: str, mode: str, batch: int, rep: int) -> str:
+    return f"{fmt}-{mode}-b{batch}" + (f"-r{rep}" if rep else "")
 
 
 def run_args(ckpt: Path, fmt: str, mode: str, batch: int, out: Path, a) -> list[str]:
@@ -121,8 +139,8 @@ def measure(a, t0: float) -> Path:
             tp = time.time()
             bench("pack", "--checkpoints", str(ckpt), *weight_args(fmt, a), log=runs / f"pack-{fmt}.log")
             print(f"packed {fmt} in {time.time() - tp:.1f} s", flush=True)
-    for fmt, mode, batch in plan(a):
-        name = f"{fmt}-{mode}-b{batch}"
+    for fmt, mode, batch, rep in plan(a):
+        name = run_name(fmt, mode, batch, rep)
         t1 = time.time()
         (runs / f"{name}.json").unlink(missing_ok=True)  # a failed run must not report an earlier call's JSON
         if mode in ("ssd", "mixed") and a.roofline:  # a virtual disk's rate wanders: probe it next to the run
@@ -134,11 +152,17 @@ def measure(a, t0: float) -> Path:
     return runs
 
 
-def load(runs: Path) -> dict[tuple[str, str, int], dict]:
-    out = {}
+RUN_FILE = re.compile(r"^(?P<fmt>[a-z0-9]+)-(?P<mode>[a-z]+)-b(?P<b>\d+)(?:-r(?P<rep>\d+))?$")
+
+
+def load(runs: Path) -> dict[tuple[str, str, int], dict[int, dict]]:
+    """(format, mode, batch) → {repeat: run JSON}."""
+    out: dict[tuple[str, str, int], dict[int, dict]] = {}
     for f in sorted(runs.glob("*-b*.json")):
-        fmt, mode, b = f.stem.rsplit("-", 2)
-        out[(fmt, mode, int(b[1:]))] = json.loads(f.read_text())
+        m = RUN_FILE.match(f.stem)
+        if m:
+            key = (m["fmt"], m["mode"], int(m["b"]))
+            out.setdefault(key, {})[int(m["rep"] or 0)] = json.loads(f.read_text())
     return out
 
 
@@ -151,27 +175,61 @@ def tokens(doc: dict) -> list[list[int]]:
     return [o["token_ids"] for o in doc["outputs"]]
 
 
+def speedup(docs: dict, fmt: str, mode: str, b: int) -> float | None:
+    """Native's ms/token over the format's at one point: the median over the repeats both have (the same
+    round: the same disk), else the ratio of the medians."""
+    base, mine = docs.get(("native", mode, b)), docs.get((fmt, mode, b))
+    if not base or not mine:
+        return None
+    both = [r for r in mine if r in base and ms_per_token(base[r]) and ms_per_token(mine[r])]
+    if both:
+        return statistics.median(ms_per_token(base[r]) / ms_per_token(mine[r]) for r in both)
+    mb, mm = median_of(base, ms_per_token), median_of(mine, ms_per_token)
+    return mb / mm if mb and mm else None
+
+
+def median_of(reps: dict[int, dict], value) -> float | None:
+    got = [v for v in (value(d) for d in reps.values()) if v is not None]
+    return statistics.median(got) if got else None
+
+
+def attainment(doc: dict) -> float | None:
+    return (doc.get("roofline") or {}).get("attainment_decode")
+
+
 def report(runs: Path) -> str:
     docs = load(runs)
+    many = any(len(reps) > 1 for reps in docs.values())
     lines = [f"{'format':7} {'mode':4} {'batch':>5} {'ms/token':>10} {'vs native':>9} {'attain':>7} {'bound':>6} "
-             f"{'weights GB':>10} {'= gpu tokens':>12}"]
+             f"{'weights GB':>10} {'= gpu tokens':>12}" + (f" {'runs':>4} {'ms/token min-max':>18}" if many else "")]
     order = lambda k: (k[2], FORMATS.index(k[0]) if k[0] in FORMATS else 9, MODES.index(k[1]))  # noqa: E731
-    for (fmt, mode, b), doc in sorted(docs.items(), key=lambda kv: order(kv[0])):
-        ms = ms_per_token(doc)
-        base = docs.get(("native", mode, b))
-        speed = f"{ms_per_token(base) / ms:8.2f}x" if base and ms and fmt != "native" else "—"
-        if fmt == "peer" and ("native", "cpu", b) in docs:
-            speed = f"{ms_per_token(docs[('native', 'cpu', b)]) / ms:8.2f}x"  # the peer against native cpu
-        roof = doc.get("roofline") or {}
-        att = roof.get("attainment_decode")
+    for (fmt, mode, b), reps in sorted(docs.items(), key=lambda kv: order(kv[0])):
+        first = reps[min(reps)]
+        ms = median_of(reps, ms_per_token)
+        if fmt == "peer" and ("native", "cpu", b) in docs:  # the peer against native cpu
+            native = median_of(docs[("native", "cpu", b)], ms_per_token)
+            ratio = native / ms if native and ms else None
+        else:
+            ratio = speedup(docs, fmt, mode, b) if fmt != "native" else None
+        speed = "—" if ratio is None else f"{ratio:8.2f}x"
+        att = median_of(reps, attainment)
+        roof = first.get("roofline") or {}
         ref = docs.get((fmt if fmt != "peer" else "native", "gpu", b))
-        same = "—" if ref is None or (mode == "gpu" and fmt != "peer") else str(tokens(doc) == tokens(ref))
-        gb = (doc["model"].get("weight_bytes") or 0) / 1e9
-        lines.append(f"{fmt:7} {mode:4} {b:5d} {ms:10.2f} {speed:>9} {'—' if att is None else f'{att:.2f}':>7} "
-                     f"{roof.get('bound_decode') or '—':>6} {gb:10.3f} {same:>12}")
+        ref_doc = ref[min(ref)] if ref else None
+        same = ("—" if ref_doc is None or (mode == "gpu" and fmt != "peer")
+                else str(all(tokens(d) == tokens(ref_doc) for d in reps.values())))
+        gb = (first["model"].get("weight_bytes") or 0) / 1e9
+        line = (f"{fmt:7} {mode:4} {b:5d} {ms:10.2f} {speed:>9} {'—' if att is None else f'{att:.2f}':>7} "
+                f"{roof.get('bound_decode') or '—':>6} {gb:10.3f} {same:>12}")
+        if many:
+            each = [v for v in (ms_per_token(d) for d in reps.values()) if v is not None]
+            line += f" {len(reps):4d} {f'{min(each):.1f}-{max(each):.1f}':>18}"
+        lines.append(line)
     lines.append("vs native: native ms/token of the same mode and batch over this run's (the peer: native cpu's); "
                  "attain: decode floor / measured, the floor counting the run's packed bytes; "
-                 "= gpu tokens: greedy tokens equal that format's gpu-mode run (the peer: native gpu's)")
+                 "= gpu tokens: greedy tokens equal that format's gpu-mode run (the peer: native gpu's)"
+                 + ("; repeated points: median ms/token and attainment, vs native the median of the rounds' "
+                    "ratios (the same round, the same disk)" if many else ""))
     return "\n".join(lines)
 
 
@@ -196,8 +254,14 @@ def main() -> None:
     ap.add_argument("--run-flags", default="", help="more `bench run` flags for the engine's runs (not the peer's), "
                     "e.g. '--no-embed-zero-copy': with --runs, a variant beside the default in one call")
     ap.add_argument("--runs", default="runs", help="folder under --work for this call's run JSONs and table")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each --repeat-modes point this many times, in alternating rounds after the first "
+                         "pass (the disk's rate drifts by tens of percent over minutes: compare within a round)")
+    ap.add_argument("--repeat-modes", nargs="+", default=["ssd", "mixed"], choices=MODES)
     a = ap.parse_args()
     a.group_size = a.group_size or (16 if a.preset == "tiny" else 128)
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     t0 = time.time()
     runs = measure(a, t0)
     print(f"\n{save(runs, a, t0)}")

@@ -48,6 +48,40 @@ def test_quant_h200_saves_a_whole_table_and_tarball_after_each_run(tmp_path):
     assert not Path(f"{a.out}.part").exists()
 
 
+def test_quant_h200_repeats_disk_points_in_alternating_rounds():
+    """--repeats: every point once, then the ssd/mixed points again, each round in the opposite order,
+    the gpu references and the peer not repeated."""
+    q = _quant_h200()
+    a = SimpleNamespace(only=["native", "int8", "peer"], batches=[1], modes=["gpu", "ssd"], repeats=3,
+                        repeat_modes=["ssd", "mixed"])
+    got = [q.run_name(*r) for r in q.plan(a)]
+    assert got == ["native-gpu-b1", "native-ssd-b1", "int8-gpu-b1", "int8-ssd-b1", "peer-cpu-b1",
+                   "int8-ssd-b1-r1", "native-ssd-b1-r1", "native-ssd-b1-r2", "int8-ssd-b1-r2"]
+    a.repeats = 1
+    assert [q.run_name(*r) for r in q.plan(a)] == got[:5]
+
+
+def test_quant_h200_compares_repeats_within_a_round(tmp_path):
+    """A repeated point shows its median and its range, and `vs native` is the median of the rounds'
+    own ratios: a round on a slow disk slows both formats and must not count as the format's."""
+    q = _quant_h200()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # round 0 on a fast disk, rounds 1 and 2 slower: int8 is 2x native within every round
+    for rep, native_ms, int8_ms in ((0, 100.0, 50.0), (1, 200.0, 100.0), (2, 160.0, 80.0)):
+        tail = f"-r{rep}" if rep else ""
+        (runs / f"native-ssd-b1{tail}.json").write_text(json.dumps(_run_json(native_ms, [1, 2])))
+        (runs / f"int8-ssd-b1{tail}.json").write_text(json.dumps(_run_json(int8_ms, [1, 2])))
+    (runs / "int8-gpu-b1.json").write_text(json.dumps(_run_json(1.0, [1, 2])))
+    table = q.report(runs)
+    int8 = next(ln.split() for ln in table.splitlines() if ln.startswith("int8    ssd"))
+    assert int8[3] == "80.00" and int8[4] == "2.00x"  # median ms; the median of the medians' ratio would be 2.0 too
+    assert int8[-2:] == ["3", "50.0-100.0"] and int8[-3] == "True"
+    (runs / "int8-ssd-b1-r2.json").write_text(json.dumps(_run_json(40.0, [1, 2])))  # round 2: 4x on one disk
+    int8 = next(ln.split() for ln in q.report(runs).splitlines() if ln.startswith("int8    ssd"))
+    assert int8[4] == "2.00x"  # rounds' ratios 2, 2, 4: median 2 (the medians' ratio would be 160/50 = 3.2)
+
+
 def test_setup_ab_lists_the_slowest_imports_from_importtime():
     """`-X importtime` lines (`self | cumulative | name`, nesting by indent): the slowest shallow ones,
     slowest first, in seconds; deep imports and other stderr lines are left out."""

@@ -7,6 +7,8 @@ smaller than one group, and passes that wrap around across tokens.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -79,6 +81,10 @@ CASES = {
                                 gpu_max_groups=20),
     "mixed-preload-wait": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=1, skip_preload_wait=False,
                                warmup_layers=2, h2d_group_backlog_max=3),
+    "cpu-fill-behind": dict(mode="cpu", fill_behind=True),
+    "mixed-subset-fill-behind-preload-wait": dict(mode="mixed", gpu_cached_layers=1, cpu_cache_layers=2,
+                                                  cpu_policy="pinned-subset", fill_behind=True,
+                                                  skip_preload_wait=False, warmup_layers=2),
 }
 
 
@@ -305,3 +311,34 @@ def test_waits_are_profiler_ranges_only_while_a_profiler_records():
     with w("room"):  # no profiler: counted, no range entered
         pass
     assert w.stats()["room"] > 0
+
+
+def test_a_cpu_tier_filled_behind_is_streamed_while_it_still_reads(ckpt, reference, monkeypatch):
+    """`fill_behind`: the first group is copied and computed while the fill still reads the others (their
+    reads wait until the streamer first asks the tier for a group), and the logits stay gpu mode's."""
+    from worker.pack.groups import KINDS, GroupKey
+    from worker.stream import cpu_tier
+    from worker.stream.ssd import SSDReader
+
+    m = ensure_pack(str(ckpt)).manifest
+    later = [m.group(GroupKey(i, k).name) for i in range(m.model_config.num_hidden_layers) for k in KINDS][1:]
+    gate = threading.Event()
+    real_read, real_pieces = SSDReader._read, cpu_tier.FixedTier.pieces
+
+    def gated(self, offset, nbytes, out, fd):
+        if any(g.offset <= offset < g.offset + g.nbytes for g in later):  # not layer 0's attn, not the resident load
+            gate.wait(timeout=30)
+        real_read(self, offset, nbytes, out, fd)
+
+    in_flight = []
+
+    def pieces(self, key):
+        in_flight.append(not self.filled.done.done())
+        gate.set()
+        return real_pieces(self, key)
+
+    monkeypatch.setattr(SSDReader, "_read", gated)
+    monkeypatch.setattr(cpu_tier.FixedTier, "pieces", pieces)
+    outs, _ = _generate(ckpt, mode="cpu", fill_behind=True)
+    assert in_flight[0] is True  # the fill was still reading when the first group was asked for
+    _assert_same(outs, reference)

@@ -39,7 +39,8 @@ def test_a_run_says_where_its_wall_time_went(flat):
     assert s["probe_s"] > 0  # the probe and the SSD windows of the SSD layer
     tier = r["config"]["stream"]
     assert tier["cpu_cache_layers"] == 1 and s["fill_bytes"] > 0 and s["fill_s"] > 0
-    assert s["overlapped"] == {"compile_prepare_s": None}  # a CPU run compiles nothing, so prepares nothing ahead
+    # a CPU run compiles nothing, so prepares nothing ahead; its fill ran before the build went on
+    assert s["overlapped"] == {"compile_prepare_s": None, "cpu_fill_s": None}
     assert set(s["bytecode"]) == {"prefix", "reason"}  # what this process decided (worker.host.bytecode)
     assert s["fill_gbps"] == pytest.approx(s["fill_bytes"] / s["fill_s"] / 1e9)
     row = build_row(SUITE.specs[0], "t-1", RunOutcome("ok", None, r, None, None, t0, time.time()))
@@ -70,6 +71,18 @@ def test_a_run_that_fails_still_ends_its_clock(flat, monkeypatch):
     assert walltime._last_end is not None and t0 <= walltime._last_end <= time.time()
 
 
+def test_a_fill_behind_is_side_thread_work_and_ends_before_the_measured_round(flat):
+    """`fill_behind`: the fill's own seconds are `overlapped.cpu_fill_s` (its rate from them), the `fill`
+    phase only what the run still waited for it after the warm-up; the measured round reads no disk."""
+    before = run(resolve_config(flat))
+    s = run(resolve_config({**flat, "fill_behind": True}))["setup"]
+    assert s["overlapped"]["cpu_fill_s"] > 0 and s["fill_bytes"] == before["setup"]["fill_bytes"]
+    assert s["fill_gbps"] == pytest.approx(s["fill_bytes"] / s["overlapped"]["cpu_fill_s"] / 1e9)
+    assert 0 <= s["fill_s"] <= s["overlapped"]["cpu_fill_s"]
+    assert sum(s[f"{p}_s"] for p in walltime.PHASES) + s["measure_s"] == pytest.approx(s["wall_s"], abs=1e-6)
+    assert before["setup"]["overlapped"]["cpu_fill_s"] is None  # by default the fill runs before the build goes on
+
+
 def test_gpu_mode_fills_nothing(flat):
     s = run(resolve_config({**flat, "mode": "gpu"}))["setup"]
     assert s["fill_s"] == 0 and s["fill_bytes"] is None and s["fill_gbps"] is None
@@ -83,7 +96,7 @@ def test_side_thread_work_is_reported_beside_the_phases_not_in_them(monkeypatch)
     clock.overlapped("compile_prepare", 2.5)  # longer than the run: it ran beside the phases
     s = clock.report()
     clock.close()
-    assert s["overlapped"] == {"compile_prepare_s": 2.5}
+    assert s["overlapped"] == {"compile_prepare_s": 2.5, "cpu_fill_s": None}
     assert sum(s[f"{p}_s"] for p in walltime.PHASES) + s["measure_s"] == pytest.approx(s["wall_s"], abs=1e-6)
     assert s["wall_s"] < 2.5
     with pytest.raises(AssertionError):

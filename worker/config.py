@@ -80,6 +80,10 @@ class StreamConfig:
                                "mapped into the GPU, whose gather reads the step's rows from there (the token ids "
                                "never leave the device); --no-embed-zero-copy: the ids go to the host every step, "
                                "which gathers and copies the rows up (a device sync per step; for comparison).")
+    fill_behind: bool = _f(False, "The CPU tier's fill runs behind the model build and the warm-up instead of "
+                           "before them: the warm-up's compile overlaps the disk reads, each group is copied to "
+                           "the GPU once its bytes are read and pinned, and the measured round starts after the "
+                           "whole fill (setup time only; not yet measured on a GPU, hence off).")
     ssd_readers: Positive = _f(8, "Reader threads of the SSD tier.")
     gpu_memory_limit_gb: Annotated[float, Field(gt=0)] | None = _f(
         None, "Cap on GPU memory the engine may use, GB (lets a big card act as a small one).")

@@ -50,7 +50,9 @@ one (`worker.generate.generate`), and nothing else here needs the device to be i
 not in `wall_s` (null where the run did not do it): `compile_prepare_s`, importing torch._dynamo and
 Inductor and setting up the compile cache (worker.model.compile_cache.prepare_ahead), beside the
 tokenizer, the pack, the fill and the resident upload; what the build still waited for it is in
-`slots_parts.model_s`. `bytecode` says whether this process keeps torch's bytecode under the cache
+`slots_parts.model_s`; `cpu_fill_s`, the CPU tier's fill where it ran behind the build and the warm-up
+(`fill_behind`: then `fill_s` is only what the run waited for its end after the warm-up, and
+`fill_gbps` is the fill's own rate). `bytecode` says whether this process keeps torch's bytecode under the cache
 directory (worker.host.bytecode), which decides much of `process_s` and of the compiler's import.
 """
 
@@ -72,7 +74,7 @@ PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile",
 # the run built no engine of its own (a reused engine, the peer)
 SLOTS_PARTS = ("kv", "reader", "upload_issue", "ring", "stager", "upload_wait", "slot_pool", "preload", "model",
                "other")
-OVERLAPPED = ("compile_prepare",)  # side-thread work (`overlapped`), in no phase
+OVERLAPPED = ("compile_prepare", "cpu_fill")  # side-thread work (`overlapped`), in no phase
 # worker.stream.upload's stats, and the streamer's mapping of the host-kept embedding table (worker.stream.host_table)
 UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes",
                "embed_map_s", "embed_mapped")
@@ -147,6 +149,13 @@ class RunClock:
             self.fill = fill
             self.add("fill", fill["seconds"])
             self.add("slots", -fill["seconds"])
+
+    def fill_behind(self, fill: dict[str, Any] | None) -> None:
+        """A CPU tier filled behind the build and the warm-up (`fill_behind`): its stats, and its own
+        seconds as `overlapped.cpu_fill_s`; what the run still waited for it is the `fill` phase."""
+        if fill:
+            self.fill = fill
+            self.overlapped("cpu_fill", fill.get("seconds"))
 
     def build_parts(self, spans: dict[str, float], upload: dict[str, Any] | None) -> None:
         """The engine build's spans (`Engine.build`): `slots_parts` of the report, the fill left out

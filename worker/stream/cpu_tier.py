@@ -1,6 +1,7 @@
 """The CPU tier: layers in pinned RAM, either a fixed subset or the seed's rolling ring.
 
-`FixedTier` loads its layers once (cpu mode, and the `pinned-subset` policy), through `fill`. `RingTier` is the
+`FixedTier` loads its layers once (cpu mode, and the `pinned-subset` policy), through `fill`, before the
+build goes on or, with `fill_behind`, behind it. `RingTier` is the
 seed's rolling window: `slots` layer buffers that a loader thread refills from the SSD ahead of the
 compute, cyclically (`wrap_around`), `stride` layers at a time. A slot is refilled only after the GPU
 copy of its layer finished and, with `roll_sync`, once the compute has moved `offset` layers past
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 
@@ -25,18 +27,36 @@ log = logging.getLogger(__name__)
 
 
 class FixedTier:
-    def __init__(self, manifest, layers: list[int], arena: HostArena, reader: SSDReader, populate: bool = False):
+    """`behind`: the fill runs on behind the caller (worker.stream.fill), each piece ready once its
+    range is read and pinned; `settle()` waits for the whole of it."""
+
+    def __init__(self, manifest, layers: list[int], arena: HostArena, reader: SSDReader, populate: bool = False,
+                 behind: bool = False):
         # 2 MiB pages: from the page cache the fill faulted 4 KiB pages in slower than it read them
         # (benchmarks/results/README.md, cpu_fill rows); from the disk no different
         self.filled = fill(manifest, [GroupKey(i, k) for i in layers for k in KINDS], arena, reader, huge_pages=True,
-                           populate=populate)
+                           populate=populate, behind=behind)
         self.host = self.filled.host
-        self.fill_stats = self.filled.stats.to_dict()  # io_stats()["cpu_fill"]
-        log.info("CPU tier: %d layers pinned (%.2f GB)", len(layers), self.filled.stats.bytes / 1e9)
+        self.behind = behind
+        log.info("CPU tier: %d layers %s (%.2f GB)", len(layers), "being pinned" if behind else "pinned",
+                 self.filled.stats.bytes / 1e9)
+
+    @property
+    def fill_stats(self) -> dict[str, Any] | None:
+        """io_stats()["cpu_fill"]; None while a fill behind is still running."""
+        return self.filled.stats.to_dict() if self.filled.done.done() and not self.filled.done.exception() else None
+
+    def settle(self) -> dict[str, Any]:
+        """Wait for the fill to end (raising what it raised); its stats."""
+        self.filled.done.result()
+        return self.filled.stats.to_dict()
 
     def pieces(self, key: GroupKey) -> list[Piece]:
         """One piece per registered range: each GPU copy reads from a single registration."""
-        return [Piece(view, offset) for offset, view in self.filled.pieces(key)]
+        return [Piece(view, offset, ready if self.behind else None) for offset, view, ready in self.filled.pieces(key)]
+
+    def close(self) -> None:
+        self.filled.cancel()  # a fill behind still in flight: its reads and pinning end before the arena goes
 
 
 class _RingSlot:

@@ -21,11 +21,18 @@ reads alone.
 
 A failed read cancels the reads not yet started and waits for those in flight (their buffers must
 outlive them) before raising; the caller's `HostArena.close()` then unregisters what was pinned.
+
+`behind=True` returns as soon as the reads are issued and pins behind them on a thread of its own:
+each registered range's `ready` future completes once it is read and pinned, so a consumer can copy a
+group out while later ones are still read (the CPU tier then fills under the model build and the
+warm-up's compile, `StreamConfig.fill_behind`); `Filled.done` completes with the whole fill, its
+stats final then. A failure sets it and every range not yet ready; `cancel()` stops a fill in flight.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -47,6 +54,7 @@ PIN_UNIT = 256 * MiB  # bytes per cudaHostRegister call: few calls, and little l
 class _Unit:
     view: torch.Tensor  # (n,) uint8: the range registered in one call
     reads: list[Future] = field(default_factory=list)
+    ready: Future = field(default_factory=Future)  # read and registered
 
 
 @dataclass
@@ -68,12 +76,22 @@ class FillStats:
 class Filled:
     host: dict[GroupKey, torch.Tensor]  # key → (extent,) uint8, the group's whole extent
     unit: int  # bytes per registered range (the last of a group may be shorter)
-    stats: FillStats
+    stats: FillStats  # final once `done` completed
+    units: dict[GroupKey, list[_Unit]] = field(default_factory=dict)
+    done: Future = field(default_factory=Future)
+    _thread: threading.Thread | None = None
 
-    def pieces(self, key: GroupKey) -> list[tuple[int, torch.Tensor]]:
-        """(offset in the group, view) per registered range of the group's buffer."""
+    def pieces(self, key: GroupKey) -> list[tuple[int, torch.Tensor, Future]]:
+        """(offset in the group, view, ready) per registered range of the group's buffer."""
         buf = self.host[key]
-        return [(o, buf[o:o + self.unit]) for o in range(0, buf.numel(), self.unit)]
+        return [(o, buf[o:o + self.unit], u.ready) for o, u in zip(range(0, buf.numel(), self.unit), self.units[key])]
+
+    def cancel(self) -> None:
+        """Stop a fill still in flight (reads not started are dropped, those in flight waited for) and
+        wait for its pinning thread: its buffers may be freed after this."""
+        if self._thread is not None:
+            _drain([u for us in self.units.values() for u in us])
+            self._thread.join()
 
 
 def unit_bytes(chunk: int) -> int:
@@ -82,8 +100,9 @@ def unit_bytes(chunk: int) -> int:
 
 
 def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, page_cache: bool = True,
-         pin_threads: int = 1, huge_pages: bool = False, populate: bool = False) -> Filled:
-    """Each group's extent in its own arena buffer, read and pinned.
+         pin_threads: int = 1, huge_pages: bool = False, populate: bool = False, behind: bool = False) -> Filled:
+    """Each group's extent in its own arena buffer, read and pinned (with `behind`, being read and pinned:
+    see the module's docstring).
 
     `page_cache=False` reads everything O_DIRECT; `pin_threads` > 1 registers ranges on several
     threads (for benchmarks/cpu_fill.py to measure whether the driver lets registrations overlap) and
@@ -93,23 +112,47 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     stats = FillStats(pinned=arena.pins)
     t0 = time.perf_counter()
     host: dict[GroupKey, torch.Tensor] = {}
-    units: list[_Unit] = []
+    by_key: dict[GroupKey, list[_Unit]] = {}
     unit = unit_bytes(reader.chunk)
     try:
         for key in keys:
             g = manifest.group(key.name)
             host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
-            units += _issue(reader, g.offset, buf, unit, page_cache, stats, populate)
+            by_key[key] = _issue(reader, g.offset, buf, unit, page_cache, stats, populate)
             stats.bytes += g.nbytes
-        stats.pin_seconds = _pin_behind(units, arena, pin_threads)
     except BaseException:
-        _drain(units)
+        _drain([u for us in by_key.values() for u in us])
         raise
+    out = Filled(host, unit, stats, by_key)
+    units = [u for us in by_key.values() for u in us]
+    if behind:
+        out._thread = threading.Thread(target=_finish, args=(out, units, arena, pin_threads, t0), name="cpu-fill",
+                                       daemon=True)
+        out._thread.start()
+        return out
+    _finish(out, units, arena, pin_threads, t0)
+    out.done.result()  # raises what the fill raised
+    return out
+
+
+def _finish(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float) -> None:
+    """Pin behind the reads; then the stats, and `done` (with the failure, if any, which every range not
+    yet ready gets too)."""
+    try:
+        out.stats.pin_seconds = _pin_behind(units, arena, threads)
+    except BaseException as e:
+        _drain(units)
+        for u in units:
+            if not u.ready.done():
+                u.ready.set_exception(e)
+        out.done.set_exception(e)
+        return
+    stats = out.stats
     stats.seconds = time.perf_counter() - t0
     log.info("CPU tier filled: %.2f GB in %.2f s (%.2f GB/s; %.2f GB from the page cache; pinning %.2f s)",
              stats.bytes / 1e9, stats.seconds, stats.bytes / 1e9 / max(stats.seconds, 1e-9),
              stats.page_cache_bytes / 1e9, stats.pin_seconds)
-    return Filled(host, unit, stats)
+    out.done.set_result(stats)
 
 
 def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_cache: bool,
@@ -134,7 +177,9 @@ def _pin_behind(units: list[_Unit], arena: HostArena, threads: int) -> float:
     def pin(unit: _Unit) -> float:
         for f in unit.reads:
             f.result()
-        return arena.pin(unit.view)
+        seconds = arena.pin(unit.view)
+        unit.ready.set_result(None)
+        return seconds
 
     if threads <= 1:
         return sum(pin(u) for u in units)

@@ -8,13 +8,18 @@ the same group is served without a copy (useful when every streamed group fits i
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from worker.pack.groups import GroupKey
+from worker.config import StreamConfig
+from worker.errors import UserError
+from worker.pack.groups import KINDS, GroupKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,3 +70,53 @@ class SlotPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> dict[str, int]:
+    """GPU slots per group kind: gpu_max_groups split between the kinds, fewer where the memory limit
+    leaves less room.
+
+    The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: with
+    one ffn slot the next ffn copy waits for this layer's MLP, hidden only while the attn copy in
+    between lasts longer than the MLP. In a 70B 2048-token prefill it does, and 1+1 and 1+2 slots
+    attain alike (measured: benchmarks/results/README.md); longer prompts or batches make the MLP
+    outlast it."""
+    kinds = sorted((k for k in KINDS if capacity.get(k)), key=lambda k: -capacity[k])
+    counts = {k: 0 for k in KINDS}
+    if not kinds:
+        return counts
+    total = max(len(kinds), cfg.gpu_max_groups)
+    want = {k: total // len(kinds) + (i < total % len(kinds)) for i, k in enumerate(kinds)}
+    if cfg.gpu_memory_limit_gb is None:
+        return {**counts, **want}
+    pair = sum(capacity[k] for k in kinds)
+    room = cfg.gpu_memory_limit_gb * 1e9 - used_bytes
+    fit = int(room // pair)
+    if fit < 1:
+        raise UserError(f"gpu_memory_limit_gb={cfg.gpu_memory_limit_gb} leaves {max(room, 0) / 1e9:.2f} GB after "
+                        f"resident weights, KV cache and activations ({used_bytes / 1e9:.2f} GB): less than one "
+                        f"attn+ffn group pair ({pair / 1e9:.2f} GB); raise the limit or lower --gpu-cached-layers")
+    got = {k: min(fit, want[k]) for k in kinds}
+    left = room - sum(got[k] * capacity[k] for k in kinds)
+    for k in kinds:  # biggest first
+        while got[k] < want[k] and left >= capacity[k]:
+            got[k] += 1
+            left -= capacity[k]
+    if got != want:
+        log.warning("gpu_memory_limit_gb=%s fits %s GPU slots, not the %s of gpu_max_groups=%d",
+                    cfg.gpu_memory_limit_gb, slots_text(got), slots_text(want), cfg.gpu_max_groups)
+    return {**counts, **got}
+
+
+def slots_text(counts: dict[str, int]) -> str:
+    return " + ".join(f"{n} {k}" for k, n in counts.items() if n)
+
+
+def fillable(order: list[GroupKey], counts: dict[str, int]) -> int:
+    """How many groups of `order` the fetch thread can put in slots before the compute frees one."""
+    free = dict(counts)
+    for n, key in enumerate(order):
+        if free.get(key.kind, 0) == 0:
+            return n
+        free[key.kind] -= 1
+    return len(order)

@@ -20,12 +20,11 @@ import torch
 
 from worker.config import StreamConfig
 from worker.host.walltime import Spans
-from worker.errors import UserError
 from worker.pack.blob import group_views
 from worker.pack.groups import KINDS, RESIDENT, GroupKey, fused
 from worker.stream.cpu_tier import FixedTier, RingTier
 from worker.stream.devsync import Sync
-from worker.stream.gpu_tier import Slot, SlotPool
+from worker.stream.gpu_tier import Slot, SlotPool, fillable, slot_counts, slots_text
 from worker.stream.host_table import map_host_table
 from worker.stream.hostmem import HostArena
 from worker.stream.iostats import Channel, Waits
@@ -47,58 +46,8 @@ def device_bytes(groups, device: torch.device) -> int:
     return sum(storages.values())
 
 
-def slot_counts(capacity: dict[str, int], cfg: StreamConfig, used_bytes: int) -> dict[str, int]:
-    """GPU slots per group kind: gpu_max_groups split between the kinds, fewer where the memory limit
-    leaves less room.
-
-    The bigger kind (ffn) gets the odd slot and whatever room is left after whole attn+ffn pairs: with
-    one ffn slot the next ffn copy waits for this layer's MLP, hidden only while the attn copy in
-    between lasts longer than the MLP. In a 70B 2048-token prefill it does, and 1+1 and 1+2 slots
-    attain alike (measured: benchmarks/results/README.md); longer prompts or batches make the MLP
-    outlast it."""
-    kinds = sorted((k for k in KINDS if capacity.get(k)), key=lambda k: -capacity[k])
-    counts = {k: 0 for k in KINDS}
-    if not kinds:
-        return counts
-    total = max(len(kinds), cfg.gpu_max_groups)
-    want = {k: total // len(kinds) + (i < total % len(kinds)) for i, k in enumerate(kinds)}
-    if cfg.gpu_memory_limit_gb is None:
-        return {**counts, **want}
-    pair = sum(capacity[k] for k in kinds)
-    room = cfg.gpu_memory_limit_gb * 1e9 - used_bytes
-    fit = int(room // pair)
-    if fit < 1:
-        raise UserError(f"gpu_memory_limit_gb={cfg.gpu_memory_limit_gb} leaves {max(room, 0) / 1e9:.2f} GB after "
-                        f"resident weights, KV cache and activations ({used_bytes / 1e9:.2f} GB): less than one "
-                        f"attn+ffn group pair ({pair / 1e9:.2f} GB); raise the limit or lower --gpu-cached-layers")
-    got = {k: min(fit, want[k]) for k in kinds}
-    left = room - sum(got[k] * capacity[k] for k in kinds)
-    for k in kinds:  # biggest first
-        while got[k] < want[k] and left >= capacity[k]:
-            got[k] += 1
-            left -= capacity[k]
-    if got != want:
-        log.warning("gpu_memory_limit_gb=%s fits %s GPU slots, not the %s of gpu_max_groups=%d",
-                    cfg.gpu_memory_limit_gb, _slots(got), _slots(want), cfg.gpu_max_groups)
-    return {**counts, **got}
-
-
 def _with(stats: dict | None, **more) -> dict | None:
     return None if stats is None else {**stats, **{k: v for k, v in more.items() if v is not None}}
-
-
-def _slots(counts: dict[str, int]) -> str:
-    return " + ".join(f"{n} {k}" for k, n in counts.items() if n)
-
-
-def fillable(order: list[GroupKey], counts: dict[str, int]) -> int:
-    """How many groups of `order` the fetch thread can put in slots before the compute frees one."""
-    free = dict(counts)
-    for n, key in enumerate(order):
-        if free.get(key.kind, 0) == 0:
-            return n
-        free[key.kind] -= 1
-    return len(order)
 
 
 class WeightStreamer:
@@ -126,10 +75,13 @@ class WeightStreamer:
             self.reader = SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20) if needs_ssd else None
             reader = self.reader or SSDReader(pack.blob_path, cfg.ssd_readers, cfg.staging_mb << 20)
         self._upload_reader = reader if reader is not self.reader else None  # closed once the load is done
-        self._fill_cpu_tier(m, placement, span)
+        if not cfg.fill_behind:
+            self._fill_cpu_tier(m, placement, span)
         with span("upload_issue"):  # after the fill, which keeps the disk to itself; before the other buffers
             self._upload = Upload(pack, device_keys(placement.layers("gpu")), reader, device,
                                   populate=cfg.warm_page_cache, map_table=self._table_mapper(cfg, device))
+        if cfg.fill_behind:  # its reads queue behind the resident load's, which the build waits for
+            self._fill_cpu_tier(m, placement, span)
         self._add_ring_and_stager(m, placement, cfg, span)
         if self._upload.copies:  # placed behind the rest of the build (`finish`); its size is known now
             on_device = self._upload.device_bytes()
@@ -161,7 +113,7 @@ class WeightStreamer:
                 if not cfg.skip_preload_wait:
                     self._wait_preload()
         log.info("streamer: %d streamed groups, GPU slots %s (%.2f GB), lookahead %d, pinned %.2f GB",
-                 len(self.order), _slots(counts), self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
+                 len(self.order), slots_text(counts), self.pool.nbytes / 1e9, self.ahead, self.arena.nbytes / 1e9)
 
     def finish(self) -> None:
         """Wait for the device-resident groups (embeddings, norm, lm_head, GPU-cached layers), whose load
@@ -188,13 +140,23 @@ class WeightStreamer:
             self._upload_reader = None
 
     def _fill_cpu_tier(self, m, placement: Placement, span: Spans) -> None:
-        """The layers kept in RAM (a fixed subset), loaded now: the run's `fill`."""
+        """The layers kept in RAM (a fixed subset), loaded now or, with `fill_behind`, being loaded behind
+        the build and the warm-up (`settle_fill`): the run's `fill`."""
         self.cpu_fill: dict[str, Any] | None = None  # the CPU tier's load (FixedTier.fill_stats), for the run's setup
         if placement.layers("cpu"):
             with span("fill"):
                 self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader,
-                                                  populate=self.cfg.warm_page_cache)
-            self.cpu_fill = self.providers["cpu"].fill_stats
+                                                  populate=self.cfg.warm_page_cache, behind=self.cfg.fill_behind)
+            self.cpu_fill = None if self.cfg.fill_behind else self.providers["cpu"].fill_stats  # behind: settle_fill
+
+    def settle_fill(self) -> dict[str, Any] | None:
+        """Wait for a fill still running behind (`fill_behind`) and return its stats; None when there was
+        none or it was settled before (a reused engine)."""
+        tier = self.providers.get("cpu")
+        if tier is None or not tier.behind or self.cpu_fill is not None:
+            return None
+        self.cpu_fill = tier.settle()
+        return self.cpu_fill
 
     def _add_ring_and_stager(self, m, placement: Placement, cfg: StreamConfig, span: Spans) -> None:
         """The host side of the other streamed layers: the rolling ring, the SSD stager."""
