@@ -52,7 +52,8 @@ Inductor and setting up the compile cache (worker.model.compile_cache.prepare_ah
 tokenizer, the pack, the fill and the resident upload; what the build still waited for it is in
 `slots_parts.model_s`; `cpu_fill_s`, the CPU tier's fill where it ran behind the build and the warm-up
 (`fill_behind`: then `fill_s` is only what the run waited for its end after the warm-up, and
-`fill_gbps` is the fill's own rate). `bytecode` says whether this process keeps torch's bytecode under the cache
+`cpu_fill_s` and `fill_gbps` count from the fill's issue, its reads queued behind the resident load's,
+to its end, so they are not the default fill's rate). `bytecode` says whether this process keeps torch's bytecode under the cache
 directory (worker.host.bytecode), which decides much of `process_s` and of the compiler's import.
 """
 
