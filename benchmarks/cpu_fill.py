@@ -6,6 +6,9 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   benchmarks/ssd_sweep.py) into a small reused buffer, O_DIRECT; and buffered when the blob is in
   the page cache (memory speed), on the reader's `--threads` (the reference of the ratios, as in
   the first H200 run) and on `--cached-threads` (what the fill's page-cache reads now run on);
+  and, warm, buffered into fresh memory (a 2 MiB-paged buffer per group, as the tier allocates,
+  none registered): the page cache's rate for a fill's job, first-touch page faults included,
+  printed as a second ratio beside the first;
 - the old fill, rebuilt from public pieces: one buffer per group registered (`cudaHostRegister`)
   when allocated, then its reads issued, all awaited (worker.stream.cpu_tier before issue 13);
 - the new fill (`worker.stream.fill.fill`): pageable buffers, every read issued at once, each
@@ -94,6 +97,27 @@ def source(pack: Pack, keys, reader: SSDReader, buffered: bool) -> float:
                     s = (j % slots) * reader.chunk
                     futures.append(reader.read(g.offset + o, n, buf[s:s + n], buffered=buffered))
                     j += 1
+            for f in futures:
+                f.result()
+        return timed(run)
+    finally:
+        arena.close()
+
+
+def source_fresh(pack: Pack, keys, reader: SSDReader) -> float:
+    """Seconds to read the extents buffered into memory touched for the first time, as the tier's fill
+    must (one 2 MiB-paged buffer per group, as the engine allocates them, none registered): the page
+    cache's rate for this job, its page faults included, where `source` reuses a faulted buffer."""
+    arena = HostArena(pin=False)
+    bufs = {k: arena.empty(pack.manifest.group(k.name).nbytes, pin=False, huge_pages=True) for k in keys}
+    try:
+        def run() -> None:
+            futures = []
+            for key in keys:
+                g = pack.manifest.group(key.name)
+                for o in range(0, g.nbytes, reader.chunk):
+                    n = min(reader.chunk, g.nbytes - o)
+                    futures.append(reader.read(g.offset + o, n, bufs[key][o:o + n], buffered=True))
             for f in futures:
                 f.result()
         return timed(run)
@@ -242,11 +266,13 @@ def scenario(name: str, pack: Pack, keys, reader: SSDReader, narrow: SSDReader, 
         if name == "warm":
             out["source_buffered_s"] = source(pack, keys, narrow, buffered=True)
             out["source_buffered_wide_s"] = source(pack, keys, reader, buffered=True)
+            out["source_fresh_s"] = source_fresh(pack, keys, reader)
         reset()
         out["source_direct_s"] = source(pack, keys, reader, buffered=False)
         ref = out.get("source_buffered_s", out["source_direct_s"])
         for label, key in ((f"source: buffered, {narrow.cached_threads} thr", "source_buffered_s"),
                            (f"source: buffered, {reader.cached_threads} thr", "source_buffered_wide_s"),
+                           (f"source: into fresh memory, {reader.cached_threads} thr", "source_fresh_s"),
                            ("source: O_DIRECT reads", "source_direct_s")):
             if key in out:
                 print(LINE.format(label, nbytes / 1e9 / out[key], ref / out[key], nbytes / 1e9, out[key], ""))
@@ -273,6 +299,10 @@ def scenario(name: str, pack: Pack, keys, reader: SSDReader, narrow: SSDReader, 
     medians = {f: [r[f]["of_source"] for r in rounds if r[f].get("of_source") is not None] for f in fills}
     print(f" {name}, median over {repeats} round(s), fill / source: "
           + ", ".join(f"{f} {statistics.median(v):.2f}" if v else f"{f} -" for f, v in medians.items()), flush=True)
+    if name == "warm":  # against the page cache read into fresh memory, as a fill must
+        fresh = {f: [r["source_fresh_s"] / r[f]["seconds"] for r in rounds if r[f].get("seconds")] for f in fills}
+        print(f" {name}, median over {repeats} round(s), fill / source into fresh memory: "
+              + ", ".join(f"{f} {statistics.median(v):.2f}" if v else f"{f} -" for f, v in fresh.items()), flush=True)
     return {"rounds": rounds}
 
 
