@@ -107,3 +107,18 @@ def test_a_bad_switch_value_is_one_line_exit_2():
     assert out.returncode == 2
     assert "STREAMBENCH_BYTECODE_CACHE='maybe' must be 0 or 1" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("entry", [
+    "from orchestrator.cluster.actor import BenchWorker; BenchWorker()",  # a Ray actor's start
+    "import cli, sys; sys.argv = ['bench', '--version']\ntry:\n    cli.main()\nexcept SystemExit:\n    pass",
+])
+def test_engine_processes_decide_before_torch_is_imported(entry):
+    """Both entries of an engine process ask before anything imports torch (else the answer would be
+    "torch was imported before" and the imports would compile again in every process)."""
+    code = f"{entry}\nimport json, sys\nfrom worker.host import bytecode\nprint(json.dumps(bytecode.state()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["reason"] not in ("not asked", "torch was imported before"), got
