@@ -71,6 +71,7 @@ def one_run(cli: list[str], ckpt: Path, a, out: Path, variant: bool) -> dict:
             "phases": {k: s.get(k) for k in PHASES}, "fill_gbps": s.get("fill_gbps"),
             "slots_parts": s.get("slots_parts"), "overlapped": s.get("overlapped"),
             "compiled_from_cache": (r.get("compile_cache") or {}).get("compiled_from_cache"),
+            "compile_seconds": (r.get("compile_cache") or {}).get("seconds") or {},
             "decode_ms_per_token": r["metrics"]["decode_ms"] / r["metrics"]["decode_steps"],
             "tokens": [o["token_ids"] for o in r["outputs"]]}
 
@@ -119,6 +120,9 @@ def show(row: dict) -> None:
           f"{row['compiled_from_cache']}; decode {row['decode_ms_per_token']:.2f} ms/token", flush=True)
     if row["slots_parts"]:
         print("      " + parts_line(row["slots_parts"], row["fill_gbps"]), flush=True)
+    timers = row.get("compile_seconds") or {}
+    if timers:  # torch's own compile timers (worker.model.compile_cache.TIMERS)
+        print("      compile timers: " + " ".join(f"{k.split('.')[-1]} {v:.2f}" for k, v in timers.items()), flush=True)
     bc = row.get("bytecode") or {}
     print(f"      bytecode: {bc.get('prefix') or 'as installed'} ({bc.get('reason')})", flush=True)
     side = {k: v for k, v in (row["overlapped"] or {}).items() if v is not None}

@@ -101,6 +101,7 @@ def test_nothing_compiled_reports_none():
     since = compile_cache.counters()
     got = compile_cache.report(since)
     assert got["compiled_from_cache"] is None and got["graphs"] == 0
+    assert all(v == 0 for v in got["seconds"].values())  # no compile in the window: no compile seconds
 
 
 def test_second_process_of_a_commit_loads_the_cache_and_another_commit_does_not(tmp_path):
@@ -117,6 +118,10 @@ def test_second_process_of_a_commit_loads_the_cache_and_another_commit_does_not(
     assert second["entries_before"] > 0
     assert second["compiled_from_cache"] is True and second["fxgraph_cache_hit"] >= 1
     assert second["fxgraph_cache_miss"] == 0
+    # torch's own timers of the compile: the whole of it, and its parts inside it
+    sec = second["seconds"]
+    assert sec["_compile.compile_inner"] > 0 and 0 < sec["bytecode_tracing"] <= sec["_compile.compile_inner"]
+    assert set(sec) <= set(compile_cache.TIMERS)
 
     other = _process(tmp_path, commit="2" * 40)
     assert other["inductor_dir"] != first["inductor_dir"]

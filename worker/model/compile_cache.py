@@ -26,7 +26,10 @@ cache and the tokens are the same either way: only when the modules are imported
 
 `report(since)` says what this process (or the window since `counters()` was taken) compiled and
 whether all of it came from the cache: `compiled_from_cache` is True when every compiled graph was
-a cache hit, False when any was compiled afresh, None when nothing was compiled.
+a cache hit, False when any was compiled afresh, None when nothing was compiled. Its `seconds` are
+torch's own compile timers over the same window (`TIMERS`): how much of a compile from the cache is
+Dynamo's tracing and guards and how much the loading of cached code, which decides what could
+shorten it.
 """
 
 from __future__ import annotations
@@ -149,21 +152,33 @@ def _prepare() -> dict[str, Any]:
     return {"key": cache_key(parts), **dirs, "entries_before": entries}
 
 
-def counters() -> dict[str, int]:
-    """This process's cache counters now (torch's, cumulative): a `since` for `report`. All zero while
-    torch._dynamo is not imported: nothing can have compiled yet, and importing it costs a second."""
-    if "torch._dynamo" not in sys.modules:
-        return dict.fromkeys(COUNTERS, 0)
-    from torch._dynamo.utils import counters as torch_counters
+# where a compile's host seconds go, as torch's own timers (`dynamo_timed`) name them: the whole
+# compile, Dynamo's bytecode tracing and guards, the backend (Inductor, or its caches' load), and
+# loading the generated code (Triton kernels on CUDA); names torch does not have are left out
+TIMERS = ("_compile.compile_inner", "bytecode_tracing", "build_guards", "OutputGraph.call_user_compiler",
+          "AOTAutogradCache.inductor_load", "PyCodeCache.load_by_key_path", "async_compile.wait")
 
-    return {name: int(torch_counters[group][leaf]) for name, (group, leaf) in COUNTERS.items()}
+
+def counters() -> dict[str, Any]:
+    """This process's cache counters and compile timers now (torch's, cumulative): a `since` for
+    `report`. All zero while torch._dynamo is not imported: nothing can have compiled yet, and
+    importing it costs a second."""
+    if "torch._dynamo" not in sys.modules:
+        return {**dict.fromkeys(COUNTERS, 0), "timers": {}}
+    from torch._dynamo import utils
+
+    timers = getattr(utils, "compilation_time_metrics", {})
+    return {**{name: int(utils.counters[group][leaf]) for name, (group, leaf) in COUNTERS.items()},
+            "timers": {k: float(sum(timers[k])) for k in TIMERS if k in timers}}
 
 
 def report(since: dict[str, int] | None = None) -> dict[str, Any]:
     """The run record's `compile_cache`: where the caches are, the hit / miss / bypass counts since
     `since` (default: process start) and `compiled_from_cache`."""
     now = counters()
-    delta = {k: now[k] - (since or {}).get(k, 0) for k in now}
+    delta = {k: now[k] - (since or {}).get(k, 0) for k in COUNTERS}
+    before = (since or {}).get("timers", {})
+    seconds = {k: v - before.get(k, 0.0) for k, v in now["timers"].items()}
     hits = delta["fxgraph_cache_hit"]
     fresh = delta["fxgraph_cache_miss"] + delta["fxgraph_cache_bypass"]
     if hits + fresh == 0:  # no graph reached Inductor's cache: fall back on AOTAutograd's view
@@ -173,4 +188,5 @@ def report(since: dict[str, int] | None = None) -> dict[str, Any]:
         info = dict(_prepared)  # empty when nothing in this process asked for a compile
     return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None,
             "prepare_s": None, "prepared_ahead": None, **info,
-            **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh == 0}
+            **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh == 0,
+            "seconds": seconds}
