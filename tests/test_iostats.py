@@ -54,3 +54,30 @@ def test_untimed_bytes_count_but_take_no_part_in_the_rate():
     assert abs(s["gbps"] - 10**7 / s["busy_s"] / 1e9) < 1e-12  # the timed transfers' own rate
     ch.reset()
     assert ch.stats() is None
+
+
+def test_mean_inflight_is_the_queue_depth_while_busy():
+    """Four reads at once for 60 ms, then one alone for 60 ms: 2.5 in flight on average while busy,
+    which tells a full queue from a thin one where the rate alone cannot."""
+    ch = Channel("ssd_read")
+    gate = threading.Barrier(4)
+
+    def read(hold: float) -> None:
+        gate.wait()
+        ch.begin()
+        time.sleep(hold)
+        ch.end(100)
+
+    ts = [threading.Thread(target=read, args=(0.06,)) for _ in range(3)] + [threading.Thread(target=read, args=(0.12,))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    s = ch.stats()
+    assert 2.1 < s["mean_inflight"] < 2.9, s
+    ch.reset()
+    ch.begin()  # one read that stays in flight: depth 1 up to the moment the stats are read
+    time.sleep(0.02)
+    assert ch.stats() is None  # no bytes ended yet: nothing to report
+    ch.end(10)
+    assert 0.9 < ch.stats()["mean_inflight"] <= 1.0 + 1e-9

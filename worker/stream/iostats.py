@@ -2,7 +2,10 @@
 thread that feeds a channel spent waiting, per named wait.
 
 Busy time is wall time with at least one transfer in flight (not the sum over threads), so
-bytes / busy is the bandwidth the channel actually delivered while in use. Device copies are timed
+bytes / busy is the bandwidth the channel actually delivered while in use. For host-timed transfers
+`mean_inflight` is how many were in flight on average while it was busy: a disk read below its
+probed rate with a full queue (the reader's threads) was the disk's doing, with a thin one the
+feeder's. Device copies are timed
 with CUDA events on their stream and resolved only when stats are read, keeping the hot path free
 of host syncs.
 """
@@ -37,22 +40,31 @@ class Channel:
             self.busy_s = 0.0
             self.untimed = 0  # bytes moved where no clock could time them (CUDA graph replays)
             self._inflight = getattr(self, "_inflight", 0)
-            self._since = time.perf_counter()
+            self._since = self._last = time.perf_counter()
+            self._inflight_s = 0.0  # ∫ transfers in flight dt, host-timed transfers
             self._spans: list[tuple[Any, Any]] = []
+
+    def _advance(self, now: float) -> None:
+        self._inflight_s += self._inflight * (now - self._last)
+        self._last = now
 
     # host-timed transfers (SSD reads, CPU-device copies): overlapping spans count once
     def begin(self) -> None:
         with self._lock:
+            now = time.perf_counter()
+            self._advance(now)
             if self._inflight == 0:
-                self._since = time.perf_counter()
+                self._since = now
             self._inflight += 1
 
     def end(self, nbytes: int) -> None:
         with self._lock:
+            now = time.perf_counter()
+            self._advance(now)
             self._inflight -= 1
             self.bytes += nbytes
             if self._inflight == 0:
-                self.busy_s += time.perf_counter() - self._since
+                self.busy_s += now - self._since
 
     # device-timed transfers on one stream (serialized, so spans add up)
     def add_device(self, nbytes: int, start, end) -> None:
@@ -69,13 +81,16 @@ class Channel:
         with self._lock:
             for _, end in self._spans:
                 end.synchronize()  # copies fetched ahead may still be in flight when stats are read
-            busy = self.busy_s + sum(s.elapsed_time(e) for s, e in self._spans) / 1e3
-            if self._inflight > 0:  # a channel that never went idle (the bottleneck) is busy until now
-                busy += time.perf_counter() - self._since
+            now = time.perf_counter()
+            host_busy = self.busy_s + (now - self._since if self._inflight > 0 else 0.0)  # a channel that never
+            busy = host_busy + sum(s.elapsed_time(e) for s, e in self._spans) / 1e3  # went idle is busy until now
             if self.bytes + self.untimed == 0:
                 return None
             out = {"bytes": self.bytes + self.untimed, "busy_s": busy,
                    "gbps": self.bytes / busy / 1e9 if busy > 0 and self.bytes else None}
+            in_flight = self._inflight_s + self._inflight * (now - self._last)
+            if host_busy > 0 and in_flight > 0:
+                out["mean_inflight"] = in_flight / host_busy
             if self.untimed:  # busy_s and gbps are the timed transfers' alone
                 out["untimed_bytes"] = self.untimed
             return out
