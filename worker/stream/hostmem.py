@@ -41,6 +41,9 @@ class Pinner(Protocol):
 
 class CudaPinner:
     def register(self, ptr: int, nbytes: int) -> None:
+        # flags 0 (cudaHostRegisterDefault): under unified addressing the range is mapped and portable, so
+        # it counts as pinned for every device's context, also when a side thread (the fill's, the
+        # resident load's) registers it while its current device is another one
         rc = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))  # releases the GIL while it runs
         if rc != 0:
             raise RuntimeError(f"cudaHostRegister of {nbytes / 1e9:.2f} GB failed with CUDA error {rc} "
