@@ -197,11 +197,19 @@ def attainment(doc: dict) -> float | None:
     return (doc.get("roofline") or {}).get("attainment_decode")
 
 
+def disk(reps: dict[int, dict], key: str, fmt: str) -> str:
+    """The SSD reader's figure over the measured round (`io.ssd_read`: the rate it delivered, the reads
+    in flight on average while busy), median over the repeats; "—" where the run read no disk."""
+    got = median_of(reps, lambda d: ((d.get("io") or {}).get("ssd_read") or {}).get(key))
+    return "—" if got is None else format(got, fmt)
+
+
 def report(runs: Path) -> str:
     docs = load(runs)
     many = any(len(reps) > 1 for reps in docs.values())
     lines = [f"{'format':7} {'mode':4} {'batch':>5} {'ms/token':>10} {'vs native':>9} {'attain':>7} {'bound':>6} "
-             f"{'weights GB':>10} {'= gpu tokens':>12}" + (f" {'runs':>4} {'ms/token min-max':>18}" if many else "")]
+             f"{'weights GB':>10} {'= gpu tokens':>12} {'disk GB/s':>9} {'depth':>5}"
+             + (f" {'runs':>4} {'ms/token min-max':>18}" if many else "")]
     order = lambda k: (k[2], FORMATS.index(k[0]) if k[0] in FORMATS else 9, MODES.index(k[1]))  # noqa: E731
     for (fmt, mode, b), reps in sorted(docs.items(), key=lambda kv: order(kv[0])):
         first = reps[min(reps)]
@@ -220,14 +228,17 @@ def report(runs: Path) -> str:
                 else str(all(tokens(d) == tokens(ref_doc) for d in reps.values())))
         gb = (first["model"].get("weight_bytes") or 0) / 1e9
         line = (f"{fmt:7} {mode:4} {b:5d} {ms:10.2f} {speed:>9} {'—' if att is None else f'{att:.2f}':>7} "
-                f"{roof.get('bound_decode') or '—':>6} {gb:10.3f} {same:>12}")
+                f"{roof.get('bound_decode') or '—':>6} {gb:10.3f} {same:>12} {disk(reps, 'gbps', '.3f'):>9} "
+                f"{disk(reps, 'mean_inflight', '.1f'):>5}")
         if many:
             each = [v for v in (ms_per_token(d) for d in reps.values()) if v is not None]
             line += f" {len(reps):4d} {f'{min(each):.1f}-{max(each):.1f}':>18}"
         lines.append(line)
     lines.append("vs native: native ms/token of the same mode and batch over this run's (the peer: native cpu's); "
                  "attain: decode floor / measured, the floor counting the run's packed bytes; "
-                 "= gpu tokens: greedy tokens equal that format's gpu-mode run (the peer: native gpu's)"
+                 "= gpu tokens: greedy tokens equal that format's gpu-mode run (the peer: native gpu's); "
+                 "disk GB/s, depth: the SSD reader over the measured round, its delivered rate and its reads in "
+                 "flight on average while busy"
                  + ("; repeated points: median ms/token and attainment, vs native the median of the rounds' "
                     "ratios (the same round, the same disk)" if many else ""))
     return "\n".join(lines)

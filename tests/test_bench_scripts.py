@@ -76,10 +76,15 @@ def test_quant_h200_compares_repeats_within_a_round(tmp_path):
     table = q.report(runs)
     int8 = next(ln.split() for ln in table.splitlines() if ln.startswith("int8    ssd"))
     assert int8[3] == "80.00" and int8[4] == "2.00x"  # median ms; the median of the medians' ratio would be 2.0 too
-    assert int8[-2:] == ["3", "50.0-100.0"] and int8[-3] == "True"
+    assert int8[-2:] == ["3", "50.0-100.0"] and int8[-3:-5:-1] == ["—", "—"] and int8[-5] == "True"  # no io: no disk
     (runs / "int8-ssd-b1-r2.json").write_text(json.dumps(_run_json(40.0, [1, 2])))  # round 2: 4x on one disk
     int8 = next(ln.split() for ln in q.report(runs).splitlines() if ln.startswith("int8    ssd"))
     assert int8[4] == "2.00x"  # rounds' ratios 2, 2, 4: median 2 (the medians' ratio would be 160/50 = 3.2)
+    doc = _run_json(50.0, [1, 2])
+    doc["io"] = {"ssd_read": {"bytes": 10, "busy_s": 1.0, "gbps": 1.5, "mean_inflight": 7.6}}
+    (runs / "int8-ssd-b1.json").write_text(json.dumps(doc))  # round 0 read 1.5 GB/s, 7.6 reads in flight
+    int8 = next(ln.split() for ln in q.report(runs).splitlines() if ln.startswith("int8    ssd"))
+    assert int8[-4:-2] == ["1.500", "7.6"]  # the rounds without io do not count
 
 
 def test_setup_ab_lists_the_slowest_imports_from_importtime():
