@@ -1,8 +1,9 @@
 #!/bin/bash
 # issue 17: the mixed-mode runs calls A and B had no time left for (batch 1 under 6 GiB, batch 16 under 14 GiB;
-# native in the same command as the formats), on a machine that ran setup_h200/v3/callD.sh first. $1: seconds
+# native in the same command as the formats); the model and packs are made where the machine is fresh. $1: seconds
 # this script may take.
 set -x
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p $OUT/r
 END=$((SECONDS + ${1:-380}))
