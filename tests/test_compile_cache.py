@@ -173,3 +173,26 @@ def test_a_run_refused_on_its_checkpoint_starts_no_compiler_thread(tmp_path, mon
     with pytest.raises(UserError):
         run(cfg)
     assert started == []
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_ahead_thread_shortens_the_switch_interval_only_while_it_imports(monkeypatch, fails):
+    """The fill's reader threads wait for the GIL the imports hold: a shorter interval while they run,
+    the interpreter's own again afterwards, also when the preparation fails (the build retries it)."""
+    seen = []
+
+    def fake_prepare():
+        seen.append(sys.getswitchinterval())
+        if fails:
+            raise OSError("no cache dir")
+        return {"key": "k"}
+
+    monkeypatch.setattr(compile_cache, "_prepared", {})
+    monkeypatch.setattr(compile_cache, "_prepare", fake_prepare)
+    before = sys.getswitchinterval()
+    assert before > compile_cache.AHEAD_SWITCH_S  # the default, 5 ms
+    compile_cache._prepare_quietly()
+    assert seen == [pytest.approx(compile_cache.AHEAD_SWITCH_S)]
+    assert sys.getswitchinterval() == before
+    assert compile_cache._prepared == ({} if fails else {"key": "k", "prepare_s": pytest.approx(0, abs=1),
+                                                          "prepared_ahead": False})

@@ -103,12 +103,17 @@ def prepare() -> dict[str, Any]:
     seconds it took, `prepared_ahead`: whether on `prepare_ahead`'s thread). Waits for that thread's
     preparation when one is under way."""
     with _lock:
-        if not _prepared:
-            t = time.perf_counter()
-            _prepared.update(_prepare())
-            _prepared.update(prepare_s=time.perf_counter() - t,
-                             prepared_ahead=threading.current_thread().name == AHEAD_THREAD)
-        return dict(_prepared)
+        return prepare_locked()
+
+
+def prepare_locked() -> dict[str, Any]:
+    """`prepare` with `_lock` held by the caller."""
+    if not _prepared:
+        t = time.perf_counter()
+        _prepared.update(_prepare())
+        _prepared.update(prepare_s=time.perf_counter() - t,
+                         prepared_ahead=threading.current_thread().name == AHEAD_THREAD)
+    return dict(_prepared)
 
 
 AHEAD_THREAD = "compile-prepare"
@@ -127,10 +132,25 @@ def prepare_ahead() -> bool:
     return True
 
 
+AHEAD_SWITCH_S = 0.0005  # the interpreter's switch interval while the ahead thread imports
+
+
 def _prepare_quietly() -> None:
-    """`prepare_ahead`'s thread: a failure is the build's to raise (its own `prepare` tries again)."""
+    """`prepare_ahead`'s thread: a failure is the build's to raise (its own `prepare` tries again).
+
+    The imports hold the GIL for long stretches, and at the interpreter's default switch interval
+    (5 ms) every reader thread of the CPU tier's fill, back from a read of the page cache, waits up to
+    that long for it: the fill of a cached blob ran at about half its rate beside this thread. While
+    the imports run, the interval is shorter, so the GIL changes hands sooner; restored when they are
+    done, before the build's `prepare` returns and so before anything is measured."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, AHEAD_SWITCH_S))
     try:
-        prepare()
+        with _lock:  # restored while the lock is held: the build's prepare() waits for it
+            try:
+                prepare_locked()
+            finally:
+                sys.setswitchinterval(previous)
     except Exception:  # re-raised where it matters: by the build's own prepare()
         log.debug("compile cache: preparing ahead failed; the build prepares itself", exc_info=True)
 
