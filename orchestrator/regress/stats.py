@@ -157,11 +157,12 @@ def _clip_nights(nights: list[np.ndarray]) -> tuple[list[np.ndarray], float | No
     residuals, not their median: a rare wild repeat (under a tenth of them) is pulled in, while slow
     runs that happen often (a step stalled in a quarter of the runs) are part of the noise, and the
     SD keeps them; treating them as outliers would understate the noise and raise false alarms."""
-    resid = np.concatenate([n - np.median(n) for n in nights if n.size >= 2] or [np.empty(0)])
+    meds = [np.median(n) for n in nights]  # once per night: a nightly gate assesses thousands of these
+    resid = np.concatenate([n - m for n, m in zip(nights, meds) if n.size >= 2] or [np.empty(0)])
     if resid.size == 0:
         return nights, None, math.inf
     bound = CLIP * Q90_TO_SIGMA * float(np.quantile(np.abs(resid), 0.9))
-    clipped = [np.clip(n, np.median(n) - bound, np.median(n) + bound) for n in nights]
+    clipped = [np.clip(n, m - bound, m + bound) for n, m in zip(nights, meds)]
     df = sum(n.size - 1 for n in clipped if n.size >= 2)
     ss = sum(float(((n - n.mean()) ** 2).sum()) for n in clipped if n.size >= 2)
     return clipped, math.sqrt(ss / df), bound
@@ -177,7 +178,11 @@ def noise_of(baseline_runs: Sequence[Sequence[float | None]],
         return None
     cur = np.array(list(current), dtype=float)
     clipped, run, bound = _clip_nights(nights + ([cur] if cur.size else []))
-    now = float(np.clip(cur, np.median(cur) - bound, np.median(cur) + bound).mean()) if cur.size else math.nan
+    if cur.size:
+        mid = np.median(cur)
+        now = float(np.clip(cur, mid - bound, mid + bound).mean())
+    else:
+        now = math.nan
     clipped = clipped[:len(nights)]
     means = np.array([n.mean() for n in clipped])
     level, between = _winsorized(means)
