@@ -103,10 +103,10 @@ def prepare() -> dict[str, Any]:
     seconds it took, `prepared_ahead`: whether on `prepare_ahead`'s thread). Waits for that thread's
     preparation when one is under way."""
     with _lock:
-        return prepare_locked()
+        return _prepare_locked()
 
 
-def prepare_locked() -> dict[str, Any]:
+def _prepare_locked() -> dict[str, Any]:
     """`prepare` with `_lock` held by the caller."""
     if not _prepared:
         t = time.perf_counter()
@@ -140,7 +140,7 @@ def _prepare_quietly() -> None:
 
     The imports hold the GIL for long stretches, and at the interpreter's default switch interval
     (5 ms) every reader thread of the CPU tier's fill, back from a read of the page cache, waits up to
-    that long for it: the fill of a cached blob ran at about half its rate beside this thread. While
+    that long for it (benchmarks/results/setup_h200/v4: the page-cache fill, slowed beside this thread). While
     the imports run, the interval is shorter, so the GIL changes hands sooner; restored when they are
     done, before the build's `prepare` returns and so before anything is measured."""
     previous = sys.getswitchinterval()
@@ -148,7 +148,7 @@ def _prepare_quietly() -> None:
     try:
         with _lock:  # restored while the lock is held: the build's prepare() waits for it
             try:
-                prepare_locked()
+                _prepare_locked()
             finally:
                 sys.setswitchinterval(previous)
     except Exception:  # re-raised where it matters: by the build's own prepare()
