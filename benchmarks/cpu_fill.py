@@ -17,6 +17,10 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   page-cache reads on T threads (`mem8` with `--threads 8` is the fill before the page-cache pool;
   without `mem`, the engine's default: the CPUs this process may use, at most 32); `pop` reads the
   ranges the page cache lacks buffered as well (`--warm-page-cache`: cold, is that as fast as O_DIRECT?);
+  `readM` caps a page-cache request (one system call) at M MiB (default: the engine's CACHED_READ);
+  `busy` runs a pure-Python thread during the fill, as the compile-ahead import does in a run (each
+  reader returning from a system call must win the GIL back from it); `sw` sets the switch interval
+  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S);
 - `mmap` (warm only, an experiment, not the engine's path): no copy at all. Each extent is mapped
   from the page cache (MAP_SHARED, PROT_READ, MAP_POPULATE) and registered read-only
   (cudaHostRegisterReadOnly), then one group is copied to the GPU from it and checked against the
@@ -41,11 +45,14 @@ import gc
 import json
 import os
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from worker.model import compile_cache
 from worker.pack.blob import Pack
 from worker.pack.groups import KINDS, GroupKey
 from worker.stream.fill import fill
@@ -147,8 +154,10 @@ def old_fill(pack: Pack, keys, reader: SSDReader) -> tuple[float, float]:
 
 
 def parse_variant(variant: str) -> dict:
-    """"pin2+huge+mem16+pop" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16, "populate": True}."""
-    out = {"pin_threads": 1, "huge_pages": False, "cached_threads": None, "populate": False}
+    """"pin2+huge+mem16+pop+read64+busy+sw" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16,
+    "populate": True, "cached_read": 64 MiB, "busy": True, "switch": True}."""
+    out = {"pin_threads": 1, "huge_pages": False, "cached_threads": None, "populate": False, "cached_read": None,
+           "busy": False, "switch": False}
     for part in variant.split("+"):
         if part.startswith("pin"):
             out["pin_threads"] = int(part.removeprefix("pin"))
@@ -158,8 +167,15 @@ def parse_variant(variant: str) -> dict:
             out["cached_threads"] = int(part.removeprefix("mem") or default_cached_threads())
         elif part == "pop":
             out["populate"] = True
+        elif part.startswith("read"):
+            out["cached_read"] = int(part.removeprefix("read")) * MiB
+        elif part == "busy":
+            out["busy"] = True
+        elif part == "sw":
+            out["switch"] = True
         else:
-            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop; or mmap)")
+            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw; "
+                             "or mmap)")
     return out
 
 
@@ -169,14 +185,33 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
     v = parse_variant(variant)
     own = SSDReader(pack.blob_path, reader.threads, reader.chunk, v["cached_threads"]) if v["cached_threads"] else None
     arena = HostArena(pin=True)
+    stop = threading.Event()
+    spinner = threading.Thread(target=busy, args=(stop,), daemon=True) if v["busy"] else None
+    previous = sys.getswitchinterval()
     try:
+        if v["switch"]:
+            sys.setswitchinterval(min(previous, compile_cache.AHEAD_SWITCH_S))
+        if spinner:
+            spinner.start()
         filled = fill(pack.manifest, keys, arena, own or reader, pin_threads=v["pin_threads"],
-                      huge_pages=v["huge_pages"], populate=v["populate"])
+                      huge_pages=v["huge_pages"], populate=v["populate"], cached_read=v["cached_read"])
         return filled.stats.to_dict()
     finally:
+        stop.set()
+        if spinner:
+            spinner.join()
+        sys.setswitchinterval(previous)
         arena.close()
         if own:
             own.close()
+
+
+def busy(stop: threading.Event) -> None:
+    """Pure Python that never blocks, holding the GIL as the compile-ahead import thread does during a
+    run's fill: every reader thread returning from a system call then waits for the switch interval."""
+    n = 0
+    while not stop.is_set():
+        n = (n * 31 + 7) % 1000003
 
 
 def mmap_fill(pack: Pack, keys) -> dict:
@@ -320,7 +355,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None,
                     help="new-fill variants, +-joined: pinN = N registering threads, huge = MADV_HUGEPAGE "
                          "buffers, memT = T page-cache reader threads, pop = uncached ranges read buffered "
-                         "(--warm-page-cache); mmap = the zero-copy experiment (default: pin1+memTHREADS "
+                         "(--warm-page-cache), readM = page-cache requests of up to M MiB, busy = a GIL-holding "
+                         "thread during the fill, sw = the engine's switch interval under it; "
+                         "mmap = the zero-copy experiment (default: pin1+memTHREADS "
                          "pin1+huge+memTHREADS, i.e. before the page-cache pool, then pin1 pin1+huge "
                          "pin1+huge+pop pin2+huge pin4+huge mmap)")
     ap.add_argument("--cache", choices=["both", "cold", "warm"], default="both")

@@ -227,7 +227,7 @@ def failing_reads(monkeypatch, fail_at: int | None, delay_s: float = 0.0) -> tup
     running, calls, lock = [0], [0], threading.Lock()
     real = SSDReader._read
 
-    def flaky(self, offset, nbytes, out, fd):
+    def flaky(self, offset, nbytes, out, fd, *call):
         with lock:
             calls[0] += 1
             n = calls[0]
@@ -236,7 +236,7 @@ def failing_reads(monkeypatch, fail_at: int | None, delay_s: float = 0.0) -> tup
             time.sleep(delay_s)
             if n == fail_at:
                 raise OSError(5, "Input/output error (injected)")
-            real(self, offset, nbytes, out, fd)
+            real(self, offset, nbytes, out, fd, *call)
         finally:
             with lock:
                 running[0] -= 1
@@ -353,3 +353,43 @@ def test_page_cache_reads_run_on_their_own_wider_pool(pack, monkeypatch):
     assert all(n.startswith("cache-read") for n in cached) and len(cached) <= reader.cached_threads == 5
     assert all(n.startswith("ssd-read") for n in names) and len(set(names)) <= 2
     assert torch.equal(a, b) and torch.equal(a, pack.read_raw(_keys(pack)[0]))
+
+
+def test_cached_chunks_of_a_range_go_as_few_requests_each_one_system_call(pack, monkeypatch):
+    """Consecutive cached chunks of one registered range are one request of up to `cached_read` bytes,
+    read by one preadv; uncached chunks stay one O_DIRECT request each, and no request crosses a range
+    (it is registered once its own reads are done). The bytes are the blob's either way."""
+    import worker.pack.blob as blob_mod
+
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", 8 * PAGE)
+    monkeypatch.setattr(blob_mod, "CHUNK", PAGE)  # a read of more than a page is split, unless it says otherwise
+    calls: list[tuple[int, int]] = []  # (fd, bytes asked) per preadv
+    real_preadv = os.preadv
+    monkeypatch.setattr(blob_mod.os, "preadv", lambda fd, bufs, off: calls.append((fd, len(bufs[0])))
+                        or real_preadv(fd, bufs, off))
+    keys = _keys(pack)
+    g = pack.manifest.group(keys[0].name)
+    assert g.nbytes > 8 * PAGE, "the test wants a group of several ranges"
+    _drop_from_page_cache(pack.blob_path)
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE)
+    if not reader.direct:
+        reader.close()
+        pytest.skip("O_DIRECT refused here: the page cache cannot be told from the disk")
+    fd = os.open(pack.blob_path, os.O_RDONLY)
+    os.pread(fd, 5 * PAGE, g.offset)  # the group's chunks 0..4 cached, chunk 5 on, not
+    os.close(fd)
+    arena = HostArena(pin=False)
+    sizes = []
+    real_read = SSDReader.read
+    monkeypatch.setattr(SSDReader, "read", lambda self, off, n, out, buffered=False: sizes.append((n, buffered))
+                        or real_read(self, off, n, out, buffered))
+    try:
+        filled = fill_mod.fill(pack.manifest, keys[:1], arena, reader, cached_read=3 * PAGE)
+        assert torch.equal(filled.host[keys[0]], pack.read_raw(keys[0]))
+    finally:
+        arena.close()
+        reader.close()
+    assert sizes[:3] == [(3 * PAGE, True), (2 * PAGE, True), (PAGE, False)]  # cap 3; then range [0, 8) uncached
+    assert all(not b for _, b in sizes[2:]) and sum(n for n, _ in sizes) == g.nbytes
+    buffered_calls = [n for fd_, n in calls if fd_ == reader.buffered_fd]
+    assert sorted(buffered_calls) == [2 * PAGE, 3 * PAGE]  # one system call per page-cache request

@@ -73,16 +73,19 @@ def open_blob(path: str | Path, direct: bool = True) -> int:
     return fd
 
 
-def read_extent(fd: int, offset: int, nbytes: int, out: torch.Tensor) -> None:
+def read_extent(fd: int, offset: int, nbytes: int, out: torch.Tensor, call: int | None = None) -> None:
     """Fill `out[:nbytes]` (uint8, CPU) from the blob at `offset`. Raises EOFError on a short blob.
 
     With an O_DIRECT fd, offset, nbytes and `out`'s address must be 4 KiB-aligned (manifest extents and
-    `aligned_empty` buffers are).
+    `aligned_empty` buffers are). `call` (default CHUNK) is the most bytes one system call asks for: a
+    page-cache read asks for its whole request at once, since each return to Python has to win the
+    GIL back, and under a thread that holds it (the compile-ahead import) that wait is paid per call.
     """
     view = memoryview(out.numpy())[:nbytes]
+    call = call or CHUNK
     done = 0
     while done < nbytes:
-        n = os.preadv(fd, [view[done:done + CHUNK]], offset + done)
+        n = os.preadv(fd, [view[done:done + call]], offset + done)
         if n == 0:
             raise EOFError(f"end of blob at offset {offset + done} while reading [{offset}, +{nbytes})")
         done += n

@@ -16,8 +16,13 @@ two registrations is not promised to be treated as pinned by the driver.
 A request whose bytes are all in the page cache (one mincore per extent) is read buffered, at
 memory speed, instead of O_DIRECT at disk speed, on the reader's page-cache pool: as many threads as
 the process has CPUs (worker.stream.ssd), since such a read is a copy plus the destination's page
-faults, bound by cores, not by the disk. On a CPU device nothing is pinned and the fill is the
-reads alone.
+faults, bound by cores, not by the disk. Consecutive cached chunks of one registered range go as one
+request of up to `CACHED_READ` bytes, read in one system call: a reader thread returning from a read
+has to win the GIL back, and while another thread holds it (the compile-ahead import thread runs
+during the fill) each return waits up to the interpreter's switch interval, so at memory speed a
+fill of many short reads spends much of its time waiting to resume rather than copying
+(benchmarks/cpu_fill.py's `busy` variants measure that). On a CPU device nothing is pinned and the
+fill is the reads alone.
 
 A failed read cancels the reads not yet started and waits for those in flight (their buffers must
 outlive them) before raising; the caller's `HostArena.close()` then unregisters what was pinned.
@@ -48,6 +53,7 @@ from worker.units import MiB
 log = logging.getLogger(__name__)
 
 PIN_UNIT = 256 * MiB  # bytes per cudaHostRegister call: few calls, and little left to pin after the last read
+CACHED_READ = 128 * MiB  # most bytes per page-cache request (and system call): few returns to the GIL
 
 
 @dataclass
@@ -100,7 +106,8 @@ def unit_bytes(chunk: int) -> int:
 
 
 def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, page_cache: bool = True,
-         pin_threads: int = 1, huge_pages: bool = False, populate: bool = False, behind: bool = False) -> Filled:
+         pin_threads: int = 1, huge_pages: bool = False, populate: bool = False, behind: bool = False,
+         cached_read: int | None = None) -> Filled:
     """Each group's extent in its own arena buffer, read and pinned (with `behind`, being read and pinned:
     see the module's docstring).
 
@@ -114,11 +121,12 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     host: dict[GroupKey, torch.Tensor] = {}
     by_key: dict[GroupKey, list[_Unit]] = {}
     unit = unit_bytes(reader.chunk)
+    cached_read = CACHED_READ if cached_read is None else cached_read
     try:
         for key in keys:
             g = manifest.group(key.name)
             host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
-            by_key[key] = _issue(reader, g.offset, buf, unit, page_cache, stats, populate)
+            by_key[key] = _issue(reader, g.offset, buf, unit, page_cache, stats, populate, cached_read)
             stats.bytes += g.nbytes
     except BaseException:
         _drain([u for us in by_key.values() for u in us])
@@ -156,18 +164,25 @@ def _finish(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0:
 
 
 def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_cache: bool,
-           stats: FillStats, populate: bool = False) -> list[_Unit]:
-    """Submit every read of one extent, grouped by the registered range they fill."""
+           stats: FillStats, populate: bool = False, cached_read: int = 0) -> list[_Unit]:
+    """Submit every read of one extent, grouped by the registered range they fill; consecutive
+    chunks of one range that are in the page cache go as one request of up to `cached_read` bytes."""
     chunk = reader.chunk
     nbytes = buf.numel()
     cached = reader.cached_chunks(offset, nbytes) if page_cache else [False] * -(-nbytes // chunk)
     out = []
     for u in range(0, nbytes, unit):
-        piece = _Unit(buf[u:min(u + unit, nbytes)])
-        for o in range(u, min(u + unit, nbytes), chunk):
-            n = min(chunk, nbytes - o)
-            stats.page_cache_bytes += n if cached[o // chunk] else 0
+        end = min(u + unit, nbytes)
+        piece = _Unit(buf[u:end])
+        o = u
+        while o < end:
+            n = min(chunk, end - o)
+            if cached[o // chunk]:
+                while o + n < end and n + chunk <= cached_read and cached[(o + n) // chunk]:
+                    n += min(chunk, end - o - n)
+                stats.page_cache_bytes += n
             piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached[o // chunk] or populate))
+            o += n
         out.append(piece)
     return out
 

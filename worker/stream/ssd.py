@@ -56,9 +56,10 @@ class SSDReader:
 
     def read(self, offset: int, nbytes: int, out: torch.Tensor, buffered: bool = False) -> Future:
         """Read [offset, offset+nbytes) into `out` (uint8, aligned) on one reader thread; `buffered`
-        goes through the page cache instead of O_DIRECT, on the page-cache pool."""
+        goes through the page cache instead of O_DIRECT, on the page-cache pool, in one system call
+        (see read_extent's `call`)."""
         if buffered and self.direct:
-            return self._cached().submit(self._read, offset, nbytes, out, self.buffered_fd)
+            return self._cached().submit(self._read, offset, nbytes, out, self.buffered_fd, nbytes)
         return self.pool.submit(self._read, offset, nbytes, out, self.fd)
 
     def _cached(self) -> ThreadPoolExecutor:
@@ -82,10 +83,10 @@ class SSDReader:
         return [self.read(offset + o, min(self.chunk, nbytes - o), out[o:o + min(self.chunk, nbytes - o)])
                 for o in range(0, nbytes, self.chunk)]
 
-    def _read(self, offset: int, nbytes: int, out: torch.Tensor, fd: int) -> None:
+    def _read(self, offset: int, nbytes: int, out: torch.Tensor, fd: int, call: int | None = None) -> None:
         self.channel.begin()
         try:
-            read_extent(fd, offset, nbytes, out)
+            read_extent(fd, offset, nbytes, out, call)
         finally:
             self.channel.end(nbytes)
 
