@@ -13,7 +13,8 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   when allocated, then its reads issued, all awaited (worker.stream.cpu_tier before issue 13);
 - the new fill (`worker.stream.fill.fill`): pageable buffers, every read issued at once, each
   256 MiB range registered once its reads are done. Variants, `+`-joined: `pinN` registers on N
-  threads; `huge` backs the buffers with transparent huge pages (MADV_HUGEPAGE); `memT` runs the
+  threads of their own (`pin0`: on the reader thread that completes the range, the engine's default;
+  `pin1` is the fill before that); `huge` backs the buffers with transparent huge pages (MADV_HUGEPAGE); `memT` runs the
   page-cache reads on T threads (`mem8` with `--threads 8` is the fill before the page-cache pool;
   without `mem`, the engine's default: the CPUs this process may use, at most 32); `pop` reads the
   ranges the page cache lacks buffered as well (`--warm-page-cache`: cold, is that as fast as O_DIRECT?);
@@ -156,7 +157,7 @@ def old_fill(pack: Pack, keys, reader: SSDReader) -> tuple[float, float]:
 def parse_variant(variant: str) -> dict:
     """"pin2+huge+mem16+pop+read64+busy+sw" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16,
     "populate": True, "cached_read": 64 MiB, "busy": True, "switch": True}."""
-    out = {"pin_threads": 1, "huge_pages": False, "cached_threads": None, "populate": False, "cached_read": None,
+    out = {"pin_threads": None, "huge_pages": False, "cached_threads": None, "populate": False, "cached_read": None,
            "busy": False, "switch": False}
     for part in variant.split("+"):
         if part.startswith("pin"):
@@ -353,13 +354,14 @@ def main() -> None:
     ap.add_argument("--cached-threads", type=int, default=None,
                     help="page-cache reader threads of the default fill (default: the engine's, CPUs up to 32)")
     ap.add_argument("--variants", nargs="+", default=None,
-                    help="new-fill variants, +-joined: pinN = N registering threads, huge = MADV_HUGEPAGE "
+                    help="new-fill variants, +-joined: pinN = N registering threads (pin0: the readers), "
+                         "huge = MADV_HUGEPAGE "
                          "buffers, memT = T page-cache reader threads, pop = uncached ranges read buffered "
                          "(--warm-page-cache), readM = page-cache requests of up to M MiB, busy = a GIL-holding "
                          "thread during the fill, sw = the engine's switch interval under it; "
                          "mmap = the zero-copy experiment (default: pin1+memTHREADS "
-                         "pin1+huge+memTHREADS, i.e. before the page-cache pool, then pin1 pin1+huge "
-                         "pin1+huge+pop pin2+huge pin4+huge mmap)")
+                         "pin1+huge+memTHREADS, i.e. before the page-cache pool, then pin1+huge pin0+huge "
+                         "pin0+huge+pop pin2+huge pin4+huge mmap)")
     ap.add_argument("--cache", choices=["both", "cold", "warm"], default="both")
     ap.add_argument("--repeats", type=int, default=2, help="rounds per cache state")
     ap.add_argument("--json", help="also write the figures here")
@@ -371,7 +373,7 @@ def main() -> None:
     reader = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB, args.cached_threads)
     narrow = SSDReader(pack.blob_path, args.threads, args.chunk_mb * MiB, args.threads)  # the source's reference
     t = args.threads
-    variants = args.variants or [f"pin1+mem{t}", f"pin1+huge+mem{t}", "pin1", "pin1+huge", "pin1+huge+pop",
+    variants = args.variants or [f"pin1+mem{t}", f"pin1+huge+mem{t}", "pin1+huge", "pin0+huge", "pin0+huge+pop",
                                  "pin2+huge", "pin4+huge", "mmap"]
     pinned = "pinned with cudaHostRegister" if torch.cuda.is_available() else "not pinned (no CUDA)"
     print(f"{pack.blob_path}: {len(keys) // 2} layers, {len(keys)} groups, {nbytes / 1e9:.2f} GB; reader "

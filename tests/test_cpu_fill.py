@@ -72,8 +72,8 @@ def _drop_from_page_cache(path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("page_cache,pin_threads,huge", [(True, 1, False), (False, 1, False), (False, 3, False),
-                                                         (True, 2, True)])
+@pytest.mark.parametrize("page_cache,pin_threads,huge", [(True, 0, False), (False, 0, False), (True, 1, False),
+                                                         (False, 3, False), (True, 2, True)])
 def test_fill_is_bit_exact_and_pins_each_range_once_after_its_reads(pack, monkeypatch, page_cache, pin_threads,
                                                                     huge):
     monkeypatch.setattr(fill_mod, "PIN_UNIT", 3 * PAGE)  # several units per group, one short at the end
@@ -151,6 +151,37 @@ def test_ranges_are_registered_only_once_their_bytes_landed(pack, monkeypatch):
         arena.close()
         reader.close()
     assert pinner.calls >= len(keys)
+
+
+@pytest.mark.parametrize("page_cache", [True, False])
+def test_by_default_the_reader_thread_that_completes_a_range_registers_it(pack, monkeypatch, page_cache):
+    """Not the caller's thread nor one of its own: a chain of wake-ups there, each waiting for the GIL,
+    set the pace of a page-cache fill beside the compile-ahead import (worker.stream.fill)."""
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", 2 * PAGE)
+    threads = []
+    pinner = RecordingPinner(expect=lambda ptr, n: threads.append(threading.current_thread().name))
+    arena = HostArena(pin=True, pinner=pinner)
+    gate = threading.Event()  # no read ends before every one is issued: none is done by the caller's thread
+    real_read = SSDReader._read
+
+    def gated(self, *args):
+        gate.wait(10)
+        real_read(self, *args)
+
+    monkeypatch.setattr(SSDReader, "_read", gated)
+    reader = SSDReader(pack.blob_path, threads=3, chunk=PAGE)
+    try:
+        filled = fill_mod.fill(pack.manifest, _keys(pack), arena, reader, page_cache=page_cache, behind=True)
+        gate.set()
+        filled.done.result(10)
+        units = sum(len(filled.pieces(k)) for k in _keys(pack))
+        assert filled.stats.pin_seconds > 0
+    finally:
+        gate.set()
+        arena.close()
+        reader.close()
+    assert len(threads) == units > len(_keys(pack))
+    assert all(t.startswith("cache-read" if page_cache and reader.direct else "ssd") for t in threads), set(threads)
 
 
 def test_page_cache_decides_buffered_or_direct(pack, tmp_path):

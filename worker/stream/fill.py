@@ -5,7 +5,12 @@ issued at once on the SSD tier's reader (large O_DIRECT requests, threads × chu
 into the buffer, no bounce copy), so the reader threads fault the pages in, in parallel, as the data
 lands. Behind them, `PIN_UNIT` ranges are registered (`cudaHostRegister`) as soon as the reads that
 cover them are done: registration then finds its pages present and only locks them, and the disk is
-never idle while it runs. The old fill registered each group before issuing its reads, so no read of
+never idle while it runs. The reader thread whose read completes a range registers it (`PIN_THREADS`
+0), not a pinning thread of its own: such a thread wakes for every read and every registration, one
+after the other, and each wake-up waits for the GIL, up to a switch interval while another thread
+holds it (the compile-ahead import does, during a run's fill), so a chain of them, not the reads, set
+the pace of a fill from the page cache; on the reader threads those waits overlap each other's reads
+(benchmarks/cpu_fill.py, `pin0` against `pin1`, with `busy`). The old fill registered each group before issuing its reads, so no read of
 a group could start before its registration ended; registering fresh memory faults in and locks
 every page on one thread under the driver's global lock, and where that is slower than the disk the
 disk waited (benchmarks/cpu_fill.py measures the old and the new fill against the source).
@@ -39,7 +44,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_EXCEPTION,
+    CancelledError,
+    Future,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +64,7 @@ from worker.units import MiB
 log = logging.getLogger(__name__)
 
 PIN_UNIT = 256 * MiB  # bytes per cudaHostRegister call: few calls, and little left to pin after the last read
+PIN_THREADS = 0  # 0: the reader thread that completes a range registers it; N: N threads of their own do
 CACHED_READ = 128 * MiB  # most bytes per page-cache request (and system call): few returns to the GIL
 
 
@@ -61,6 +73,8 @@ class _Unit:
     view: torch.Tensor  # (n,) uint8: the range registered in one call
     reads: list[Future] = field(default_factory=list)
     ready: Future = field(default_factory=Future)  # read and registered
+    armed: bool = False  # registered by its last read's thread (`_pin_when_read`): `ready` is always set
+    failure: list[BaseException] = field(default_factory=list)  # the fill's, shared: what a cancelled read's unit gets
 
 
 @dataclass
@@ -106,13 +120,14 @@ def unit_bytes(chunk: int) -> int:
 
 
 def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, page_cache: bool = True,
-         pin_threads: int = 1, huge_pages: bool = False, populate: bool = False, behind: bool = False,
+         pin_threads: int | None = None, huge_pages: bool = False, populate: bool = False, behind: bool = False,
          cached_read: int | None = None) -> Filled:
     """Each group's extent in its own arena buffer, read and pinned (with `behind`, being read and pinned:
     see the module's docstring).
 
-    `page_cache=False` reads everything O_DIRECT; `pin_threads` > 1 registers ranges on several
-    threads (for benchmarks/cpu_fill.py to measure whether the driver lets registrations overlap) and
+    `page_cache=False` reads everything O_DIRECT; `pin_threads` (default `PIN_THREADS`) ≥ 1 registers
+    ranges on threads of their own, in issue order (for benchmarks/cpu_fill.py: the fill before the
+    reader threads registered, and whether the driver lets registrations on several threads overlap);
     `huge_pages` backs the buffers with 2 MiB pages (the CPU tier asks for them: fewer page faults
     pay when the bytes come from the page cache). `populate` reads the ranges that are not in the page
     cache buffered too, so they are there for the next fill (`StreamConfig.warm_page_cache`)."""
@@ -122,14 +137,21 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     by_key: dict[GroupKey, list[_Unit]] = {}
     unit = unit_bytes(reader.chunk)
     cached_read = CACHED_READ if cached_read is None else cached_read
+    pin_threads = PIN_THREADS if pin_threads is None else pin_threads
+    lock = threading.Lock()  # the readers' registrations add to stats.pin_seconds
+    failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
     try:
         for key in keys:
             g = manifest.group(key.name)
             host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
             by_key[key] = _issue(reader, g.offset, buf, unit, page_cache, stats, populate, cached_read)
             stats.bytes += g.nbytes
-    except BaseException:
-        _drain([u for us in by_key.values() for u in us])
+            if pin_threads == 0:
+                for u in by_key[key]:
+                    u.failure = failure
+                    _pin_when_read(u, arena, stats, lock)
+    except BaseException as e:
+        _drain([u for us in by_key.values() for u in us], e)
         raise
     out = Filled(host, unit, stats, by_key)
     units = [u for us in by_key.values() for u in us]
@@ -147,9 +169,12 @@ def _finish(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0:
     """Pin behind the reads; then the stats, and `done` (with the failure, if any, which every range not
     yet ready gets too)."""
     try:
-        out.stats.pin_seconds = _pin_behind(units, arena, threads)
+        if threads == 0:
+            _wait_ready(units)  # the reader threads register; stats.pin_seconds is theirs
+        else:
+            out.stats.pin_seconds = _pin_behind(units, arena, threads)
     except BaseException as e:
-        _drain(units)
+        _drain(units, e)
         for u in units:
             if not u.ready.done():
                 u.ready.set_exception(e)
@@ -187,6 +212,47 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_ca
     return out
 
 
+def _pin_when_read(unit: _Unit, arena: HostArena, stats: FillStats, lock: threading.Lock) -> None:
+    """Register `unit` on the thread that completes its last read (a future's callbacks run on the
+    thread that sets its result; on this one for a read already done), then set `ready`: with the
+    registration's failure, a read's, or for reads cancelled by `_drain` the fill's (CancelledError
+    after `Filled.cancel()`)."""
+    left = [len(unit.reads)]
+    errors: list[BaseException] = []
+
+    def done(f: Future) -> None:
+        with lock:
+            if f.cancelled():
+                errors.append(unit.failure[0] if unit.failure else CancelledError())
+            elif f.exception() is not None:
+                errors.append(f.exception())
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            if errors:
+                raise errors[0]
+            seconds = arena.pin(unit.view)
+            with lock:
+                stats.pin_seconds += seconds
+        except BaseException as e:  # noqa: BLE001 - a callback's exception would only be logged: it goes to `ready`
+            unit.ready.set_exception(e)
+        else:
+            unit.ready.set_result(None)
+
+    unit.armed = True
+    for f in unit.reads:
+        f.add_done_callback(done)
+
+
+def _wait_ready(units: list[_Unit]) -> None:
+    """Until every unit is read and registered; raises the first failure."""
+    done, _ = wait([u.ready for u in units], return_when=FIRST_EXCEPTION)
+    for f in done:
+        if f.exception() is not None:
+            raise f.exception()
+
+
 def _pin_behind(units: list[_Unit], arena: HostArena, threads: int) -> float:
     """Register each unit once its reads are done, in issue order; seconds spent registering."""
     def pin(unit: _Unit) -> float:
@@ -208,10 +274,14 @@ def _pin_behind(units: list[_Unit], arena: HostArena, threads: int) -> float:
             raise
 
 
-def _drain(units: list[_Unit]) -> None:
-    """After a failure: cancel reads not started, wait for those in flight (their buffers must
-    outlive them)."""
+def _drain(units: list[_Unit], error: BaseException | None = None) -> None:
+    """After a failure (`error`, what the units of cancelled reads get) or on `cancel()`: cancel reads
+    not started, wait for those in flight (their buffers must outlive them) and for the registrations
+    their threads run after them (`ready` is set after)."""
+    if error is not None and units and not units[0].failure:
+        units[0].failure.append(error)
     reads = [f for u in units for f in u.reads]
     for f in reads:
         f.cancel()
     wait(reads)
+    wait([u.ready for u in units if u.armed])
