@@ -181,11 +181,12 @@ class RunConfig:
     compile_ahead: bool = _f(True, "Import the compiler (torch._dynamo, Inductor) on a side thread from the run's "
                                    "start, beside tokenizer, pack, fill and upload, instead of in the model build: "
                                    "setup time only (same kernels, same tokens; benchmarks/results/setup_h200/).")
-    gc_freeze: bool = _f(False, "During the warm-up and measured rounds, freeze the objects setup made and pause "
-                                "Python's cyclic garbage collector (restored after), so a collection cannot stall "
-                                "the thread issuing the weight copies (worker/host/interp.py); an A/B switch: on "
-                                "the H200 it left batch 16's copy stalls in place "
-                                "(benchmarks/results/quant_h200/v4/interp/).")
+    gc_freeze: bool = _f(True, "During the warm-up and measured rounds, freeze the objects setup made and pause "
+                               "Python's cyclic garbage collector (restored after): a full collection of a process "
+                               "that imported the compiler holds the interpreter for 0.1-0.3 s, and one that falls "
+                               "in the measured round stalls the thread issuing the weight copies "
+                               "(benchmarks/results/setup_h200/v5/I; --no-gc-freeze: collections as Python schedules "
+                               "them).")
     switch_interval_us: Annotated[int, Field(gt=0)] | None = _f(
         None, "Python's thread switch interval during the rounds, microseconds (default: Python's 5000): how long "
               "the compute thread may keep the interpreter while the fetch thread waits to issue a copy (an A/B "

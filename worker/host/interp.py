@@ -7,7 +7,11 @@ next switch request (every `sys.getswitchinterval()`, 5 ms by default), and a cy
 collection holds it for as long as the collection takes. Either idles the copy engine when the copy
 queue runs dry first — `benchmarks/stream_profile.py` splits such idle spans into "issued late by
 the host" and "waited on the device". On the H200 neither setting removed batch 16's idle spans
-(benchmarks/results/quant_h200/v4/interp/), so both stay off: switches for such A/Bs on other hosts.
+(benchmarks/results/quant_h200/v4/interp/). The collector is paused by default all the same
+(`gc_freeze`): where a full collection (tenths of a second once the compiler is imported) falls is a
+matter of what setup allocated, and a change to the fill's threads moved one into the measured round
+of the 6-layer 70B cpu point, 207-218 ms/token instead of 185 with one step stalled
+(benchmarks/results/setup_h200/v5/I). The switch interval stays Python's: a switch for A/Bs.
 """
 
 from __future__ import annotations
