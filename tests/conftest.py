@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import siderun  # tests/siderun.py
 
 TINY_DEFAULTS: dict[str, Any] = {"preset": "tiny", "layers": 2, "dtype": "float32", "seed": 0,
                                  "shard_max_gb": 5.0}
@@ -62,6 +63,7 @@ def pytest_collection_finish(session) -> None:
     beside the rest of the suite (`start_interpreter_run` says why), if it is among the tests selected
     (after -k / -m deselection); not under xdist, whose workers would each start one."""
     config = session.config
+    siderun.plan(config, session.items)  # tests marked `side`: to a process of their own (tests/siderun.py)
     if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config, "workerinput", None) is not None:
         return
     for item in session.items:
@@ -75,7 +77,12 @@ def pytest_collection_finish(session) -> None:
 INTERPRETER_RUN = pytest.StashKey[object]()  # the test module whose interpreter run started at collection
 
 
+def pytest_runtest_logreport(report) -> None:
+    siderun.record(report)  # in the side process only
+
+
 def pytest_sessionfinish(session, exitstatus):
+    siderun.stop()
     module = session.config.stash.get(INTERPRETER_RUN, None)
     if module is not None:
         module.stop_interpreter_run()

@@ -104,6 +104,7 @@ def test_nothing_compiled_reports_none():
     assert all(v == 0 for v in got["seconds"].values())  # no compile in the window: no compile seconds
 
 
+@pytest.mark.side
 def test_second_process_of_a_commit_loads_the_cache_and_another_commit_does_not(tmp_path):
     first = _process(tmp_path, commit="1" * 40)
     root = tmp_path / "cache" / "compile"

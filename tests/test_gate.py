@@ -47,6 +47,7 @@ def verdicts(seeds: range, noise: dict, slow: float | None) -> tuple[float, list
     return failed / len(seeds), mdes
 
 
+@pytest.mark.side
 @pytest.mark.parametrize("noise,slow,detect", [(CPU_LIKE, 1.03, 0.99), (SSD_LIKE, 1.15, 0.90)])
 def test_a_regression_beyond_the_noise_is_flagged_and_noise_alone_is_not(noise, slow, detect):
     seeds = range(300)
@@ -58,6 +59,7 @@ def test_a_regression_beyond_the_noise_is_flagged_and_noise_alone_is_not(noise, 
     assert false <= 0.01  # ≤ 1 false night in 100 per family (measured: 0 or 1 of 300)
 
 
+@pytest.mark.side
 def test_the_minimum_detectable_effect_agrees_with_simulation():
     """At its MDE the gate catches a change about half the time: a third smaller it mostly misses,
     half as large again it mostly catches, so the printed figure is within a factor of 1.5 of the

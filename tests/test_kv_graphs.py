@@ -141,6 +141,7 @@ def test_graphed_topk_run_replays_and_generates_the_same_tokens(make_ckpt, tmp_p
     assert out[True] == out[False]
 
 
+@pytest.mark.side
 def test_the_token_write_compiles_to_a_scatter_not_a_copy_of_the_tier():
     """Compiled (Inductor, on CPU here), storing a token into a mapped tier of J blocks must not loop
     over the tier: indexing a view of it (ring[:, :, 0][rows, slot, :, off] = k) compiled into a copy

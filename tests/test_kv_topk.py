@@ -139,6 +139,7 @@ def test_a_key_matching_the_query_is_found_where_the_key_range_bound_misses_it()
     assert int(block_scores(q, kmin, kmax, signs, torch.tensor([n - 1]))[0].argmax()) == 37
 
 
+@pytest.mark.side
 def test_more_key_bits_find_a_needle_more_often():
     """Why the summary holds 2 bits per key and channel by default (topk.py): one key 15% above every
     other key's score among 256 blocks of random keys (the recall model's layer 1 at 32k, in small).
@@ -250,6 +251,7 @@ def test_k_covering_every_block_is_bit_exact(tmp_path, kv):
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
+@pytest.mark.side
 def test_compiled_scoring_unpacks_the_codes_inside_one_reduction():
     """Compiled (Inductor, on CPU here), scoring with 2- or 3-bit codes must not materialize the keys'
     levels (one value per key and channel) or the query's product with them: the bit planes are read

@@ -194,6 +194,7 @@ def test_the_floor_counts_the_quantized_bytes(ckpt, tmp_path):
     assert got["int4"]["h2d"] < got["native"]["h2d"] / 4
 
 
+@pytest.mark.side
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("cc")), reason="Inductor's CPU backend needs a C compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_dequantization_equals_eager(dtype):

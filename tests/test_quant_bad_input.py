@@ -147,6 +147,7 @@ def test_dequantize_never_writes_over_anything(fresh, tmp_path, bench_here):
     assert not (fresh / ".streambench-pack").exists()  # refused before packing
 
 
+@pytest.mark.side
 def test_bench_pack_run_and_dequantize_end_to_end(fresh, tmp_path):
     r = bench("pack", "--checkpoints", str(fresh), "--weight-format", "int4", "--quant-group-size", "16")
     assert r.returncode == 0 and "int4 weights" in r.stdout, r.stderr

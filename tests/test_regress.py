@@ -83,6 +83,7 @@ def false_alarms(seeds: int, noise: float, night_sd: float) -> dict[str, float]:
             "both": both / comparisons, "comparisons": comparisons}
 
 
+@pytest.mark.side
 def test_pure_noise_false_alarm_rate_over_200_seeds():
     """200 nightly histories each (10 nights, 5 configs × 3 repeats on one host, 35 comparisons a
     night), no change planted. Typical noise: 3% per run, 2% per night, and a stalled decode step
@@ -98,6 +99,7 @@ def test_pure_noise_false_alarm_rate_over_200_seeds():
         assert rates["both"] <= rates["z_only"] and rates["suite_run"] <= 0.05
 
 
+@pytest.mark.side
 def test_calibrated_critical_value_keeps_the_nominal_rate_on_small_baselines():
     rng = np.random.default_rng(7)
     for k in (5, 7, 12):
