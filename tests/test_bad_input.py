@@ -184,6 +184,7 @@ class _Boom:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.side
 @pytest.mark.parametrize("shards", ["renamed", "without-index", "kept"])
 def test_the_peer_never_loads_a_pickle(tiny_ckpt, tmp_path, bench_here, shards):
     import pickle

@@ -104,6 +104,7 @@ def test_the_pack_dequantizes_to_the_librarys_decompression(base, tmp_path, kind
         assert torch.equal(got[name], ref), (name, (got[name].float() - ref.float()).abs().max())
 
 
+@pytest.mark.side
 def test_bench_run_reads_it_and_modes_agree(base, tmp_path):
     ckpt = tmp_path / "ct"
     write_ct(base, ckpt, "w4a16-asym")

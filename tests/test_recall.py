@@ -162,6 +162,7 @@ def passkeys_2k(reference, tmp_path_factory):
     return keys, exact
 
 
+@pytest.mark.side
 def test_passkeys_at_2k_with_a_256_token_budget_equal_exact(reference, passkeys_2k):
     """Top-k selection by the current query (every block on the device) retrieves what exact does."""
     keys, exact = passkeys_2k
@@ -170,6 +171,7 @@ def test_passkeys_at_2k_with_a_256_token_budget_equal_exact(reference, passkeys_
     assert topk["hits"] == exact["hits"] and topk["accuracy"] == exact["accuracy"]
 
 
+@pytest.mark.side
 def test_passkeys_at_2k_with_a_256_token_budget_offloaded_equal_exact(reference, passkeys_2k):
     keys, exact = passkeys_2k
     topk = run_passkeys(reference, keys, {**OFFLOAD, "topk_tokens": 256})
