@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -64,7 +63,7 @@ def pytest_collection_finish(session) -> None:
     (after -k / -m deselection); not under xdist, whose workers would each start one."""
     config = session.config
     siderun.plan(config, session.items)  # tests marked `side`: to a process of their own (tests/siderun.py)
-    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config, "workerinput", None) is not None:
+    if siderun.under_xdist(config):
         return
     for item in session.items:
         module = getattr(item, "module", None)

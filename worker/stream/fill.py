@@ -10,10 +10,11 @@ never idle while it runs. The reader thread whose read completes a range registe
 after the other, and each wake-up waits for the GIL, up to a switch interval while another thread
 holds it (the compile-ahead import does, during a run's fill), so a chain of them, not the reads, set
 the pace of a fill from the page cache; on the reader threads those waits overlap each other's reads
-(benchmarks/cpu_fill.py, `pin0` against `pin1`, with `busy`). The old fill registered each group before issuing its reads, so no read of
-a group could start before its registration ended; registering fresh memory faults in and locks
-every page on one thread under the driver's global lock, and where that is slower than the disk the
-disk waited (benchmarks/cpu_fill.py measures the old and the new fill against the source).
+(benchmarks/cpu_fill.py, `pin0` against `pin1`, with `busy`). The old fill registered each group
+before issuing its reads, so no read of a group could start before its registration ended;
+registering fresh memory faults in and locks every page on one thread under the driver's global
+lock, and where that is slower than the disk the disk waited (benchmarks/cpu_fill.py measures the old
+and the new fill against the source).
 
 Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
 two registrations is not promised to be treated as pinned by the driver.
@@ -73,8 +74,9 @@ class _Unit:
     view: torch.Tensor  # (n,) uint8: the range registered in one call
     reads: list[Future] = field(default_factory=list)
     ready: Future = field(default_factory=Future)  # read and registered
-    armed: bool = False  # registered by its last read's thread (`_pin_when_read`): `ready` is always set
-    failure: list[BaseException] = field(default_factory=list)  # the fill's, shared: what a cancelled read's unit gets
+    # registered by its last read's thread (`_pin_when_read`), then `ready` is always set: the fill's
+    # failure, shared by its units (what a unit whose read was cancelled gets); None where others register
+    failure: list[BaseException] | None = None
 
 
 @dataclass
@@ -148,8 +150,7 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
             stats.bytes += g.nbytes
             if pin_threads == 0:
                 for u in by_key[key]:
-                    u.failure = failure
-                    _pin_when_read(u, arena, stats, lock)
+                    _pin_when_read(u, arena, stats, lock, failure)
     except BaseException as e:
         _drain([u for us in by_key.values() for u in us], e)
         raise
@@ -212,11 +213,13 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_ca
     return out
 
 
-def _pin_when_read(unit: _Unit, arena: HostArena, stats: FillStats, lock: threading.Lock) -> None:
+def _pin_when_read(unit: _Unit, arena: HostArena, stats: FillStats, lock: threading.Lock,
+                   failure: list[BaseException]) -> None:
     """Register `unit` on the thread that completes its last read (a future's callbacks run on the
     thread that sets its result; on this one for a read already done), then set `ready`: with the
     registration's failure, a read's, or for reads cancelled by `_drain` the fill's (CancelledError
     after `Filled.cancel()`)."""
+    unit.failure = failure
     left = [len(unit.reads)]
     errors: list[BaseException] = []
 
@@ -240,7 +243,6 @@ def _pin_when_read(unit: _Unit, arena: HostArena, stats: FillStats, lock: thread
         else:
             unit.ready.set_result(None)
 
-    unit.armed = True
     for f in unit.reads:
         f.add_done_callback(done)
 
@@ -278,10 +280,12 @@ def _drain(units: list[_Unit], error: BaseException | None = None) -> None:
     """After a failure (`error`, what the units of cancelled reads get) or on `cancel()`: cancel reads
     not started, wait for those in flight (their buffers must outlive them) and for the registrations
     their threads run after them (`ready` is set after)."""
-    if error is not None and units and not units[0].failure:
-        units[0].failure.append(error)
+    shared = units[0].failure if units else None  # one list for all of a fill's units, or None for all
+    if error is not None and shared is not None and not shared:
+        shared.append(error)
     reads = [f for u in units for f in u.reads]
     for f in reads:
         f.cancel()
     wait(reads)
-    wait([u.ready for u in units if u.armed])
+    if shared is not None:
+        wait([u.ready for u in units])
