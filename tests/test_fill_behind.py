@@ -34,10 +34,10 @@ def _gated_reads(monkeypatch, pack):
                                                  if pack.manifest.group(k.name).offset == first).name).nbytes
     real_read = SSDReader._read
 
-    def gated(self, offset, nbytes, out, fd):
+    def gated(self, offset, nbytes, out, fd, *call):  # `call`: a page-cache read's system-call size
         if offset >= first_end:
             gate.wait(timeout=30)
-        real_read(self, offset, nbytes, out, fd)
+        real_read(self, offset, nbytes, out, fd, *call)
 
     monkeypatch.setattr(SSDReader, "_read", gated)
     return gate

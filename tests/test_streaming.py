@@ -325,10 +325,10 @@ def test_a_cpu_tier_filled_behind_is_streamed_while_it_still_reads(ckpt, referen
     gate = threading.Event()
     real_read, real_pieces = SSDReader._read, cpu_tier.FixedTier.pieces
 
-    def gated(self, offset, nbytes, out, fd):
+    def gated(self, offset, nbytes, out, fd, *call):  # `call`: a page-cache read's system-call size
         if any(g.offset <= offset < g.offset + g.nbytes for g in later):  # not layer 0's attn, not the resident load
             gate.wait(timeout=30)
-        real_read(self, offset, nbytes, out, fd)
+        real_read(self, offset, nbytes, out, fd, *call)
 
     in_flight = []
 
