@@ -220,3 +220,28 @@ def test_spy_frames_shares_one_threads_samples_by_deepest_own_frame():
     assert total == 8
     assert ours == {"_embed (worker/model/llama.py:41)": 6, "matmul (worker/quant/fused.py:175)": 2}
     assert deepest == {"embedding (torch/f.py)": 6, "matmul (worker/quant/fused.py)": 2}
+
+
+def test_fill_trace_splits_a_fills_window_into_its_threads_reads_and_waits():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fill_trace
+
+    def snap(t, busy, idle, steal):  # /proc/stat's counters: user nice system idle iowait irq softirq steal
+        return {"t": t, "stat": [busy, 0, 0, idle, 0, 0, 0, steal], "vm": {"thp_fault_fallback": t * 10},
+                "threads": {"cache-read_0": t, "cache-read_1": t, "MainThread": 0.0}}
+
+    window = {"start": snap(1.0, 0, 100, 0), "end": snap(2.0, 40, 150, 10), "fill_s": 1.0}  # half the ticks idle
+    calls = [("read", "cache-read_0", 1.0, 1.5, 4 << 30, 0.0, 0.25, 10, 3, 0),  # half of its wall spent waiting
+             ("read", "cache-read_1", 1.1, 1.9, 4 << 30, 0.0, 0.75, 10, 1, 0),
+             ("pin", "cache-read_1", 1.9, 2.0, 8 << 30, 0.0, 0.05, 2, 0, 0),
+             ("read", "cache-read_0", 0.5, 0.9, 1 << 30, 0.0, 0.4, 0, 0, 0)]  # before the window: not counted
+    s = fill_trace.summarize(window, calls)
+    assert s["read"]["calls"] == 2 and s["read"]["bytes"] == 8 << 30
+    assert abs(s["read"]["wall_s"] - 1.3) < 1e-9 and abs(s["read"]["cpu_s"] - 1.0) < 1e-9
+    assert abs(s["read"]["concurrency"] - 1.3) < 1e-9 and s["read"]["threads"] == 2
+    assert abs(s["read"]["last_end_s"] - 0.9) < 1e-9 and s["pin"]["calls"] == 1
+    assert abs(s["system"]["busy_cores"] - 0.5 * s["system"]["cpus"]) < 1e-9
+    assert abs(s["system"]["steal_cores"] - 0.1 * s["system"]["cpus"]) < 1e-9
+    assert s["vmstat"] == {"thp_fault_fallback": 10}
+    assert s["thread_cpu_s"] == {"cache-read": 2.0}  # the pool's threads summed, an idle one left out
+    assert "2 on 2 thr" in fill_trace.line(0, s)
