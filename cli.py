@@ -16,6 +16,7 @@ import sys
 import click
 from rich.markup import escape
 
+from orchestrator.cli import interrupts
 from orchestrator.cli.console import console, echo_json, err_console
 from orchestrator.cli.options import given, run_options, weight_options
 from worker.errors import UserError
@@ -323,6 +324,7 @@ def main() -> None:
         from worker.host.bytecode import use_bytecode_cache
 
         use_bytecode_cache()  # before anything imports torch (see worker/host/bytecode.py)
+        interrupts.install()
         bench.main(standalone_mode=False)
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

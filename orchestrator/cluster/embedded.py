@@ -120,5 +120,7 @@ def _no_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
-    if hits:
+    if hits and callable(old):
+        old(signal.SIGINT, None)  # the press as the handler outside would have taken it (the CLI's: once)
+    elif hits and old != signal.SIG_IGN:
         raise KeyboardInterrupt
