@@ -17,12 +17,20 @@ traced `bench run` imports torch and its compiler as a plain one does.
 
     python benchmarks/fill_trace.py --json $OUT/t.json cli -v WARNING run --checkpoints ... --mode cpu ...
     python benchmarks/fill_trace.py --json $OUT/t.json script benchmarks/cpu_fill.py --work /tmp/sbg ...
+
+`--source-after` reads the last fill's extents from the page cache into fresh memory once the run is
+over, in the same process (cpu_fill.py's `source_fresh`): what the source delivered to this process,
+for the fill's ratio. `--set MODULE:NAME=JSON` changes a module constant for an A/B in one command
+(`worker.model.compile_cache:AHEAD_HOLD_S=0`: the compiler's import beside the fill, as before v7);
+`--late-context` leaves the CUDA context to the fill's first registration, `--context-first` makes it
+before the run starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import json
 import os
 import resource
@@ -34,7 +42,8 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
 from worker.host.bytecode import use_bytecode_cache  # before torch, as cli.py does
 
@@ -99,7 +108,9 @@ def _install() -> None:
     inner = fillmod.fill
 
     def fill(*args, **kwargs):
-        w = {"start": _snapshot(True)}
+        manifest, keys, _, reader = args[:4]
+        w = {"start": _snapshot(True), "source": (manifest, list(keys), reader.path, reader.threads, reader.chunk,
+                                                  reader.cached_threads)}
         WINDOWS.append(w)
         out = inner(*args, **kwargs)
         w["returned"] = time.perf_counter()
@@ -156,9 +167,33 @@ def line(i: int, s: dict) -> str:
             f"{s['process_cores'] or 0:.1f} cores: {s['thread_cpu_s']}; vmstat {s['vmstat']}")
 
 
+def source_after(w: dict) -> float:
+    """GB/s of the fill's extents read from the page cache into fresh memory in this process after the run, as
+    cpu_fill.py's `source_fresh` measures the source (nothing else running beside it by then)."""
+    sys.path.insert(0, str(HERE))
+    from types import SimpleNamespace
+
+    from cpu_fill import source_fresh
+
+    from worker.stream.ssd import SSDReader
+
+    manifest, keys, blob, threads, chunk, cached_threads = w["source"]
+    reader = SSDReader(blob, threads=threads, chunk=chunk, cached_threads=cached_threads)
+    try:
+        seconds = source_fresh(SimpleNamespace(manifest=manifest), keys, reader)
+    finally:
+        reader.close()
+    return sum(manifest.group(k.name).nbytes for k in keys) / seconds / 1e9
+
+
 def report(path: str | None) -> None:
     done = [w for w in WINDOWS if "end" in w]
     sums = [summarize(w, CALLS) for w in done]
+    if done and "source_after_gbps" in done[-1]:
+        gbps = sums[-1]["source_after_gbps"] = done[-1]["source_after_gbps"]
+        fill = sums[-1]["read"]["bytes"] / sums[-1]["span_s"] / 1e9
+        print(f"TRACE source after the run: {gbps:.2f} GB/s into fresh memory; the fill {fill:.2f} GB/s, "
+              f"{fill / gbps:.2f} of it", file=sys.stderr, flush=True)
     for i, s in enumerate(sums):
         print("TRACE " + line(i, s), file=sys.stderr, flush=True)
     if path:
@@ -170,12 +205,31 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--context-first", action="store_true",
                     help="create the CUDA primary context before the run starts (is the first registration making it?)")
+    ap.add_argument("--late-context", action="store_true",
+                    help="the run makes no CUDA context early (worker.host.cudactx): its fill's first registration does")
+    ap.add_argument("--source-after", action="store_true",
+                    help="after the run, read the last fill's extents from the page cache into fresh memory (the source)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=JSON",
+                    help="set a module constant before the run, e.g. worker.stream.fill:SWITCH_INTERVAL_US=null")
     ap.add_argument("what", choices=["cli", "script"], help="cli: cli.py with the rest as its arguments; script: a file")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     use_bytecode_cache()
     _install()
     atexit.register(report, args.json)
+    for item in args.set:
+        target, value = item.split("=", 1)
+        module, name = target.split(":")
+        mod = importlib.import_module(module)
+        assert hasattr(mod, name), f"{module} has no {name}"
+        setattr(mod, name, json.loads(value))
+    if args.late_context:
+        import torch
+
+        import worker.run
+        from worker.host.cudactx import EarlyContext
+
+        worker.run.EarlyContext = lambda device: EarlyContext(torch.device("cpu"))  # makes nothing
     if args.context_first:
         import torch
 
@@ -183,14 +237,19 @@ def main() -> None:
         torch.cuda.init()
         torch.zeros(1, device="cuda")  # the primary context of the current device, as a registration would make it
         print(f"TRACE context created first: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
-    if args.what == "script":
-        sys.argv = args.rest
-        runpy.run_path(args.rest[0], run_name="__main__")
-    else:
-        import cli
+    try:
+        if args.what == "script":
+            sys.argv = args.rest
+            runpy.run_path(args.rest[0], run_name="__main__")
+        else:
+            import cli
 
-        sys.argv = ["cli.py", *args.rest]
-        cli.main()
+            sys.argv = ["cli.py", *args.rest]
+            cli.main()
+    finally:  # before the interpreter's shutdown, which takes no new reader threads
+        done = [w for w in WINDOWS if "end" in w]
+        if args.source_after and done:
+            done[-1]["source_after_gbps"] = source_after(done[-1])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -245,3 +247,19 @@ def test_fill_trace_splits_a_fills_window_into_its_threads_reads_and_waits():
     assert s["vmstat"] == {"thp_fault_fallback": 10}
     assert s["thread_cpu_s"] == {"cache-read": 2.0}  # the pool's threads summed, an idle one left out
     assert "2 on 2 thr" in fill_trace.line(0, s)
+
+
+def test_fill_trace_runs_a_bench_run_and_reads_the_source_in_the_same_process(tiny_ckpt, tmp_path):
+    """End to end on the tiny model: the fill's window, a module constant set for the A/B, and the source read
+    after the run (before the interpreter's shutdown, which would refuse the reader's threads)."""
+    out = tmp_path / "t.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fill_trace.py"), "--json", str(out), "--source-after",
+                        "--set", "worker.stream.fill:CACHED_READ=65536", "cli", "-v", "WARNING", "run",
+                        "--checkpoints", str(tiny_ckpt), "--mode", "cpu", "--prompt-len", "8", "--max-new-tokens", "2",
+                        "--no-roofline", "--pack-dir", str(tmp_path / "pack"), "--out-json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "STREAMBENCH_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    [s] = json.loads(out.read_text())
+    assert s["read"]["calls"] > 0 and s["source_after_gbps"] > 0, s
+    assert "TRACE source after the run" in p.stderr and "TRACE fill 0" in p.stderr

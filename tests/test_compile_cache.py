@@ -167,7 +167,7 @@ def test_a_run_refused_on_its_checkpoint_starts_no_compiler_thread(tmp_path, mon
 
     started = []
     monkeypatch.setattr(worker.engine, "compiles", lambda run_cfg, device: True)  # as on CUDA
-    monkeypatch.setattr(compile_cache, "prepare_ahead", lambda: started.append(1) or True)
+    monkeypatch.setattr(compile_cache, "prepare_ahead", lambda **_: started.append(1) or True)
     (tmp_path / "ckpt").mkdir()  # no config.json
     cfg = resolve_config({"checkpoints": str(tmp_path / "ckpt"), "roofline": False})
     assert cfg.compile_ahead  # the default
@@ -197,3 +197,41 @@ def test_the_ahead_thread_shortens_the_switch_interval_only_while_it_imports(mon
     assert sys.getswitchinterval() == before
     assert compile_cache._prepared == ({} if fails else {"key": "k", "prepare_s": pytest.approx(0, abs=1),
                                                           "prepared_ahead": False})
+
+
+def test_the_ahead_thread_imports_only_once_the_fill_leaves_the_host(monkeypatch):
+    """`after` (the run's: its CPU tier fill from the page cache is over) holds the imports back."""
+    import threading
+
+    seen = []
+    monkeypatch.setattr(compile_cache, "_prepared", {})
+    monkeypatch.setattr(compile_cache, "_prepare", lambda: seen.append(1) or {"key": "k"})
+    host_free = threading.Event()
+    t = threading.Thread(target=compile_cache._prepare_quietly, args=(host_free,))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and seen == []  # waiting for the fill
+    host_free.set()
+    t.join(5)
+    assert not t.is_alive() and seen == [1]
+
+
+@pytest.mark.parametrize("mode,held", [("cpu", True), ("ssd", False)])
+def test_a_run_holds_the_import_for_its_cpu_tier_fill_only(tiny_run, monkeypatch, mode, held):
+    """The run's `host_free` is still clear when a build with a CPU tier starts (its fill sets it), set
+    already for a build without one, and set on the run's way out either way."""
+    import worker.engine
+    from worker.run import resolve_config, run
+
+    build = worker.engine.build_engine
+    seen = []
+
+    def recording(*a, on_host_free=None, **k):
+        event = on_host_free.__self__
+        seen.append((event, event.is_set()))
+        return build(*a, on_host_free=on_host_free, **k)
+
+    monkeypatch.setattr(worker.engine, "build_engine", recording)
+    run(resolve_config({**tiny_run, "mode": mode}))
+    [(event, at_build)] = seen
+    assert at_build is (not held) and event.is_set()

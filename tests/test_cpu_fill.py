@@ -308,3 +308,47 @@ def test_cpu_mode_copies_each_registered_range_as_its_own_piece(make_ckpt, monke
     assert max(pieces) > 1
     assert len(logits["cpu"]) == len(logits["gpu"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(logits["cpu"], logits["gpu"]))
+
+
+@pytest.mark.parametrize("page_cache", [True, False])
+def test_the_host_is_released_when_a_cached_fill_ends_or_once_a_disk_fills_reads_are_issued(pack, monkeypatch,
+                                                                                            page_cache):
+    """From the page cache the fill keeps the host to itself until it ends (the compiler's import waits);
+    from the disk it lets the import run beside its reads: released before any read may finish."""
+    released = threading.Event()
+    at_release: list[int] = []
+    done_reads = [0]
+    read = SSDReader._read
+
+    def gated(self, *a, **k):
+        if not page_cache:
+            assert released.wait(10), "a fill from the disk kept the host until its reads were done"
+        read(self, *a, **k)
+        done_reads[0] += 1
+
+    def release():
+        at_release.append(done_reads[0])
+        released.set()
+
+    monkeypatch.setattr(SSDReader, "_read", gated)
+    arena = HostArena(pin=False)
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE)
+    try:
+        if page_cache:
+            with open(pack.blob_path, "rb") as f:  # the whole blob into the page cache
+                while f.read(1 << 20):
+                    pass
+            fill_mod.fill(pack.manifest, _keys(pack), arena, reader, release=release)
+            assert len(at_release) == 1 and at_release[0] == done_reads[0] > 0  # after the last read
+        else:
+            _drop_from_page_cache(pack.blob_path)
+            fill_mod.fill(pack.manifest, _keys(pack), arena, reader, page_cache=False, release=release)
+            assert at_release[0] == 0 and len(at_release) == 2  # once issued, and again (idempotent) at the end
+        monkeypatch.setattr(SSDReader, "_read", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "EIO (stand-in)")))
+        at_release.clear()
+        with pytest.raises(OSError, match="EIO"):
+            fill_mod.fill(pack.manifest, _keys(pack), arena, reader, release=release)
+        assert at_release  # a failed fill releases it too
+    finally:
+        arena.close()
+        reader.close()

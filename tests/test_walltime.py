@@ -40,7 +40,7 @@ def test_a_run_says_where_its_wall_time_went(flat):
     tier = r["config"]["stream"]
     assert tier["cpu_cache_layers"] == 1 and s["fill_bytes"] > 0 and s["fill_s"] > 0
     # a CPU run compiles nothing, so prepares nothing ahead; its fill ran before the build went on
-    assert s["overlapped"] == {"compile_prepare_s": None, "cpu_fill_s": None}
+    assert s["overlapped"] == {"compile_prepare_s": None, "cpu_fill_s": None, "cuda_context_s": None}  # CPU: no context
     assert set(s["bytecode"]) == {"prefix", "reason"}  # what this process decided (worker.host.bytecode)
     assert s["fill_gbps"] == pytest.approx(s["fill_bytes"] / s["fill_s"] / 1e9)
     row = build_row(SUITE.specs[0], "t-1", RunOutcome("ok", None, r, None, None, t0, time.time()))
@@ -96,7 +96,7 @@ def test_side_thread_work_is_reported_beside_the_phases_not_in_them(monkeypatch)
     clock.overlapped("compile_prepare", 2.5)  # longer than the run: it ran beside the phases
     s = clock.report()
     clock.close()
-    assert s["overlapped"] == {"compile_prepare_s": 2.5, "cpu_fill_s": None}
+    assert s["overlapped"] == {"compile_prepare_s": 2.5, "cpu_fill_s": None, "cuda_context_s": None}
     assert sum(s[f"{p}_s"] for p in walltime.PHASES) + s["measure_s"] == pytest.approx(s["wall_s"], abs=1e-6)
     assert s["wall_s"] < 2.5
     with pytest.raises(AssertionError):

@@ -62,8 +62,10 @@ class Engine:
             lift_gpu_memory_limit(self.device)
 
 
-def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int | None = None) -> Engine:
-    """`prompt_tokens` (the longest prompt fed) sizes the activation workspace; default the longest allowed."""
+def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int | None = None,
+                 on_host_free: Callable[[], None] | None = None) -> Engine:
+    """`prompt_tokens` (the longest prompt fed) sizes the activation workspace; default the longest allowed.
+    `on_host_free`: called once the CPU tier's fill no longer needs the host to itself (worker.stream.fill)."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cfg = pack.manifest.model_config
@@ -84,7 +86,7 @@ def build_engine(run: RunConfig, pack, device: torch.device, prompt_tokens: int 
             weights = ResidentWeights.from_pack(pack, device, run.stream, span)
         else:
             weights = WeightStreamer(pack, placement, run.stream, device,
-                                     reserve_bytes=workspace_bytes(run, cfg, prompt_tokens))
+                                     reserve_bytes=workspace_bytes(run, cfg, prompt_tokens), on_host_free=on_host_free)
             span.seconds.update(weights.build_spans.seconds)
         log.info("engine: mode=%s device=%s dtype=%s layers=%d", mode, device, dtype, cfg.num_hidden_layers)
         with span("model"):

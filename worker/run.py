@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from worker.errors import UserError
 from worker.files import check_output_file
 from worker.generate import Generation, decode_spans, generate, measure
 from worker.host import adjacent, devlock
+from worker.host.cudactx import EarlyContext
 from worker.host.interp import quiet_interpreter
 from worker.host.reuse import EngineCache, engine_key
 from worker.host.reuse import record as reuse_record
@@ -62,13 +64,16 @@ def pick_device(choice: str) -> torch.device:
 def run(cfg: RunConfig, on_phase: Phase | None = None, reuse: EngineCache | None = None) -> dict[str, Any]:
     """`reuse`: a worker's `EngineCache` when its suite says `reuse: weights` (worker.host.reuse)."""
     clock = RunClock()  # first: process_s ends here
+    host_free = threading.Event()  # the CPU tier's fill no longer needs the host to itself (compile_cache)
     try:
-        return _run(cfg, on_phase or (lambda name: None), clock, reuse)
+        return _run(cfg, on_phase or (lambda name: None), clock, reuse, host_free)
     finally:
+        host_free.set()  # on every way out: the compiler's import never waits on a run that is over
         clock.close()
 
 
-def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | None) -> dict[str, Any]:
+def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | None,
+         host_free: threading.Event) -> dict[str, Any]:
     applied = envs.apply_base_process_env()
     if envs.omp_threads():
         torch.set_num_threads(envs.omp_threads())
@@ -101,7 +106,8 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         check_reference(cfg.checkpoints)
     # beside tokenizer..upload; after the checks above, so a run refused there exits at once instead of
     # waiting for the compiler's import (the side thread is not a daemon)
-    ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead()
+    ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead(after=host_free)
+    context = EarlyContext(device)  # before the fill's first registration needs it (worker.host.cudactx)
     with clock.phase("tokenizer"):
         tok = reuse.tokenizer(cfg.checkpoints, load_tokenizer) if reuse is not None else load_tokenizer(cfg.checkpoints)
         prompt_ids = prompt_ids_for(tok, cfg)  # bad prompts fail before anything is packed
@@ -111,22 +117,25 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
                            dtype=None if cfg.dtype == "auto" else cfg.dtype, verify_days=cfg.pack_verify_days,
                            weights=cfg.weights)
     phase("load")
-    extents = adjacent.ssd_extents(pack.manifest, place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers,
-                                                        cfg.stream))
+    placement = place(cfg.stream.mode, pack.manifest.model_config.num_hidden_layers, cfg.stream)
+    extents = adjacent.ssd_extents(pack.manifest, placement)
     prompt_tokens = max(len(p) for p in prompt_ids)
     key = engine_key(cfg, pack, device, prompt_tokens) if reuse is not None else None
     kept = reuse.take(key) if reuse is not None else None
     reused = kept is not None
+    if reused or not placement.layers("cpu") or cfg.stream.fill_behind:
+        host_free.set()  # no fill, or one behind the build: nothing to keep the host for
     locks = contextlib.ExitStack()  # a fresh engine's device locks (a kept engine's are the cache's)
     try:
         held = kept.held if reused else locks.enter_context(
             devlock.hold([devlock.device_key(device), devlock.disk_key(pack.blob_path)], cfg.device_wait_s))
+        clock.overlapped("cuda_context", context.wait())
         before = _ssd_window(cfg, pack, extents, device, clock, "before")  # the disk, just before the engine
         if reused:
             engine = kept.engine
         else:
             with clock.phase("slots"):
-                engine = build_engine(cfg, pack, device, prompt_tokens=prompt_tokens)
+                engine = build_engine(cfg, pack, device, prompt_tokens=prompt_tokens, on_host_free=host_free.set)
             clock.cpu_fill(getattr(engine.weights, "cpu_fill", None))  # read off the build: no stats, no sync
             clock.build_parts(engine.build.get("spans", {}), engine.build.get("upload"))
             clock.overlapped("compile_prepare", compile_cache.prepare().get("prepare_s") if ahead else None)

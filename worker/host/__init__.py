@@ -10,5 +10,6 @@ phases and the measured round); `devlock` keeps two engines off one GPU or disk 
 whatever started them; `reuse` keeps one engine between a suite's runs that would build the same one
 (`reuse: weights`), and says what makes two runs' engines the same; `interp` sets the interpreter's
 own pauses (garbage collector, thread switch interval) for the measured rounds, on request;
-`bytecode` keeps torch's compiled bytecode under the cache directory where its install has none.
+`bytecode` keeps torch's compiled bytecode under the cache directory where its install has none;
+`cudactx` makes the device's CUDA context beside the run's first steps, before the fill needs it.
 """

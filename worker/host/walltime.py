@@ -53,7 +53,8 @@ tokenizer, the pack, the fill and the resident upload; what the build still wait
 `slots_parts.model_s`; `cpu_fill_s`, the CPU tier's fill where it ran behind the build and the warm-up
 (`fill_behind`: then `fill_s` is only what the run waited for its end after the warm-up, and
 `cpu_fill_s` and `fill_gbps` count from the fill's issue, its reads queued behind the resident load's,
-to its end, so they are not the default fill's rate). `bytecode` says whether this process keeps torch's bytecode under the cache
+to its end, so they are not the default fill's rate); `cuda_context_s`, making the device's CUDA context
+beside the tokenizer and the pack (worker.host.cudactx; null on a CPU device). `bytecode` says whether this process keeps torch's bytecode under the cache
 directory (worker.host.bytecode), which decides much of `process_s` and of the compiler's import.
 """
 
@@ -75,7 +76,7 @@ PHASES = ("process", "imports", "tokenizer", "pack", "fill", "slots", "compile",
 # the run built no engine of its own (a reused engine, the peer)
 SLOTS_PARTS = ("kv", "reader", "upload_issue", "ring", "stager", "upload_wait", "slot_pool", "preload", "model",
                "other")
-OVERLAPPED = ("compile_prepare", "cpu_fill")  # side-thread work (`overlapped`), in no phase
+OVERLAPPED = ("compile_prepare", "cpu_fill", "cuda_context")  # side-thread work (`overlapped`), in no phase
 # worker.stream.upload's stats, and the streamer's mapping of the host-kept embedding table (worker.stream.host_table)
 UPLOAD_KEYS = ("bytes", "page_cache_bytes", "read_s", "copy_s", "peak_host_bytes",
                "embed_map_s", "embed_mapped")

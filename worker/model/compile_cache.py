@@ -20,9 +20,13 @@ is what this process would have generated itself: same kernels, same tokens, cac
 Ahead of the build: importing torch._dynamo and Inductor (what `prepare` and the first compile's
 backend import) takes seconds of host time, once per process. A run that will compile starts
 `prepare_ahead` first thing, so that import runs on a thread of its own while the main thread loads
-the tokenizer, fills the CPU tier and uploads the resident weights (mostly waits on reader threads
-and copies); the model build's `prepare` then only waits for what is left of it. The kernels, their
-cache and the tokens are the same either way: only when the modules are imported changes.
+the tokenizer and uploads the resident weights (mostly waits on reader threads and copies); the
+model build's `prepare` then only waits for what is left of it. The kernels, their cache and the
+tokens are the same either way: only when the modules are imported changes. A CPU tier fill from the
+page cache runs before the import starts (`after`): beside it, that fill went at 0.59-0.65 of the
+page cache's rate into fresh memory, without it at 0.71-0.93 (benchmarks/results/setup_h200/v7, N),
+and the import is no shorter for running beside a fill that takes a fraction of a second; a fill
+from the disk, seconds long and bound by the disk, lets it start as soon as its reads are issued.
 
 `report(since)` says what this process (or the window since `counters()` was taken) compiled and
 whether all of it came from the cache: `compiled_from_cache` is True when every compiled graph was
@@ -119,15 +123,19 @@ def _prepare_locked() -> dict[str, Any]:
 AHEAD_THREAD = "compile-prepare"
 
 
-def prepare_ahead() -> bool:
-    """Start `prepare` on a thread of its own (see the module's docstring). True when this call
-    started it; False when this process is prepared already or a thread is at it. Not a daemon: an
-    interpreter that exits (a run that failed on bad input) waits for the imports instead of
-    finalizing in the middle of one."""
+AHEAD_HOLD_S = 60.0  # the longest the thread waits for `after` (a run sets it on every way out)
+
+
+def prepare_ahead(after: threading.Event | None = None) -> bool:
+    """Start `prepare` on a thread of its own (see the module's docstring), once `after` is set (the run's
+    CPU tier fill from the page cache, which goes at the source's rate only with the host to itself).
+    True when this call started it; False when this process is prepared already or a thread is at it.
+    Not a daemon: an interpreter that exits (a run that failed on bad input) waits for the imports
+    instead of finalizing in the middle of one."""
     with _lock:
         if _prepared or _ahead:
             return False
-        _ahead.append(threading.Thread(target=_prepare_quietly, name=AHEAD_THREAD))
+        _ahead.append(threading.Thread(target=_prepare_quietly, args=(after,), name=AHEAD_THREAD))
     _ahead[0].start()
     return True
 
@@ -135,7 +143,7 @@ def prepare_ahead() -> bool:
 AHEAD_SWITCH_S = 0.0005  # the interpreter's switch interval while the ahead thread imports
 
 
-def _prepare_quietly() -> None:
+def _prepare_quietly(after: threading.Event | None = None) -> None:
     """`prepare_ahead`'s thread: a failure is the build's to raise (its own `prepare` tries again).
 
     The imports hold the GIL for long stretches, and at the interpreter's default switch interval
@@ -143,6 +151,8 @@ def _prepare_quietly() -> None:
     that long for it (benchmarks/results/setup_h200/v4: the page-cache fill, slowed beside this thread). While
     the imports run, the interval is shorter, so the GIL changes hands sooner; restored when they are
     done, before the build's `prepare` returns and so before anything is measured."""
+    if after is not None and not after.wait(AHEAD_HOLD_S):
+        log.debug("compile cache: preparing ahead without waiting longer for the fill")
     previous = sys.getswitchinterval()
     sys.setswitchinterval(min(previous, AHEAD_SWITCH_S))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -31,11 +32,11 @@ class FixedTier:
     range is read and pinned; `settle()` waits for the whole of it."""
 
     def __init__(self, manifest, layers: list[int], arena: HostArena, reader: SSDReader, populate: bool = False,
-                 behind: bool = False):
+                 behind: bool = False, release: Callable[[], None] | None = None):
         # 2 MiB pages: from the page cache the fill faulted 4 KiB pages in slower than it read them
         # (benchmarks/results/README.md, cpu_fill rows); from the disk no different
         self.filled = fill(manifest, [GroupKey(i, k) for i in layers for k in KINDS], arena, reader, huge_pages=True,
-                           populate=populate, behind=behind)
+                           populate=populate, behind=behind, release=release)
         self.host = self.filled.host
         self.behind = behind
         log.info("CPU tier: %d layers %s (%.2f GB)", len(layers), "being pinned" if behind else "pinned",

@@ -30,6 +30,12 @@ fill of many short reads spends much of its time waiting to resume rather than c
 (benchmarks/cpu_fill.py's `busy` variants measure that). On a CPU device nothing is pinned and the
 fill is the reads alone.
 
+`release` tells the run when the host is free for the compiler's import (worker.model.compile_cache):
+a fill from the page cache is bound by the cores and their memory, and with that import beside it
+went at 0.59-0.65 of the page cache's rate into fresh memory, without it at 0.71-0.93
+(benchmarks/results/setup_h200/v7, N); so the import waits for such a fill to end, while a fill
+mostly from the disk, bound by the disk and seconds long, releases the host once its reads are issued.
+
 A failed read cancels the reads not yet started and waits for those in flight (their buffers must
 outlive them) before raising; the caller's `HostArena.close()` then unregisters what was pinned.
 
@@ -45,6 +51,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import (
     FIRST_EXCEPTION,
     CancelledError,
@@ -123,7 +130,7 @@ def unit_bytes(chunk: int) -> int:
 
 def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, page_cache: bool = True,
          pin_threads: int | None = None, huge_pages: bool = False, populate: bool = False, behind: bool = False,
-         cached_read: int | None = None) -> Filled:
+         cached_read: int | None = None, release: Callable[[], None] | None = None) -> Filled:
     """Each group's extent in its own arena buffer, read and pinned (with `behind`, being read and pinned:
     see the module's docstring).
 
@@ -132,7 +139,9 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     reader threads registered, and whether the driver lets registrations on several threads overlap);
     `huge_pages` backs the buffers with 2 MiB pages (the CPU tier asks for them: fewer page faults
     pay when the bytes come from the page cache). `populate` reads the ranges that are not in the page
-    cache buffered too, so they are there for the next fill (`StreamConfig.warm_page_cache`)."""
+    cache buffered too, so they are there for the next fill (`StreamConfig.warm_page_cache`). `release` is
+    called once the fill no longer needs the host to itself: when it ends, or as soon as its reads are
+    issued where most of them go to the disk (or it runs `behind`); see the module's docstring."""
     stats = FillStats(pinned=arena.pins)
     t0 = time.perf_counter()
     host: dict[GroupKey, torch.Tensor] = {}
@@ -156,19 +165,30 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
         raise
     out = Filled(host, unit, stats, by_key)
     units = [u for us in by_key.values() for u in us]
+    if release is not None and (behind or stats.page_cache_bytes * 2 < stats.bytes):
+        release()  # bound by the disk, or overlapping the build anyway: what runs beside it costs it little
     if behind:
-        out._thread = threading.Thread(target=_finish, args=(out, units, arena, pin_threads, t0), name="cpu-fill",
-                                       daemon=True)
+        out._thread = threading.Thread(target=_finish, args=(out, units, arena, pin_threads, t0, release),
+                                       name="cpu-fill", daemon=True)
         out._thread.start()
         return out
-    _finish(out, units, arena, pin_threads, t0)
+    _finish(out, units, arena, pin_threads, t0, release)
     out.done.result()  # raises what the fill raised
     return out
 
 
-def _finish(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float) -> None:
-    """Pin behind the reads; then the stats, and `done` (with the failure, if any, which every range not
-    yet ready gets too)."""
+def _finish(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float,
+            release: Callable[[], None] | None = None) -> None:
+    """Pin behind the reads; then the stats and `done` (with the failure, if any, which every range not
+    yet ready gets too); then `release`, whatever happened."""
+    try:
+        _settle(out, units, arena, threads, t0)
+    finally:
+        if release is not None:
+            release()
+
+
+def _settle(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float) -> None:
     try:
         if threads == 0:
             _wait_ready(units)  # the reader threads register; stats.pin_seconds is theirs

@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,7 +52,9 @@ def _with(stats: dict | None, **more) -> dict | None:
 
 
 class WeightStreamer:
-    def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int = 0):
+    def __init__(self, pack, placement: Placement, cfg: StreamConfig, device: torch.device, reserve_bytes: int = 0,
+                 on_host_free: Callable[[], None] | None = None):
+        self._on_host_free = on_host_free
         self.reader, self.providers, self.pool, self._thread = None, {}, None, None
         self._upload, self._upload_reader = None, None
         self.upload: dict | None = None  # the resident load's stats (worker.stream.upload), once finished
@@ -146,7 +149,8 @@ class WeightStreamer:
         if placement.layers("cpu"):
             with span("fill"):
                 self.providers["cpu"] = FixedTier(m, placement.layers("cpu"), self.arena, self.reader,
-                                                  populate=self.cfg.warm_page_cache, behind=self.cfg.fill_behind)
+                                                  populate=self.cfg.warm_page_cache, behind=self.cfg.fill_behind,
+                                                  release=self._on_host_free)
             self.cpu_fill = None if self.cfg.fill_behind else self.providers["cpu"].fill_stats  # behind: settle_fill
 
     def settle_fill(self) -> dict[str, Any] | None:
