@@ -109,7 +109,8 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def _no_interrupts() -> Iterator[None]:
-    """Ctrl-C during the clean-up is noted, not obeyed: the clean-up finishes, then it is raised."""
+    """Ctrl-C during the clean-up is noted, not obeyed: the clean-up finishes, then the press goes to the
+    handler outside (raised as KeyboardInterrupt; nothing where SIGINT is ignored there)."""
     hits = []
     try:
         old = signal.signal(signal.SIGINT, lambda *_: hits.append(1))
