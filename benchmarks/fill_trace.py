@@ -20,7 +20,8 @@ traced `bench run` imports torch and its compiler as a plain one does.
 
 `--source-after` reads the last fill's extents from the page cache into fresh memory once the run is
 over, in the same process (cpu_fill.py's `source_fresh`): what the source delivered to this process,
-for the fill's ratio. `--set MODULE:NAME=JSON` changes a module constant for an A/B in one command
+for the fill's ratio. `--json` keeps each window's summary and its calls (kind, thread, start and end from the window's start,
+bytes). `--set MODULE:NAME=JSON` changes a module constant for an A/B in one command
 (`worker.model.compile_cache:AHEAD_HOLD_S=0`: the compiler's import beside the fill, as before v7);
 `--late-context` leaves the CUDA context to the fill's first registration, `--context-first` makes it
 before the run starts.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import itertools
 import json
 import os
 import resource
@@ -138,6 +140,8 @@ def summarize(w: dict, calls: list[tuple]) -> dict:
                      "last_end_s": max((c[3] for c in cs), default=a["t"]) - a["t"],
                      "gb_per_cpu_s": nbytes / cpu / 1e9 if cpu else None,
                      "concurrency": wall / span if span else None}
+    out["read"]["in_flight_by_tenth"] = _profile([c for c in inside if c[0] == "read"], a["t"], span)
+    out["calls"] = [(c[0], c[1], round(c[2] - a["t"], 6), round(c[3] - a["t"], 6), c[4]) for c in inside]
     ds = [y - x for x, y in zip(a["stat"], b["stat"])]
     total = sum(ds[:8]) or 1
     ncpu = os.cpu_count() or 1
@@ -154,6 +158,16 @@ def summarize(w: dict, calls: list[tuple]) -> dict:
     return out
 
 
+def _profile(calls: list[tuple], t0: float, span: float, parts: int = 10) -> list[float]:
+    """Calls in flight on average in each tenth of the window: where the fill runs short of work
+    (its start, its last wave) shows as a low tenth."""
+    if span <= 0:
+        return [0.0] * parts
+    edges = [t0 + span * i / parts for i in range(parts + 1)]
+    return [round(sum(max(0.0, min(c[3], hi) - max(c[2], lo)) for c in calls) / (hi - lo), 1)
+            for lo, hi in itertools.pairwise(edges)]
+
+
 def line(i: int, s: dict) -> str:
     r, p, sy = s["read"], s["pin"], s["system"]
     gb = r["bytes"] / 1e9
@@ -161,7 +175,8 @@ def line(i: int, s: dict) -> str:
             f"{s['fill_s'] or 0:.3f} s); reads {r['calls']} on "
             f"{r['threads']} thr: wall {r['wall_s']:.2f} s, cpu {r['cpu_s']:.2f} s (sys {r['stime_s']:.2f}), "
             f"{r['gb_per_cpu_s'] or 0:.2f} GB per cpu-s, in flight {r['concurrency'] or 0:.1f}, minflt {r['minflt']}, "
-            f"vcsw {r['nvcsw']} ivcsw {r['nivcsw']}, last read {r['last_end_s']:.3f} s; pins {p['calls']}: wall "
+            f"vcsw {r['nvcsw']} ivcsw {r['nivcsw']}, last read {r['last_end_s']:.3f} s, in flight by tenth "
+            f"{r.get('in_flight_by_tenth')}; pins {p['calls']}: wall "
             f"{p['wall_s']:.2f} s cpu {p['cpu_s']:.2f} s, last {p['last_end_s']:.3f} s; system busy "
             f"{sy['busy_cores']:.1f}/{sy['cpus']} cores (steal {sy['steal_cores'] or 0:.2f}); process "
             f"{s['process_cores'] or 0:.1f} cores: {s['thread_cpu_s']}; vmstat {s['vmstat']}")

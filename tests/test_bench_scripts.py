@@ -246,7 +246,9 @@ def test_fill_trace_splits_a_fills_window_into_its_threads_reads_and_waits():
     assert abs(s["system"]["steal_cores"] - 0.1 * s["system"]["cpus"]) < 1e-9
     assert s["vmstat"] == {"thp_fault_fallback": 10}
     assert s["thread_cpu_s"] == {"cache-read": 2.0}  # the pool's threads summed, an idle one left out
-    assert "2 on 2 thr" in fill_trace.line(0, s)
+    assert s["read"]["in_flight_by_tenth"] == [1.0] + [2.0] * 4 + [1.0] * 4 + [0.0]  # one read from 1.5, none from 1.9
+    assert [c[:2] for c in s["calls"]] == [("read", "cache-read_0"), ("read", "cache-read_1"), ("pin", "cache-read_1")]
+    assert "2 on 2 thr" in fill_trace.line(0, s) and "in flight by tenth [1.0, 2.0" in fill_trace.line(0, s)
 
 
 def test_fill_trace_runs_a_bench_run_and_reads_the_source_in_the_same_process(tiny_ckpt, tmp_path):

@@ -137,3 +137,107 @@ def test_cached_chunks_of_a_range_go_as_few_requests_each_one_system_call(pack, 
     assert all(not b for _, b in sizes[2:]) and sum(n for n, _ in sizes) == g.nbytes
     buffered_calls = [n for fd_, n in calls if fd_ == reader.buffered_fd]
     assert sorted(buffered_calls) == [2 * PAGE, 3 * PAGE]  # one system call per page-cache request
+
+
+def _recorded_fill(pack, monkeypatch, keys, reader, **kw):
+    """The fill's requests as (offset in the blob, bytes, buffered), and its buffers."""
+    sizes: list[tuple[int, int, bool]] = []
+    real_read = SSDReader.read
+    monkeypatch.setattr(SSDReader, "read", lambda self, off, n, out, buffered=False: sizes.append((off, n, buffered))
+                        or real_read(self, off, n, out, buffered))
+    arena = HostArena(pin=False)
+    try:
+        filled = fill_mod.fill(pack.manifest, keys, arena, reader, **kw)
+        for k in keys:
+            assert torch.equal(filled.host[k], pack.read_raw(k))
+    finally:
+        arena.close()
+    monkeypatch.setattr(SSDReader, "read", real_read)
+    return sizes
+
+
+def test_page_cache_requests_shrink_toward_the_fills_end(pack, monkeypatch):
+    """Each page-cache request is at most the bytes still to issue over TAPER x the pool's threads (and
+    at least TAPER_MIN), so the threads run dry within a small request of each other; TAPER = 0 keeps
+    every request as large as the range and `cached_read` allow. The bytes are the blob's either way."""
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", 1 << 30)  # one range per group: only the taper splits them
+    monkeypatch.setattr(fill_mod, "TAPER_MIN", PAGE)
+    monkeypatch.setattr(fill_mod, "TAPER_ALIGN", PAGE)
+    keys = _keys(pack)
+    pack.blob_path.read_bytes()  # all of it cached
+    reader = SSDReader(pack.blob_path, threads=2, chunk=2 * PAGE, cached_threads=3)
+    try:
+        tapered = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=1 << 30)
+        monkeypatch.setattr(fill_mod, "TAPER", 0)
+        whole = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=1 << 30)
+    finally:
+        reader.close()
+    total = sum(pack.manifest.group(k.name).nbytes for k in keys)
+    assert [n for _, n, _ in whole] == [pack.manifest.group(k.name).nbytes for k in keys]  # one request per group
+    assert all(b for _, _, b in tapered) and sum(n for _, n, _ in tapered) == total
+    left = total
+    for _, n, _ in tapered:
+        assert n <= max(PAGE, -(-left // (2 * 3) // PAGE) * PAGE), (n, left)
+        left -= n
+    assert len(tapered) > 2 * len(whole) and tapered[-1][1] == PAGE  # it split, down to the smallest request
+
+
+def test_a_tapered_run_leaves_the_uncached_requests_whole_chunks(pack, monkeypatch):
+    """O_DIRECT wants chunk offsets: a cached run cut by the taper still ends where its chunks do, so
+    the uncached requests after it start on a chunk and are a chunk long (or the group's end)."""
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", 1 << 30)
+    monkeypatch.setattr(fill_mod, "TAPER_MIN", PAGE)
+    monkeypatch.setattr(fill_mod, "TAPER_ALIGN", PAGE)
+    keys = _keys(pack)[:1]
+    g = pack.manifest.group(keys[0].name)
+    chunk = 4 * PAGE
+    assert g.nbytes > 8 * chunk, "the test wants a group of many chunks"
+    _drop_from_page_cache(pack.blob_path)
+    reader = SSDReader(pack.blob_path, threads=2, chunk=chunk, cached_threads=16)
+    try:
+        if not reader.direct:
+            pytest.skip("O_DIRECT refused here: the page cache cannot be told from the disk")
+        fd = os.open(pack.blob_path, os.O_RDONLY)
+        os.pread(fd, 5 * chunk, g.offset)  # chunks 0..4 cached, the rest not
+        os.close(fd)
+        sizes = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=1 << 30)
+    finally:
+        reader.close()
+    cached = [(o - g.offset, n) for o, n, b in sizes if b]
+    direct = [(o - g.offset, n) for o, n, b in sizes if not b]
+    assert sum(n for _, n in cached) == 5 * chunk and len(cached) > 1  # the run of 5 chunks, cut by the taper
+    assert direct[0][0] == 5 * chunk and all(o % chunk == 0 and n == min(chunk, g.nbytes - o) for o, n in direct)
+
+
+def test_every_thread_is_running_and_reading_from_the_first_requests(pack, monkeypatch):
+    """The page-cache pool's threads are all started before the first read (a thread's start maps its
+    stack, which waits behind the readers' page faults: on the H200 the first wave started 3 ms a
+    read), and the fill's first `threads` requests split its first group evenly, so every thread has
+    a read while the second group's buffer and map are made."""
+    monkeypatch.setattr(fill_mod, "TAPER_MIN", PAGE)
+    monkeypatch.setattr(fill_mod, "TAPER_ALIGN", PAGE)
+    threads_seen: list[int] = []
+    real_read = SSDReader._read
+
+    def read(self, *a):
+        threads_seen.append(len(self._cached_pool._threads))
+        return real_read(self, *a)
+
+    monkeypatch.setattr(SSDReader, "_read", read)
+    keys = _keys(pack)
+    pack.blob_path.read_bytes()  # all of it cached
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=6)
+    if not reader.direct:
+        reader.close()
+        pytest.skip("O_DIRECT refused here: every read is buffered, on the one pool")
+    try:
+        sizes = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=1 << 30)
+    finally:
+        reader.close()
+    assert set(threads_seen) == {6}
+    first = pack.manifest.group(keys[0].name)
+    share = -(-first.nbytes // 6)  # the first group's equal share, in whole pages
+    share = -(-share // PAGE) * PAGE
+    head = [n for o, n, _ in sizes if first.offset <= o < first.offset + first.nbytes]
+    assert sizes[0][0] == first.offset and sum(head) == first.nbytes
+    assert len(head) == -(-first.nbytes // share) > 1 and all(n <= share for n in head)

@@ -16,6 +16,16 @@ registering fresh memory faults in and locks every page on one thread under the 
 lock, and where that is slower than the disk the disk waited (benchmarks/cpu_fill.py measures the old
 and the new fill against the source).
 
+The page-cache pool's threads are all started before the first read is issued. A pool starts its
+threads one per read submitted, and each start maps the thread's stack, which waits on the process's
+memory-map lock behind the reads already faulting in their fresh pages: the first 16 reads of a fill
+started 3 ms apart (benchmarks/results/setup_h200/v7, R). Each group's buffer and page-cache map
+(mincore maps the file) are still made just before its reads are issued, not all of them first:
+done first, for the 12 groups of a 10 GB tier, they kept every thread idle for the fill's first
+80-130 ms (S), longer than the ramp they would spare. So that the threads need not wait for the
+second group's map, the fill's first `threads` requests are at most an equal share of its first
+group: all threads read from the start.
+
 Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
 two registrations is not promised to be treated as pinned by the driver.
 
@@ -27,8 +37,13 @@ request of up to `CACHED_READ` bytes, read in one system call: a reader thread r
 has to win the GIL back, and while another thread holds it (the compile-ahead import thread runs
 during the fill) each return waits up to the interpreter's switch interval, so at memory speed a
 fill of many short reads spends much of its time waiting to resume rather than copying
-(benchmarks/cpu_fill.py's `busy` variants measure that). On a CPU device nothing is pinned and the
-fill is the reads alone.
+(benchmarks/cpu_fill.py's `busy` variants measure that). Large requests end unevenly, though: the
+fill is over when its last one is, and with every request as large, the last wave leaves most of the
+threads idle for up to a request's time. So toward the end the requests shrink, each at most the
+bytes still to issue over `TAPER` × the pool's threads (guided self-scheduling), down to
+`TAPER_MIN`: the threads run out of work within a small request of each other (setup_h200/v7, R:
+the last tenth of a 10 GB fill had 3-4 of 16 threads reading without it, 6-8 with it). On a CPU
+device nothing is pinned and the fill is the reads alone.
 
 `release` tells the run when the host is free for the compiler's import (worker.model.compile_cache):
 a fill from the page cache is bound by the cores and their memory, and with that import beside it
@@ -74,6 +89,10 @@ log = logging.getLogger(__name__)
 PIN_UNIT = 256 * MiB  # bytes per cudaHostRegister call: few calls, and little left to pin after the last read
 PIN_THREADS = 0  # 0: the reader thread that completes a range registers it; N: N threads of their own do
 CACHED_READ = 128 * MiB  # most bytes per page-cache request (and system call): few returns to the GIL
+TAPER = 2  # a page-cache request is at most the bytes left to issue / (TAPER × threads); 0: no taper (nor head)
+TAPER_MIN = 8 * MiB  # the smallest tapered request
+PRESTART = True  # the page-cache pool's threads started before the first read (False: one per read issued)
+TAPER_ALIGN = 2 * MiB  # tapered requests are whole huge pages (the CPU tier's buffers are backed by them)
 
 
 @dataclass
@@ -151,11 +170,17 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     pin_threads = PIN_THREADS if pin_threads is None else pin_threads
     lock = threading.Lock()  # the readers' registrations add to stats.pin_seconds
     failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
+    sizes = _Sizes(left=sum(manifest.group(k.name).nbytes for k in keys), threads=reader.cached_threads)
     try:
-        for key in keys:
+        if page_cache and reader.direct and PRESTART:
+            reader.start_cached_threads()  # see the module's docstring
+        for n, key in enumerate(keys):
             g = manifest.group(key.name)
             host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
-            by_key[key] = _issue(reader, g.offset, buf, unit, page_cache, stats, populate, cached_read)
+            cached = reader.cached_chunks(g.offset, g.nbytes) if page_cache else [False] * -(-g.nbytes // reader.chunk)
+            if n == 0:
+                sizes.head = -(-g.nbytes // sizes.threads)
+            by_key[key] = _issue(reader, g.offset, buf, unit, cached, stats, populate, cached_read, sizes)
             stats.bytes += g.nbytes
             if pin_threads == 0:
                 for u in by_key[key]:
@@ -209,25 +234,59 @@ def _settle(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0:
     out.done.set_result(stats)
 
 
-def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, page_cache: bool,
-           stats: FillStats, populate: bool = False, cached_read: int = 0) -> list[_Unit]:
+@dataclass
+class _Sizes:
+    """How large the next page-cache request may be (see the module's docstring)."""
+    left: int  # bytes of the fill not yet issued
+    threads: int  # the page-cache pool's
+    head: int = 0  # the most bytes of each of the fill's first `threads` requests (its first group's share)
+    issued: int = 0  # requests issued so far
+
+    def cap(self) -> int:
+        if TAPER <= 0:
+            return self.left
+        cap = max(TAPER_MIN, _align_up(-(-self.left // (TAPER * max(1, self.threads)))))
+        if self.issued < self.threads and self.head:
+            cap = min(cap, max(TAPER_MIN, _align_up(self.head)))
+        return cap
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        self.issued += 1
+
+
+def _align_up(n: int) -> int:
+    return -(-n // TAPER_ALIGN) * TAPER_ALIGN
+
+
+def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, cached: list[bool],
+           stats: FillStats, populate: bool = False, cached_read: int = 0, sizes: _Sizes | None = None) -> list[_Unit]:
     """Submit every read of one extent, grouped by the registered range they fill; consecutive
-    chunks of one range that are in the page cache go as one request of up to `cached_read` bytes."""
+    chunks of one range that are in the page cache (`cached`, one flag per chunk) go as requests of
+    up to `cached_read` bytes, smaller at the fill's start and toward its end (`sizes`; see the
+    module's docstring). Uncached requests stay whole chunks at chunk offsets, as O_DIRECT needs: a
+    cached run ends at a chunk's end or the range's."""
     chunk = reader.chunk
     nbytes = buf.numel()
-    cached = reader.cached_chunks(offset, nbytes) if page_cache else [False] * -(-nbytes // chunk)
+    sizes = _Sizes(left=nbytes, threads=reader.cached_threads) if sizes is None else sizes
     out = []
     for u in range(0, nbytes, unit):
         end = min(u + unit, nbytes)
         piece = _Unit(buf[u:end])
         o = u
         while o < end:
-            n = min(chunk, end - o)
             if cached[o // chunk]:
-                while o + n < end and n + chunk <= cached_read and cached[(o + n) // chunk]:
-                    n += min(chunk, end - o - n)
+                run = o  # the end of the cached chunks from o on, within this range
+                while run < end and cached[run // chunk]:
+                    run = min(end, (run // chunk + 1) * chunk)
+                n = min(run - o, max(chunk, cached_read), sizes.cap())
                 stats.page_cache_bytes += n
-            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=cached[o // chunk] or populate))
+                buffered = True
+            else:
+                n = min(chunk, end - o)
+                buffered = populate
+            piece.reads.append(reader.read(offset + o, n, buf[o:o + n], buffered=buffered))
+            sizes.take(n)
             o += n
         out.append(piece)
     return out

@@ -1,0 +1,34 @@
+#!/bin/bash
+# issue 13: the page-cache requests tapered toward the fill's end (worker.stream.fill TAPER, the default now):
+# t the default, o TAPER=0 (every request as large as the range and CACHED_READ allow, as in Q), alternating.
+# each process reads its fill's extents from the page cache into fresh memory after the run (--source-after).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p $OUT/r /tmp/h
+M=/tmp/sbg/llama3.1-70b-6L
+date -u +%H:%M:%S
+[ -f $M/config.json ] || timeout 200 python3 benchmarks/cpu_fill.py --work /tmp/sbg --layers 6 --cache warm --repeats 1 --variants pin0+huge > /tmp/h/cf.log 2>&1
+A="-v WARNING run --checkpoints $M --mode cpu --prompt-len 512 --max-new-tokens 8 --temperature 0 --gpu-memory-limit-gb 6.442 --warm-page-cache"
+for i in ${ARMS:-w0 t1 o1 t2 o2 t3 o3 t4 o4 t5 o5 t6 o6}; do
+  Y=""; X=""; [ ${i:0:1} = o ] && Y="--set worker.stream.fill:TAPER=0"
+  timeout 150 python3 benchmarks/fill_trace.py --source-after --json /tmp/h/$i.trace.json $Y cli $A $X --out-json /tmp/h/$i.json > /tmp/h/$i.log 2>&1 || tail -n 3 /tmp/h/$i.log
+  python3 -c "
+import json; r = json.load(open('/tmp/h/$i.json')); s = r['setup']; m = r['metrics']
+keys = ('process', 'imports', 'tokenizer', 'pack', 'fill', 'slots', 'compile', 'warmup', 'probe')
+print('$i', 'before measuring %.2f s;' % sum(s.get(k + '_s') or 0 for k in keys), ' '.join('%s %.2f' % (k, s.get(k + '_s') or 0) for k in keys),
+      '; fill %.2f GB/s; context %.2f s; ahead import %s s; model build %.2f s;' % (s['fill_gbps'] or 0, s['overlapped'].get('cuda_context_s') or 0, s['overlapped'].get('compile_prepare_s'), s['slots_parts']['model_s'] or 0), 'decode %.2f ms/token' % (m['decode_ms'] / m['decode_steps']), r['outputs'][0]['token_ids'][:8])" | tee -a $OUT/r/runs.txt
+  grep "TRACE" /tmp/h/$i.log | tee -a $OUT/r/runs.txt
+done
+date -u +%H:%M:%S
+tar czf $OUT/r/arms.tgz -C /tmp/h $(cd /tmp/h && ls *.json *.log)
+# where the process's own imports go (the "process" phase, before run() is entered; the compiler's on its thread)
+timeout 120 python3 -X importtime cli.py $A --out-json /tmp/h/it.json 2> /tmp/h/importtime.txt >/dev/null
+python3 - <<'PY' | tee $OUT/r/importtime_top.txt
+rows = []
+for l in open('/tmp/h/importtime.txt'):
+    parts = l[len('import time:'):].split('|') if l.startswith('import time:') else []
+    if len(parts) == 3 and parts[0].strip().isdigit():
+        rows.append((int(parts[1]), int(parts[0]), parts[2].rstrip()))
+for cum, own, name in sorted(rows, reverse=True)[:40]:
+    print(f"{cum / 1e6:7.3f} s cumulative {own / 1e6:7.3f} s own  {name}")
+PY
