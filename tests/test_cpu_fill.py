@@ -352,3 +352,34 @@ def test_the_host_is_released_when_a_cached_fill_ends_or_once_a_disk_fills_reads
     finally:
         arena.close()
         reader.close()
+
+
+@pytest.mark.parametrize("slots", [0, 1])
+def test_the_readers_register_one_range_at_a_time_by_default(pack, monkeypatch, slots):
+    """PIN_SLOTS 1 (the default): registrations beside each other contend in the driver, and a reader
+    waiting there reads nothing, so one registers while the others read on (worker.stream.registrar);
+    0 lets every reader register its own range at once."""
+    import time
+
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", 2 * PAGE)
+    monkeypatch.setattr(fill_mod, "PIN_SLOTS", slots)
+    now, most, lock = [0], [0], threading.Lock()
+
+    def expect(ptr, n):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.003)
+        with lock:
+            now[0] -= 1
+
+    arena = HostArena(pin=True, pinner=RecordingPinner(expect=expect))
+    reader = SSDReader(pack.blob_path, threads=4, chunk=PAGE, cached_threads=4)
+    try:
+        filled = fill_mod.fill(pack.manifest, _keys(pack), arena, reader)
+        assert all(torch.equal(filled.host[k], pack.read_raw(k)) for k in _keys(pack))
+        assert all(ready.done() for k in _keys(pack) for _, _, ready in filled.pieces(k))
+    finally:
+        arena.close()
+        reader.close()
+    assert most[0] == 1 if slots == 1 else most[0] > 1

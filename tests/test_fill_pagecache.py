@@ -241,3 +241,25 @@ def test_every_thread_is_running_and_reading_from_the_first_requests(pack, monke
     head = [n for o, n, _ in sizes if first.offset <= o < first.offset + first.nbytes]
     assert sizes[0][0] == first.offset and sum(head) == first.nbytes
     assert len(head) == -(-first.nbytes // share) > 1 and all(n <= share for n in head)
+
+
+def test_the_pool_is_started_once_even_while_its_threads_are_busy(pack):
+    """A second fill on the same reader (its pool's threads may be reading) does not wait for every
+    thread to come free: the pool was started once and stays so."""
+    import time
+
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=3)
+    gate = threading.Event()
+    try:
+        reader.start_cached_threads()
+        running = threading.Semaphore(0)
+        busy = [reader._cached().submit(lambda: running.release() or gate.wait(10)) for _ in range(3)]
+        for _ in range(3):
+            assert running.acquire(timeout=5)  # every thread taken
+        t0 = time.perf_counter()
+        reader.start_cached_threads(timeout=5)
+        assert time.perf_counter() - t0 < 1
+    finally:
+        gate.set()
+        reader.close()
+    assert all(f.result() for f in busy)

@@ -5,8 +5,9 @@ the groups that live on the device and copies them there beside the rest of the 
 it). For the streamer: `plan` decides where each layer lives, `hostmem` allocates page-locked
 buffers, `ssd` reads extents with O_DIRECT on a thread pool (buffered where `pagecache` finds them
 cached), `staging` feeds SSD-homed groups through pinned buffers, `cpu_tier` keeps layers in RAM
-(fixed subset or rolling ring; `fill` loads the fixed subset, pinning behind the reads), `pieces`
-is what the GPU tier copies, `gpu_tier` owns the preallocated group slots, `devsync` gives CPU
-stand-ins for streams and events, `host_table` maps the host-kept embedding table into the device, `iostats` counts bytes and busy time, and `streamer` runs the
-loop prefetch → wait → compute → release that the model drives.
+(fixed subset or rolling ring; `fill` loads the fixed subset, pinning behind the reads, a range at a
+time as `registrar` hands them out), `pieces` is what the GPU tier copies, `gpu_tier` owns the
+preallocated group slots, `devsync` gives CPU stand-ins for streams and events, `host_table` maps
+the host-kept embedding table into the device, `iostats` counts bytes and busy time, and `streamer`
+runs the loop prefetch → wait → compute → release that the model drives.
 """

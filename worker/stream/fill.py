@@ -6,20 +6,22 @@ into the buffer, no bounce copy), so the reader threads fault the pages in, in p
 lands. Behind them, `PIN_UNIT` ranges are registered (`cudaHostRegister`) as soon as the reads that
 cover them are done: registration then finds its pages present and only locks them, and the disk is
 never idle while it runs. The reader thread whose read completes a range registers it (`PIN_THREADS`
-0), not a pinning thread of its own: such a thread wakes for every read and every registration, one
-after the other, and each wake-up waits for the GIL, up to a switch interval while another thread
-holds it (the compile-ahead import does, during a run's fill), so a chain of them, not the reads, set
-the pace of a fill from the page cache; on the reader threads those waits overlap each other's reads
-(benchmarks/cpu_fill.py, `pin0` against `pin1`, with `busy`). The old fill registered each group
+0; at most `PIN_SLOTS` at once: worker.stream.registrar), not a pinning thread of its own: such a
+thread wakes for every read and every registration, one after the other, and each wake-up waits for
+the GIL, up to a switch interval while another thread holds it (the compile-ahead import does, during
+a run's fill), so a chain of them, not the reads, set the pace of a fill from the page cache; on the
+reader threads those waits overlap each other's reads (benchmarks/cpu_fill.py, `pin0` against
+`pin1`, with `busy`). The old fill registered each group
 before issuing its reads, so no read of a group could start before its registration ended;
 registering fresh memory faults in and locks every page on one thread under the driver's global
 lock, and where that is slower than the disk the disk waited (benchmarks/cpu_fill.py measures the old
 and the new fill against the source).
 
 The page-cache pool's threads are all started before the first read is issued. A pool starts its
-threads one per read submitted, and each start maps the thread's stack, which waits on the process's
-memory-map lock behind the reads already faulting in their fresh pages: the first 16 reads of a fill
-started 3 ms apart (benchmarks/results/setup_h200/v7, R). Each group's buffer and page-cache map
+threads one per read submitted, and started beside the reads already faulting in their fresh pages
+they came up 3 ms apart, so the first tenth of a fill had 4 of 16 threads reading
+(benchmarks/results/setup_h200/v7, R; a thread's start maps its stack, which, we think, waits on the
+process's memory-map lock behind those faults). Each group's buffer and page-cache map
 (mincore maps the file) are still made just before its reads are issued, not all of them first:
 done first, for the 12 groups of a 10 GB tier, they kept every thread idle for the fill's first
 80-130 ms (S), longer than the ramp they would spare. So that the threads need not wait for the
@@ -69,7 +71,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import (
     FIRST_EXCEPTION,
-    CancelledError,
     Future,
     ThreadPoolExecutor,
     wait,
@@ -81,6 +82,7 @@ import torch
 
 from worker.pack.groups import GroupKey
 from worker.stream.hostmem import HostArena
+from worker.stream.registrar import Registrar
 from worker.stream.ssd import SSDReader
 from worker.units import MiB
 
@@ -88,6 +90,7 @@ log = logging.getLogger(__name__)
 
 PIN_UNIT = 256 * MiB  # bytes per cudaHostRegister call: few calls, and little left to pin after the last read
 PIN_THREADS = 0  # 0: the reader thread that completes a range registers it; N: N threads of their own do
+PIN_SLOTS = 1  # with PIN_THREADS 0: registrations at once, the rest queued (worker.stream.registrar); 0: no limit
 CACHED_READ = 128 * MiB  # most bytes per page-cache request (and system call): few returns to the GIL
 TAPER = 2  # a page-cache request is at most the bytes left to issue / (TAPER × threads); 0: no taper (nor head)
 TAPER_MIN = 8 * MiB  # the smallest tapered request
@@ -100,7 +103,7 @@ class _Unit:
     view: torch.Tensor  # (n,) uint8: the range registered in one call
     reads: list[Future] = field(default_factory=list)
     ready: Future = field(default_factory=Future)  # read and registered
-    # registered by its last read's thread (`_pin_when_read`), then `ready` is always set: the fill's
+    # registered by a reader thread (worker.stream.registrar), then `ready` is always set: the fill's
     # failure, shared by its units (what a unit whose read was cancelled gets); None where others register
     failure: list[BaseException] | None = None
 
@@ -168,7 +171,7 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     unit = unit_bytes(reader.chunk)
     cached_read = CACHED_READ if cached_read is None else cached_read
     pin_threads = PIN_THREADS if pin_threads is None else pin_threads
-    lock = threading.Lock()  # the readers' registrations add to stats.pin_seconds
+    registrar = Registrar(arena.pin, PIN_SLOTS) if pin_threads == 0 else None  # the readers register
     failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
     sizes = _Sizes(left=sum(manifest.group(k.name).nbytes for k in keys), threads=reader.cached_threads)
     try:
@@ -182,9 +185,9 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
                 sizes.head = -(-g.nbytes // sizes.threads)
             by_key[key] = _issue(reader, g.offset, buf, unit, cached, stats, populate, cached_read, sizes)
             stats.bytes += g.nbytes
-            if pin_threads == 0:
+            if registrar is not None:
                 for u in by_key[key]:
-                    _pin_when_read(u, arena, stats, lock, failure)
+                    registrar.when_read(u, failure)
     except BaseException as e:
         _drain([u for us in by_key.values() for u in us], e)
         raise
@@ -193,30 +196,32 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     if release is not None and (behind or stats.page_cache_bytes * 2 < stats.bytes):
         release()  # bound by the disk, or overlapping the build anyway: what runs beside it costs it little
     if behind:
-        out._thread = threading.Thread(target=_finish, args=(out, units, arena, pin_threads, t0, release),
+        out._thread = threading.Thread(target=_finish, args=(out, units, arena, pin_threads, t0, release, registrar),
                                        name="cpu-fill", daemon=True)
         out._thread.start()
         return out
-    _finish(out, units, arena, pin_threads, t0, release)
+    _finish(out, units, arena, pin_threads, t0, release, registrar)
     out.done.result()  # raises what the fill raised
     return out
 
 
 def _finish(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float,
-            release: Callable[[], None] | None = None) -> None:
+            release: Callable[[], None] | None = None, registrar: Registrar | None = None) -> None:
     """Pin behind the reads; then the stats and `done` (with the failure, if any, which every range not
     yet ready gets too); then `release`, whatever happened."""
     try:
-        _settle(out, units, arena, threads, t0)
+        _settle(out, units, arena, threads, t0, registrar)
     finally:
         if release is not None:
             release()
 
 
-def _settle(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float) -> None:
+def _settle(out: Filled, units: list[_Unit], arena: HostArena, threads: int, t0: float,
+            registrar: Registrar | None = None) -> None:
     try:
-        if threads == 0:
-            _wait_ready(units)  # the reader threads register; stats.pin_seconds is theirs
+        if registrar is not None:
+            _wait_ready(units)  # the reader threads register
+            out.stats.pin_seconds = registrar.seconds
         else:
             out.stats.pin_seconds = _pin_behind(units, arena, threads)
     except BaseException as e:
@@ -290,40 +295,6 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, cached:
             o += n
         out.append(piece)
     return out
-
-
-def _pin_when_read(unit: _Unit, arena: HostArena, stats: FillStats, lock: threading.Lock,
-                   failure: list[BaseException]) -> None:
-    """Register `unit` on the thread that completes its last read (a future's callbacks run on the
-    thread that sets its result; on this one for a read already done), then set `ready`: with the
-    registration's failure, a read's, or for reads cancelled by `_drain` the fill's (CancelledError
-    after `Filled.cancel()`)."""
-    unit.failure = failure
-    left = [len(unit.reads)]
-    errors: list[BaseException] = []
-
-    def done(f: Future) -> None:
-        with lock:
-            if f.cancelled():
-                errors.append(unit.failure[0] if unit.failure else CancelledError())
-            elif f.exception() is not None:
-                errors.append(f.exception())
-            left[0] -= 1
-            if left[0]:
-                return
-        try:
-            if errors:
-                raise errors[0]
-            seconds = arena.pin(unit.view)
-            with lock:
-                stats.pin_seconds += seconds
-        except BaseException as e:  # noqa: BLE001 - a callback's exception would only be logged: it goes to `ready`
-            unit.ready.set_exception(e)
-        else:
-            unit.ready.set_result(None)
-
-    for f in unit.reads:
-        f.add_done_callback(done)
 
 
 def _wait_ready(units: list[_Unit]) -> None:

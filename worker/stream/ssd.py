@@ -49,6 +49,7 @@ class SSDReader:
         self.cached_threads = cached_threads or max(threads, default_cached_threads())
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssd-read")
         self._cached_pool: ThreadPoolExecutor | None = None  # made on the first page-cache read
+        self._cached_started = False  # all of its threads started (start_cached_threads)
         self._pool_lock = threading.Lock()
         self.channel = Channel("ssd_read")
         self.warnings = [] if self.direct else [
@@ -71,16 +72,18 @@ class SSDReader:
 
     def start_cached_threads(self, timeout: float = 10.0) -> None:
         """Every thread of the page-cache pool running now, before a fill's reads are issued. A pool
-        starts its threads one per submitted read, and a thread's start maps its stack, which waits on
-        the process's memory-map lock behind the reads already faulting in their fresh pages: the
-        first wave of a fill then took a tenth of its time to get all threads reading
-        (benchmarks/results/setup_h200/v7, R's in-flight profile)."""
+        starts its threads one per submitted read, and started beside reads faulting in fresh pages
+        they came up 3 ms apart: the first wave of a fill took a tenth of its time to get all threads
+        reading (benchmarks/results/setup_h200/v7, R's in-flight profile; worker.stream.fill)."""
+        if self._cached_started:  # a pool's threads live as long as it does; some may be reading now
+            return
         n = self.cached_threads
         barrier = threading.Barrier(n + 1)  # each task holds its thread until all n are running
         pool = self._cached()
         futures = [pool.submit(barrier.wait, timeout) for _ in range(n)]
         try:
             barrier.wait(timeout)
+            self._cached_started = True
         except threading.BrokenBarrierError:
             log.debug("page-cache pool: not all %d threads started within %.0f s", n, timeout)
         for f in futures:
