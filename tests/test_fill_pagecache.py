@@ -263,3 +263,19 @@ def test_the_pool_is_started_once_even_while_its_threads_are_busy(pack):
         gate.set()
         reader.close()
     assert all(f.result() for f in busy)
+
+
+def test_page_cache_requests_may_be_smaller_than_a_chunk(pack, monkeypatch):
+    """CACHED_READ is the most bytes of a page-cache request, below the O_DIRECT chunk too (the
+    registered ranges then complete one after the other instead of in waves of large requests)."""
+    monkeypatch.setattr(fill_mod, "TAPER", 0)
+    keys = _keys(pack)[:1]
+    pack.blob_path.read_bytes()  # all of it cached
+    reader = SSDReader(pack.blob_path, threads=2, chunk=8 * PAGE, cached_threads=2)
+    try:
+        sizes = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=3 * PAGE)
+    finally:
+        reader.close()
+    nbytes = pack.manifest.group(keys[0].name).nbytes
+    assert all(b for _, _, b in sizes) and sum(n for _, n, _ in sizes) == nbytes
+    assert max(n for _, n, _ in sizes) == 3 * PAGE < reader.chunk

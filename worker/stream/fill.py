@@ -35,7 +35,7 @@ A request whose bytes are all in the page cache (one mincore per extent) is read
 memory speed, instead of O_DIRECT at disk speed, on the reader's page-cache pool: as many threads as
 the process has CPUs (worker.stream.ssd), since such a read is a copy plus the destination's page
 faults, bound by cores, not by the disk. Consecutive cached chunks of one registered range go as one
-request of up to `CACHED_READ` bytes, read in one system call: a reader thread returning from a read
+request of up to `CACHED_READ` bytes (less than a chunk where it is), read in one system call: a reader thread returning from a read
 has to win the GIL back, and while another thread holds it (the compile-ahead import thread runs
 during the fill) each return waits up to the interpreter's switch interval, so at memory speed a
 fill of many short reads spends much of its time waiting to resume rather than copying
@@ -284,7 +284,7 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, cached:
                 run = o  # the end of the cached chunks from o on, within this range
                 while run < end and cached[run // chunk]:
                     run = min(end, (run // chunk + 1) * chunk)
-                n = min(run - o, max(chunk, cached_read), sizes.cap())
+                n = min(run - o, cached_read if cached_read > 0 else chunk, sizes.cap())
                 stats.page_cache_bytes += n
                 buffered = True
             else:
