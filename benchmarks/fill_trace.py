@@ -20,7 +20,8 @@ traced `bench run` imports torch and its compiler as a plain one does.
 
 `--source-after` reads the last fill's extents from the page cache into fresh memory once the run is
 over, in the same process (cpu_fill.py's `source_fresh`): what the source delivered to this process,
-for the fill's ratio. `--json` keeps each window's summary and its calls (kind, thread, start and end from the window's start,
+for the fill's ratio. Each TRACE line also gives the reads in flight per tenth of the fill and what it did after its last
+read (registrations still queued: setup_h200/v7, U). `--json` keeps each window's summary and its calls (kind, thread, start and end from the window's start,
 bytes). `--set MODULE:NAME=JSON` changes a module constant for an A/B in one command
 (`worker.model.compile_cache:AHEAD_HOLD_S=0`: the compiler's import beside the fill, as before v7);
 `--late-context` leaves the CUDA context to the fill's first registration, `--context-first` makes it
@@ -141,6 +142,10 @@ def summarize(w: dict, calls: list[tuple]) -> dict:
                      "gb_per_cpu_s": nbytes / cpu / 1e9 if cpu else None,
                      "concurrency": wall / span if span else None}
     out["read"]["in_flight_by_tenth"] = _profile([c for c in inside if c[0] == "read"], a["t"], span)
+    last_read = a["t"] + out["read"]["last_end_s"]  # what the fill still did once its reads were over
+    late = [c for c in inside if c[0] == "pin" and c[3] > last_read]
+    out["pin"]["after_last_read"] = {"calls": len(late), "bytes": sum(c[4] for c in late),
+                                     "seconds": max(0.0, span - out["read"]["last_end_s"]) if inside else 0.0}
     out["calls"] = [(c[0], c[1], round(c[2] - a["t"], 6), round(c[3] - a["t"], 6), c[4]) for c in inside]
     ds = [y - x for x, y in zip(a["stat"], b["stat"])]
     total = sum(ds[:8]) or 1
@@ -177,7 +182,9 @@ def line(i: int, s: dict) -> str:
             f"{r['gb_per_cpu_s'] or 0:.2f} GB per cpu-s, in flight {r['concurrency'] or 0:.1f}, minflt {r['minflt']}, "
             f"vcsw {r['nvcsw']} ivcsw {r['nivcsw']}, last read {r['last_end_s']:.3f} s, in flight by tenth "
             f"{r.get('in_flight_by_tenth')}; pins {p['calls']}: wall "
-            f"{p['wall_s']:.2f} s cpu {p['cpu_s']:.2f} s, last {p['last_end_s']:.3f} s; system busy "
+            f"{p['wall_s']:.2f} s cpu {p['cpu_s']:.2f} s, last {p['last_end_s']:.3f} s, after the last read "
+            f"{p['after_last_read']['calls']} ({p['after_last_read']['bytes'] / 2**20:.0f} MiB, the fill "
+            f"{p['after_last_read']['seconds'] * 1e3:.1f} ms longer); system busy "
             f"{sy['busy_cores']:.1f}/{sy['cpus']} cores (steal {sy['steal_cores'] or 0:.2f}); process "
             f"{s['process_cores'] or 0:.1f} cores: {s['thread_cpu_s']}; vmstat {s['vmstat']}")
 

@@ -249,6 +249,9 @@ def test_fill_trace_splits_a_fills_window_into_its_threads_reads_and_waits():
     assert s["read"]["in_flight_by_tenth"] == [1.0] + [2.0] * 4 + [1.0] * 4 + [0.0]  # one read from 1.5, none from 1.9
     assert [c[:2] for c in s["calls"]] == [("read", "cache-read_0"), ("read", "cache-read_1"), ("pin", "cache-read_1")]
     assert "2 on 2 thr" in fill_trace.line(0, s) and "in flight by tenth [1.0, 2.0" in fill_trace.line(0, s)
+    late = s["pin"]["after_last_read"]  # the registration from 1.9 to 2.0, after the last read's end at 1.9
+    assert late["calls"] == 1 and late["bytes"] == 8 << 30 and abs(late["seconds"] - 0.1) < 1e-9
+    assert "after the last read 1 (8192 MiB, the fill 100.0 ms longer)" in fill_trace.line(0, s)
 
 
 def test_fill_trace_runs_a_bench_run_and_reads_the_source_in_the_same_process(tiny_ckpt, tmp_path):
