@@ -279,3 +279,37 @@ def test_page_cache_requests_may_be_smaller_than_a_chunk(pack, monkeypatch):
     nbytes = pack.manifest.group(keys[0].name).nbytes
     assert all(b for _, _, b in sizes) and sum(n for _, n, _ in sizes) == nbytes
     assert max(n for _, n, _ in sizes) == 3 * PAGE < reader.chunk
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_the_fill_maps_map_ahead_groups_before_its_first_read_and_splits_them(pack, monkeypatch, ahead):
+    """MAP_AHEAD groups get their buffer and page-cache map before the first read, the fill keeps that
+    many mapped ahead of what it issues, and its first requests split those groups evenly."""
+    monkeypatch.setattr(fill_mod, "MAP_AHEAD", ahead)
+    monkeypatch.setattr(fill_mod, "TAPER_MIN", PAGE)
+    monkeypatch.setattr(fill_mod, "TAPER_ALIGN", PAGE)
+    events: list[str] = []
+    real_chunks, real_read = SSDReader.cached_chunks, SSDReader.read
+    monkeypatch.setattr(SSDReader, "cached_chunks", lambda self, *a: events.append("map") or real_chunks(self, *a))
+    keys = _keys(pack)
+    pack.blob_path.read_bytes()  # all of it cached
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=4)
+    try:
+        def read(self, off, n, out, buffered=False):
+            events.append("read")
+            return real_read(self, off, n, out, buffered)
+
+        monkeypatch.setattr(SSDReader, "read", read)
+        sizes = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=1 << 30)
+    finally:
+        reader.close()
+    first = events.index("read")
+    assert events[:first] == ["map"] * ahead
+    assert events.count("map") == len(keys) and events[-1] == "read"
+    head = [g for g in (pack.manifest.group(k.name) for k in keys[:ahead])]
+    span = (head[0].offset, head[-1].offset + head[-1].nbytes)
+    share = -(-sum(g.nbytes for g in head) // 4)
+    share = -(-share // PAGE) * PAGE
+    in_head = [n for o, n, _ in sizes if span[0] <= o < span[1]]
+    assert all(n <= share for n in in_head) and sum(in_head) == sum(g.nbytes for g in head)
+    assert 4 <= len(in_head) <= 4 + ahead - 1  # every thread gets a piece (a group's end may cut one short)

@@ -26,7 +26,8 @@ process's memory-map lock behind those faults). Each group's buffer and page-cac
 done first, for the 12 groups of a 10 GB tier, they kept every thread idle for the fill's first
 80-130 ms (S), longer than the ramp they would spare. So that the threads need not wait for the
 second group's map, the fill's first `threads` requests are at most an equal share of its first
-group: all threads read from the start.
+group (`MAP_AHEAD` groups: that many are mapped before the first read, and the fill maps that far
+ahead of its issue after): all threads read from the start.
 
 Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
 two registrations is not promised to be treated as pinned by the driver.
@@ -95,6 +96,7 @@ CACHED_READ = 128 * MiB  # most bytes per page-cache request (and system call): 
 TAPER = 2  # a page-cache request is at most the bytes left to issue / (TAPER × threads); 0: no taper (nor head)
 TAPER_MIN = 8 * MiB  # the smallest tapered request
 PRESTART = True  # the page-cache pool's threads started before the first read (False: one per read issued)
+MAP_AHEAD = 1  # groups whose buffer and page-cache map are made before the first read (and kept ahead after)
 TAPER_ALIGN = 2 * MiB  # tapered requests are whole huge pages (the CPU tier's buffers are backed by them)
 
 
@@ -174,16 +176,22 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     registrar = Registrar(arena.pin, PIN_SLOTS) if pin_threads == 0 else None  # the readers register
     failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
     sizes = _Sizes(left=sum(manifest.group(k.name).nbytes for k in keys), threads=reader.cached_threads)
+    def mapped(key: GroupKey):
+        g = manifest.group(key.name)
+        host[key] = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
+        return key, g, reader.cached_chunks(g.offset, g.nbytes) if page_cache else [False] * -(-g.nbytes // reader.chunk)
+
     try:
         if page_cache and reader.direct and PRESTART:
             reader.start_cached_threads()  # see the module's docstring
-        for n, key in enumerate(keys):
-            g = manifest.group(key.name)
-            host[key] = buf = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
-            cached = reader.cached_chunks(g.offset, g.nbytes) if page_cache else [False] * -(-g.nbytes // reader.chunk)
-            if n == 0:
-                sizes.head = -(-g.nbytes // sizes.threads)
-            by_key[key] = _issue(reader, g.offset, buf, unit, cached, stats, populate, cached_read, sizes)
+        depth = max(1, MAP_AHEAD)
+        ahead = [mapped(k) for k in keys[:depth]]  # groups mapped before the first read; the head splits them
+        sizes.head = -(-sum(g.nbytes for _, g, _ in ahead) // sizes.threads)
+        for n in range(len(keys)):
+            key, g, cached = ahead.pop(0)
+            by_key[key] = _issue(reader, g.offset, host[key], unit, cached, stats, populate, cached_read, sizes)
+            if n + depth < len(keys):
+                ahead.append(mapped(keys[n + depth]))
             stats.bytes += g.nbytes
             if registrar is not None:
                 for u in by_key[key]:
