@@ -116,8 +116,8 @@ def source_fresh(pack: Pack, keys, reader: SSDReader) -> float:
     """Seconds to read the extents buffered into memory touched for the first time, as the tier's fill
     must (one 2 MiB-paged buffer per group, as the engine allocates them, none registered): the page
     cache's rate for this job, its page faults included, where `source` reuses a faulted buffer. The
-    reader's threads are started before the clock, as the fill starts them (a pool's thread started
-    beside faulting readers waits on the memory-map lock: SSDReader.start_cached_threads)."""
+    reader's threads are started before the clock, as the fill starts them (started beside faulting
+    readers they come up slowly: SSDReader.start_cached_threads)."""
     arena = HostArena(pin=False)
     bufs = {k: arena.empty(pack.manifest.group(k.name).nbytes, pin=False, huge_pages=True) for k in keys}
     reader.start_cached_threads()

@@ -20,9 +20,10 @@ traced `bench run` imports torch and its compiler as a plain one does.
 
 `--source-after` reads the last fill's extents from the page cache into fresh memory once the run is
 over, in the same process (cpu_fill.py's `source_fresh`): what the source delivered to this process,
-for the fill's ratio. Each TRACE line also gives the reads in flight per tenth of the fill and what it did after its last
-read (registrations still queued: setup_h200/v7, U). `--json` keeps each window's summary and its calls (kind, thread, start and end from the window's start,
-bytes). `--set MODULE:NAME=JSON` changes a module constant for an A/B in one command
+for the fill's ratio. Each TRACE line also gives the reads in flight per tenth of the fill and what
+it did after its last read (registrations still queued: setup_h200/v7, U). `--json` keeps each
+window's summary and its calls (kind, thread, start and end from the window's start, bytes).
+`--set MODULE:NAME=JSON` changes a module constant for an A/B in one command
 (`worker.model.compile_cache:AHEAD_HOLD_S=0`: the compiler's import beside the fill, as before v7);
 `--late-context` leaves the CUDA context to the fill's first registration, `--context-first` makes it
 before the run starts.

@@ -288,28 +288,45 @@ def test_the_fill_maps_map_ahead_groups_before_its_first_read_and_splits_them(pa
     monkeypatch.setattr(fill_mod, "MAP_AHEAD", ahead)
     monkeypatch.setattr(fill_mod, "TAPER_MIN", PAGE)
     monkeypatch.setattr(fill_mod, "TAPER_ALIGN", PAGE)
-    events: list[str] = []
-    real_chunks, real_read = SSDReader.cached_chunks, SSDReader.read
-    monkeypatch.setattr(SSDReader, "cached_chunks", lambda self, *a: events.append("map") or real_chunks(self, *a))
     keys = _keys(pack)
+    groups = [pack.manifest.group(k.name) for k in keys]
     pack.blob_path.read_bytes()  # all of it cached
+    # the maps made before each group's first read: that group's and `ahead - 1` more (fewer at the end)
+    assert _maps_before_first_reads(pack, monkeypatch, keys) == [min(len(keys), i + ahead) for i in range(len(keys))]
     reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=4)
     try:
-        def read(self, off, n, out, buffered=False):
-            events.append("read")
-            return real_read(self, off, n, out, buffered)
-
-        monkeypatch.setattr(SSDReader, "read", read)
         sizes = _recorded_fill(pack, monkeypatch, keys, reader, cached_read=1 << 30)
     finally:
         reader.close()
-    first = events.index("read")
-    assert events[:first] == ["map"] * ahead
-    assert events.count("map") == len(keys) and events[-1] == "read"
-    head = [g for g in (pack.manifest.group(k.name) for k in keys[:ahead])]
+    head = groups[:ahead]
     span = (head[0].offset, head[-1].offset + head[-1].nbytes)
     share = -(-sum(g.nbytes for g in head) // 4)
     share = -(-share // PAGE) * PAGE
     in_head = [n for o, n, _ in sizes if span[0] <= o < span[1]]
     assert all(n <= share for n in in_head) and sum(in_head) == sum(g.nbytes for g in head)
     assert 4 <= len(in_head) <= 4 + ahead - 1  # every thread gets a piece (a group's end may cut one short)
+
+
+def _maps_before_first_reads(pack, monkeypatch, keys) -> list[int]:
+    """For each group, how many page-cache maps the fill had made when it issued the group's first read."""
+    log: list[tuple[str, int]] = []
+    real_chunks, real_read = SSDReader.cached_chunks, SSDReader.read
+    monkeypatch.setattr(SSDReader, "cached_chunks",
+                        lambda self, off, n: log.append(("map", off)) or real_chunks(self, off, n))
+    monkeypatch.setattr(SSDReader, "read", lambda self, off, n, out, buffered=False: log.append(("read", off))
+                        or real_read(self, off, n, out, buffered))
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=4)
+    arena = HostArena(pin=False)
+    try:
+        fill_mod.fill(pack.manifest, keys, arena, reader)
+    finally:
+        arena.close()
+        reader.close()
+        monkeypatch.setattr(SSDReader, "cached_chunks", real_chunks)
+        monkeypatch.setattr(SSDReader, "read", real_read)
+    groups = [pack.manifest.group(k.name) for k in keys]
+    out = []
+    for g in groups:
+        first = next(i for i, (kind, off) in enumerate(log) if kind == "read" and g.offset <= off < g.offset + g.nbytes)
+        out.append(sum(kind == "map" for kind, _ in log[:first]))
+    return out

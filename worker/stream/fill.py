@@ -36,8 +36,8 @@ A request whose bytes are all in the page cache (one mincore per extent) is read
 memory speed, instead of O_DIRECT at disk speed, on the reader's page-cache pool: as many threads as
 the process has CPUs (worker.stream.ssd), since such a read is a copy plus the destination's page
 faults, bound by cores, not by the disk. Consecutive cached chunks of one registered range go as one
-request of up to `CACHED_READ` bytes (less than a chunk where it is), read in one system call: a reader thread returning from a read
-has to win the GIL back, and while another thread holds it (the compile-ahead import thread runs
+request of up to `CACHED_READ` bytes (less than a chunk where it is), read in one system call: a
+reader thread returning from a read has to win the GIL back, and while another thread holds it (the compile-ahead import thread runs
 during the fill) each return waits up to the interpreter's switch interval, so at memory speed a
 fill of many short reads spends much of its time waiting to resume rather than copying
 (benchmarks/cpu_fill.py's `busy` variants measure that). Large requests end unevenly, though: the
@@ -176,10 +176,12 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     registrar = Registrar(arena.pin, PIN_SLOTS) if pin_threads == 0 else None  # the readers register
     failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
     sizes = _Sizes(left=sum(manifest.group(k.name).nbytes for k in keys), threads=reader.cached_threads)
+
     def mapped(key: GroupKey):
         g = manifest.group(key.name)
         host[key] = arena.empty(g.nbytes, pin=False, huge_pages=huge_pages)  # (extent,) pageable for now
-        return key, g, reader.cached_chunks(g.offset, g.nbytes) if page_cache else [False] * -(-g.nbytes // reader.chunk)
+        cached = reader.cached_chunks(g.offset, g.nbytes) if page_cache else [False] * -(-g.nbytes // reader.chunk)
+        return key, g, cached
 
     try:
         if page_cache and reader.direct and PRESTART:
@@ -252,7 +254,7 @@ class _Sizes:
     """How large the next page-cache request may be (see the module's docstring)."""
     left: int  # bytes of the fill not yet issued
     threads: int  # the page-cache pool's
-    head: int = 0  # the most bytes of each of the fill's first `threads` requests (its first group's share)
+    head: int = 0  # the most bytes of each of the fill's first `threads` requests (a share of its first groups)
     issued: int = 0  # requests issued so far
 
     def cap(self) -> int:
@@ -273,7 +275,7 @@ def _align_up(n: int) -> int:
 
 
 def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, cached: list[bool],
-           stats: FillStats, populate: bool = False, cached_read: int = 0, sizes: _Sizes | None = None) -> list[_Unit]:
+           stats: FillStats, populate: bool, cached_read: int, sizes: _Sizes) -> list[_Unit]:
     """Submit every read of one extent, grouped by the registered range they fill; consecutive
     chunks of one range that are in the page cache (`cached`, one flag per chunk) go as requests of
     up to `cached_read` bytes, smaller at the fill's start and toward its end (`sizes`; see the
@@ -281,7 +283,6 @@ def _issue(reader: SSDReader, offset: int, buf: torch.Tensor, unit: int, cached:
     cached run ends at a chunk's end or the range's."""
     chunk = reader.chunk
     nbytes = buf.numel()
-    sizes = _Sizes(left=nbytes, threads=reader.cached_threads) if sizes is None else sizes
     out = []
     for u in range(0, nbytes, unit):
         end = min(u + unit, nbytes)

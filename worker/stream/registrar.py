@@ -4,11 +4,11 @@ The reader thread whose read completes a range registers it (worker.stream.fill 
 thread of its own). Registrations beside each other slow each other down: on the H200 one range of
 256 MiB alone took 2-3 ms, four at once 8-67 ms each (benchmarks/results/setup_h200/v7, T), and a
 reader waiting there reads nothing; with one at a time they took 8 ms and 0.31-0.39 s of the
-readers' time in a fill, against 0.69-1.21 s (U). So at most `slots` registrations run at once: a reader that
-completes a range while every slot is taken queues it and goes back to reading, and whoever holds a
-slot registers what is queued before it gives the slot back (it looks again after giving it back, so
-a range queued meanwhile is never left behind). `slots` 0: every reader registers its own ranges at
-once, as before.
+readers' time in a fill, against 0.69-1.21 s (U). So at most `slots` registrations run at once: a
+reader that completes a range while every slot is taken queues it and goes back to reading, and
+whoever holds a slot registers what is queued before it gives the slot back (it looks again after
+giving it back, so a range queued meanwhile is never left behind). `slots` 0: every reader registers
+its own ranges at once, as before.
 """
 
 from __future__ import annotations
