@@ -101,6 +101,11 @@ def cache_dir(parts: dict[str, Any]) -> Path:
     return Path(envs.cache_dir()) / "compile" / cache_key(parts)
 
 
+def aot_dir() -> Path:
+    """Where `worker.model.aot` keeps whole compiled functions: under this process's keyed directory."""
+    return Path(envs.cache_dir()) / "compile" / prepare()["key"] / "aot"
+
+
 def prepare() -> dict[str, Any]:
     """Once per process, before the first compile: the cache directories set and the caches on.
     Returns what `report` starts from (key, directories, files already there, `prepare_s`: the host
@@ -182,6 +187,8 @@ def _prepare() -> dict[str, Any]:
     return {"key": cache_key(parts), **dirs, "entries_before": entries}
 
 
+AOT_COUNTS = ("aot_loaded", "aot_compiled", "aot_fallback")  # worker.model.aot's, in counters() and report()
+
 # where a compile's host seconds go, as torch's own timers (`dynamo_timed`) name them: the whole
 # compile, Dynamo's bytecode tracing and guards, the backend (Inductor, or its caches' load), and
 # loading the generated code (Triton kernels on CUDA); names torch does not have are left out
@@ -193,20 +200,22 @@ def counters() -> dict[str, Any]:
     """This process's cache counters and compile timers now (torch's, cumulative): a `since` for
     `report`. All zero while torch._dynamo is not imported: nothing can have compiled yet, and
     importing it costs a second."""
+    from worker.model import aot
+
     if "torch._dynamo" not in sys.modules:
-        return {**dict.fromkeys(COUNTERS, 0), "timers": {}}
+        return {**dict.fromkeys(COUNTERS, 0), **aot.counts(), "timers": {}}
     from torch._dynamo import utils
 
     timers = getattr(utils, "compilation_time_metrics", {})
     return {**{name: int(utils.counters[group][leaf]) for name, (group, leaf) in COUNTERS.items()},
-            "timers": {k: float(sum(timers[k])) for k in TIMERS if k in timers}}
+            **aot.counts(), "timers": {k: float(sum(timers[k])) for k in TIMERS if k in timers}}
 
 
 def report(since: dict[str, int] | None = None) -> dict[str, Any]:
     """The run record's `compile_cache`: where the caches are, the hit / miss / bypass counts since
     `since` (default: process start) and `compiled_from_cache`."""
     now = counters()
-    delta = {k: now[k] - (since or {}).get(k, 0) for k in COUNTERS}
+    delta = {k: now[k] - (since or {}).get(k, 0) for k in (*COUNTERS, *AOT_COUNTS)}
     before = (since or {}).get("timers", {})
     seconds = {k: v - before.get(k, 0.0) for k, v in now["timers"].items()}
     hits = delta["fxgraph_cache_hit"]
@@ -214,9 +223,12 @@ def report(since: dict[str, int] | None = None) -> dict[str, Any]:
     if hits + fresh == 0:  # no graph reached Inductor's cache: fall back on AOTAutograd's view
         hits = delta["autograd_cache_hit"]
         fresh = delta["autograd_cache_miss"] + delta["autograd_cache_bypass"]
+    # a signature loaded whole (worker.model.aot) is a graph from the cache that reached no torch
+    # cache; one compiled ahead traced again, whatever Inductor's cache gave it
+    hits += delta["aot_loaded"]
     with _lock:
         info = dict(_prepared)  # empty when nothing in this process asked for a compile
     return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None,
             "prepare_s": None, "prepared_ahead": None, **info,
-            **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh == 0,
+            **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh + delta["aot_compiled"] == 0,
             "seconds": seconds}

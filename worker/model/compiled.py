@@ -11,7 +11,8 @@
   same tokens).
 - A high recompile limit: a worker process runs many runs and sees many (batch, tokens) shapes.
 - The on-disk caches under the project's cache directory (`compile_cache.prepare`, before the first
-  compile), so the next process of the same commit on this host loads the kernels instead.
+  compile), so the next process of the same commit on this host loads the kernels instead; with
+  `aot.ENABLED`, whole compiled functions there too, so it does not trace them again (worker.model.aot).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TypeVar
 
 import torch
 
-from worker.model import compile_cache
+from worker.model import aot, compile_cache
 
 Fn = TypeVar("Fn", bound=Callable)
 
@@ -35,4 +36,5 @@ def compiled(fn: Fn) -> Fn:
     import torch._inductor.config as inductor
 
     options = {"deterministic": True} if DETERMINISTIC and hasattr(inductor, "deterministic") else {}
-    return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    jit = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return aot.aot_compiled(fn, jit, compile_cache.aot_dir()) if aot.ENABLED else jit
