@@ -40,6 +40,7 @@ ENABLED = False  # module-level so a benchmark can compare both paths (--set wor
 
 _lock = threading.Lock()
 _counts = {"aot_loaded": 0, "aot_compiled": 0, "aot_fallback": 0}
+_errors: list[str] = []  # the first fallback's reason, for the run record
 
 
 def counts() -> dict[str, int]:
@@ -47,6 +48,29 @@ def counts() -> dict[str, int]:
     `torch.compile`'s own path because the ahead-of-time one failed."""
     with _lock:
         return dict(_counts)
+
+
+def first_error() -> str | None:
+    """Why the first signature fell back on torch.compile's own path (None: none did)."""
+    with _lock:
+        return _errors[0] if _errors else None
+
+
+def _ahead(fn: Callable, jit: Callable, options: dict, args: tuple, kwargs: dict) -> Any:
+    """torch's ahead-of-time compile of `fn` on these arguments. torch 2.13's compiled function has it
+    as a method; torch 2.11's only as `aot_compile_fullgraph`, given the backend torch.compile makes."""
+    if hasattr(jit, "aot_compile"):
+        return jit.aot_compile((args, kwargs))
+    import inspect
+
+    from torch._dynamo.aot_compile import aot_compile_fullgraph
+    from torch._dynamo.hooks import Hooks
+
+    wrapper = torch._TorchCompileInductorWrapper
+    params = inspect.signature(wrapper).parameters
+    backend = wrapper(*[{"mode": None, "options": options, "dynamic": False, "name": None}[p] for p in params])
+    extra = {"dynamic": False} if "dynamic" in inspect.signature(aot_compile_fullgraph).parameters else {}
+    return aot_compile_fullgraph(fn, (args, kwargs), hooks=Hooks(), backend=backend, **extra)
 
 
 def _count(name: str) -> None:
@@ -82,8 +106,8 @@ def function_id(fn: Callable) -> str:
 class AheadCompiled:
     """`fn` compiled once per input signature, each loaded from its file when there is one."""
 
-    def __init__(self, fn: Callable, jit: Callable, directory: Path):
-        self.fn, self.jit, self.directory = fn, jit, directory / function_id(fn)
+    def __init__(self, fn: Callable, jit: Callable, options: dict, directory: Path):
+        self.fn, self.jit, self.options, self.directory = fn, jit, options, directory / function_id(fn)
         self.variants: dict[tuple, Callable] = {}
         self._lock = threading.Lock()
 
@@ -112,7 +136,7 @@ class AheadCompiled:
             except Exception as e:  # noqa: BLE001 - a damaged or foreign file is compiled again, not fatal
                 log.warning("compile ahead: cannot load %s (%s: %s); compiling it again", path, type(e).__name__, e)
         try:
-            made = self.jit.aot_compile((args, kwargs))
+            made = _ahead(self.fn, self.jit, self.options, args, kwargs)
             self.directory.mkdir(parents=True, exist_ok=True)
             made.save_compiled_function(str(path))  # torch writes a temporary file and renames it
             made.disable_guard_check()
@@ -121,9 +145,12 @@ class AheadCompiled:
         except Exception as e:  # noqa: BLE001 - any failure of the experimental path falls back on the usual one
             log.debug("compile ahead: %s falls back on torch.compile (%s: %s)", self.fn, type(e).__name__, e)
             _count("aot_fallback")
+            with _lock:
+                _errors.append(f"{function_id(self.fn)}: {type(e).__name__}: {str(e)[:300]}")
             return self.jit
 
 
-def aot_compiled(fn: Callable, jit: Callable, directory: Path) -> Callable:
-    """`fn` through files under `directory` (see the module's docstring); `jit` is its torch.compile."""
-    return AheadCompiled(fn, jit, directory)
+def aot_compiled(fn: Callable, jit: Callable, options: dict, directory: Path) -> Callable:
+    """`fn` through files under `directory` (see the module's docstring); `jit` is its torch.compile
+    with Inductor's `options`."""
+    return AheadCompiled(fn, jit, options, directory)

@@ -214,6 +214,8 @@ def counters() -> dict[str, Any]:
 def report(since: dict[str, int] | None = None) -> dict[str, Any]:
     """The run record's `compile_cache`: where the caches are, the hit / miss / bypass counts since
     `since` (default: process start) and `compiled_from_cache`."""
+    from worker.model import aot
+
     now = counters()
     delta = {k: now[k] - (since or {}).get(k, 0) for k in (*COUNTERS, *AOT_COUNTS)}
     before = (since or {}).get("timers", {})
@@ -231,4 +233,4 @@ def report(since: dict[str, int] | None = None) -> dict[str, Any]:
     return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None,
             "prepare_s": None, "prepared_ahead": None, **info,
             **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh + delta["aot_compiled"] == 0,
-            "seconds": seconds}
+            "seconds": seconds, "aot_error": aot.first_error()}

@@ -37,4 +37,4 @@ def compiled(fn: Fn) -> Fn:
 
     options = {"deterministic": True} if DETERMINISTIC and hasattr(inductor, "deterministic") else {}
     jit = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
-    return aot.aot_compiled(fn, jit, compile_cache.aot_dir()) if aot.ENABLED else jit
+    return aot.aot_compiled(fn, jit, options, compile_cache.aot_dir()) if aot.ENABLED else jit

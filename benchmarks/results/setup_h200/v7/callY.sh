@@ -10,7 +10,7 @@ import glob, json, os
 for p in sorted(glob.glob("/tmp/h/[a-z][0-9].json")):
     r = json.load(open(p)); c = r["compile_cache"]
     print(os.path.basename(p)[:-5], "compile %.2f s;" % r["setup"]["compile_s"],
-          {k: c.get(k) for k in ("graphs", "compiled_from_cache", "fxgraph_cache_hit", "aot_loaded", "aot_compiled", "aot_fallback")},
+          {k: c.get(k) for k in ("graphs", "compiled_from_cache", "fxgraph_cache_hit", "aot_loaded", "aot_compiled", "aot_fallback", "aot_error")},
           {k: round(v, 3) for k, v in c["seconds"].items()})
 PY
 ls -la /root/.cache/streambench/compile/*/aot/* 2>&1 | head -20 > $OUT/y/aot_files.txt
