@@ -28,7 +28,8 @@ import torch
 from worker.host import hostinfo
 hostinfo.git_commit = lambda: sys.argv[1]  # pretend to be this commit of a clean tree
 hostinfo.git_dirty = lambda: False
-from worker.model import compile_cache
+from worker.model import aot, compile_cache
+aot.ENABLED = False  # torch.compile's own path: its caches (tests/test_compile_aot.py: whole functions)
 from worker.model.compiled import compiled
 f = compiled(lambda x: x.t()[1:])
 assert f(torch.arange(12.0).view(3, 4)).shape == (3, 3)
@@ -41,7 +42,8 @@ import torch
 from worker.host import hostinfo
 hostinfo.git_commit = lambda: sys.argv[1]
 hostinfo.git_dirty = lambda: False
-from worker.model import compile_cache
+from worker.model import aot, compile_cache
+aot.ENABLED = False
 started, again = compile_cache.prepare_ahead(), compile_cache.prepare_ahead()
 from worker.model.compiled import compiled
 f = compiled(lambda x: x.t()[1:])  # its prepare() waits for the thread's

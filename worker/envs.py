@@ -136,6 +136,13 @@ def bytecode_cache() -> bool:
     return True if raw is None or not raw.strip() else _bool("STREAMBENCH_BYTECODE_CACHE", raw)
 
 
+def compile_whole() -> bool:
+    """STREAMBENCH_COMPILE_WHOLE (default on): keep whole compiled functions under the compile cache and
+    load them in later processes instead of tracing again (worker.model.aot); 0 turns that off."""
+    raw = os.environ.get("STREAMBENCH_COMPILE_WHOLE")
+    return True if raw is None or not raw.strip() else _bool("STREAMBENCH_COMPILE_WHOLE", raw)
+
+
 def export_pycache_prefix(prefix: str) -> None:
     """PYTHONPYCACHEPREFIX for this process's children (Inductor's compile workers import torch too)."""
     os.environ["PYTHONPYCACHEPREFIX"] = prefix

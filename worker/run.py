@@ -92,7 +92,7 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
 
     with clock.phase("imports"):
         from worker.engine import build_engine, compiles
-        from worker.model import compile_cache
+        from worker.model import aot, compile_cache
         from worker.pack.cache import ensure_pack
         from worker.stream.plan import place
         from worker.text.checkpoint import load_tokenizer
@@ -106,6 +106,8 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         check_reference(cfg.checkpoints)
     # beside tokenizer..upload; after the checks above, so a run refused there exits at once instead of
     # waiting for the compiler's import (the side thread is not a daemon)
+    if compiles(cfg, device):
+        aot.enabled()  # a bad STREAMBENCH_COMPILE_WHOLE fails here, before any work
     ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead(after=host_free)
     context = EarlyContext(device)  # before the fill's first registration needs it (worker.host.cudactx)
     with clock.phase("tokenizer"):

@@ -2,18 +2,19 @@
 
 The FX graph and AOTAutograd caches (`compile_cache`) spare a fresh process Inductor's work, but not
 Dynamo's: every process still traces each compiled function, builds its guards and hashes its graph
-to find the cache entry, about 2 s of host time for the 12 graphs of a 70B-geometry `cpu` run
-(`compile_cache.report`'s timers; benchmarks/results/setup_h200/v7). torch's ahead-of-time compile
-(`torch.compile(fn).aot_compile(example_inputs)`) packs what one compile made, bytecode, guards and
-Inductor's code together, into a file that a later process loads without tracing.
+to find the cache entry, most of the compile phase of a fresh process whose caches are warm
+(`compile_cache.report`'s timers; measured: benchmarks/results/README.md, setup_h200/v7). torch's
+ahead-of-time compile (`aot_compile`) packs what one compile made, bytecode, guards and Inductor's code,
+into a file that a later process loads without tracing.
 
-`aot_compiled(fn, options)` (`compiled` uses it when `ENABLED`) keeps one such file per function and
-input signature under `<compile cache dir>/aot`, which `compile_cache` already keys by commit, torch,
+`aot_compiled` (`compiled` uses it unless STREAMBENCH_COMPILE_WHOLE=0) keeps one such file per function
+and input signature under `<compile cache dir>/aot`, which `compile_cache` already keys by commit, torch,
 CUDA, Triton and GPU: a file is only ever loaded by the code and torch that wrote it. The signature is
 every tensor's shape, stride, dtype, device and autograd flags, every other argument's value, and the
-grad and inference modes: what the compiled code specialises on. A loaded file's own guards are checked
-once on the arguments that first need it, and then no more: later calls of that signature are the
-same in every respect the guards look at.
+grad and inference modes: what the compiled code specialises on and what can change between calls.
+A loaded file's own guards are checked once, on the arguments that first need it, and then no more
+(they cost a Python call each time): what else they look at, the function's globals and torch's global
+settings, does not change inside an engine process.
 
 Exactness: the file holds the kernels Inductor generated for that graph and settings (its
 deterministic mode included), so a process that loads them runs what the process that wrote them ran.
@@ -34,9 +35,18 @@ from typing import Any
 
 import torch
 
+from worker import envs
+
 log = logging.getLogger(__name__)
 
-ENABLED = False  # module-level so a benchmark can compare both paths (--set worker.model.aot:ENABLED=true)
+# None: as STREAMBENCH_COMPILE_WHOLE says (default on); module-level, so a benchmark can compare both
+# paths in one command (fill_trace.py --set worker.model.aot:ENABLED=false)
+ENABLED: bool | None = None
+
+
+def enabled() -> bool:
+    """Whether `compiled` keeps whole functions (a bad STREAMBENCH_COMPILE_WHOLE is the user's error)."""
+    return envs.compile_whole() if ENABLED is None else ENABLED
 
 _lock = threading.Lock()
 _counts = {"aot_loaded": 0, "aot_compiled": 0, "aot_fallback": 0}

@@ -3,7 +3,8 @@
 The second process of a config then loads what the first one compiled instead of compiling again:
 Inductor's FX graph cache and the AOTAutograd cache (a hit skips lowering, code generation and,
 with Triton's kernels bundled into the entry or found in Triton's own cache, their compilation).
-Dynamo still traces each function in every process; that part is not cached.
+On that path Dynamo still traces each function in every process; `worker.model.aot` keeps each function
+whole per input signature under `<key>/aot` as well, so a later process loads it without tracing.
 
 Everything lives in `<envs.cache_dir()>/compile/<key>`, the key a hash of what makes generated
 kernels differ or go stale: torch, CUDA and Triton versions, the GPU (name and compute capability;
@@ -127,6 +128,12 @@ def _prepare_locked() -> dict[str, Any]:
 
 AHEAD_THREAD = "compile-prepare"
 
+# Import Inductor's compile_fx in `prepare` (on the ahead thread) rather than at the first compile. A process
+# whose compiled functions all load whole (worker.model.aot) never compiles, and the import is a third of
+# the compiler's (benchmarks/results/setup_h200/v7/R/importtime_top.txt); False leaves it to the first
+# compile that needs it. Module-level for an A/B (setup_h200/v7/callAA.sh, not yet run on a GPU).
+BACKEND_AHEAD = True
+
 
 AHEAD_HOLD_S = 60.0  # the longest the thread waits for `after` (a run sets it on every way out)
 
@@ -180,7 +187,8 @@ def _prepare() -> dict[str, Any]:
     dirs = envs.use_compile_cache(str(directory), torch_default=os.path.abspath(default_cache_dir()))
     inductor_config.fx_graph_cache = True  # torch's default; a TORCHINDUCTOR_FX_GRAPH_CACHE=0 still wins
     functorch_config.enable_autograd_cache = True
-    from torch._inductor.compile_fx import compile_fx  # noqa: F401 - the backend's own import at the first compile, paid here
+    if BACKEND_AHEAD:
+        from torch._inductor.compile_fx import compile_fx  # noqa: F401 - the backend's own import at the first compile, paid here
     root = Path(dirs["inductor_dir"])
     entries = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
     log.info("compile cache: %s (%d files already there)", root, entries)

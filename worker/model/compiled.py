@@ -11,8 +11,9 @@
   same tokens).
 - A high recompile limit: a worker process runs many runs and sees many (batch, tokens) shapes.
 - The on-disk caches under the project's cache directory (`compile_cache.prepare`, before the first
-  compile), so the next process of the same commit on this host loads the kernels instead; with
-  `aot.ENABLED`, whole compiled functions there too, so it does not trace them again (worker.model.aot).
+  compile), so the next process of the same commit on this host loads the kernels instead; and whole
+  compiled functions there too, so it does not trace them again (worker.model.aot; off with
+  STREAMBENCH_COMPILE_WHOLE=0).
 """
 
 from __future__ import annotations
@@ -37,4 +38,4 @@ def compiled(fn: Fn) -> Fn:
 
     options = {"deterministic": True} if DETERMINISTIC and hasattr(inductor, "deterministic") else {}
     jit = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
-    return aot.aot_compiled(fn, jit, options, compile_cache.aot_dir()) if aot.ENABLED else jit
+    return aot.aot_compiled(fn, jit, options, compile_cache.aot_dir()) if aot.enabled() else jit
