@@ -182,3 +182,21 @@ def test_torch_without_the_compiled_functions_method_compiles_ahead_all_the_same
     with open(tmp_path / "f.aot", "rb") as f:
         loaded = torch.compiler.load_compiled_function(f)
     assert loaded.guard_check(x) and torch.equal(loaded(x), _view(x))
+
+
+def test_a_cache_that_cannot_be_written_costs_the_file_not_the_compile(tmp_path, monkeypatch, caplog):
+    """A read-only or full cache directory: the function compiled ahead is used all the same (no second
+    compile on torch.compile's path), the next process compiles it again, and the run record says why."""
+    monkeypatch.setattr(aot, "_errors", [])
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    jit = torch.compile(_view, dynamic=False, fullgraph=True)
+    calls = []
+    wrapped = aot.aot_compiled(_view, lambda *a: calls.append(a) or jit(*a), {}, blocked)
+    before = aot.counts()
+    x = torch.arange(12.0).view(3, 4)
+    with caplog.at_level("WARNING", logger="worker.model.aot"):
+        assert torch.equal(wrapped(x), _view(x)) and torch.equal(wrapped(x), _view(x))
+    assert calls == []  # never torch.compile's own path
+    assert aot.counts()["aot_compiled"] == before["aot_compiled"] + 1 and aot.counts()["aot_fallback"] == before["aot_fallback"]
+    assert "not kept" in aot.first_error() and "cannot keep" in caplog.text

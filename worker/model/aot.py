@@ -61,7 +61,8 @@ def counts() -> dict[str, int]:
 
 
 def first_error() -> str | None:
-    """Why the first signature fell back on torch.compile's own path (None: none did)."""
+    """Why the first signature fell back on torch.compile's own path or could not be kept on disk (None:
+    none)."""
     with _lock:
         return _errors[0] if _errors else None
 
@@ -86,6 +87,13 @@ def _ahead(fn: Callable, jit: Callable, options: dict, args: tuple, kwargs: dict
 def _count(name: str) -> None:
     with _lock:
         _counts[name] += 1
+
+
+def _note(count: str | None, error: str) -> None:
+    with _lock:
+        if count:
+            _counts[count] += 1
+        _errors.append(error)
 
 
 def _describe(x: Any) -> Any:
@@ -147,17 +155,20 @@ class AheadCompiled:
                 log.warning("compile ahead: cannot load %s (%s: %s); compiling it again", path, type(e).__name__, e)
         try:
             made = _ahead(self.fn, self.jit, self.options, args, kwargs)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            made.save_compiled_function(str(path))  # torch writes a temporary file and renames it
-            made.disable_guard_check()
-            _count("aot_compiled")
-            return made
         except Exception as e:  # noqa: BLE001 - any failure of the experimental path falls back on the usual one
             log.debug("compile ahead: %s falls back on torch.compile (%s: %s)", self.fn, type(e).__name__, e)
-            _count("aot_fallback")
-            with _lock:
-                _errors.append(f"{function_id(self.fn)}: {type(e).__name__}: {str(e)[:300]}")
+            _note("aot_fallback", f"{function_id(self.fn)}: {type(e).__name__}: {str(e)[:300]}")
             return self.jit
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            made.save_compiled_function(str(path))  # torch writes a temporary file and renames it
+        except Exception as e:  # noqa: BLE001 - compiled already: this process uses it, the next compiles again
+            log.warning("compile ahead: cannot keep %s (%s: %s); the next process compiles it again", path,
+                        type(e).__name__, e)
+            _note(None, f"{function_id(self.fn)} not kept: {type(e).__name__}: {str(e)[:300]}")
+        made.disable_guard_check()
+        _count("aot_compiled")
+        return made
 
 
 def aot_compiled(fn: Callable, jit: Callable, options: dict, directory: Path) -> Callable:
