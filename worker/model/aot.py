@@ -48,9 +48,10 @@ def enabled() -> bool:
     """Whether `compiled` keeps whole functions (a bad STREAMBENCH_COMPILE_WHOLE is the user's error)."""
     return envs.compile_whole() if ENABLED is None else ENABLED
 
+
 _lock = threading.Lock()
 _counts = {"aot_loaded": 0, "aot_compiled": 0, "aot_fallback": 0}
-_errors: list[str] = []  # the first fallback's reason, for the run record
+_errors: list[str] = []  # why signatures fell back or were not kept; the first goes in the run record
 
 
 def counts() -> dict[str, int]:
