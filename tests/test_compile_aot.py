@@ -8,19 +8,14 @@ again instead of failing the run.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_compile_cache import _process as compile_process
 
 from worker.errors import UserError
 from worker.model import aot
-
-ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
 import json, sys
@@ -43,13 +38,9 @@ LAZY_BACKEND = SCRIPT.replace("from worker.model import compile_cache\n",
     '"out": out}', '"out": out, "compile_fx": "torch._inductor.compile_fx" in sys.modules}')
 
 
-def _process(tmp_path: Path, commit: str, script: str = SCRIPT, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "STREAMBENCH_COMPILE_WHOLE")}
-    done = subprocess.run([sys.executable, "-c", script, commit], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, check=False, env={**clean, "STREAMBENCH_CACHE": str(tmp_path / "cache"), **env})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _process(tmp_path: Path, commit: str, script: str | None = None, **env: str) -> dict:
+    """A fresh process runs this module's SCRIPT (or `script`): its report and its outputs."""
+    return compile_process(tmp_path, commit, script or SCRIPT, **env)
 
 
 def _files(report: dict) -> list[Path]:

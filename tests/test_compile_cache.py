@@ -52,11 +52,13 @@ print(json.dumps({"started": started, "again": again, **compile_cache.report()})
 """
 
 
-def _process(tmp_path: Path, commit: str, script: str = SCRIPT) -> dict:
-    """A fresh process compiles one function with the cache dir under tmp_path: its report."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    done = subprocess.run([sys.executable, "-c", script, commit], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, check=False, env={**clean, "STREAMBENCH_CACHE": str(tmp_path / "cache")})
+def _process(tmp_path: Path, commit: str, script: str = SCRIPT, **env: str) -> dict:
+    """A fresh process runs `script` (compiles) with the cache dir under tmp_path and `env`: its report
+    (tests/test_compile_aot.py uses it too)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "STREAMBENCH_COMPILE_WHOLE")}
+    done = subprocess.run([sys.executable, "-c", script, commit], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, check=False, env={**clean, "STREAMBENCH_CACHE": str(tmp_path / "cache"), **env})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -169,6 +169,8 @@ def test_by_default_the_reader_thread_that_completes_a_range_registers_it(pack, 
         real_read(self, *args)
 
     monkeypatch.setattr(SSDReader, "_read", gated)
+    if page_cache:
+        pack.blob_path.read_bytes()  # all of it cached, whatever ran before (the packer's writes may not be)
     reader = SSDReader(pack.blob_path, threads=3, chunk=PAGE)
     try:
         filled = fill_mod.fill(pack.manifest, _keys(pack), arena, reader, page_cache=page_cache, behind=True)

@@ -106,9 +106,10 @@ def _run(cfg: RunConfig, phase: Phase, clock: RunClock, reuse: EngineCache | Non
         check_reference(cfg.checkpoints)
     # beside tokenizer..upload; after the checks above, so a run refused there exits at once instead of
     # waiting for the compiler's import (the side thread is not a daemon)
-    if compiles(cfg, device):
+    compiling = compiles(cfg, device)
+    if compiling:
         aot.enabled()  # a bad STREAMBENCH_COMPILE_WHOLE fails here, before any work
-    ahead = cfg.compile_ahead and compiles(cfg, device) and compile_cache.prepare_ahead(after=host_free)
+    ahead = cfg.compile_ahead and compiling and compile_cache.prepare_ahead(after=host_free)
     context = EarlyContext(device)  # before the fill's first registration needs it (worker.host.cudactx)
     with clock.phase("tokenizer"):
         tok = reuse.tokenizer(cfg.checkpoints, load_tokenizer) if reuse is not None else load_tokenizer(cfg.checkpoints)

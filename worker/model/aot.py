@@ -85,16 +85,12 @@ def _ahead(fn: Callable, jit: Callable, options: dict, args: tuple, kwargs: dict
     return aot_compile_fullgraph(fn, (args, kwargs), hooks=Hooks(), backend=backend, **extra)
 
 
-def _count(name: str) -> None:
-    with _lock:
-        _counts[name] += 1
-
-
-def _note(count: str | None, error: str) -> None:
+def _note(count: str | None, error: str | None = None) -> None:
     with _lock:
         if count:
             _counts[count] += 1
-        _errors.append(error)
+        if error:
+            _errors.append(error)
 
 
 def _describe(x: Any) -> Any:
@@ -149,7 +145,7 @@ class AheadCompiled:
                     loaded = torch.compiler.load_compiled_function(f)
                 if loaded.guard_check(*args, **kwargs):
                     loaded.disable_guard_check()
-                    _count("aot_loaded")
+                    _note("aot_loaded")
                     return loaded
                 log.warning("compile ahead: %s fails its own guards here; compiling it again", path)
             except Exception as e:  # noqa: BLE001 - a damaged or foreign file is compiled again, not fatal
@@ -168,7 +164,7 @@ class AheadCompiled:
                         type(e).__name__, e)
             _note(None, f"{function_id(self.fn)} not kept: {type(e).__name__}: {str(e)[:300]}")
         made.disable_guard_check()
-        _count("aot_compiled")
+        _note("aot_compiled")
         return made
 
 

@@ -99,12 +99,16 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def cache_dir(parts: dict[str, Any]) -> Path:
-    return Path(envs.cache_dir()) / "compile" / cache_key(parts)
+    return _keyed(cache_key(parts))
+
+
+def _keyed(key: str) -> Path:
+    return Path(envs.cache_dir()) / "compile" / key
 
 
 def aot_dir() -> Path:
     """Where `worker.model.aot` keeps whole compiled functions: under this process's keyed directory."""
-    return Path(envs.cache_dir()) / "compile" / prepare()["key"] / "aot"
+    return _keyed(prepare()["key"]) / "aot"
 
 
 def prepare() -> dict[str, Any]:
@@ -195,8 +199,6 @@ def _prepare() -> dict[str, Any]:
     return {"key": cache_key(parts), **dirs, "entries_before": entries}
 
 
-AOT_COUNTS = ("aot_loaded", "aot_compiled", "aot_fallback")  # worker.model.aot's, in counters() and report()
-
 # where a compile's host seconds go, as torch's own timers (`dynamo_timed`) name them: the whole
 # compile, Dynamo's bytecode tracing and guards, the backend (Inductor, or its caches' load), and
 # loading the generated code (Triton kernels on CUDA); names torch does not have are left out
@@ -225,7 +227,7 @@ def report(since: dict[str, int] | None = None) -> dict[str, Any]:
     from worker.model import aot
 
     now = counters()
-    delta = {k: now[k] - (since or {}).get(k, 0) for k in (*COUNTERS, *AOT_COUNTS)}
+    delta = {k: now[k] - (since or {}).get(k, 0) for k in (*COUNTERS, *aot.counts())}
     before = (since or {}).get("timers", {})
     seconds = {k: v - before.get(k, 0.0) for k, v in now["timers"].items()}
     hits = delta["fxgraph_cache_hit"]
@@ -240,5 +242,6 @@ def report(since: dict[str, int] | None = None) -> dict[str, Any]:
         info = dict(_prepared)  # empty when nothing in this process asked for a compile
     return {"key": None, "inductor_dir": None, "triton_dir": None, "user_dirs": [], "entries_before": None,
             "prepare_s": None, "prepared_ahead": None, **info,
-            **delta, "graphs": hits + fresh, "compiled_from_cache": None if hits + fresh == 0 else fresh + delta["aot_compiled"] == 0,
+            **delta, "graphs": hits + fresh,
+            "compiled_from_cache": None if hits + fresh == 0 else fresh + delta["aot_compiled"] == 0,
             "seconds": seconds, "aot_error": aot.first_error()}

@@ -60,14 +60,17 @@ class Registrar:
         self._queue.append(unit)
         while self._queue and self._slots.acquire(blocking=False):
             try:
-                while True:
-                    try:
-                        queued = self._queue.popleft()
-                    except IndexError:
-                        break
+                for queued in iter(self._next, None):
                     self._register(queued)
             finally:
                 self._slots.release()
+
+    def _next(self):
+        """The next queued unit, or None: another slot holder may have taken the last one meanwhile."""
+        try:
+            return self._queue.popleft()
+        except IndexError:
+            return None
 
     def _register(self, unit) -> None:
         try:
