@@ -21,7 +21,8 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   `readM` caps a page-cache request (one system call) at M MiB (default: the engine's CACHED_READ);
   `busy` runs a pure-Python thread during the fill, as the compile-ahead import does in a run (each
   reader returning from a system call must win the GIL back from it); `sw` sets the switch interval
-  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S);
+  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S); `earlyM` registers the ranges
+  among the fill's last M MiB before their reads complete (worker.stream.fill's PIN_EARLY; `early0` off);
 - `mmap` (warm only, an experiment, not the engine's path): no copy at all. Each extent is mapped
   from the page cache (MAP_SHARED, PROT_READ, MAP_POPULATE) and registered read-only
   (cudaHostRegisterReadOnly), then one group is copied to the GPU from it and checked against the
@@ -56,6 +57,7 @@ import torch
 from worker.model import compile_cache
 from worker.pack.blob import Pack
 from worker.pack.groups import KINDS, GroupKey
+from worker.stream import fill as fill_mod
 from worker.stream.fill import fill
 from worker.stream.hostmem import HostArena
 from worker.stream.ssd import SSDReader, default_cached_threads
@@ -161,7 +163,7 @@ def parse_variant(variant: str) -> dict:
     """"pin2+huge+mem16+pop+read64+busy+sw" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16,
     "populate": True, "cached_read": 64 MiB, "busy": True, "switch": True}."""
     out = {"pin_threads": None, "huge_pages": False, "cached_threads": None, "populate": False, "cached_read": None,
-           "busy": False, "switch": False}
+           "busy": False, "switch": False, "early": None}
     for part in variant.split("+"):
         if part.startswith("pin"):
             out["pin_threads"] = int(part.removeprefix("pin"))
@@ -177,8 +179,10 @@ def parse_variant(variant: str) -> dict:
             out["busy"] = True
         elif part == "sw":
             out["switch"] = True
+        elif part.startswith("early"):
+            out["early"] = int(part.removeprefix("early")) * MiB
         else:
-            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw; "
+            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw, earlyM; "
                              "or mmap)")
     return out
 
@@ -191,8 +195,10 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
     arena = HostArena(pin=True)
     stop = threading.Event()
     spinner = threading.Thread(target=busy, args=(stop,), daemon=True) if v["busy"] else None
-    previous = sys.getswitchinterval()
+    previous, early = sys.getswitchinterval(), fill_mod.PIN_EARLY
     try:
+        if v["early"] is not None:
+            fill_mod.PIN_EARLY = v["early"]
         if v["switch"]:
             sys.setswitchinterval(min(previous, compile_cache.AHEAD_SWITCH_S))
         if spinner:
@@ -205,6 +211,7 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
         if spinner:
             spinner.join()
         sys.setswitchinterval(previous)
+        fill_mod.PIN_EARLY = early
         arena.close()
         if own:
             own.close()
@@ -284,7 +291,7 @@ def mmap_line(st: dict, nbytes: int, ref: float) -> str:
 
 
 def scenario(name: str, pack: Pack, keys, reader: SSDReader, narrow: SSDReader, nbytes: int, variants: list[str],
-             repeats: int) -> dict:
+             repeats: int, old: bool = True) -> dict:
     """Rounds of source, old fill, new fill(s), each ratio against the source of its own round (a
     virtual disk's rate wanders by tens of percent over minutes): O_DIRECT when cold, buffered on
     `narrow` (the reader's own thread count) when warm."""
@@ -315,11 +322,12 @@ def scenario(name: str, pack: Pack, keys, reader: SSDReader, narrow: SSDReader, 
                            ("source: O_DIRECT reads", "source_direct_s")):
             if key in out:
                 print(LINE.format(label, nbytes / 1e9 / out[key], ref / out[key], nbytes / 1e9, out[key], ""))
-        reset()
-        t, pin_s = old_fill(pack, keys, reader)
-        out["old"] = {"seconds": t, "gbps": nbytes / t / 1e9, "of_source": ref / t, "pin_seconds": pin_s}
-        print(LINE.format("old: register, then read", nbytes / 1e9 / t, ref / t, nbytes / 1e9, t,
-                          f"; registering {pin_s:.2f} s"))
+        if old:
+            reset()
+            t, pin_s = old_fill(pack, keys, reader)
+            out["old"] = {"seconds": t, "gbps": nbytes / t / 1e9, "of_source": ref / t, "pin_seconds": pin_s}
+            print(LINE.format("old: register, then read", nbytes / 1e9 / t, ref / t, nbytes / 1e9, t,
+                              f"; registering {pin_s:.2f} s"))
         for k in variants:
             reset()
             if k == "mmap":
@@ -334,7 +342,7 @@ def scenario(name: str, pack: Pack, keys, reader: SSDReader, narrow: SSDReader, 
                               st["seconds"], f"; registering {st['pin_seconds']:.2f} s, "
                                              f"{st['page_cache_bytes'] / 1e9:.2f} GB from the page cache"))
         rounds.append(out)
-    fills = ["old"] + [f"new_{k}" for k in variants if k != "mmap"] + (["mmap"] if "mmap" in variants and name == "warm" else [])
+    fills = ["old"] * old + [f"new_{k}" for k in variants if k != "mmap"] + (["mmap"] if "mmap" in variants and name == "warm" else [])
     medians = {f: [r[f]["of_source"] for r in rounds if r[f].get("of_source") is not None] for f in fills}
     print(f" {name}, median over {repeats} round(s), fill / source: "
           + ", ".join(f"{f} {statistics.median(v):.2f}" if v else f"{f} -" for f, v in medians.items()), flush=True)
@@ -367,6 +375,7 @@ def main() -> None:
                          "pin0+huge+pop pin2+huge pin4+huge mmap)")
     ap.add_argument("--cache", choices=["both", "cold", "warm"], default="both")
     ap.add_argument("--repeats", type=int, default=2, help="rounds per cache state")
+    ap.add_argument("--no-old", action="store_true", help="leave out the old fill (10-20x slower than the others)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     pack = open_pack(args)
@@ -386,7 +395,8 @@ def main() -> None:
                "cached_threads": reader.cached_threads, "variants": variants}
     try:
         for name in (["cold", "warm"] if args.cache == "both" else [args.cache]):
-            results[name] = scenario(name, pack, keys, reader, narrow, nbytes, variants, args.repeats)
+            results[name] = scenario(name, pack, keys, reader, narrow, nbytes, variants, args.repeats,
+                                     old=not args.no_old)
     finally:
         reader.close()
         narrow.close()

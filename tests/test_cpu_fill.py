@@ -385,3 +385,41 @@ def test_the_readers_register_one_range_at_a_time_by_default(pack, monkeypatch, 
         arena.close()
         reader.close()
     assert most[0] == 1 if slots == 1 else most[0] > 1
+
+
+@pytest.mark.parametrize("fail", [None, "read", "register"])
+def test_the_last_ranges_can_be_registered_before_their_reads(pack, monkeypatch, fail):
+    """PIN_EARLY: the ranges among the fill's last PIN_EARLY bytes are registered on a thread of their
+    own, so that none is queued behind the last reads; the bytes stay exact, every range is registered
+    once, and a failed fill still unregisters everything and raises without waiting forever."""
+    monkeypatch.setattr(fill_mod, "PIN_UNIT", 2 * PAGE)
+    keys = _keys(pack)
+    total = sum(pack.manifest.group(k.name).nbytes for k in keys)
+    monkeypatch.setattr(fill_mod, "PIN_EARLY", 7 * PAGE)
+    by_thread: dict[int, str] = {}
+    pinner = RecordingPinner(expect=lambda ptr, n: by_thread.__setitem__(ptr, threading.current_thread().name),
+                             fail_at=3 if fail == "register" else None)
+    if fail == "read":
+        failing_reads(monkeypatch, 5)
+    arena = HostArena(pin=True, pinner=pinner)
+    reader = SSDReader(pack.blob_path, threads=4, chunk=PAGE, cached_threads=4)
+    try:
+        if fail:
+            with pytest.raises((OSError, RuntimeError), match="injected|stand-in"):
+                fill_mod.fill(pack.manifest, keys, arena, reader)
+            return
+        filled = fill_mod.fill(pack.manifest, keys, arena, reader)
+        assert all(torch.equal(filled.host[k], pack.read_raw(k)) for k in keys)
+        ends, pos = [], 0  # each range's distance from the fill's end, in fill order
+        for k in keys:
+            for o, view, ready in filled.pieces(k):
+                assert ready.done() and pinner.live[view.data_ptr()] == view.numel()
+                ends.append((total - pos - o, by_thread[view.data_ptr()]))
+            pos += pack.manifest.group(k.name).nbytes
+        early = [left for left, name in ends if name == "cpu-fill-early"]
+        assert early and all(left <= 7 * PAGE for left in early)
+        assert [left for left, name in ends if name != "cpu-fill-early" and left <= 7 * PAGE] == []
+    finally:
+        arena.close()
+        reader.close()
+        assert pinner.live == {}

@@ -108,3 +108,74 @@ def test_a_failed_read_or_registration_goes_to_its_range_and_the_rest_are_regist
     with pytest.raises(OSError, match="read of 5"):
         units[5].ready.result(5)
     assert all(u.ready.result(5) is None for u in units if u.view not in (3, 5))
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_early_ranges_are_registered_before_their_reads_and_ready_after_both(slots):
+    """`early` (the fill's last ranges, fill.PIN_EARLY): registered on a thread of its own while their
+    reads are still to come, within the same slots as the readers' registrations; `ready` waits for
+    the reads too, and ranges the readers queued meanwhile are not left behind."""
+    pin = CountingPin()
+    threads: list[str] = []
+    reg = Registrar(lambda v: (threads.append(threading.current_thread().name), pin(v))[1], slots)
+    units = [Unit(i, [Future() for _ in range(2)]) for i in range(30)]
+    for u in units[:20]:
+        reg.when_read(u, [])
+    thread = reg.early(units[20:], [])
+    thread.join(5)
+    assert sorted(pin.views) == list(range(20, 30))  # registered, none of their reads done yet
+    assert set(threads) == {"cpu-fill-early"} and not any(u.ready.done() for u in units[20:])
+    _complete_from_threads(units)
+    assert all(u.ready.result(5) is None for u in units)
+    assert sorted(pin.views) == list(range(30)) and 1 <= pin.most <= slots
+
+
+def test_early_ranges_share_the_slot_with_the_readers_queue():
+    """Readers that complete ranges while the early thread holds the only slot queue them; the early
+    thread registers them before giving the slot back."""
+    gate = threading.Event()
+    views: list[int] = []
+
+    def pin(view):
+        if view == 100:
+            gate.wait(5)  # the early registration holds the slot until the readers have queued theirs
+        views.append(view)
+        return 0.0
+
+    reg = Registrar(pin, 1)
+    units = [Unit(i, [Future()]) for i in range(5)]
+    for u in units:
+        reg.when_read(u, [])
+    late = Unit(100, [Future()])
+    reg.early([late], [])
+    time.sleep(0.05)
+    _complete_from_threads(units)  # each queues its range: the slot is taken
+    assert not any(u.ready.done() for u in units)
+    gate.set()
+    assert all(u.ready.result(5) is None for u in units)
+    late.reads[0].set_result(None)
+    assert late.ready.result(5) is None and views[0] == 100 and sorted(views[1:]) == list(range(5))
+
+
+def test_an_early_range_of_a_failed_fill_is_not_registered_and_gets_the_failure():
+    views: list[int] = []
+    reg = Registrar(lambda v: views.append(v) or 0.0, 1)
+    failure = [OSError("read of 2 failed")]
+    late = Unit(7, [Future()])
+    reg.early([late], failure).join(5)
+    late.reads[0].cancel()
+    with pytest.raises(OSError, match="read of 2"):
+        late.ready.result(5)
+    assert views == []
+
+
+def test_an_early_registration_that_fails_goes_to_its_range():
+    def pin(view):
+        raise RuntimeError("cudaHostRegister failed (stand-in)")
+
+    reg = Registrar(pin, 1)
+    late = Unit(1, [Future()])
+    reg.early([late], []).join(5)
+    late.reads[0].set_result(None)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        late.ready.result(5)

@@ -98,6 +98,7 @@ TAPER_MIN = 8 * MiB  # the smallest tapered request
 PRESTART = True  # the page-cache pool's threads started before the first read (False: one per read issued)
 MAP_AHEAD = 1  # groups whose buffer and page-cache map are made before the first read (and kept ahead after)
 TAPER_ALIGN = 2 * MiB  # tapered requests are whole huge pages (the CPU tier's buffers are backed by them)
+PIN_EARLY = 0  # bytes of the last ranges registered before their reads complete (worker.stream.registrar `early`)
 
 
 @dataclass
@@ -175,7 +176,9 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     pin_threads = PIN_THREADS if pin_threads is None else pin_threads
     registrar = Registrar(arena.pin, PIN_SLOTS) if pin_threads == 0 else None  # the readers register
     failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
-    sizes = _Sizes(left=sum(manifest.group(k.name).nbytes for k in keys), threads=reader.cached_threads)
+    total = sum(manifest.group(k.name).nbytes for k in keys)
+    sizes = _Sizes(left=total, threads=reader.cached_threads)
+    early: list[_Unit] = []  # registered before their reads complete (PIN_EARLY)
 
     def mapped(key: GroupKey):
         g = manifest.group(key.name)
@@ -194,11 +197,20 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
             by_key[key] = _issue(reader, g.offset, host[key], unit, cached, stats, populate, cached_read, sizes)
             if n + depth < len(keys):
                 ahead.append(mapped(keys[n + depth]))
-            stats.bytes += g.nbytes
             if registrar is not None:
-                for u in by_key[key]:
-                    registrar.when_read(u, failure)
+                for i, u in enumerate(by_key[key]):
+                    if 0 < stats.bytes + i * unit and total - stats.bytes - i * unit <= PIN_EARLY:
+                        early.append(u)  # among the last PIN_EARLY bytes (never the first range)
+                    else:
+                        registrar.when_read(u, failure)
+            stats.bytes += g.nbytes
+        if early:
+            registrar.early(early, failure)
+            early = []
     except BaseException as e:
+        if early:  # not handed over yet: they must get their `ready` too, which `_drain` waits for
+            failure.append(e)
+            registrar.early(early, failure)
         _drain([u for us in by_key.values() for u in us], e)
         raise
     out = Filled(host, unit, stats, by_key)

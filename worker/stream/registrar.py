@@ -9,6 +9,12 @@ reader that completes a range while every slot is taken queues it and goes back 
 whoever holds a slot registers what is queued before it gives the slot back (it looks again after
 giving it back, so a range queued meanwhile is never left behind). `slots` 0: every reader registers
 its own ranges at once, as before.
+
+`early` registers ranges before their reads complete, on a thread of its own that waits for a slot like
+any reader: the fill gives it the ranges it reads last, so that they are pinned while the slot would
+otherwise idle (no range is read yet in a fill's first tenth) rather than queued behind the last reads
+(see worker.stream.fill, `PIN_EARLY`). Registration then faults the fresh pages in itself; a range's
+`ready` waits for both its reads and its registration.
 """
 
 from __future__ import annotations
@@ -28,13 +34,25 @@ class Registrar:
         self._lock = threading.Lock()
         self.seconds = 0.0  # summed over the registrations
 
-    def when_read(self, unit, failure: list[BaseException]) -> None:
+    def when_read(self, unit, failure: list[BaseException], early: bool = False) -> Callable[[], None] | None:
         """Register `unit` once all its reads are done (on the thread that completes the last, or a
         slot holder's), then set its `ready`: with the registration's failure, a read's, or for reads
-        cancelled by the fill's `_drain` the fill's (CancelledError after `Filled.cancel()`)."""
+        cancelled by the fill's `_drain` the fill's (CancelledError after `Filled.cancel()`). With
+        `early` the caller registers it instead, whenever it likes, by calling what this returns."""
         unit.failure = failure
-        left = [len(unit.reads)]
+        left = [len(unit.reads) + early]
         errors: list[BaseException] = []
+
+        def settle() -> None:  # under self._lock: one more of the unit's parts done
+            left[0] -= 1
+
+        def finish() -> None:
+            if errors:
+                unit.ready.set_exception(errors[0])
+            elif early:
+                unit.ready.set_result(None)
+            else:
+                self._offer(unit)
 
         def done(f: Future) -> None:
             with self._lock:
@@ -42,28 +60,65 @@ class Registrar:
                     errors.append(unit.failure[0] if unit.failure else CancelledError())
                 elif f.exception() is not None:
                     errors.append(f.exception())
-                left[0] -= 1
+                settle()
                 if left[0]:
                     return
-            if errors:
-                unit.ready.set_exception(errors[0])
-            else:
-                self._offer(unit)
+            finish()
+
+        def register_now() -> None:
+            self._hold()
+            try:
+                if unit.failure:  # the fill failed already: nothing to pin for
+                    error: BaseException | None = unit.failure[0]
+                else:
+                    error = self._pinned(unit)
+                with self._lock:
+                    if error is not None:
+                        errors.append(error)
+                    settle()
+                    last = not left[0]
+                self._drain_queue()
+            finally:
+                if self._slots is not None:
+                    self._slots.release()
+            self._offer_queued()
+            if last:
+                finish()
 
         for f in unit.reads:
             f.add_done_callback(done)
+        return register_now if early else None
+
+    def early(self, units, failure: list[BaseException]) -> threading.Thread:
+        """Register `units` now, in order, on a thread of its own (started here; join it or not: every
+        unit's `ready` is set either way), each `ready` once its reads are done as well."""
+        calls = [self.when_read(u, failure, early=True) for u in units]
+        thread = threading.Thread(target=lambda: [c() for c in calls], name="cpu-fill-early", daemon=True)
+        thread.start()
+        return thread
 
     def _offer(self, unit) -> None:
         if self._slots is None:
             self._register(unit)
             return
         self._queue.append(unit)
-        while self._queue and self._slots.acquire(blocking=False):
+        self._offer_queued()
+
+    def _offer_queued(self) -> None:
+        """Register what is queued while a slot is free (a slot holder that gives it back looks again)."""
+        while self._queue and self._slots is not None and self._slots.acquire(blocking=False):
             try:
-                for queued in iter(self._next, None):
-                    self._register(queued)
+                self._drain_queue()
             finally:
                 self._slots.release()
+
+    def _hold(self) -> None:
+        if self._slots is not None:
+            self._slots.acquire()
+
+    def _drain_queue(self) -> None:
+        for queued in iter(self._next, None):
+            self._register(queued)
 
     def _next(self):
         """The next queued unit, or None: another slot holder may have taken the last one meanwhile."""
@@ -73,11 +128,18 @@ class Registrar:
             return None
 
     def _register(self, unit) -> None:
-        try:
-            seconds = self._pin(unit.view)
-            with self._lock:
-                self.seconds += seconds
-        except BaseException as e:  # noqa: BLE001 - a callback's exception would only be logged: it goes to `ready`
-            unit.ready.set_exception(e)
+        error = self._pinned(unit)
+        if error is not None:
+            unit.ready.set_exception(error)
         else:
             unit.ready.set_result(None)
+
+    def _pinned(self, unit) -> BaseException | None:
+        """Register the unit's view; the failure, if any (a callback's exception would only be logged)."""
+        try:
+            seconds = self._pin(unit.view)
+        except BaseException as e:  # noqa: BLE001 - it goes to `ready`
+            return e
+        with self._lock:
+            self.seconds += seconds
+        return None
