@@ -21,8 +21,9 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   `readM` caps a page-cache request (one system call) at M MiB (default: the engine's CACHED_READ);
   `busy` runs a pure-Python thread during the fill, as the compile-ahead import does in a run (each
   reader returning from a system call must win the GIL back from it); `sw` sets the switch interval
-  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S); `earlyM` registers the ranges
-  among the fill's last M MiB before their reads complete (worker.stream.fill's PIN_EARLY; `early0` off);
+  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S); `map` makes the groups' buffers
+  and page-cache maps on a thread of their own (worker.stream.fill's MAP_THREAD); `earlyM` faults in and
+  registers the ranges among the fill's last M MiB before their reads (PIN_EARLY);
 - `mmap` (warm only, an experiment, not the engine's path): no copy at all. Each extent is mapped
   from the page cache (MAP_SHARED, PROT_READ, MAP_POPULATE) and registered read-only
   (cudaHostRegisterReadOnly), then one group is copied to the GPU from it and checked against the
@@ -163,7 +164,7 @@ def parse_variant(variant: str) -> dict:
     """"pin2+huge+mem16+pop+read64+busy+sw" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16,
     "populate": True, "cached_read": 64 MiB, "busy": True, "switch": True}."""
     out = {"pin_threads": None, "huge_pages": False, "cached_threads": None, "populate": False, "cached_read": None,
-           "busy": False, "switch": False, "early": None}
+           "busy": False, "switch": False, "MAP_THREAD": None, "PIN_EARLY": None}
     for part in variant.split("+"):
         if part.startswith("pin"):
             out["pin_threads"] = int(part.removeprefix("pin"))
@@ -179,10 +180,12 @@ def parse_variant(variant: str) -> dict:
             out["busy"] = True
         elif part == "sw":
             out["switch"] = True
+        elif part == "map":
+            out["MAP_THREAD"] = True
         elif part.startswith("early"):
-            out["early"] = int(part.removeprefix("early")) * MiB
+            out["PIN_EARLY"] = int(part.removeprefix("early")) * MiB
         else:
-            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw, earlyM; "
+            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw, map, earlyM; "
                              "or mmap)")
     return out
 
@@ -195,10 +198,12 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
     arena = HostArena(pin=True)
     stop = threading.Event()
     spinner = threading.Thread(target=busy, args=(stop,), daemon=True) if v["busy"] else None
-    previous, early = sys.getswitchinterval(), fill_mod.PIN_EARLY
+    previous = sys.getswitchinterval()
+    constants = {name: getattr(fill_mod, name) for name in ("MAP_THREAD", "PIN_EARLY")}
     try:
-        if v["early"] is not None:
-            fill_mod.PIN_EARLY = v["early"]
+        for name in constants:
+            if v[name] is not None:
+                setattr(fill_mod, name, v[name])
         if v["switch"]:
             sys.setswitchinterval(min(previous, compile_cache.AHEAD_SWITCH_S))
         if spinner:
@@ -211,7 +216,8 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
         if spinner:
             spinner.join()
         sys.setswitchinterval(previous)
-        fill_mod.PIN_EARLY = early
+        for name, value in constants.items():
+            setattr(fill_mod, name, value)
         arena.close()
         if own:
             own.close()

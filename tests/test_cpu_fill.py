@@ -389,13 +389,16 @@ def test_the_readers_register_one_range_at_a_time_by_default(pack, monkeypatch, 
 
 @pytest.mark.parametrize("fail", [None, "read", "register"])
 def test_the_last_ranges_can_be_registered_before_their_reads(pack, monkeypatch, fail):
-    """PIN_EARLY: the ranges among the fill's last PIN_EARLY bytes are registered on a thread of their
-    own, so that none is queued behind the last reads; the bytes stay exact, every range is registered
+    """PIN_EARLY: the ranges among the fill's last PIN_EARLY bytes are faulted in and registered on a
+    thread of their own, so that none is queued behind the last reads; the bytes stay exact, every range is registered
     once, and a failed fill still unregisters everything and raises without waiting forever."""
     monkeypatch.setattr(fill_mod, "PIN_UNIT", 2 * PAGE)
     keys = _keys(pack)
     total = sum(pack.manifest.group(k.name).nbytes for k in keys)
     monkeypatch.setattr(fill_mod, "PIN_EARLY", 7 * PAGE)
+    populated: list[int] = []
+    real_populate = fill_mod.populate_write
+    monkeypatch.setattr(fill_mod, "populate_write", lambda v: populated.append(v.data_ptr()) or real_populate(v))
     by_thread: dict[int, str] = {}
     pinner = RecordingPinner(expect=lambda ptr, n: by_thread.__setitem__(ptr, threading.current_thread().name),
                              fail_at=3 if fail == "register" else None)
@@ -418,8 +421,38 @@ def test_the_last_ranges_can_be_registered_before_their_reads(pack, monkeypatch,
             pos += pack.manifest.group(k.name).nbytes
         early = [left for left, name in ends if name == "cpu-fill-early"]
         assert early and all(left <= 7 * PAGE for left in early)
+        assert sorted(populated) == sorted(p for p, name in by_thread.items() if name == "cpu-fill-early")
         assert [left for left, name in ends if name != "cpu-fill-early" and left <= 7 * PAGE] == []
     finally:
         arena.close()
         reader.close()
         assert pinner.live == {}
+
+
+def test_populate_write_faults_a_range_in_and_keeps_what_it_holds():
+    """The early ranges are faulted in while reads may be landing in them: contents must stay."""
+    import ctypes
+    import mmap
+
+    from worker.stream.hostmem import populate_write
+
+    area = mmap.mmap(-1, 64 * PAGE)  # fresh anonymous memory: no page resident yet
+    buf = torch.frombuffer(area, dtype=torch.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+    ptr = buf.data_ptr()
+
+    def resident() -> int:
+        vec = (ctypes.c_ubyte * 64)()
+        assert libc.mincore(ptr, 64 * PAGE, vec) == 0
+        return sum(v & 1 for v in vec)
+
+    buf[:PAGE] = 7  # the first page written (a read that landed), the rest never touched
+    assert resident() == 1
+    if not populate_write(buf):
+        pytest.skip("MADV_POPULATE_WRITE refused (Linux older than 5.14)")
+    assert resident() == 64 and bool((buf[:PAGE] == 7).all()) and int(buf[PAGE:].sum()) == 0
+    assert not populate_write(buf[1:PAGE + 1])  # not whole pages: refused
+    del buf
+    area.close()

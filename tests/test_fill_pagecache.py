@@ -330,3 +330,43 @@ def _maps_before_first_reads(pack, monkeypatch, keys) -> list[int]:
         first = next(i for i, (kind, off) in enumerate(log) if kind == "read" and g.offset <= off < g.offset + g.nbytes)
         out.append(sum(kind == "map" for kind, _ in log[:first]))
     return out
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_with_map_thread_every_map_is_made_on_a_thread_of_its_own(pack, monkeypatch, fail):
+    """MAP_THREAD: each group's buffer and page-cache map on the `cpu-fill-map` thread, in order, while
+    the fill's thread issues; the bytes are the pack's. A map that fails (here the fourth group's
+    buffer) fails the fill with its error once the reads already issued are done."""
+    monkeypatch.setattr(fill_mod, "MAP_THREAD", True)
+    keys = _keys(pack)
+    pack.blob_path.read_bytes()  # cached
+    where: list[tuple[str, int]] = []
+    real_chunks = SSDReader.cached_chunks
+    monkeypatch.setattr(SSDReader, "cached_chunks", lambda self, off, n: where.append(
+        (threading.current_thread().name, off)) or real_chunks(self, off, n))
+    arena = HostArena(pin=False)
+    real_empty, calls = arena.empty, [0]
+
+    def empty(nbytes, pin=True, huge_pages=False):
+        calls[0] += 1
+        if fail and calls[0] == 4:
+            raise MemoryError("no memory for the group (stand-in)")
+        return real_empty(nbytes, pin, huge_pages)
+
+    monkeypatch.setattr(arena, "empty", empty)
+    reader = SSDReader(pack.blob_path, threads=2, chunk=PAGE, cached_threads=4)
+    try:
+        if fail:
+            with pytest.raises(MemoryError, match="stand-in"):
+                fill_mod.fill(pack.manifest, keys, arena, reader)
+            offsets = [pack.manifest.group(k.name).offset for k in keys]
+            assert [off for _, off in where[:3]] == offsets[:3] and offsets[3] not in [off for _, off in where]
+            return
+        filled = fill_mod.fill(pack.manifest, keys, arena, reader)
+        assert all(torch.equal(filled.host[k], pack.read_raw(k)) for k in keys)
+        assert list(filled.host) == keys
+    finally:
+        arena.close()
+        reader.close()
+    assert [off for _, off in where] == [pack.manifest.group(k.name).offset for k in keys]
+    assert {name.rsplit("_", 1)[0] for name, _ in where} == {"cpu-fill-map"}

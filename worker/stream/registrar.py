@@ -11,19 +11,23 @@ giving it back, so a range queued meanwhile is never left behind). `slots` 0: ev
 its own ranges at once, as before.
 
 `early` registers ranges before their reads complete, on a thread of its own that waits for a slot like
-any reader: the fill gives it the ranges it reads last, so that they are pinned while the slot would
-otherwise idle (no range is read yet in a fill's first tenth) rather than queued behind the last reads
-(see worker.stream.fill, `PIN_EARLY`). Registration then faults the fresh pages in itself; a range's
-`ready` waits for both its reads and its registration.
+any reader: the fill gives it the ranges it reads last, so that they are pinned before those reads end
+rather than queued behind them (worker.stream.fill, `PIN_EARLY`). A range's `ready` waits for both
+its reads and its registration. Registered fresh, a range's pages are faulted in under the driver's
+lock, and the readers' ranges queued behind that (setup_h200/v7, AA); so the fill's `prepare` faults
+them in first, on the early thread, outside the lock.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Registrar:
@@ -89,11 +93,23 @@ class Registrar:
             f.add_done_callback(done)
         return register_now if early else None
 
-    def early(self, units, failure: list[BaseException]) -> threading.Thread:
+    def early(self, units, failure: list[BaseException], prepare: Callable[[Any], Any] | None = None) -> threading.Thread:
         """Register `units` now, in order, on a thread of its own (started here; join it or not: every
-        unit's `ready` is set either way), each `ready` once its reads are done as well."""
-        calls = [self.when_read(u, failure, early=True) for u in units]
-        thread = threading.Thread(target=lambda: [c() for c in calls], name="cpu-fill-early", daemon=True)
+        unit's `ready` is set either way), each `ready` once its reads are done as well. `prepare(unit)`
+        runs on that thread before the unit takes a slot (the fill faults the range's pages in there,
+        outside the driver's lock); its failure is ignored: the registration faults them in then."""
+        calls = [(u, self.when_read(u, failure, early=True)) for u in units]
+
+        def run() -> None:
+            for u, register in calls:
+                if prepare is not None and not failure:
+                    try:
+                        prepare(u)
+                    except Exception as e:  # noqa: BLE001 - best effort, see above
+                        log.debug("early registration: preparing a range failed (%s); registering it as it is", e)
+                register()
+
+        thread = threading.Thread(target=run, name="cpu-fill-early", daemon=True)
         thread.start()
         return thread
 

@@ -87,9 +87,11 @@ class Upload:
         `map_table`: applied to an embedding table kept on the host once its group is placed, on this
         load's thread, so its cost (page-locking 2 GB at 70B: `worker.stream.host_table`) runs behind
         the model's build like the rest of the load."""
+        self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # the load's thread sets it, and torch 2.11 wants an index there
+            device = torch.device("cuda", torch.cuda.current_device())
         self.pack, self.device, self.host_embeddings = pack, device, host_embeddings
         self.copies = device.type != "cpu" if copies is None else copies
-        self.cuda = device.type == "cuda"
         self.stats = UploadStats()
         self._reader, self._keys, self._window, self._populate = reader, list(keys), window, populate
         self._map_table = map_table
