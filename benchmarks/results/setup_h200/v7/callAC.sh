@@ -41,3 +41,5 @@ for a in "kmp":
               f"17-32 {reads[16][2] * 1e3:.1f}-{reads[31][2] * 1e3:.1f}; last read ends {max(c[3] for c in reads) * 1e3:.1f}, "
               f"last pin ends {max(c[3] for c in pins) * 1e3:.1f}; of the source {f['read']['bytes'] / 1e9 / f['fill_s'] / f['source_after_gbps']:.2f}")
 PY
+# AB's one failure (Upload on an index-less cuda device, torch 2.11), after its fix
+timeout 90 python3 -m pytest -q -p no:cacheprovider -o timeout=0 tests/test_streaming.py -k resident_layers_count_once 2>&1 | tail -n 2 | tee -a $OUT/ac/runs.txt
