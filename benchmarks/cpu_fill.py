@@ -21,9 +21,7 @@ For the cpu mode's tier (every layer of the pack, or `--layers`) this measures, 
   `readM` caps a page-cache request (one system call) at M MiB (default: the engine's CACHED_READ);
   `busy` runs a pure-Python thread during the fill, as the compile-ahead import does in a run (each
   reader returning from a system call must win the GIL back from it); `sw` sets the switch interval
-  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S); `map` makes the groups' buffers
-  and page-cache maps on a thread of their own (worker.stream.fill's MAP_THREAD); `earlyM` faults in and
-  registers the ranges among the fill's last M MiB before their reads (PIN_EARLY);
+  the engine sets while that import runs (compile_cache.AHEAD_SWITCH_S);
 - `mmap` (warm only, an experiment, not the engine's path): no copy at all. Each extent is mapped
   from the page cache (MAP_SHARED, PROT_READ, MAP_POPULATE) and registered read-only
   (cudaHostRegisterReadOnly), then one group is copied to the GPU from it and checked against the
@@ -58,7 +56,6 @@ import torch
 from worker.model import compile_cache
 from worker.pack.blob import Pack
 from worker.pack.groups import KINDS, GroupKey
-from worker.stream import fill as fill_mod
 from worker.stream.fill import fill
 from worker.stream.hostmem import HostArena
 from worker.stream.ssd import SSDReader, default_cached_threads
@@ -164,7 +161,7 @@ def parse_variant(variant: str) -> dict:
     """"pin2+huge+mem16+pop+read64+busy+sw" → {"pin_threads": 2, "huge_pages": True, "cached_threads": 16,
     "populate": True, "cached_read": 64 MiB, "busy": True, "switch": True}."""
     out = {"pin_threads": None, "huge_pages": False, "cached_threads": None, "populate": False, "cached_read": None,
-           "busy": False, "switch": False, "MAP_THREAD": None, "PIN_EARLY": None}
+           "busy": False, "switch": False}
     for part in variant.split("+"):
         if part.startswith("pin"):
             out["pin_threads"] = int(part.removeprefix("pin"))
@@ -180,12 +177,8 @@ def parse_variant(variant: str) -> dict:
             out["busy"] = True
         elif part == "sw":
             out["switch"] = True
-        elif part == "map":
-            out["MAP_THREAD"] = True
-        elif part.startswith("early"):
-            out["PIN_EARLY"] = int(part.removeprefix("early")) * MiB
         else:
-            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw, map, earlyM; "
+            raise SystemExit(f"variant {variant!r}: unknown part {part!r} (pinN, huge, memT, pop, readM, busy, sw; "
                              "or mmap)")
     return out
 
@@ -199,11 +192,7 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
     stop = threading.Event()
     spinner = threading.Thread(target=busy, args=(stop,), daemon=True) if v["busy"] else None
     previous = sys.getswitchinterval()
-    constants = {name: getattr(fill_mod, name) for name in ("MAP_THREAD", "PIN_EARLY")}
     try:
-        for name in constants:
-            if v[name] is not None:
-                setattr(fill_mod, name, v[name])
         if v["switch"]:
             sys.setswitchinterval(min(previous, compile_cache.AHEAD_SWITCH_S))
         if spinner:
@@ -216,8 +205,6 @@ def new_fill(pack: Pack, keys, reader: SSDReader, variant: str) -> dict:
         if spinner:
             spinner.join()
         sys.setswitchinterval(previous)
-        for name, value in constants.items():
-            setattr(fill_mod, name, value)
         arena.close()
         if own:
             own.close()

@@ -27,11 +27,7 @@ done first, for the 12 groups of a 10 GB tier, they kept every thread idle for t
 80-130 ms (S), longer than the ramp they would spare. So that the threads need not wait for the
 second group's map, the fill's first `threads` requests are at most an equal share of its first
 group (`MAP_AHEAD` groups: that many are mapped before the first read, and the fill maps that far
-ahead of its issue after): all threads read from the start. But the map of a 1.4 GB group (its mincore
-over 344k pages) took the fill's thread ~25 ms beside the first reads, which were done in ~10: the
-threads then idled until the second group's reads were issued, 35 ms into the fill (setup_h200/v7,
-AA). `MAP_THREAD` makes every map on a thread of its own, in order, from the fill's start, while the
-fill's thread starts the pool and issues what is mapped.
+ahead of its issue after): all threads read from the start.
 
 Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
 two registrations is not promised to be treated as pinned by the driver.
@@ -86,7 +82,7 @@ from typing import Any
 import torch
 
 from worker.pack.groups import GroupKey
-from worker.stream.hostmem import HostArena, populate_write
+from worker.stream.hostmem import HostArena
 from worker.stream.registrar import Registrar
 from worker.stream.ssd import SSDReader
 from worker.units import MiB
@@ -101,8 +97,6 @@ TAPER = 2  # a page-cache request is at most the bytes left to issue / (TAPER ×
 TAPER_MIN = 8 * MiB  # the smallest tapered request
 PRESTART = True  # the page-cache pool's threads started before the first read (False: one per read issued)
 MAP_AHEAD = 1  # groups whose buffer and page-cache map are made before the first read (and kept ahead after)
-MAP_THREAD = False  # every group's buffer and page-cache map made on a thread of its own, ahead of the issue
-PIN_EARLY = 0  # bytes of the last ranges faulted in and registered before their reads (registrar `early`)
 TAPER_ALIGN = 2 * MiB  # tapered requests are whole huge pages (the CPU tier's buffers are backed by them)
 
 
@@ -181,9 +175,7 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
     pin_threads = PIN_THREADS if pin_threads is None else pin_threads
     registrar = Registrar(arena.pin, PIN_SLOTS) if pin_threads == 0 else None  # the readers register
     failure: list[BaseException] = []  # set before a failed fill cancels its reads (`_drain`)
-    total = sum(manifest.group(k.name).nbytes for k in keys)
-    sizes = _Sizes(left=total, threads=reader.cached_threads)
-    early: list[_Unit] = []  # faulted in and registered before their reads complete (PIN_EARLY)
+    sizes = _Sizes(left=sum(manifest.group(k.name).nbytes for k in keys), threads=reader.cached_threads)
 
     def mapped(key: GroupKey):
         g = manifest.group(key.name)
@@ -191,39 +183,24 @@ def fill(manifest, keys: list[GroupKey], arena: HostArena, reader: SSDReader, pa
         cached = reader.cached_chunks(g.offset, g.nbytes) if page_cache else [False] * -(-g.nbytes // reader.chunk)
         return key, g, cached
 
-    maps = ThreadPoolExecutor(1, thread_name_prefix="cpu-fill-map") if MAP_THREAD else None
     try:
-        depth = max(1, MAP_AHEAD)
-        if maps is not None:  # every map on its own thread, in order, ahead of the issue
-            pending = [maps.submit(mapped, k) for k in keys]
         if page_cache and reader.direct and PRESTART:
             reader.start_cached_threads()  # see the module's docstring
-        ahead = [] if maps is not None else [mapped(k) for k in keys[:depth]]  # mapped before the first read
-        sizes.head = -(-sum(manifest.group(k.name).nbytes for k in keys[:depth]) // sizes.threads)  # split them
+        depth = max(1, MAP_AHEAD)
+        ahead = [mapped(k) for k in keys[:depth]]  # groups mapped before the first read; the head splits them
+        sizes.head = -(-sum(g.nbytes for _, g, _ in ahead) // sizes.threads)
         for n in range(len(keys)):
-            key, g, cached = pending[n].result() if maps is not None else ahead.pop(0)
+            key, g, cached = ahead.pop(0)
             by_key[key] = _issue(reader, g.offset, host[key], unit, cached, stats, populate, cached_read, sizes)
-            if maps is None and n + depth < len(keys):
+            if n + depth < len(keys):
                 ahead.append(mapped(keys[n + depth]))
-            if registrar is not None:
-                for i, u in enumerate(by_key[key]):
-                    if 0 < stats.bytes + i * unit and total - stats.bytes - i * unit <= PIN_EARLY:
-                        early.append(u)  # among the last PIN_EARLY bytes (never the first range)
-                    else:
-                        registrar.when_read(u, failure)
             stats.bytes += g.nbytes
-        if early:
-            registrar.early(early, failure, prepare=_populate)
-            early = []
+            if registrar is not None:
+                for u in by_key[key]:
+                    registrar.when_read(u, failure)
     except BaseException as e:
-        if early:  # not handed over yet: they must get their `ready` too, which `_drain` waits for
-            failure.append(e)
-            registrar.early(early, failure)
         _drain([u for us in by_key.values() for u in us], e)
         raise
-    finally:
-        if maps is not None:
-            maps.shutdown(wait=True, cancel_futures=True)  # no map still allocating into the arena after this
     out = Filled(host, unit, stats, by_key)
     units = [u for us in by_key.values() for u in us]
     if release is not None and (behind or stats.page_cache_bytes * 2 < stats.bytes):
@@ -291,12 +268,6 @@ class _Sizes:
     def take(self, n: int) -> None:
         self.left -= n
         self.issued += 1
-
-
-def _populate(unit: _Unit) -> None:
-    """Fault the range's pages in (writable, contents kept: a read may be landing in them) before it is
-    registered, so that its registration only locks them; best effort (MADV_POPULATE_WRITE: Linux 5.14)."""
-    populate_write(unit.view)
 
 
 def _align_up(n: int) -> int:

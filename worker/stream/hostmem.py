@@ -31,18 +31,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module names it from 3.13 on
-
-
-def populate_write(view: torch.Tensor) -> bool:
-    """Fault a host range's pages in for writing without changing what they hold; False where the
-    kernel refuses (older than 5.14) or the range is not whole pages."""
-    ptr, n = view.data_ptr(), view.numel()
-    if ptr % mmap.PAGESIZE or n % mmap.PAGESIZE:
-        return False
-    return _libc.madvise(ptr, n, MADV_POPULATE_WRITE) == 0
-
-
 class Pinner(Protocol):
     """What page-locks host memory: CUDA's register calls, or a test's stand-in."""
 
