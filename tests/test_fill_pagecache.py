@@ -23,7 +23,25 @@ def pack(make_ckpt):
     return ensure_pack(str(make_ckpt(layers=4)))
 
 
-def test_page_cache_decides_buffered_or_direct(pack, tmp_path):
+@pytest.fixture(params=["cachestat", "mincore"])
+def backend(request, monkeypatch):
+    """Both ways of asking the page cache (worker.stream.pagecache): cachestat where the kernel has it
+    (Linux 6.5), mincore otherwise; each must give the same answers."""
+    from worker.stream import pagecache
+
+    if request.param == "mincore":
+        monkeypatch.setattr(pagecache, "CACHESTAT", False)
+        return request.param
+    fd = os.open(__file__, os.O_RDONLY)
+    try:
+        if pagecache._cached_pages(fd, 0, 1) is None:
+            pytest.skip("no cachestat on this kernel")
+    finally:
+        os.close(fd)
+    return request.param
+
+
+def test_page_cache_decides_buffered_or_direct(pack, tmp_path, backend):
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(64 * PAGE))
     fd = os.open(path, os.O_RDONLY)
@@ -53,7 +71,7 @@ def test_page_cache_decides_buffered_or_direct(pack, tmp_path):
         reader.close()
 
 
-def test_cached_chunks_says_which_requests_are_all_in_the_page_cache(tmp_path):
+def test_cached_chunks_says_which_requests_are_all_in_the_page_cache(tmp_path, backend):
     from worker.stream.pagecache import cached_chunks
 
     path = tmp_path / "blob"
@@ -67,6 +85,25 @@ def test_cached_chunks_says_which_requests_are_all_in_the_page_cache(tmp_path):
         assert cached_chunks(fd, 16 * PAGE + 100, 2 * PAGE, PAGE) == [True, True]  # unaligned: 2 pages each
         assert cached_chunks(fd, 23 * PAGE + 100, PAGE, PAGE) == [False]  # its second page is not cached
         assert cached_chunks(fd, 0, 0, PAGE) == []
+        assert is_cached(fd, 16 * PAGE + 1, 8 * PAGE - 1) and not is_cached(fd, 16 * PAGE, 8 * PAGE + 1)
+    finally:
+        os.close(fd)
+
+
+def test_without_cachestat_the_page_cache_is_asked_with_mincore(tmp_path, monkeypatch):
+    """An older kernel (ENOSYS) or a seccomp filter (EPERM): the same answers, and cachestat is not
+    tried again."""
+    from worker.stream import pagecache
+
+    monkeypatch.setattr(pagecache, "_SYS_CACHESTAT", 10**6)  # no such system call: ENOSYS
+    monkeypatch.setattr(pagecache, "_cachestat_works", [True])
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(8 * PAGE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 8 * PAGE, 0)
+        assert pagecache.cached_chunks(fd, 0, 8 * PAGE, 3 * PAGE) == [True, True, True]
+        assert pagecache._cachestat_works == [False] and is_cached(fd, 0, 8 * PAGE)
     finally:
         os.close(fd)
 
