@@ -21,18 +21,19 @@ The page-cache pool's threads are all started before the first read is issued. A
 threads one per read submitted, and started beside the reads already faulting in their fresh pages
 they came up 3 ms apart, so the first tenth of a fill had 4 of 16 threads reading
 (benchmarks/results/setup_h200/v7, R; a thread's start maps its stack, which, we think, waits on the
-process's memory-map lock behind those faults). Each group's buffer and page-cache map
-(mincore maps the file) are still made just before its reads are issued, not all of them first:
-done first, for the 12 groups of a 10 GB tier, they kept every thread idle for the fill's first
-80-130 ms (S), longer than the ramp they would spare. So that the threads need not wait for the
-second group's map, the fill's first `threads` requests are at most an equal share of its first
-group (`MAP_AHEAD` groups: that many are mapped before the first read, and the fill maps that far
-ahead of its issue after): all threads read from the start.
+process's memory-map lock behind those faults). Each group's buffer and page-cache map (which
+of its chunks the page cache holds: worker.stream.pagecache) are made just before its reads are
+issued, not all of them first: with mincore, done first for the 12 groups of a 10 GB tier, they kept
+every thread idle for the fill's first 80-130 ms (S). The fill's first `threads` requests are at most
+an equal share of its first group (`MAP_AHEAD` groups: that many are mapped before the first read,
+and the fill maps that far ahead of its issue after), so that all threads read from the start; they
+still idled 10-20 ms for the second group's map while the fill's thread asked mincore about it, until
+cachestat replaced mincore (AD).
 
 Each registered range is copied to the GPU as a piece of its own (`Filled.pieces`): a copy spanning
 two registrations is not promised to be treated as pinned by the driver.
 
-A request whose bytes are all in the page cache (one mincore per extent) is read buffered, at
+A request whose bytes are all in the page cache (one cachestat per chunk) is read buffered, at
 memory speed, instead of O_DIRECT at disk speed, on the reader's page-cache pool: as many threads as
 the process has CPUs (worker.stream.ssd), since such a read is a copy plus the destination's page
 faults, bound by cores, not by the disk. Consecutive cached chunks of one registered range go as one

@@ -7,11 +7,11 @@ the answer is "not cached" and reads stay O_DIRECT.
 
 Per chunk the question is one `cachestat` call (Linux 6.5): it counts a range's cached pages by
 walking the file's page cache a folio at a time, with no mapping. mincore, where cachestat is
-missing (ENOSYS) or refused, maps the range and looks every 4 KiB page up on its own: for a 1.4 GB
-group 7 ms on an idle VM against 0.05 ms for cachestat, and on the H200, beside a fill's readers,
-the fill's thread took ~25 ms from issuing a 302 MB group's reads to issuing the next group's, the
-readers idle meanwhile (benchmarks/results/setup_h200/v7, AA). `cached_bytes` (exact bytes of a range,
-its partial first and last pages included) stays on mincore: nothing waits for it.
+missing (ENOSYS) or refused, maps the range and looks every 4 KiB page up on its own, ten times
+slower and more; the fill asks about each group just before issuing its reads, and while its
+thread asked mincore about the second group the first group's reads were done and most readers
+idled (benchmarks/results/setup_h200/v7, AA and AD measure both). `cached_bytes` (exact bytes of a
+range, its partial first and last pages included) stays on mincore: nothing waits for it.
 """
 
 from __future__ import annotations

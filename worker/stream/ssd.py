@@ -95,7 +95,7 @@ class SSDReader:
 
     def cached_chunks(self, offset: int, nbytes: int) -> list[bool]:
         """For each `chunk` of the extent (as `read_split` cuts it): is all of it in the page cache?
-        One mapping and one mincore for the whole extent."""
+        One cachestat per chunk (or one mapping and mincore for the extent: worker.stream.pagecache)."""
         return cached_chunks(self.buffered_fd, offset, nbytes, self.chunk)
 
     def read_split(self, offset: int, nbytes: int, out: torch.Tensor) -> list[Future]:

@@ -1,4 +1,6 @@
 #!/bin/bash
+# As run at 41b58e1. Its e arm set worker.stream.fill:PIN_EARLY, which was removed after this run (AA: slower), so that arm no
+# longer runs as written.
 # issue 13, both open targets in one command.
 # 1. The page-cache fill's tail (after U-Y: 15-45 ms of ranges still queued for the one registration slot after the last
 #    read): worker.stream.fill.PIN_EARLY registers the ranges among the fill's last PIN_EARLY bytes before their reads,

@@ -1,4 +1,6 @@
 #!/bin/bash
+# As run at 35d4d2b. Its m and p arms set worker.stream.fill:MAP_THREAD and PIN_EARLY, removed after this run (AC: slower),
+# so those arms no longer run as written.
 # issue 13, the page-cache fill's two ends (AA's traces: the first group's reads done ~20 ms into the fill, the second
 # group's issued only at 30-36 ms, after its map on the fill's thread; and 5-6 ranges, 1088-1344 MiB, still queued for
 # the registration slot after the last read, 24-31 ms). m: worker.stream.fill.MAP_THREAD (every map on a thread of its
